@@ -13,7 +13,10 @@ REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+from mtp_jax.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
   """A config that cannot work; the message names the field and the fix."""
 
 

@@ -1,0 +1,64 @@
+"""Trainer entry point: `python -m mtp_jax.main --config=configs/default.py --workdir=W [--dry_run]`.
+
+Override any config field with `--config.a.b=value`; pass a recipe variant with
+`--config=configs/x.py:variant`. Everything else lives in library functions a notebook can call.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mtp_jax.config import validate
+from mtp_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/default.py[:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step on abstract shapes, report "
+                             "parameters, FLOPs and memory to WORKDIR/dry_run.json, and exit.")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config is None or not _WORKDIR.value:
+    raise UserError("need --config=configs/<recipe>.py and --workdir=<run directory>")
+  validate(config)
+  if _DRY_RUN.value:
+    from mtp_jax.dry_run import dry_run
+    dry_run(config, _WORKDIR.value)
+  else:
+    from mtp_jax.train import train_and_evaluate
+    train_and_evaluate(config, _WORKDIR.value)
+
+
+def _fail(message: str):
+  logging.flush()
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad `--config...` (missing file, typo, wrong type) is one line, not a traceback."""
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # the config file loads lazily: make a missing or broken one fail here
+    return rest
+  except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+    lines = [l.strip() for l in str(e).replace("\\n", "\n").splitlines() if l.strip()]
+    detail = " ".join(lines[-3:] if isinstance(e, OSError) else lines[-1:]).strip("'\"")
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config")]
+    _fail(f"cannot apply {' '.join(bad) or 'the flags'}: {detail}")
+
+
+def run():
+  """absl's app.run, with user mistakes printed as one line and exit status 2 instead of a traceback."""
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except UserError as e:
+    _fail(str(e))
+
+
+if __name__ == "__main__":
+  run()
