@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   ms.data = -1                 # -1 = all devices left over by the other axes
   ms.fsdp = 1
   ms.tensor = 1
+  # Logical axis -> mesh axes (None = replicated); see sharding.py. Override only to experiment.
+  from mtp_jax.sharding import DEFAULT_RULES
+  ms.rules = DEFAULT_RULES
   return c
 
 

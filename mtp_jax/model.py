@@ -71,10 +71,32 @@ class ModelArgs:
     return self.head_type != "linear"
 
 
-def _dense(features, axes, args, name, in_axes=-1, init=nn.initializers.lecun_normal()):
-  """A bias-free projection whose kernel carries logical axis names (for sharding rules)."""
-  return nn.DenseGeneral(features, axis=in_axes, use_bias=False, dtype=args.dtype, param_dtype=args.param_dtype,
-                         kernel_init=nn.with_logical_partitioning(init, axes), name=name)
+class Projection(nn.Module):
+  """A bias-free linear map contracting the last `n_in` axes of x into `features` axes.
+
+  The kernel is created at its full rank ([*in_dims, *features]) with logical axis names, so
+  the sharding rules see every axis (DenseGeneral initialises a flattened 2-D kernel).
+  """
+  features: tuple
+  axes: tuple
+  n_in: int
+  dtype: Any
+  param_dtype: Any
+  init: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    shape = x.shape[x.ndim - self.n_in:] + self.features
+    in_axes = tuple(range(self.n_in))
+    init = self.init or nn.initializers.lecun_normal(in_axis=in_axes, out_axis=tuple(range(self.n_in, len(shape))))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), in_axes)
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+
+
+def _dense(features, axes, args, name, n_in=1, init=None):
+  features = features if isinstance(features, tuple) else (features,)
+  return Projection(features, axes, n_in, args.dtype, args.param_dtype, init, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -133,7 +155,7 @@ class Attention(nn.Module):
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(a.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, a.n_heads, a.head_dim)
-    out = _dense(a.d_model, ("heads", "kv", "embed"), a, "o", in_axes=(-2, -1))(out)
+    out = _dense(a.d_model, ("heads", "kv", "embed"), a, "o", n_in=2)(out)
     return out, new_cache
 
 
@@ -144,14 +166,14 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
     a = self.args
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     h, new_cache = Attention(a, name="attn")(RMSNorm(a.norm_eps, a.param_dtype, name="attn_norm")(x),
                                              positions, segment_ids, cache, cache_index)
     x = x + h
     y = RMSNorm(a.norm_eps, a.param_dtype, name="mlp_norm")(x)
     gate = _dense(a.d_ff, ("embed", "mlp"), a, "gate")(y)
     up = _dense(a.d_ff, ("embed", "mlp"), a, "up")(y)
-    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
     x = x + _dense(a.d_model, ("mlp", "embed"), a, "down")(hidden)
     return x, new_cache
 
@@ -213,7 +235,7 @@ class MTPTransformer(nn.Module):
     """The shared final norm and unembedding: hidden [..., d] -> logits [..., V]."""
     h = self.final_norm(h)
     out = self.embed.attend(h) if self.args.tie_embeddings else self.unembed(h)
-    return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
+    return nn.with_logical_constraint(out, ("act_batch", "act_length", "act_vocab"))
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None):
     """Every head's logits [n, B, T, V] (the plain reference forward, also used by decoding)."""

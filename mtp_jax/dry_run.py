@@ -1,0 +1,110 @@
+"""`--dry_run`: compile the train step on abstract shapes (nothing allocated) and report size and memory.
+
+Users size a model against their devices before paying for them; benchmarks read the same report.
+Per-device figures are for the configured mesh (simulate devices on a CPU with
+XLA_FLAGS=--xla_force_host_platform_device_count=N).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from mtp_jax import sharding
+from mtp_jax.model import build_model
+from mtp_jax.step import make_optimizer, make_train_step
+
+
+def param_counts(params) -> dict:
+  """Parameter counts by part: trunk, heads, embedding (+ unembedding), total."""
+  count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
+  heads = sum(count(v) for k, v in params.items() if k.startswith("heads_"))
+  return {"params_total": count(params), "params_trunk": count(params.get("trunk", {})),
+          "params_heads": heads, "params_embedding": count(params["embed"]) + count(params.get("unembed", {}))}
+
+
+def flops_per_token(config, counts: dict) -> float:
+  """Model FLOPs per trained token, forward + backward (6N + attention; no rematerialisation).
+
+  N counts every matmul weight a token passes through: non-embedding weights, plus the shared
+  unembedding once per head (each head runs it).
+  """
+  m = config.model
+  matmul = counts["params_total"] - counts["params_embedding"] + m.n_future * m.d_model * m.vocab_size
+  attn_layers = counts["n_attention_layers"]
+  return 6.0 * matmul + 12.0 * attn_layers * config.data.seq_len * m.d_model
+
+
+def abstract_batch(config, mesh):
+  shape = (config.train.batch_size, config.data.seq_len + config.model.n_future)
+  spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
+  return {"tokens": spec, "segment_ids": spec}
+
+
+def compile_train_step(config, mesh=None):
+  """(compiled train step, abstract state, state shardings, mesh) for the configured batch and mesh."""
+  mesh = mesh or sharding.make_mesh(config)
+  model, tx = build_model(config.model), make_optimizer(config.train)
+  state, state_sh = sharding.abstract_train_state(model, tx, mesh, config)
+  step = jax.jit(make_train_step(model, config, tx), donate_argnums=0,
+                 in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)))
+  with sharding.activate(mesh, config):
+    compiled = step.lower(state, abstract_batch(config, mesh)).compile()
+  return compiled, state, state_sh, mesh
+
+
+def memory_report(compiled) -> dict:
+  """The compiled program's per-device memory, as XLA plans it."""
+  mem = compiled.memory_analysis()
+  out = {"temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes),
+         "output_bytes": int(mem.output_size_in_bytes), "alias_bytes": int(mem.alias_size_in_bytes)}
+  out["peak_bytes_estimate"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  return out
+
+
+def dry_run_report(config) -> dict:
+  t0 = time.time()
+  compiled, state, state_sh, mesh = compile_train_step(config)
+  args = build_model(config.model).args
+  report = param_counts(state.params)
+  report["n_attention_layers"] = args.n_trunk_layers + (args.n_future if args.heads_have_cache else 0)
+  report["flops_per_token"] = flops_per_token(config, report)
+  report["tokens_per_step"] = config.train.batch_size * config.data.seq_len
+  report["mesh"] = dict(mesh.shape)
+  report["devices"] = f"{mesh.size} x {jax.devices()[0].device_kind}"
+  report["param_bytes_per_device"] = sharding.bytes_per_device(state.params, state_sh.params)
+  report["optimizer_bytes_per_device"] = sharding.bytes_per_device(state.opt_state, state_sh.opt_state)
+  report.update(memory_report(compiled))
+  report["compile_seconds"] = round(time.time() - t0, 1)
+  return report
+
+
+def _fmt_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1024
+
+
+def format_report(report: dict) -> str:
+  rows = []
+  for k, v in report.items():
+    if k.endswith("_bytes") or k.endswith("_per_device") or k == "peak_bytes_estimate":
+      v = f"{_fmt_bytes(v)}  ({v:,})"
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+      v = f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"
+    rows.append(f"  {k:<28} {v}")
+  return "dry run (per device where it says bytes)\n" + "\n".join(rows)
+
+
+def dry_run(config, workdir: str) -> dict:
+  report = dry_run_report(config)
+  print(format_report(report))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "dry_run.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report

@@ -1,0 +1,120 @@
+"""Device meshes, logical-axis rules and the shardings of the train state and batches.
+
+Parameters and activations carry logical axis names (model.py); `config.mesh.rules` maps them to
+the mesh axes `data`, `fsdp` and `tensor`. Parameters are FSDP-sharded over `fsdp` on their
+`embed` dimension and tensor-sharded over `tensor` on heads / MLP / vocabulary; batches are split
+over `data` x `fsdp`. One jitted program with these shardings is pjit in its current form.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from mtp_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (logical name, mesh axes). Parameter names first, then activation names (prefixed act_).
+DEFAULT_RULES = (
+    ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+    ("kv", None), ("layers", None), ("norm", None),
+    ("act_batch", BATCH_AXES), ("act_length", None), ("act_embed", None), ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+  """Resolve -1 (at most one axis) to the devices left over; the product must equal n_devices."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  fixed = int(np.prod([s for s in sizes if s != -1]))
+  if free:
+    if n_devices % fixed:
+      raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({fixed}) do not divide the "
+                      f"{n_devices} devices; pick sizes whose product divides {n_devices}")
+    sizes[free[0]] = n_devices // fixed
+  if int(np.prod(sizes)) != n_devices:
+    raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices but "
+                    f"{n_devices} are present; make data*fsdp*tensor = {n_devices} or set one axis to -1")
+  return tuple(sizes)
+
+
+def check_divisibility(config, sizes) -> None:
+  """Every sharded dimension must split evenly; say which one does not, before any compile."""
+  data, fsdp, tensor = sizes
+  m, b = config.model, config.train.batch_size
+  if b % (data * fsdp):
+    raise UserError(f"train.batch_size={b} is not divisible by the data-parallel size data*fsdp={data * fsdp}; "
+                    f"use a multiple of {data * fsdp}")
+  for name, dim, axis, size in (("model.n_heads", m.n_heads, "tensor", tensor),
+                                ("model.n_kv_heads", m.n_kv_heads, "tensor", tensor),
+                                ("model.d_ff", m.d_ff, "tensor", tensor),
+                                ("model.vocab_size", m.vocab_size, "tensor", tensor),
+                                ("model.d_model", m.d_model, "fsdp", fsdp)):
+    if dim % size:
+      raise UserError(f"{name}={dim} is not divisible by mesh.{axis}={size}; pick mesh.{axis} dividing {dim}")
+
+
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = mesh_shape(config.mesh, len(devices))
+  check_divisibility(config, sizes)
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def rules(config):
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
+
+
+@contextlib.contextmanager
+def activate(mesh, config):
+  """The mesh and logical rules that model.py's activation constraints resolve against."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules(config)):
+    yield
+
+
+def logical_to_shardings(logical_specs, mesh, config):
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules(config))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def bytes_per_device(abstract_tree, shardings) -> int:
+  """Bytes one device holds of a pytree of ShapeDtypeStructs laid out by `shardings`."""
+  total = 0
+  for leaf, sh in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+    total += int(np.prod(sh.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def abstract_train_state(model, tx, mesh, config, seq_len: int = 8):
+  """(abstract TrainState with shardings attached, its shardings), allocating nothing.
+
+  Optimizer moments are built from the boxed (logically annotated) parameters, so they inherit
+  each parameter's logical axes and shard the same way.
+  """
+  import jax.numpy as jnp
+  from mtp_jax.step import TrainState
+
+  def boxed_state():
+    params = model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  boxed = jax.eval_shape(boxed_state)
+  shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, config)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
