@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny configs built in code, so tests never depend on recipe files changing."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mtp_jax.config import base_config  # noqa: E402
+
+
+def tiny_config(**model):
+  c = base_config()
+  c.model.update(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
+  c.model.update(model)
+  c.data.seq_len = 16
+  c.train.batch_size = 2
+  return c
+
+
+@pytest.fixture
+def make_config():
+  return tiny_config

@@ -1,0 +1,81 @@
+"""Bad configs fail before any compile with one clear line; the dry run reports what it promises."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mtp_jax.config import ConfigError, validate
+from mtp_jax.dry_run import dry_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"n_future": 0}, "n_future"),
+    ({"d_model": 30}, "not divisible by model.n_heads"),
+    ({"n_kv_heads": 3}, "does not divide model.n_heads"),
+    ({"n_future": 5, "n_layers": 4}, "parity"),
+    ({"head_type": "tree"}, "head_type"),
+    ({"remat": "some"}, "remat"),
+])
+def test_bad_model_fields(make_config, change, words):
+  with pytest.raises(ConfigError, match=words):
+    validate(make_config(**change))
+
+
+def test_bad_loss_and_train_fields(make_config):
+  c = make_config()
+  c.loss.chunk_size = 5
+  with pytest.raises(ConfigError, match="does not divide data.seq_len"):
+    validate(c)
+  c = make_config()
+  c.loss.impl = "vmap"
+  with pytest.raises(ConfigError, match="loss.impl"):
+    validate(c)
+  c = make_config()
+  c.train.steps = 0
+  with pytest.raises(ConfigError, match="train.steps"):
+    validate(c)
+
+
+def test_parity_off_allows_more_heads_than_layers(make_config):
+  validate(make_config(n_future=6, n_layers=2, parity=False))
+
+
+def _main(*flags):
+  return subprocess.run([sys.executable, "-m", "mtp_jax.main", *flags], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--config.model.n_future=0"], "n_future"),
+    (["--config.model.head_type=tree"], "head_type"),
+    (["--config.modle.n_future=2"], "modle"),
+    (["--config.train.steps=many"], "steps"),
+])
+def test_cli_rejects_bad_config_in_one_line(tmp_path, flags, words):
+  r = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--dry_run", *flags)
+  assert r.returncode == 2, r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and words in errors[0], r.stderr
+  assert "Traceback" not in r.stderr
+  assert not os.listdir(tmp_path)          # nothing written for a refused run
+
+
+def test_cli_rejects_missing_config_file(tmp_path):
+  r = _main("--config=configs/nope.py", f"--workdir={tmp_path}")
+  assert r.returncode == 2 and "nope.py" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dry_run_report(make_config, tmp_path):
+  c = make_config(n_future=2)
+  report = dry_run(c, str(tmp_path))
+  saved = json.load(open(tmp_path / "dry_run.json"))
+  assert saved == report
+  for key in ("params_total", "params_trunk", "params_heads", "params_embedding", "flops_per_token",
+              "temp_bytes", "argument_bytes", "output_bytes"):
+    assert report[key] > 0, key
+  assert report["params_total"] == (report["params_trunk"] + report["params_heads"] + report["params_embedding"]
+                                    + c.model.d_model)   # + the shared final norm

@@ -1,0 +1,87 @@
+"""The model: causality, parameter parity, head layout, dtypes and rematerialisation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtp_jax.loss import make_loss_fn
+from mtp_jax.model import build_model, init_params
+from mtp_jax.dry_run import param_counts
+
+HEAD_TYPES = ["parallel", "causal", "linear"]
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_causal_every_head(make_config, head_type):
+  """Logits at position t do not depend on tokens after t, for every head."""
+  model = build_model(make_config(head_type=head_type, n_future=3).model)
+  params = init_params(model, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
+  changed = tokens.at[:, 7:].set((tokens[:, 7:] + 5) % 64)
+  a, _ = model.apply({"params": params}, tokens)
+  b, _ = model.apply({"params": params}, changed)
+  np.testing.assert_allclose(a[:, :, :7], b[:, :, :7], atol=1e-6)
+  assert np.abs(np.asarray(a[:, :, 7:] - b[:, :, 7:])).max() > 1e-3   # later positions do see the change
+
+
+def test_documents_do_not_attend_to_each_other(make_config):
+  model = build_model(make_config().model)
+  params = init_params(model, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (1, 12), 0, 64)
+  segments = jnp.array([[1] * 5 + [2] * 7])
+  alone, _ = model.apply({"params": params}, tokens[:, 5:])          # document 2 on its own
+  packed, _ = model.apply({"params": params}, tokens, segment_ids=segments)
+  np.testing.assert_allclose(packed[:, :, 5:], alone, atol=1e-5)     # RoPE: only relative positions matter
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "causal"])
+def test_parameter_parity(make_config, head_type):
+  """With parity, n heads take n of the L layers: every n has the n=1 parameter count."""
+  counts = []
+  for n in (1, 2, 4):
+    model = build_model(make_config(n_layers=4, n_future=n, head_type=head_type).model)
+    params = init_params(model, jax.random.key(0))
+    counts.append(param_counts(params)["params_total"])
+    assert model.args.n_trunk_layers == 4 - n
+    assert sorted(k for k in params if k.startswith("heads_")) == [f"heads_{i}" for i in range(n)]
+  assert counts[0] == counts[1] == counts[2]
+
+
+def test_no_parity_adds_head_layers(make_config):
+  base = param_counts(init_params(build_model(make_config(n_future=1, parity=False).model), jax.random.key(0)))
+  four = param_counts(init_params(build_model(make_config(n_future=4, parity=False).model), jax.random.key(0)))
+  assert four["params_trunk"] == base["params_trunk"]
+  assert four["params_heads"] == 4 * base["params_heads"]
+
+
+def test_tied_embeddings_drop_unembedding(make_config):
+  params = init_params(build_model(make_config(tie_embeddings=True).model), jax.random.key(0))
+  assert "unembed" not in params
+
+
+def _loss_and_grads(config, batch):
+  model = build_model(config.model)
+  params = init_params(model, jax.random.key(0))
+  (loss, _), grads = jax.value_and_grad(make_loss_fn(model, config), has_aux=True)(params, batch)
+  return loss, grads
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_policies_change_nothing(make_config, policy):
+  batch = {"tokens": jax.random.randint(jax.random.key(2), (2, 18), 0, 64)}
+  ref_loss, ref_grads = _loss_and_grads(make_config(n_layers=5, n_future=2), batch)
+  loss, grads = _loss_and_grads(make_config(n_layers=5, n_future=2, remat=policy), batch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
+
+
+def test_bfloat16_compute(make_config):
+  """bf16 compute with f32 parameters stays close to the f32 model (loss within a few percent)."""
+  batch = {"tokens": jax.random.randint(jax.random.key(2), (2, 18), 0, 64)}
+  ref, _ = _loss_and_grads(make_config(n_future=2), batch)
+  config = make_config(n_future=2, dtype="bfloat16")
+  loss, grads = _loss_and_grads(config, batch)
+  assert abs(float(loss) - float(ref)) < 0.05 * float(ref)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  bf16_params = init_params(build_model(make_config(param_dtype="bfloat16").model), jax.random.key(0))
+  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(bf16_params))
