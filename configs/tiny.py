@@ -9,7 +9,7 @@ from mtp_jax.config import base_config
 
 def get_config(arg=None):
   c = base_config()
-  c.model.vocab_size = 256
+  c.model.vocab_size = 512     # sentencepiece with byte fallback needs > 259 ids
   c.model.d_model = 32
   c.model.n_layers = 3
   c.model.n_heads = 4
@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.train.checkpoint_every = 10
   if arg == "bytes":
     c.data.tokenizer = "bytes"
-    c.model.vocab_size = 259    # 256 bytes + the special ids the byte tokenizer adds
+    c.model.vocab_size = 258    # 256 bytes + BOS + EOS (tokenizer.ByteTokenizer)
   elif arg:
     raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; known: bytes")
   return c

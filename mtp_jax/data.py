@@ -1,0 +1,351 @@
+"""Corpus -> tokenizer -> cached token files -> grain windows -> batches.
+
+Sources (config.data.source):
+  stdlib  the running interpreter's standard library: every .py file under sysconfig's stdlib dir,
+          except site-packages/dist-packages and test directories (test, tests, idle_test: large,
+          repetitive, and not the code people write), in sorted order.
+  glob    the text files data.path matches (`**` recurses).
+  jsonl   one document per line of the file data.path, text in field data.text_field (read into memory).
+Unreadable or non-UTF-8 files (and bad JSONL lines) are skipped and counted in the log.
+
+Train/valid split by whole document: a document is held out when a hash of its name falls below
+data.valid_fraction (stable across runs and machines). data.max_train_bytes > 0 caps the training
+text (and the validation text in proportion) for quick tests.
+
+Each split is tokenized once into a cache (cache_dir/tokens-<key>/): one flat token file where every
+document is BOS + tokens + EOS, plus the offsets where documents start. Windows of
+seq_len + n_future tokens start every seq_len tokens, so the n_future extra tokens hold the targets
+of the last positions; segment_ids number the documents inside a window from 1 (0 = padding past the
+end of the split), so the loss never scores a target from another document.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob as globlib
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+
+from mtp_jax import tokenizer as tokenizer_lib
+from mtp_jax.errors import UserError
+
+_FORMAT_VERSION = 1
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+  name: str                              # what the split hashes, and what messages show
+  read: Callable[[], Optional[str]]      # the text, or None when unreadable / not UTF-8
+  size: int = 0
+  mtime_ns: int = 0
+
+
+def _read_file(path: str) -> Optional[str]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError):
+    return None
+
+
+def _file_doc(path: str, name: str) -> Doc:
+  st = os.stat(path)
+  return Doc(name, functools.partial(_read_file, path), st.st_size, st.st_mtime_ns)
+
+
+def _stdlib_docs() -> list[Doc]:
+  root = sysconfig.get_paths()["stdlib"]
+  docs = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+    for f in filenames:
+      if f.endswith(".py"):
+        path = os.path.join(dirpath, f)
+        docs.append(_file_doc(path, os.path.relpath(path, root)))
+  return docs
+
+
+def _glob_docs(pattern: str) -> list[Doc]:
+  paths = [p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+  if not paths:
+    raise UserError(f"data.path={pattern!r} matches no files; check the pattern (use ** to recurse into folders)")
+  return [_file_doc(p, p) for p in paths]
+
+
+def _jsonl_docs(path: str, field: str, stats: dict) -> list[Doc]:
+  path = os.path.expanduser(path)
+  if not os.path.isfile(path):
+    raise UserError(f"data.path={path!r}: no such file; give a .jsonl file with one JSON object per line")
+  docs = []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for i, line in enumerate(f):
+      try:
+        text = json.loads(line)[field]
+        if not isinstance(text, str):
+          raise TypeError
+      except (ValueError, KeyError, TypeError, IndexError):
+        stats["bad_lines"] = stats.get("bad_lines", 0) + 1
+        continue
+      docs.append(Doc(f"{path}:{i + 1}", (lambda t: lambda: t)(text), len(text)))
+  if not docs and stats.get("bad_lines"):
+    raise UserError(f"data.path={path!r}: none of its {stats['bad_lines']} lines is a JSON object with a string "
+                    f"field {field!r}; set data.text_field to the field holding the text")
+  return docs
+
+
+def _hash_fraction(name: str) -> float:
+  return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2 ** 32
+
+
+def split_documents(docs: list[Doc], valid_fraction: float) -> tuple[list[Doc], list[Doc]]:
+  """Whole documents to train or valid by a hash of their name; neither split is left empty."""
+  docs = sorted(docs, key=lambda d: d.name)
+  if len(docs) == 1:  # one document: hold out its tail instead
+    d = docs[0]
+    cut = lambda lo, hi: lambda: (lambda t: None if t is None else t[int(lo * len(t)):int(hi * len(t))])(d.read())
+    return ([Doc(d.name, cut(0, 1 - valid_fraction), d.size, d.mtime_ns)],
+            [Doc(d.name + "#tail", cut(1 - valid_fraction, 1), d.size, d.mtime_ns)])
+  by_hash = sorted(docs, key=lambda d: _hash_fraction(d.name))
+  valid = {d.name for d in docs if _hash_fraction(d.name) < valid_fraction} or {by_hash[0].name}
+  if len(valid) == len(docs):
+    valid.discard(by_hash[-1].name)
+  return [d for d in docs if d.name not in valid], [d for d in docs if d.name in valid]
+
+
+class Corpus:
+  """The listed documents of both splits, read lazily; counts what it skips."""
+
+  def __init__(self, data_cfg):
+    self.cfg = data_cfg
+    self.stats = {}
+    if data_cfg.source == "stdlib":
+      docs = _stdlib_docs()
+    elif data_cfg.source == "glob":
+      docs = _glob_docs(data_cfg.path)
+    else:
+      docs = _jsonl_docs(data_cfg.path, data_cfg.text_field, self.stats)
+    if not docs:
+      raise UserError(f"data.source={data_cfg.source!r} found no documents; check data.path")
+    self.splits = dict(zip(("train", "valid"), split_documents(docs, data_cfg.valid_fraction)))
+    cap = data_cfg.max_train_bytes
+    self.caps = {"train": cap, "valid": max(1, int(cap * data_cfg.valid_fraction / (1 - data_cfg.valid_fraction)))
+                 if cap else 0}
+    # Names, sizes and mtimes (not contents): cheap to compute, and any edit changes them.
+    listing = [(d.name, d.size, d.mtime_ns) for d in docs]
+    if data_cfg.source == "jsonl":
+      st = os.stat(os.path.expanduser(data_cfg.path))
+      listing = [data_cfg.path, data_cfg.text_field, st.st_size, st.st_mtime_ns]
+    key = [_FORMAT_VERSION, data_cfg.source, data_cfg.valid_fraction, cap, listing]
+    self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+  def texts(self, split: str):
+    """The split's non-empty texts in order, capped; skipped (unreadable / non-UTF-8) ones are counted."""
+    left = self.caps[split] or float("inf")
+    skipped = empty = 0
+    for d in self.splits[split]:
+      if left <= 0:
+        break
+      text = d.read()
+      if text is None:
+        skipped += 1
+        continue
+      if not text:
+        empty += 1
+        continue
+      raw = text.encode("utf-8")
+      if len(raw) > left:
+        text = raw[:int(left)].decode("utf-8", errors="ignore")
+      left -= len(raw)
+      yield text
+    self.stats[f"{split}_skipped"], self.stats[f"{split}_empty"] = skipped, empty
+
+  def require_text(self):
+    """Fail early, before any tokenizer training, when the training split has no text at all."""
+    if next(iter(self.texts("train")), None) is None:
+      where = f" ({self.cfg.path})" if self.cfg.path else ""
+      raise UserError(f"no text in the training split of data.source={self.cfg.source!r}{where}: "
+                      f"{self.describe('train')}; point data.path at non-empty UTF-8 text")
+
+  def describe(self, split: str) -> str:
+    skipped, empty = self.stats.get(f"{split}_skipped", 0), self.stats.get(f"{split}_empty", 0)
+    bad = self.stats.get("bad_lines", 0)
+    return (f"{len(self.splits[split])} documents, {skipped} skipped (unreadable or not UTF-8), {empty} empty"
+            + (f", {bad} bad JSONL lines in the file" if bad else ""))
+
+
+@dataclasses.dataclass
+class TokenSplit:
+  tokens: np.ndarray    # flat token ids (a read-only memmap), documents as BOS ... EOS
+  starts: np.ndarray    # int64 offsets where each document starts
+
+  def __len__(self):
+    return len(self.tokens)
+
+
+def _write_split(texts, tok, directory: Path, split: str, vocab: int) -> dict:
+  dtype = np.uint16 if vocab <= 2 ** 16 else np.uint32
+  starts, n = [], 0
+  encode = getattr(tok, "encode_batch", lambda ts: [tok.encode(t) for t in ts])
+  with open(directory / f"{split}.bin", "wb") as f:
+    def flush(group):
+      nonlocal n
+      for ids in encode(group):
+        starts.append(n)
+        doc = np.asarray([tok.bos_id, *ids, tok.eos_id], dtype)
+        f.write(doc.tobytes())
+        n += len(doc)
+    group = []
+    for text in texts:
+      group.append(text)
+      if len(group) == 64:
+        flush(group)
+        group = []
+    flush(group)
+  np.save(directory / f"{split}.starts.npy", np.asarray(starts, np.int64))
+  return {"tokens": n, "docs": len(starts), "dtype": np.dtype(dtype).name}
+
+
+def _open_split(directory: Path, split: str, meta: dict) -> TokenSplit:
+  dtype = np.dtype(meta[split]["dtype"])
+  n = meta[split]["tokens"]
+  tokens = np.memmap(directory / f"{split}.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+  return TokenSplit(tokens, np.load(directory / f"{split}.starts.npy"))
+
+
+def tokenize_corpus(corpus: Corpus, tok, config) -> tuple[dict, dict]:
+  """Both splits as TokenSplits, from the cache or tokenized now (written atomically)."""
+  key = hashlib.sha256(f"{corpus.fingerprint}/{tokenizer_lib.identity(tok)}".encode()).hexdigest()[:16]
+  directory = tokenizer_lib.cache_dir(config) / f"tokens-{key}"
+  if not (directory / "meta.json").exists():
+    start = time.time()
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {}
+    for split in ("train", "valid"):
+      meta[split] = _write_split(corpus.texts(split), tok, tmp, split, tok.vocab_size)
+      meta[split]["about"] = corpus.describe(split)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+      os.rename(tmp, directory)
+    except OSError:  # another process cached the same corpus meanwhile: use theirs
+      shutil.rmtree(tmp, ignore_errors=True)
+    _say(f"tokenized the corpus in {time.time() - start:.1f}s into {directory}")
+  meta = json.loads((directory / "meta.json").read_text())
+  for split in ("train", "valid"):
+    _say(f"{split}: {meta[split]['tokens']:,} tokens from {meta[split]['about']}")
+  return {s: _open_split(directory, s, meta) for s in ("train", "valid")}, meta
+
+
+def _say(msg: str):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def build_tokenizer(config, corpus: Optional[Corpus] = None, workdir=None):
+  """The run's tokenizer: the workdir's own copy when resuming, else as config.data.tokenizer says."""
+  if workdir is not None:
+    tok = tokenizer_lib.from_workdir(workdir, config.data.tokenizer)
+    if tok is not None:
+      tokenizer_lib.check_vocab(tok, config)
+      return tok
+  if config.data.tokenizer == "sentencepiece":
+    corpus = corpus or Corpus(config.data)
+    return tokenizer_lib.for_config(config, lambda: corpus.texts("train"), corpus.fingerprint)
+  return tokenizer_lib.for_config(config)
+
+
+# ----- windows and batches -----
+
+def num_windows(split: TokenSplit, seq_len: int) -> int:
+  """Windows start every seq_len tokens, while at least one target is left after their start."""
+  return max(0, -(-(len(split) - 1) // seq_len))
+
+
+def window(split: TokenSplit, seq_len: int, n_future: int, index: int) -> dict:
+  """Window `index`: tokens [i*seq_len, i*seq_len + seq_len + n_future), zero-padded past the end."""
+  length = seq_len + n_future
+  lo = int(index) * seq_len
+  hi = min(lo + length, len(split))
+  tokens = np.zeros(length, np.int32)
+  segments = np.zeros(length, np.int32)
+  tokens[:hi - lo] = split.tokens[lo:hi]
+  doc = np.searchsorted(split.starts, np.arange(lo, hi), side="right")   # 1-based document number
+  segments[:hi - lo] = doc - doc[0] + 1
+  return {"tokens": tokens, "segment_ids": segments}
+
+
+def local_batch_size(global_batch: int) -> int:
+  count = jax.process_count()
+  if global_batch % count:
+    raise UserError(f"train.batch_size={global_batch} is not divisible by the {count} processes; pick a multiple")
+  return global_batch // count
+
+
+def train_dataset(split: TokenSplit, config) -> grain.IterDataset:
+  """Shuffled windows, reshuffled every epoch (deterministic in config.seed), this process's share, batched."""
+  n = num_windows(split, config.data.seq_len)
+  ds = grain.MapDataset.range(n).shuffle(seed=config.seed).repeat()
+  ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds.map(functools.partial(window, split, config.data.seq_len, config.model.n_future))
+  ds = ds.batch(local_batch_size(config.train.batch_size), drop_remainder=True)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+
+
+def valid_batches(split: TokenSplit, config) -> list[dict]:
+  """The fixed validation set: the split's first eval_batches batches of windows, in order (no shuffle).
+  A short split gives fewer batches; the last one is padded with all-zero rows (segment 0: not scored)."""
+  seq_len, n_future = config.data.seq_len, config.model.n_future
+  size = local_batch_size(config.train.batch_size)
+  n = min(num_windows(split, seq_len), config.train.eval_batches * config.train.batch_size)
+  rows = [window(split, seq_len, n_future, i) for i in range(n)][jax.process_index()::jax.process_count()]
+  pad = {"tokens": np.zeros(seq_len + n_future, np.int32), "segment_ids": np.zeros(seq_len + n_future, np.int32)}
+  rows += [pad] * (-len(rows) % size)
+  return [{k: np.stack([r[k] for r in rows[i:i + size]]) for k in pad} for i in range(0, len(rows), size)]
+
+
+def unigram_baseline(train: TokenSplit, batches: list[dict], seq_len: int, vocab: int) -> float:
+  """Cross-entropy (nats) of the training split's unigram distribution (add-one smoothed) on the
+  next-token targets of the validation batches: what a model that ignores context would score."""
+  counts = np.bincount(np.asarray(train.tokens), minlength=vocab).astype(np.float64) + 1
+  logp = np.log(counts / counts.sum())
+  total = n = 0.0
+  for b in batches:
+    seg = b["segment_ids"]
+    mask = (seg[:, 1:seq_len + 1] == seg[:, :seq_len]) & (seg[:, :seq_len] != 0)
+    total -= logp[b["tokens"][:, 1:seq_len + 1]][mask].sum()
+    n += mask.sum()
+  return float(total / max(n, 1))
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: object
+  train: TokenSplit
+  valid: TokenSplit
+
+
+def build(config, workdir=None) -> Data:
+  """Corpus, tokenizer (the workdir's copy when resuming) and both token splits."""
+  corpus = Corpus(config.data)
+  corpus.require_text()
+  tok = build_tokenizer(config, corpus, workdir)
+  splits, _ = tokenize_corpus(corpus, tok, config)
+  if num_windows(splits["train"], config.data.seq_len) == 0:
+    raise UserError(f"the training split has {len(splits['train'])} tokens: too few for one window; add data")
+  if num_windows(splits["valid"], config.data.seq_len) == 0:
+    raise UserError(f"the validation split has {len(splits['valid'])} tokens: too few for one window; "
+                    f"raise data.valid_fraction or add data")
+  return Data(tok, splits["train"], splits["valid"])

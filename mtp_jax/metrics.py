@@ -1,0 +1,114 @@
+"""Where a run's numbers go: one console line, one JSON object in W/metrics.jsonl, TensorBoard scalars.
+
+Only process 0 writes. On resume, records past the restored step are dropped from metrics.jsonl
+(they belong to steps the restarted run redoes), so the file reads as one consistent run. TensorBoard
+event files cannot be rewritten: redone steps show up twice there, TensorBoard draws the later ones.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _floats(x) -> list[float]:
+  return [float(v) for v in np.asarray(x).reshape(-1)]
+
+
+def truncate_after(workdir, step: int) -> None:
+  """Keep only records with record['step'] <= step (atomically)."""
+  path = Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut short by a kill
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(l + "\n" for l in kept))
+  os.replace(tmp, path)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class MetricsWriter:
+
+  def __init__(self, workdir, total_steps: int):
+    self.total = total_steps
+    self.active = jax.process_index() == 0
+    self.file = self.tb = None
+    if self.active:
+      from tensorboardX import SummaryWriter
+      self.file = open(Path(workdir) / METRICS_FILE, "a")
+      self.tb = SummaryWriter(str(workdir))
+
+  def _write(self, record: dict, prefix: str):
+    if not self.active:
+      return
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    for key, value in record.items():
+      if isinstance(value, list):
+        for i, v in enumerate(value):
+          self.tb.add_scalar(f"{prefix}/{key}/head{i + 1}", v, record["step"])
+      elif isinstance(value, (int, float)) and key != "step":
+        self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+  def train(self, step: int, metrics: dict, tokens_per_sec: float, seconds_per_step: float) -> dict:
+    """metrics: the train step's outputs, already on host."""
+    record = {"step": step, "loss": float(metrics["loss"]), "head_losses": _floats(metrics["head_losses"]),
+              "head_accuracies": _floats(metrics["head_accuracies"]), "lr": float(metrics["lr"]),
+              "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": round(tokens_per_sec, 1)}
+    self._write(record, "train")
+    if self.active:
+      heads = " ".join(f"{v:.3f}" for v in record["head_losses"])
+      print(f"step {step:>{len(str(self.total))}}/{self.total}  loss {record['loss']:.4f}  heads [{heads}]  "
+            f"lr {record['lr']:.2e}  gnorm {record['grad_norm']:.3f}  {tokens_per_sec:,.0f} tok/s  "
+            f"ETA {_duration((self.total - step) * seconds_per_step)}", flush=True)
+    return record
+
+  def valid(self, record: dict) -> None:
+    self._write(record, "valid")
+    if self.active:
+      heads = " ".join(f"{v:.3f}" for v in record["head_losses"])
+      acc = " ".join(f"{v:.3f}" for v in record["head_accuracies"])
+      print(f"valid at step {record['step']}: loss {record['loss']:.4f}  heads [{heads}]  accuracy [{acc}]",
+            flush=True)
+
+  def close(self):
+    if self.active:
+      self.file.close()
+      self.tb.close()
+
+
+def valid_record(step: int, sums: dict, weights, **extra) -> dict:
+  """Per-head means from sums over the whole validation set ('nll', 'hits', 'tokens', each [n], on host)."""
+  tokens = np.maximum(np.asarray(sums["tokens"]), 1)
+  losses, accs = np.asarray(sums["nll"]) / tokens, np.asarray(sums["hits"]) / tokens
+  w = np.asarray(weights, np.float64)
+  return {"split": "valid", "step": step, "loss": float((w * losses).sum() / w.sum()),
+          "head_losses": _floats(losses), "head_accuracies": _floats(accs),
+          "tokens": int(np.asarray(sums["tokens"])[0]), **extra}
+
+
+def final_table(record: dict, unigram: float, vocab_size: int) -> str:
+  """Per-head validation loss and accuracy beside the context-free baselines."""
+  lines = ["", f"final validation at step {record['step']} ({record['tokens']:,} target tokens per head)",
+           "  head  predicts  loss (nats)  accuracy"]
+  for i, (l, a) in enumerate(zip(record["head_losses"], record["head_accuracies"])):
+    lines.append(f"  {i + 1:>4}  t+{i + 1:<6}  {l:>11.4f}  {a:>8.3f}")
+  lines.append(f"  unigram baseline (train-split token frequencies): {unigram:.4f} nats")
+  lines.append(f"  uniform baseline (log vocab_size):                {math.log(vocab_size):.4f} nats")
+  return "\n".join(lines)

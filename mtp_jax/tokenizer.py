@@ -1,0 +1,193 @@
+"""Tokenizers: a sentencepiece model trained on the training split (cached), a user's .model file, or bytes.
+
+All share one small interface: encode(str) -> list[int], decode(list[int]) -> str, vocab_size, bos_id,
+eos_id. A training run copies its sentencepiece model to W/tokenizer.model, so `load_tokenizer(W)`
+gives generate.py exactly the tokenizer the run trained with, even if the cache is gone.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+from absl import logging
+
+from mtp_jax.errors import UserError
+
+WORKDIR_MODEL = "tokenizer.model"
+# Bump when the trainer settings below change, so cached models trained otherwise are not reused.
+_SP_VERSION = 1
+_SP_SENTENCES = 200_000   # chunks sampled for training: keeps training well under a minute on 2 cores
+_SP_CHUNK_LINES = 8       # train on multi-line chunks so newlines and indentation become pieces
+
+
+class ByteTokenizer:
+  """Ids 0..255 are the UTF-8 bytes; 256 is BOS, 257 is EOS. Any text round-trips."""
+  kind = "bytes"
+  bos_id, eos_id, vocab_size = 256, 257, 258
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids) -> str:
+    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece model; `proto` is its serialized bytes (what W/tokenizer.model holds)."""
+  kind = "sentencepiece"
+
+  def __init__(self, proto: bytes, origin: str = ""):
+    self.proto, self.origin = proto, origin
+    self.sp = spm.SentencePieceProcessor(model_proto=proto)
+    self.vocab_size = self.sp.get_piece_size()
+    self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.encode(text)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+
+  def decode(self, ids) -> str:
+    return self.sp.decode([int(i) for i in ids])
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer
+
+
+def identity(tok: Tokenizer) -> str:
+  """A short hash naming exactly this tokenizer (keys the token cache)."""
+  payload = tok.proto if isinstance(tok, SentencePieceTokenizer) else b"bytes-v1"
+  return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def _load_model_file(path) -> SentencePieceTokenizer:
+  try:
+    return SentencePieceTokenizer(Path(path).read_bytes(), origin=str(path))
+  except OSError as e:
+    raise UserError(f"data.tokenizer={str(path)!r}: cannot read it ({e.strerror}); give an existing sentencepiece "
+                    f".model file, or 'sentencepiece' to train one, or 'bytes'")
+  except RuntimeError:
+    raise UserError(f"data.tokenizer={str(path)!r} is not a sentencepiece model file; give a .model file, "
+                    f"or 'sentencepiece' to train one, or 'bytes'")
+
+
+def _sentences(texts: Iterable[str]):
+  for text in texts:
+    lines = text.splitlines(keepends=True)
+    for i in range(0, len(lines), _SP_CHUNK_LINES):
+      yield "".join(lines[i:i + _SP_CHUNK_LINES])
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> SentencePieceTokenizer:
+  """BPE over the texts, tuned for exact round trips of code: no normalization, whitespace kept as is,
+  byte fallback for anything unseen; unk=0, bos=1, eos=2, no pad."""
+  if vocab_size < 256 + 3 + 1:
+    raise UserError(f"model.vocab_size={vocab_size} is too small for a sentencepiece model with byte fallback "
+                    f"(256 byte pieces + 3 specials); use at least 512, or data.tokenizer=bytes with vocab 258")
+  spm.set_random_generator_seed(0)   # the sampled sentences, hence the model, are reproducible
+  out = io.BytesIO()
+  start = time.time()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(texts), model_writer=out, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+        input_sentence_size=_SP_SENTENCES, shuffle_input_sentence=True, max_sentence_length=16384,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:  # e.g. too little text for the requested vocabulary
+    raise UserError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on the training split "
+                    f"({str(e).strip().splitlines()[-1]}); lower model.vocab_size or add data")
+  logging.info("trained a %d-piece sentencepiece model in %.1fs", vocab_size, time.time() - start)
+  return SentencePieceTokenizer(out.getvalue(), origin="trained")
+
+
+def _atomic_write(path: Path, data: bytes):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_bytes(data)
+  os.replace(tmp, path)   # readers never see half a file
+
+
+def cached_sentencepiece(texts_fn, corpus_fingerprint: str, vocab_size: int, cache_dir):
+  """Train once per (corpus, vocab, settings) and reuse the model from cache_dir afterwards.
+
+  texts_fn() -> iterable of training texts; only called when the cache misses.
+  """
+  key = hashlib.sha256(json.dumps([corpus_fingerprint, vocab_size, _SP_VERSION]).encode()).hexdigest()[:16]
+  path = Path(cache_dir) / f"tokenizer-{key}.model"
+  if path.exists():
+    logging.info("reusing the cached tokenizer %s", path)
+    return SentencePieceTokenizer(path.read_bytes(), origin=str(path))
+  tok = train_sentencepiece(texts_fn(), vocab_size)
+  _atomic_write(path, tok.proto)
+  tok.origin = str(path)
+  return tok
+
+
+def check_vocab(tok: Tokenizer, config) -> None:
+  if tok.vocab_size != config.model.vocab_size:
+    where = getattr(tok, "origin", "") or config.data.tokenizer
+    raise UserError(f"the tokenizer ({where}) has {tok.vocab_size} ids but model.vocab_size="
+                    f"{config.model.vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
+
+
+def save_to_workdir(tok: Tokenizer, workdir) -> None:
+  """Make the run self-contained: W/tokenizer.model (nothing to copy for bytes)."""
+  if isinstance(tok, SentencePieceTokenizer):
+    path = Path(workdir) / WORKDIR_MODEL
+    if not path.exists() or path.read_bytes() != tok.proto:
+      _atomic_write(path, tok.proto)
+
+
+def from_workdir(workdir, kind: str) -> Tokenizer | None:
+  """The tokenizer a run in `workdir` used, or None if the run has not stored one yet."""
+  if kind == "bytes":
+    return ByteTokenizer()
+  path = Path(workdir) / WORKDIR_MODEL
+  return _load_model_file(path) if path.exists() else None
+
+
+def load_tokenizer(source) -> Tokenizer:
+  """The tokenizer of a training run (a workdir path) or of a config (bytes, .model path, or trained).
+
+  For generate.py: `load_tokenizer(workdir)` reads W/tokenizer.model (or W/config.json says bytes).
+  """
+  if isinstance(source, (str, os.PathLike)):
+    workdir = Path(source)
+    cfg_path = workdir / "config.json"
+    kind = json.loads(cfg_path.read_text())["data"]["tokenizer"] if cfg_path.exists() else "sentencepiece"
+    tok = from_workdir(workdir, kind)
+    if tok is None:
+      if kind not in ("bytes", "sentencepiece"):
+        return _load_model_file(kind)
+      raise UserError(f"{workdir} has no {WORKDIR_MODEL} (and no config.json naming a tokenizer); "
+                      f"pass the workdir of a training run")
+    return tok
+  return for_config(source)
+
+
+def for_config(config, texts_fn=None, corpus_fingerprint: str = "") -> Tokenizer:
+  """The tokenizer config.data.tokenizer names; 'sentencepiece' trains (or reuses) one on the training split."""
+  name = config.data.tokenizer
+  if name == "bytes":
+    tok = ByteTokenizer()
+  elif name == "sentencepiece":
+    if texts_fn is None:  # called without a corpus: let the data module list it
+      from mtp_jax import data
+      return data.build_tokenizer(config)
+    tok = cached_sentencepiece(texts_fn, corpus_fingerprint, config.model.vocab_size, cache_dir(config))
+  else:
+    tok = _load_model_file(os.path.expanduser(name))
+  check_vocab(tok, config)
+  return tok
+
+
+def cache_dir(config) -> Path:
+  return Path(os.path.expanduser(config.data.cache_dir or "~/.cache/mtp_jax"))
