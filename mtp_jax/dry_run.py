@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from mtp_jax import sharding
 from mtp_jax.model import build_model
-from mtp_jax.step import make_optimizer, make_train_step
+from mtp_jax.step import make_optimizer
 
 
 def param_counts(params) -> dict:
@@ -48,10 +48,8 @@ def compile_train_step(config, mesh=None):
   """(compiled train step, abstract state, state shardings, mesh) for the configured batch and mesh."""
   mesh = mesh or sharding.make_mesh(config)
   model, tx = build_model(config.model), make_optimizer(config.train)
-  state, state_sh = sharding.abstract_train_state(model, tx, mesh, config)
-  step = jax.jit(make_train_step(model, config, tx), donate_argnums=0,
-                 in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sh, sharding.replicated(mesh)))
+  state, _ = sharding.abstract_train_state(model, tx, mesh, config)
+  step, state_sh = sharding.jit_train_step(model, config, tx, mesh)
   with sharding.activate(mesh, config):
     compiled = step.lower(state, abstract_batch(config, mesh)).compile()
   return compiled, state, state_sh, mesh

@@ -100,21 +100,42 @@ def bytes_per_device(abstract_tree, shardings) -> int:
   return total
 
 
-def abstract_train_state(model, tx, mesh, config, seq_len: int = 8):
+def _boxed_state_fn(model, tx, seq_len: int = 8):
+  import jax.numpy as jnp
+  from mtp_jax.step import TrainState
+
+  def boxed_state(rng):
+    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return boxed_state
+
+
+def abstract_train_state(model, tx, mesh, config):
   """(abstract TrainState with shardings attached, its shardings), allocating nothing.
 
   Optimizer moments are built from the boxed (logically annotated) parameters, so they inherit
   each parameter's logical axes and shard the same way.
   """
-  import jax.numpy as jnp
-  from mtp_jax.step import TrainState
-
-  def boxed_state():
-    params = model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  boxed = jax.eval_shape(boxed_state)
+  boxed = jax.eval_shape(_boxed_state_fn(model, tx), jax.random.key(0))
   shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, config)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
   return abstract, shardings
+
+
+def init_train_state(model, tx, mesh, config, rng):
+  """A freshly initialised TrainState, created directly in its shardings (never whole on one device)."""
+  _, shardings = abstract_train_state(model, tx, mesh, config)
+  init = jax.jit(lambda r: nn.unbox(_boxed_state_fn(model, tx)(r)), out_shardings=shardings)
+  with activate(mesh, config):
+    return init(rng)
+
+
+def jit_train_step(model, config, tx, mesh):
+  """(train_step jitted with state/batch shardings and the state donated, the state shardings)."""
+  from mtp_jax.step import make_train_step
+  _, state_sh = abstract_train_state(model, tx, mesh, config)
+  step = jax.jit(make_train_step(model, config, tx), donate_argnums=0,
+                 in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, replicated(mesh)))
+  return step, state_sh

@@ -1,0 +1,140 @@
+"""Train-step memory of the multi-token loss: naive vs scan-over-heads vs scan + chunked cross-entropy.
+
+    python experiments/memory.py                      # CPU: ~5 min on 2 cores
+    python experiments/memory.py --out_name=memory_gpu  # on a GPU machine, its own table
+
+For vocabulary 32000 and a sequence long enough that logits dominate, compiles the whole train
+step (forward, backward, AdamW update) for n in {1, 2, 4, 8} heads x impl, and reads XLA's planned
+temp memory. The trunk is the same for every n (parity off: heads are added on top) and is
+rematerialised (remat=full, as any large run would be, so its B x H x T^2 attention matrices are not
+all kept), so the differences are the heads' cost. Then times real train steps n=4 vs n=1 side by side (interleaved,
+median) for this shape and for configs/default.py (parity on, the paper's protocol).
+Writes experiments/results/<out_name>.md and .json.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from mtp_jax import sharding  # noqa: E402
+from mtp_jax.config import base_config  # noqa: E402
+from mtp_jax.dry_run import compile_train_step, memory_report  # noqa: E402
+from mtp_jax.model import build_model, init_params  # noqa: E402
+from mtp_jax.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
+
+_VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
+_SEQ = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
+_BATCH = flags.DEFINE_integer("batch", 2, "Batch size.")
+_CHUNK = flags.DEFINE_integer("chunk", 128, "Sequence chunk for scan+chunk.")
+_HEADS = flags.DEFINE_list("n", ["1", "2", "4", "8"], "Head counts.")
+_TIMING_STEPS = flags.DEFINE_integer("timing_steps", 5, "Timed steps per model (after one warm-up).")
+_OUT = flags.DEFINE_string("out_name", "memory", "Results file stem under experiments/results/.")
+
+IMPLS = {"naive": ("naive", 0), "scan": ("scan", 0), "scan+chunk": ("scan", None)}
+
+
+def bench_config(n: int, impl: str, chunk: int):
+  c = base_config()
+  c.model.update(vocab_size=_VOCAB.value, d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=704,
+                 n_future=n, parity=False, max_seq_len=_SEQ.value, remat="full")
+  c.data.seq_len = _SEQ.value
+  c.train.batch_size = _BATCH.value
+  c.mesh.data = 1
+  c.loss.impl, c.loss.chunk_size = impl, chunk
+  return c
+
+
+def default_config(n: int):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs.default import get_config
+  c = get_config()
+  c.model.n_future = n
+  c.mesh.data = 1
+  return c
+
+
+def time_ratio(config_fn, steps: int) -> dict:
+  """Median seconds per train step for n=1 and n=4, measured interleaved so drift hits both."""
+  runs = {}
+  for n in (1, 4):
+    c = config_fn(n)
+    model, tx = build_model(c.model), make_optimizer(c.train)
+    state = init_train_state(init_params(model, jax.random.key(0)), tx)
+    step = jax.jit(make_train_step(model, c, tx), donate_argnums=0)
+    shape = (c.train.batch_size, c.data.seq_len + n)
+    batch = {"tokens": jax.random.randint(jax.random.key(1), shape, 0, c.model.vocab_size),
+             "segment_ids": jnp.ones(shape, jnp.int32)}
+    state, m = step(state, batch)          # compile + warm up
+    jax.block_until_ready(m)
+    runs[n] = [step, state, batch, []]
+  for _ in range(steps):
+    for n in (1, 4):
+      step, state, batch, times = runs[n]
+      t0 = time.perf_counter()
+      state, m = step(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+      runs[n][1] = state
+  med = {n: statistics.median(runs[n][3]) for n in (1, 4)}
+  return {"seconds_n1": med[1], "seconds_n4": med[4], "ratio_n4_over_n1": med[4] / med[1]}
+
+
+def main(_):
+  device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+  mesh = sharding.make_mesh(bench_config(1, "scan", 0), jax.devices()[:1])
+  rows = []
+  for n in map(int, _HEADS.value):
+    for name, (impl, chunk) in IMPLS.items():
+      c = bench_config(n, impl, _CHUNK.value if chunk is None else chunk)
+      t0 = time.time()
+      compiled = compile_train_step(c, mesh)[0]
+      rows.append({"n": n, "impl": name, **memory_report(compiled), "compile_s": round(time.time() - t0, 1)})
+      print(f"n={n} {name:<11} temp {rows[-1]['temp_bytes'] / 2**20:9.1f} MiB", flush=True)
+  temp = {(r["n"], r["impl"]): r["temp_bytes"] for r in rows}
+  logits_mib = _BATCH.value * _SEQ.value * _VOCAB.value * 4 / 2**20
+  goals = {
+      "scan n=4 / scan n=1 <= 1.05": temp[4, "scan"] / temp[1, "scan"],
+      "naive n=4 / scan n=4 >= 2.5": temp[4, "naive"] / temp[4, "scan"],
+      "scan+chunk n=4 / naive n=1 <= 0.5": temp[4, "scan+chunk"] / temp[1, "naive"],
+  }
+  passed = {k: (v <= float(k.split()[-1]) if "<=" in k else v >= float(k.split()[-1])) for k, v in goals.items()}
+  print("timing train steps n=4 vs n=1 ...", flush=True)
+  timing = {"memory_shape": time_ratio(lambda n: bench_config(n, "scan", 0), _TIMING_STEPS.value),
+            "configs/default.py": time_ratio(default_config, _TIMING_STEPS.value)}
+
+  result = {"device": device, "vocab": _VOCAB.value, "seq_len": _SEQ.value, "batch": _BATCH.value,
+            "chunk": _CHUNK.value, "one_head_logits_f32_mib": logits_mib, "rows": rows,
+            "goals": {k: {"value": v, "met": passed[k]} for k, v in goals.items()}, "timing": timing}
+  ns = sorted({r["n"] for r in rows})
+  lines = [f"Compiled train-step temp memory (MiB), {device}; vocab {_VOCAB.value}, seq {_SEQ.value}, "
+           f"batch {_BATCH.value}, d_model 256, 2-layer rematerialised trunk + n head layers; one head's f32 logits = "
+           f"{logits_mib:.0f} MiB; chunk = {_CHUNK.value} positions.", "",
+           "| impl | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
+  for name in IMPLS:
+    lines.append(f"| {name} | " + " | ".join(f"{temp[n, name] / 2**20:.0f}" for n in ns) + " |")
+  lines += ["", "| goal | measured | met |", "|---|---:|---|"]
+  lines += [f"| {k} | {v:.3f} | {'yes' if passed[k] else 'NO'} |" for k, v in goals.items()]
+  lines += ["", "Train-step time, n=4 vs n=1 (median of interleaved steps, same device):", "",
+            "| model | s/step n=1 | s/step n=4 | ratio |", "|---|---:|---:|---:|"]
+  for k, t in timing.items():
+    lines.append(f"| {k} | {t['seconds_n1']:.3f} | {t['seconds_n4']:.3f} | {t['ratio_n4_over_n1']:.2f} |")
+  lines += ["", f"Command: `python experiments/memory.py --out_name={_OUT.value}`"]
+  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{_OUT.value}.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(out_dir, f"{_OUT.value}.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)

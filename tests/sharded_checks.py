@@ -1,0 +1,71 @@
+"""Checks that need 8 devices: run as `XLA_FLAGS=--xla_force_host_platform_device_count=8 python
+tests/sharded_checks.py NAME` (tests/test_sharding.py does this, so other tests keep one device)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mtp_jax import sharding  # noqa: E402
+from mtp_jax.config import base_config  # noqa: E402
+from mtp_jax.model import build_model  # noqa: E402
+from mtp_jax.step import make_optimizer  # noqa: E402
+
+MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "d2f2t2": (2, 2, 2), "tensor8": (1, 1, 8)}
+
+
+def sharding_config(mesh=(1, 1, 1), n_future=2, head_type="parallel"):
+  """A tiny model every mesh axis of size 8 divides: 8 heads, 8 KV heads, d_ff and vocab multiples of 8."""
+  c = base_config()
+  c.model.update(vocab_size=64, d_model=64, n_layers=3, n_heads=8, n_kv_heads=8, d_ff=128, max_seq_len=64,
+                 n_future=n_future, head_type=head_type)
+  c.data.seq_len = 16
+  c.train.update(batch_size=8, warmup_steps=1, steps=10)
+  c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  return c
+
+
+def batches(config, count):
+  rng = np.random.default_rng(0)
+  shape = (config.train.batch_size, config.data.seq_len + config.model.n_future)
+  for _ in range(count):
+    segments = np.ones(shape, np.int32)
+    segments[:, 9:] = 2
+    yield {"tokens": rng.integers(0, config.model.vocab_size, shape).astype(np.int32), "segment_ids": segments}
+
+
+def train(mesh_sizes, steps=3):
+  config = sharding_config(mesh_sizes)
+  mesh = sharding.make_mesh(config, jax.devices()[:int(np.prod(mesh_sizes))])
+  model, tx = build_model(config.model), make_optimizer(config.train)
+  state = sharding.init_train_state(model, tx, mesh, config, jax.random.key(0))
+  step, _ = sharding.jit_train_step(model, config, tx, mesh)
+  losses = []
+  with sharding.activate(mesh, config):
+    for batch in batches(config, steps):
+      state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+      losses.append(np.asarray(metrics["head_losses"]))
+  return np.stack(losses), jax.device_get(state.params), state
+
+
+def check_train_steps_match_single_device():
+  ref_losses, ref_params, _ = train((1, 1, 1))
+  for name, sizes in MESHES.items():
+    losses, params, state = train(sizes)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=name), params, ref_params)
+    # The parameters really are split: an FSDP/tensor-sharded kernel holds a fraction per device.
+    kernel = state.params["trunk"]["layer"]["gate"]["kernel"]
+    per_device = kernel.addressable_shards[0].data.size
+    expected = kernel.size // (sizes[1] * sizes[2])
+    assert per_device == expected, (name, per_device, expected)
+    print(f"{name}: head losses {losses[-1]} match one device", flush=True)
+
+
+if __name__ == "__main__":
+  assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  globals()[f"check_{sys.argv[1]}"]()
+  print("OK")

@@ -1,0 +1,44 @@
+"""Sharded == single device, on 8 simulated CPU devices (each check in its own process)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mtp_jax.errors import UserError
+from mtp_jax.sharding import check_divisibility, mesh_shape
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_check(name):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, os.path.join(HERE, "sharded_checks.py"), name], env=env,
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), r.stdout[-3000:] + r.stderr[-5000:]
+
+
+def test_train_steps_on_meshes_match_single_device():
+  run_check("train_steps_match_single_device")
+
+
+def test_mesh_shape_resolution():
+  assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+  assert mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+  with pytest.raises(UserError, match="needs 4 devices but 8"):
+    mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+  with pytest.raises(UserError, match="do not divide"):
+    mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+  with pytest.raises(UserError, match="at most one axis"):
+    mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+
+
+def test_divisibility_errors(make_config):
+  c = make_config(n_heads=4, n_kv_heads=2)   # batch 2
+  with pytest.raises(UserError, match="batch_size=2 is not divisible"):
+    check_divisibility(c, (4, 1, 1))
+  with pytest.raises(UserError, match="n_kv_heads=2 is not divisible by mesh.tensor=4"):
+    check_divisibility(c, (1, 1, 4))
+  c.model.vocab_size = 63
+  with pytest.raises(UserError, match="vocab_size=63"):
+    check_divisibility(c, (1, 1, 2))
