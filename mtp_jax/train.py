@@ -30,8 +30,8 @@ from mtp_jax import tokenizer as tokenizer_lib
 from mtp_jax.checkpoint import Checkpointer, with_shardings
 from mtp_jax.config import head_weights, validate
 from mtp_jax.errors import UserError
-from mtp_jax.model import build_model, init_params
-from mtp_jax.step import init_train_state, make_eval_step, make_optimizer, make_train_step
+from mtp_jax.model import build_model
+from mtp_jax.step import make_eval_step, make_optimizer
 
 CONFIG_FILE = "config.json"
 
@@ -143,17 +143,15 @@ def train_and_evaluate(config, workdir) -> dict:
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
   rng = jax.random.key(config.seed)
-  init = lambda key: init_train_state(init_params(model, jax.random.fold_in(key, 0), seq_len), tx)
   # Restore targets and the fresh state share the shardings the logical axis rules give (as --dry_run).
-  abstract_state, state_shardings = sharding.abstract_train_state(model, tx, mesh, config, seq_len)
+  abstract_state, state_shardings = sharding.abstract_train_state(model, tx, mesh, config)
   abstract_rng = with_shardings(jax.eval_shape(jax.random.key_data, rng), replicated)
 
   train_iter = iter(data_lib.train_dataset(data.train, config))
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
   start, restored = ckpt.restore_latest(**ckpt.train_targets(abstract_state, abstract_rng, train_iter))
   if restored is None:
-    with sharding.activate(mesh, config):
-      state = jax.jit(init, out_shardings=state_shardings)(rng)
+    state = sharding.init_train_state(model, tx, mesh, config, jax.random.fold_in(rng, 0))
   else:
     state = type(abstract_state)(step=restored.meta["step"], params=restored.params, opt_state=restored.opt_state)
     rng = jax.random.wrap_key_data(restored.meta["rng"])
@@ -168,8 +166,7 @@ def train_and_evaluate(config, workdir) -> dict:
   abstract_batch = {k: jax.ShapeDtypeStruct((t.batch_size, length), jnp.int32, sharding=batch_sharding)
                     for k in ("tokens", "segment_ids")}
   # Compiled once, ahead of time; `state` is donated so its buffers are reused for the new state.
-  train_step = jax.jit(make_train_step(model, config, tx), in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+  train_step, _ = sharding.jit_train_step(model, config, tx, mesh)
   with sharding.activate(mesh, config):
     compiled = train_step.lower(abstract_state, abstract_batch).compile()
   _say(_memory_report(compiled))
