@@ -1,0 +1,359 @@
+"""KV-cached decoding as one jit-compiled program: a prefill, then one `jax.lax.while_loop`.
+
+Every mode is the same loop over *blocks*. A step feeds each row's block [last token, drafts]
+(k tokens) at the row's own cache position, verifies the drafts with head 0, emits the accepted
+drafts plus one token from head 0 (1..k tokens), and drafts the next block with heads 1..n-1 at
+the last accepted position. `greedy` and `sample` are the case k=1 (no drafts, only head 0 run):
+the reference next-token decoders. `speculative` accepts a draft when it equals head 0's argmax,
+so it emits greedy's tokens exactly; `speculative_sample` accepts draft x with probability
+min(1, p(x)/q(x)) and otherwise samples max(0, p - q) (Leviathan et al. 2023), so it draws from
+`sample`'s distribution exactly. p is head 0's and q the drafting head's distribution, both after
+the same temperature / top-k / top-p.
+
+Shapes are static: prompts are right-padded to a bucket P, the cache holds
+P + max_new_tokens + n_future slots, and rejected drafts' cache slots lie past the row's position
+(masked by the model) until the next block overwrites them. Rows that are done keep running in
+the batch, frozen, until every row is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, NamedTuple, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax.errors import UserError
+from mtp_jax.model import MTPTransformer, ModelArgs, default_positions, init_cache
+
+Array = jax.Array
+MODES = ("greedy", "speculative", "sample", "speculative_sample")
+PAD = -1          # marks output slots past a row's end
+
+
+class DecodeError(UserError):
+  """A decoding request that cannot run (bad prompt, length, mode or sampling setting)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything static about a decode: changing any of it compiles a new program."""
+  mode: str
+  max_new_tokens: int
+  n_future: int
+
+  @property
+  def speculative(self) -> bool:
+    return self.mode in ("speculative", "speculative_sample") and self.n_future > 1
+
+  @property
+  def sampling(self) -> bool:
+    return self.mode in ("sample", "speculative_sample")
+
+  @property
+  def block(self) -> int:       # tokens fed per step: last token + k-1 drafts
+    return self.n_future if self.speculative else 1
+
+
+class SamplingParams(NamedTuple):
+  """Traced scalars, so new values never recompile. top_k=0 and top_p=1 switch those filters off."""
+  temperature: Array
+  top_k: Array
+  top_p: Array
+  eos_id: Array     # -1: no end-of-sequence token
+
+
+@flax.struct.dataclass
+class DecodeState:
+  cache: Any
+  tokens: Array      # [B, max_new + k] generated tokens; slots at and past `count` are scratch
+  count: Array       # [B] tokens generated so far
+  position: Array    # [B] position of the last generated token: where the next block starts
+  drafts: Array      # [B, k-1] drafted tokens that follow the last generated token
+  draft_logq: Any    # [B, k-1, V] the distributions the drafts were sampled from (sampling modes only)
+  done: Array        # [B] hit EOS or max_new_tokens
+  key: Array
+  steps: Array       # [] forward passes after the prefill
+  forwards: Array    # [B] forward passes that emitted this row's tokens, prefill included
+  accepted: Array    # [B, k-1] drafts of head i (1..k-1) accepted
+
+
+@flax.struct.dataclass
+class DecodeOutput:
+  tokens: Array      # [B, max_new_tokens], PAD past `lengths`
+  lengths: Array     # [B] tokens generated (the first EOS included)
+  forwards: Array    # [B] forward passes that emitted them (prefill included)
+  accepted: Array    # [B, k-1] drafts accepted per draft head; each was proposed forwards-1 times
+  steps: Array       # [] loop iterations (forward passes after the prefill) for the whole batch
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+def _hidden_fn(m: MTPTransformer, tokens, positions, cache, cache_index, n_heads: int):
+  """Trunk + the first n_heads heads with the cache: hidden states [n_heads, B, k, d], new cache."""
+  _, segment_ids = default_positions(tokens, positions)
+  z, trunk_cache = m.run_trunk(tokens, positions, segment_ids, cache["trunk"], cache_index)
+  hs, head_caches, h = [], list(cache["heads"]), z
+  for i in range(n_heads):
+    h, head_caches[i] = m.run_head(i, z, h, positions, segment_ids, cache["heads"][i], cache_index)
+    hs.append(h)
+  return jnp.stack(hs), {"trunk": trunk_cache, "heads": tuple(head_caches)}
+
+
+def forward_hidden(model, params, tokens, positions, cache, cache_index, n_heads):
+  return model.apply({"params": params}, tokens, positions, cache, cache_index, n_heads, method=_hidden_fn)
+
+
+def unembed(model, params, h):
+  """Shared norm + unembedding, applied only where logits are needed (not at every prompt position)."""
+  return model.apply({"params": params}, h, method=MTPTransformer.logits).astype(jnp.float32)
+
+
+def adjusted_logprobs(logits, temperature, top_k, top_p):
+  """Log-probabilities after temperature, top-k and top-p; filtered-out tokens get -inf.
+
+  Target (head 0) and drafts (heads 1..n-1) both go through this, so the speculative sampler's
+  target is exactly the distribution that `sample` draws from.
+  """
+  x = logits.astype(jnp.float32) / temperature
+  v = x.shape[-1]
+  desc = -jnp.sort(-x, axis=-1)
+  kth = jnp.take(desc, jnp.clip(top_k - 1, 0, v - 1), axis=-1)[..., None]
+  drop_k = lambda y: jnp.where((top_k > 0) & (y < kth), -jnp.inf, y)
+  x, desc = drop_k(x), drop_k(desc)
+  probs = jax.nn.softmax(desc, axis=-1)
+  # Smallest top set with mass >= top_p. top_p >= 1 keeps all (rounding could drop tiny tails).
+  keep = (jnp.cumsum(probs, axis=-1) - probs < top_p) | (top_p >= 1.0)
+  cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+  return jax.nn.log_softmax(jnp.where(x < cutoff, -jnp.inf, x), axis=-1)
+
+
+# ----------------------------------------------------------------------------- verify and draft
+
+def _take(x, idx):
+  """x[b, idx[b]] for x [B, k, ...], idx [B]."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+
+
+def _verify(p_logits, drafts, draft_logq, key, sp: SamplingParams, sampling: bool):
+  """Check a block's drafts against head 0.
+
+  p_logits [B, k, V]: head 0 at the block's k positions; drafts [B, k-1] for positions 1..k-1.
+  Returns a [B] (drafts accepted, a prefix), the token head 0 emits after them [B], and ok [B, k-1].
+  """
+  k = p_logits.shape[1]
+  if not sampling:
+    target = jnp.argmax(p_logits, axis=-1)                        # [B, k]
+    ok = drafts == target[:, :k - 1]
+    a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)
+    return a, _take(target, a), ok
+  k_accept, k_token = jax.random.split(key)
+  p = jnp.exp(adjusted_logprobs(p_logits, sp.temperature, sp.top_k, sp.top_p))   # [B, k, V]
+  q = jnp.exp(draft_logq)                                                          # [B, k-1, V]
+  px = jnp.take_along_axis(p[:, :k - 1], drafts[..., None], axis=-1)[..., 0]
+  qx = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+  ok = jax.random.uniform(k_accept, qx.shape) * qx < px          # accept with prob min(1, p/q)
+  a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)
+  # First rejection at j: resample from max(0, p - q) there; all accepted: a bonus token from p.
+  residual = jnp.concatenate([jnp.maximum(p[:, :k - 1] - q, 0.0), p[:, k - 1:]], axis=1)
+  r, p_a = _take(residual, a), _take(p, a)
+  r = jnp.where(jnp.sum(r, axis=-1, keepdims=True) > 0, r, p_a)  # p == q up to rounding: never rejected anyway
+  return a, jax.random.categorical(k_token, jnp.log(r), axis=-1), ok
+
+
+def _draft(model, params, hidden, a, key, sp: SamplingParams, sampling: bool):
+  """Heads 1..n-1 at block index a: draft tokens [B, n-1] and, when sampling, their log q [B, n-1, V]."""
+  b = a.shape[0]
+  if hidden.shape[0] == 0:   # no draft heads run (greedy, sample, n_future=1)
+    v = model.args.vocab_size
+    return jnp.zeros((b, 0), jnp.int32), (jnp.zeros((b, 0, v), jnp.float32) if sampling else None)
+  h = jax.vmap(lambda hh: _take(hh, a))(hidden)                   # [n-1, B, d]
+  logits = jnp.swapaxes(unembed(model, params, h), 0, 1)          # [B, n-1, V]
+  if not sampling:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+  logq = adjusted_logprobs(logits, sp.temperature, sp.top_k, sp.top_p)
+  return jax.random.categorical(key, logq, axis=-1).astype(jnp.int32), logq
+
+
+def _emit(model, params, settings: Settings, sp, state: DecodeState, p_logits, hidden, drafts, draft_logq,
+          key, active):
+  """Verify a block, append the accepted tokens (up to EOS / max_new_tokens), draft the next block.
+
+  The block's index 0 sits at state.position; rows that are not `active` keep their state.
+  """
+  k_verify, k_draft = jax.random.split(key)
+  a, token, _ = _verify(p_logits, drafts, draft_logq, k_verify, sp, settings.sampling)
+  new_drafts, new_logq = _draft(model, params, hidden, a, k_draft, sp, settings.sampling)
+
+  kk = p_logits.shape[1]
+  idx = jnp.arange(kk)[None, :]
+  new = jnp.where(idx == a[:, None], token[:, None], jnp.pad(drafts, ((0, 0), (0, 1))))   # d_1..d_a, token
+  m = jnp.minimum(a + 1, settings.max_new_tokens - state.count)
+  is_eos = (new == sp.eos_id) & (idx < m[:, None])
+  hit = jnp.any(is_eos, axis=1)
+  m = jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, m)
+  written = jax.vmap(lambda buf, u, i: jax.lax.dynamic_update_slice_in_dim(buf, u, i, 0))(
+      state.tokens, new.astype(state.tokens.dtype), state.count)
+
+  def keep(new_val, old_val):
+    if new_val is None:
+      return None
+    return jnp.where(active.reshape(active.shape + (1,) * (new_val.ndim - 1)), new_val, old_val)
+
+  heads = jnp.arange(1, settings.block)[None, :]
+  return state.replace(
+      tokens=keep(written, state.tokens),
+      count=keep(state.count + m, state.count),
+      position=keep(state.position + m, state.position),
+      drafts=keep(new_drafts, state.drafts),
+      draft_logq=keep(new_logq, state.draft_logq),
+      done=state.done | (active & (hit | (state.count + m >= settings.max_new_tokens))),
+      forwards=state.forwards + active,
+      accepted=state.accepted + (active[:, None] & (a[:, None] >= heads)))
+
+
+# ----------------------------------------------------------------------------- prefill, step, loop
+
+def _prefill(model, params, settings: Settings, sp, tokens, lengths, key) -> DecodeState:
+  """Run the padded prompts through the model, emit each row's first token and first drafts."""
+  args, (b, p) = model.args, tokens.shape
+  n_run, k = (args.n_future if settings.speculative else 1), settings.block
+  cache = init_cache(args, b, p + settings.max_new_tokens + args.n_future)
+  positions = jnp.broadcast_to(jnp.arange(p), (b, p))
+  hidden, cache = forward_hidden(model, params, tokens, positions, cache, jnp.zeros((b,), jnp.int32), n_run)
+  last = lengths - 1
+  h_last = jax.vmap(lambda hh: _take(hh, last)[:, None])(hidden)       # [n_run, B, 1, d]
+  key, sub = jax.random.split(key)
+  state = DecodeState(
+      cache=cache, tokens=jnp.zeros((b, settings.max_new_tokens + k), jnp.int32),
+      count=jnp.zeros((b,), jnp.int32), position=last.astype(jnp.int32),
+      drafts=jnp.zeros((b, k - 1), jnp.int32),
+      draft_logq=jnp.zeros((b, k - 1, args.vocab_size), jnp.float32) if settings.sampling else None,
+      done=jnp.zeros((b,), bool), key=key, steps=jnp.zeros((), jnp.int32),
+      forwards=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b, k - 1), jnp.int32))
+  no_drafts = jnp.zeros((b, 0), jnp.int32)
+  no_logq = jnp.zeros((b, 0, args.vocab_size), jnp.float32) if settings.sampling else None
+  return _emit(model, params, settings, sp, state, unembed(model, params, h_last[0]), h_last[1:],
+               no_drafts, no_logq, sub, jnp.ones((b,), bool))
+
+
+def _step(model, params, settings: Settings, sp, state: DecodeState) -> DecodeState:
+  """One forward pass over every row's block [last token, drafts] at its own cache position."""
+  k = settings.block
+  last = _take(state.tokens, state.count - 1)
+  block = jnp.concatenate([last[:, None], state.drafts], axis=1)
+  positions = state.position[:, None] + jnp.arange(k)[None, :]
+  hidden, cache = forward_hidden(model, params, block, positions, state.cache, state.position,
+                                 model.args.n_future if settings.speculative else 1)
+  key, sub = jax.random.split(state.key)
+  state = state.replace(cache=cache, key=key, steps=state.steps + 1)
+  return _emit(model, params, settings, sp, state, unembed(model, params, hidden[0]), hidden[1:],
+               state.drafts, state.draft_logq, sub, ~state.done)
+
+
+_TRACES = [0]
+
+
+def decode(params, tokens, lengths, key, sp: SamplingParams, *, model: MTPTransformer,
+           settings: Settings) -> DecodeOutput:
+  """The whole generation (jit this): tokens [B, P] right-padded prompts, lengths [B] their lengths."""
+  _TRACES[0] += 1   # runs only while tracing: the tests count compilations with it
+  state = _prefill(model, params, settings, sp, tokens, lengths, key)
+  # Each active step emits >= 1 token per active row, so max_new_tokens bounds the loop.
+  cond = lambda s: ~jnp.all(s.done) & (s.steps < settings.max_new_tokens)
+  state = jax.lax.while_loop(cond, lambda s: _step(model, params, settings, sp, s), state)
+  n = settings.max_new_tokens
+  out = jnp.where(jnp.arange(n)[None, :] < state.count[:, None], state.tokens[:, :n], PAD)
+  return DecodeOutput(tokens=out, lengths=state.count, forwards=state.forwards, accepted=state.accepted,
+                      steps=state.steps)
+
+
+def trace_count() -> int:
+  """How many times `decode` has been traced (= compiled) in this process."""
+  return _TRACES[0]
+
+
+# ----------------------------------------------------------------------------- host side
+
+def check_request(args: ModelArgs, prompts, mode: str, max_new_tokens: int, temperature=1.0, top_k=0,
+                  top_p=1.0) -> None:
+  """Raise DecodeError for the first thing that cannot work, before any compile."""
+  if mode not in MODES:
+    raise DecodeError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+    raise DecodeError(f"max_new_tokens={max_new_tokens}: must be a positive integer")
+  if mode in ("sample", "speculative_sample"):
+    if not temperature > 0:
+      raise DecodeError(f"temperature={temperature}: must be > 0 for sampling (use mode=greedy for argmax)")
+    if top_k < 0:
+      raise DecodeError(f"top_k={top_k}: must be >= 0 (0 = off)")
+    if not 0 < top_p <= 1:
+      raise DecodeError(f"top_p={top_p}: must be in (0, 1] (1 = off)")
+  if not len(prompts):
+    raise DecodeError("no prompts given")
+  room = max_prompt_len(args, max_new_tokens)
+  for i, p in enumerate(prompts):
+    if not len(p):
+      raise DecodeError(f"prompt {i} is empty: give at least one token")
+    if len(p) > room:
+      raise DecodeError(
+          f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} and n_future={args.n_future} "
+          f"decoding needs {len(p) + max_new_tokens + args.n_future} positions but model.max_seq_len="
+          f"{args.max_seq_len}; shorten the prompt to <= {max(room, 0)} tokens or lower max_new_tokens")
+    bad = [t for t in p if not 0 <= int(t) < args.vocab_size]
+    if bad:
+      raise DecodeError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {args.vocab_size})")
+
+
+def max_prompt_len(args: ModelArgs, max_new_tokens: int) -> int:
+  """Longest prompt that fits: the cache holds prompt + max_new_tokens + n_future (the drafted block)."""
+  return args.max_seq_len - max_new_tokens - args.n_future
+
+
+def prompt_bucket(longest: int, limit: int) -> int:
+  """Pad prompts to a power of two (>= 16) so that similar lengths share one compiled program."""
+  return min(max(16, 1 << (max(longest, 1) - 1).bit_length()), max(limit, longest))
+
+
+def pad_prompts(prompts, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pad token lists into tokens [B, bucket] (pad id 0) and lengths [B]."""
+  tokens = np.zeros((len(prompts), bucket), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
+_COMPILED: dict = {}
+
+
+def compiled_decode(params, args: ModelArgs, settings: Settings, tokens, lengths, key, sp):
+  """The compiled program for these static settings and shapes (compiled on first use): (fn, seconds)."""
+  sig = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(params))
+  cache_key = (args, settings, tokens.shape, jax.tree.structure(params), sig)
+  if cache_key in _COMPILED:
+    return _COMPILED[cache_key], 0.0
+  start = time.perf_counter()
+  fn = jax.jit(lambda *xs: decode(*xs, model=MTPTransformer(args), settings=settings))
+  _COMPILED[cache_key] = fn.lower(params, tokens, lengths, key, sp).compile()
+  return _COMPILED[cache_key], time.perf_counter() - start
+
+
+def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_tokens=64, seed=0, key=None,
+        temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None):
+  """Decode one padded batch: (DecodeOutput of numpy arrays, {'compile_s', 'wall_s'}).
+
+  `tokens` [B, P] / `lengths` [B] come from `pad_prompts`; validate with `check_request` first.
+  wall_s is the decode alone (compile excluded), measured until the results are on the host.
+  """
+  settings = Settings(mode, int(max_new_tokens), args.n_future)
+  key = jax.random.key(seed) if key is None else key
+  sp = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                      jnp.int32(-1 if eos_id is None else eos_id))
+  tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
+  fn, compile_s = compiled_decode(params, args, settings, tokens, lengths, key, sp)
+  start = time.perf_counter()
+  out = jax.device_get(fn(params, tokens, lengths, key, sp))
+  return out, {"compile_s": compile_s, "wall_s": time.perf_counter() - start}

@@ -1,0 +1,269 @@
+"""Text generation: the `generate()` API for notebooks and the command line around it.
+
+    python -m mtp_jax.generate --workdir=workdirs/default --prompt="def fib(n):" \
+        --mode=speculative --max_new_tokens=128 --output=out.jsonl
+
+`generate()` batches prompts (token-id lists, or text when a tokenizer is given) into fixed
+shapes, runs `decode.run` on each batch and returns one result per prompt: its tokens, text and
+statistics (forward passes, tokens per forward, per-head draft acceptance, wall time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from mtp_jax import decode
+from mtp_jax.decode import DecodeError
+from mtp_jax.model import ModelArgs
+
+
+def _model_args(config) -> ModelArgs:
+  return config if isinstance(config, ModelArgs) else ModelArgs.from_config(config.model)
+
+
+def _tok_value(tokenizer, name: str):
+  """A tokenizer property that may be an attribute or a method (sentencepiece uses methods)."""
+  v = getattr(tokenizer, name, None)
+  return v() if callable(v) else v
+
+
+def tokenizer_vocab_size(tokenizer) -> Optional[int]:
+  for name in ("vocab_size", "get_piece_size"):
+    v = _tok_value(tokenizer, name)
+    if v is not None:
+      return int(v)
+  return None
+
+
+def tokenizer_eos_id(tokenizer) -> int:
+  v = _tok_value(tokenizer, "eos_id")
+  return -1 if v is None else int(v)
+
+
+def check_tokenizer(tokenizer, vocab_size: int) -> None:
+  size = tokenizer_vocab_size(tokenizer)
+  if size is not None and size != vocab_size:
+    raise DecodeError(f"the tokenizer has {size} tokens but the model's vocabulary has {vocab_size}; "
+                      f"use the tokenizer the checkpoint was trained with (config data.tokenizer)")
+
+
+def _as_prompt_list(prompts) -> list:
+  """One prompt (text or a token list) or a list of them -> a list of prompts."""
+  if isinstance(prompts, str):
+    return [prompts]
+  prompts = list(prompts)
+  if prompts and isinstance(prompts[0], (int, np.integer)):
+    return [prompts]
+  return prompts
+
+
+def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", max_new_tokens: int = 64,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_id: Optional[int] = None, batch_size: Optional[int] = None,
+             prompt_bucket: Optional[int] = None) -> list[dict]:
+  """Continue each prompt; returns one dict per prompt (see `_result`).
+
+  params: the model's parameters; config: the training config (or its ModelArgs).
+  prompts: text (needs `tokenizer`, with encode/decode) or token-id lists, or one of either.
+  eos_id: stop token; None = the tokenizer's EOS when it has one, -1 = never stop early.
+  batch_size: prompts per compiled batch (default: all at once); the last batch is padded.
+  prompt_bucket: pad prompts to this length (default: a power of two), fixing the compiled shape.
+  """
+  args = _model_args(config)
+  prompts = _as_prompt_list(prompts)
+  if tokenizer is not None:
+    check_tokenizer(tokenizer, args.vocab_size)
+  ids = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      if tokenizer is None:
+        raise DecodeError(f"prompt {i} is text but no tokenizer was given; pass tokenizer= or token ids")
+      if not p:
+        raise DecodeError(f"prompt {i} is empty: give at least one character")
+      p = tokenizer.encode(p)
+    ids.append([int(t) for t in p])
+  decode.check_request(args, ids, mode, max_new_tokens, temperature, top_k, top_p)
+  if eos_id is None:
+    eos_id = tokenizer_eos_id(tokenizer) if tokenizer is not None else -1
+  batch_size = batch_size or len(ids)
+  if batch_size < 1:
+    raise DecodeError(f"batch_size={batch_size}: must be >= 1")
+  limit = decode.max_prompt_len(args, max_new_tokens)
+  bucket = prompt_bucket or decode.prompt_bucket(max(len(p) for p in ids), limit)
+  if bucket < max(len(p) for p in ids) or bucket > limit:
+    raise DecodeError(f"prompt_bucket={bucket}: must hold the longest prompt ({max(len(p) for p in ids)}) "
+                      f"and be <= {limit} (model.max_seq_len - max_new_tokens - n_future)")
+
+  results = []
+  for start in range(0, len(ids), batch_size):
+    chunk = ids[start:start + batch_size]
+    padded = chunk + [chunk[0]] * (batch_size - len(chunk))   # fixed batch shape: repeat a prompt, drop it
+    tokens, lengths = decode.pad_prompts(padded, bucket)
+    out, timing = decode.run(params, args, tokens, lengths, mode=mode, max_new_tokens=max_new_tokens,
+                             key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature,
+                             top_k=top_k, top_p=top_p, eos_id=eos_id)
+    batch = {"batch": start // batch_size, "batch_size": batch_size, "batch_steps": int(out.steps) + 1,
+             "batch_new_tokens": int(np.sum(out.lengths[:len(chunk)])), **{f"batch_{k}": v for k, v in timing.items()}}
+    for r in range(len(chunk)):
+      results.append(_result(prompts[start + r], chunk[r], out, r, mode, eos_id, batch, tokenizer))
+  return results
+
+
+def _result(prompt, prompt_ids, out, r: int, mode: str, eos_id: int, batch: dict, tokenizer) -> dict:
+  """One prompt's output: tokens (its first EOS included), text, finish reason and statistics."""
+  n = int(out.lengths[r])
+  tokens = [int(t) for t in out.tokens[r, :n]]
+  forwards = int(out.forwards[r])
+  proposed = forwards - 1                       # every forward after the prefill verifies one draft per head
+  accepted = [int(a) for a in out.accepted[r]]
+  finished = "eos" if (n and tokens[-1] == eos_id) else "length"
+  res = {"prompt": prompt, "prompt_tokens": list(prompt_ids), "tokens": tokens, "finish_reason": finished}
+  if tokenizer is not None:
+    res["text"] = tokenizer.decode(tokens[:-1] if finished == "eos" else tokens)
+  res["stats"] = {
+      "mode": mode, "new_tokens": n, "forward_passes": forwards, "tokens_per_forward": n / max(forwards, 1),
+      "draft_proposed": proposed, "draft_accepted": accepted,
+      "acceptance_rate": [a / proposed if proposed else 0.0 for a in accepted], **batch}
+  return res
+
+
+def summarize(results: Sequence[dict]) -> dict:
+  """Totals over results: tokens, wall time (per batch, counted once), tokens/s, tokens per forward, acceptance."""
+  batches = {r["stats"]["batch"]: r["stats"] for r in results}
+  wall = sum(b["batch_wall_s"] for b in batches.values())
+  tokens = sum(r["stats"]["new_tokens"] for r in results)
+  forwards = sum(r["stats"]["forward_passes"] for r in results)
+  proposed = sum(r["stats"]["draft_proposed"] for r in results)
+  accepted = np.sum([r["stats"]["draft_accepted"] for r in results], axis=0) if results else []
+  return {"prompts": len(results), "new_tokens": tokens, "wall_s": wall,
+          "compile_s": sum(b["batch_compile_s"] for b in batches.values()),
+          "tokens_per_s": tokens / wall if wall else 0.0,
+          "decode_steps": sum(b["batch_steps"] for b in batches.values()),
+          "tokens_per_forward": tokens / max(forwards, 1),
+          "acceptance_rate": [float(a) / proposed if proposed else 0.0 for a in np.atleast_1d(accepted)]}
+
+
+# ----------------------------------------------------------------------------- loading a workdir
+
+def load_workdir(workdir: str, step: Optional[int] = None):
+  """(params, config, tokenizer) of a training run's latest (or given) checkpoint.
+
+  Needs `mtp_jax.checkpoint.load_params(workdir, step=None) -> (params, config)` and
+  `load_tokenizer(config)` from `mtp_jax.tokenizer` (or `mtp_jax.data`).
+  """
+  if not os.path.isdir(workdir):
+    raise DecodeError(f"--workdir={workdir}: no such directory")
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise DecodeError(f"--workdir={workdir} has no config.json: is it a training workdir?")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    raise DecodeError(f"--workdir={workdir} has no checkpoint in {ckpt_dir}: train first "
+                      f"(python -m mtp_jax.main --config=... --workdir={workdir})")
+  from mtp_jax import checkpoint
+  if not hasattr(checkpoint, "load_params"):
+    raise DecodeError("mtp_jax.checkpoint.load_params(workdir, step) is missing; this checkout cannot load runs")
+  params, config = checkpoint.load_params(workdir, step=step)
+  tokenizer = _load_tokenizer(config)
+  check_tokenizer(tokenizer, int(params["embed"]["embedding"].shape[0]))
+  return params, config, tokenizer
+
+
+def _load_tokenizer(config):
+  import importlib
+  for name in ("mtp_jax.tokenizer", "mtp_jax.data"):
+    try:
+      module = importlib.import_module(name)
+    except ImportError:
+      continue
+    if hasattr(module, "load_tokenizer"):
+      return module.load_tokenizer(config)
+  raise DecodeError("no load_tokenizer(config) in mtp_jax.tokenizer or mtp_jax.data; cannot decode text")
+
+
+def read_prompts(prompt: Sequence[str], prompt_file: Optional[str]) -> list[str]:
+  """--prompt values, then --prompt_file: JSONL ({"prompt": ...} or a JSON string per line) or one per line."""
+  prompts = list(prompt or [])
+  if prompt_file:
+    if not os.path.exists(prompt_file):
+      raise DecodeError(f"--prompt_file={prompt_file}: no such file")
+    with open(prompt_file) as f:
+      lines = [l for l in f.read().splitlines() if l.strip()]
+    if prompt_file.endswith(".jsonl"):
+      try:
+        rows = [json.loads(l) for l in lines]
+      except json.JSONDecodeError as e:
+        raise DecodeError(f"--prompt_file={prompt_file}: not JSONL ({e})")
+      prompts += [r if isinstance(r, str) else r.get("prompt", r.get("text", "")) for r in rows]
+    else:
+      prompts += [l.replace("\\n", "\n") for l in lines]
+  if not prompts:
+    raise DecodeError("no prompt: give --prompt=TEXT or --prompt_file=FILE")
+  for i, p in enumerate(prompts):
+    if not p:
+      raise DecodeError(f"prompt {i} is empty: give at least one character")
+  return prompts
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _define_flags():
+  """Flags are defined only when run as a program, so importing this module never clashes with main.py's."""
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Training run directory (config.json, checkpoints/).")
+  flags.DEFINE_multi_string("prompt", [], "Prompt text (repeatable).")
+  flags.DEFINE_string("prompt_file", None, "Prompts: .jsonl with {'prompt': ...} per line, or one per line (\\n escapes).")
+  flags.DEFINE_enum("mode", "greedy", decode.MODES, "Decoding mode.")
+  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt (at most).")
+  flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature (sampling modes).")
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off; sampling modes).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off; sampling modes).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("eos_id", None, "Stop token id (default: the tokenizer's EOS; -1: none).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_string("output", None, "Write one JSON object per prompt to this .jsonl file.")
+
+
+def main(argv):
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  if not f.workdir:
+    raise DecodeError("need --workdir=<training run directory>")
+  if f.max_new_tokens <= 0:
+    raise DecodeError(f"--max_new_tokens={f.max_new_tokens}: must be a positive integer")
+  prompts = read_prompts(f.prompt, f.prompt_file)
+  params, config, tokenizer = load_workdir(f.workdir, f.step)
+  results = generate(params, config, prompts, tokenizer, mode=f.mode, max_new_tokens=f.max_new_tokens,
+                     temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=f.eos_id,
+                     batch_size=min(f.batch_size, len(prompts)))
+  if f.output:
+    os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
+    with open(f.output, "w") as out:
+      for r in results:
+        out.write(json.dumps(r) + "\n")
+  else:
+    for r in results:
+      print(f"--- {r['prompt']!r}\n{r.get('text', r['tokens'])}")
+  print(json.dumps(summarize(results)), file=sys.stderr)
+
+
+def run():
+  """Like mtp_jax.main.run: user mistakes are one line on stderr and exit status 2, no traceback."""
+  from absl import app
+  from mtp_jax.errors import UserError
+  _define_flags()
+  try:
+    app.run(main)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

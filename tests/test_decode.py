@@ -1,0 +1,304 @@
+"""Decoding: the KV cache against the full forward, speculative == greedy token for token,
+speculative sampling == sampling in distribution, one compile per shape, and clear input errors."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import ROOT, tiny_config
+from mtp_jax import decode
+from mtp_jax.decode import DecodeError
+from mtp_jax.errors import UserError
+from mtp_jax.generate import generate, load_workdir, summarize
+from mtp_jax.model import abstract_params, build_model, init_cache
+
+HEAD_TYPES = ["parallel", "causal", "linear"]
+MIXED = [[3, 17, 5], [9, 2, 30, 41, 7, 7, 12, 40, 1], [22]]   # right-padded into one batch
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(n=4, head_type="parallel", vocab=48, shared=False, seed=0):
+  """(model, params) of a random tiny model; shared=True copies head 0 into every head, so drafts are often right."""
+  c = tiny_config(vocab_size=vocab, n_future=n, head_type=head_type, n_layers=n + 1)
+  if shared:
+    model, params = tiny(n, head_type, vocab, False, seed)
+    return model, {**params, **{f"heads_{i}": params["heads_0"] for i in range(1, n)}}
+  model = build_model(c.model)
+  return model, _random_params(model, seed)
+
+
+def _random_params(model, seed):
+  """Random parameters of the model's shapes, drawn with numpy: compiling the model's init takes seconds."""
+  shapes, _ = abstract_params(model)
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      return jnp.ones(x.shape, x.dtype)
+    fan_in = model.args.d_ff if "down" in name else model.args.d_model
+    return jnp.asarray(rng.normal(0, fan_in ** -0.5, x.shape), x.dtype)
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def run(model, params, prompts, mode, max_new_tokens=24, bucket=16, **kw):
+  tokens, lengths = decode.pad_prompts(prompts, bucket)
+  out, _ = decode.run(params, model.args, tokens, lengths, mode=mode, max_new_tokens=max_new_tokens, **kw)
+  return out
+
+
+# ----------------------------------------------------------------------------- the cache
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_cached_forward_matches_full_forward(head_type):
+  """Prefill (right-padded, rows of different lengths), single steps and a multi-token block, against
+  the uncached forward of the whole sequence, for every head."""
+  model, params = tiny(n=3, head_type=head_type)
+  seqs = jax.random.randint(jax.random.key(1), (2, 12), 0, 48)
+  full, _ = model.apply({"params": params}, seqs)                         # [n, B, T, V]
+  lengths = np.array([5, 3])
+  padded = np.where(np.arange(6)[None] < lengths[:, None], seqs[:, :6], 47)   # junk past each prompt
+  apply = jax.jit(lambda toks, pos, cache: model.apply({"params": params}, toks, pos, None, cache=cache,
+                                                        cache_index=pos[:, 0]))
+  logits, cache = apply(jnp.asarray(padded), jnp.broadcast_to(jnp.arange(6), (2, 6)), init_cache(model.args, 2, 16))
+  for b, l in enumerate(lengths):
+    np.testing.assert_allclose(logits[:, b, :l], full[:, b, :l], atol=2e-5)
+  pos = lengths.copy()
+  for _ in range(3):                                                      # single-token steps
+    logits, cache = apply(seqs[np.arange(2), pos][:, None], jnp.asarray(pos)[:, None], cache)
+    np.testing.assert_allclose(logits[:, :, 0], full[:, np.arange(2), pos], atol=2e-5)
+    pos += 1
+  idx = pos[:, None] + np.arange(3)[None]                                 # a 3-token block
+  logits, cache = apply(jnp.take_along_axis(seqs, jnp.asarray(idx), 1), jnp.asarray(idx), cache)
+  for b in range(2):
+    np.testing.assert_allclose(logits[:, b], full[:, b, idx[b]], atol=2e-5)
+
+
+def test_greedy_matches_uncached_argmax_loop():
+  """The cached greedy decoder against the obvious reference: re-run the whole sequence per token."""
+  model, params = tiny(n=2)
+  out = run(model, params, MIXED, "greedy", max_new_tokens=10)
+  forward = jax.jit(lambda toks: model.apply({"params": params}, toks)[0][0])   # head 0, [B, T, V]
+  seqs, lengths = decode.pad_prompts(MIXED, 20)                    # causal: padding after a row is harmless
+  for _ in range(10):
+    nxt = np.argmax(forward(seqs)[np.arange(3), lengths - 1], axis=-1)
+    seqs[np.arange(3), lengths] = nxt
+    lengths += 1
+  for b, prompt in enumerate(MIXED):
+    assert out.tokens[b].tolist() == seqs[b, len(prompt):len(prompt) + 10].tolist()
+
+
+# ----------------------------------------------------------------------------- speculative == greedy
+
+def _check_same(g, s, max_new):
+  np.testing.assert_array_equal(s.tokens, g.tokens)
+  np.testing.assert_array_equal(s.lengths, g.lengths)
+  assert np.all(s.lengths <= max_new) and np.all(s.forwards <= g.forwards)
+  assert np.all(g.forwards == g.lengths)          # greedy: one token per forward, prefill included
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_speculative_equals_greedy(n, head_type):
+  accepted = {}
+  for shared in (False, True):
+    model, params = tiny(n=n, head_type=head_type, shared=shared)
+    for prompts in (MIXED, [[7, 3, 5, 1]]):                # batch > 1 with mixed lengths, and batch 1
+      g = run(model, params, prompts, "greedy")
+      s = run(model, params, prompts, "speculative")
+      _check_same(g, s, 24)
+      assert s.accepted.shape == (len(prompts), n - 1)
+      accepted[shared] = accepted.get(shared, 0) + s.accepted.sum()
+      # Across EOS: stop at a token greedy emits mid-way in row 0.
+      eos = int(g.tokens[0, 5])
+      g2 = run(model, params, prompts, "greedy", eos_id=eos)
+      s2 = run(model, params, prompts, "speculative", eos_id=eos)
+      _check_same(g2, s2, 24)
+      first = g.tokens[0].tolist().index(eos)
+      assert g2.tokens[0].tolist() == g.tokens[0, :first + 1].tolist() + [decode.PAD] * (23 - first)
+  assert accepted[True] > 0, "copied heads should get some drafts accepted, or the accept path is untested"
+
+
+def test_max_new_tokens_is_exact():
+  model, params = tiny(n=4, shared=True)
+  for max_new in (1, 2, 5):
+    g = run(model, params, MIXED, "greedy", max_new_tokens=max_new)
+    s = run(model, params, MIXED, "speculative", max_new_tokens=max_new)
+    _check_same(g, s, max_new)
+    assert s.tokens.shape == (3, max_new) and np.all(s.lengths == max_new)
+  assert int(s.steps) >= 1 and int(run(model, params, MIXED, "speculative", max_new_tokens=1).steps) == 0
+
+
+def test_one_head_speculative_is_greedy():
+  model, params = tiny(n=1)
+  g = run(model, params, MIXED, "greedy", max_new_tokens=12)
+  s = run(model, params, MIXED, "speculative", max_new_tokens=12)
+  _check_same(g, s, 12)
+  assert s.accepted.shape == (3, 0)
+
+
+# ----------------------------------------------------------------------------- speculative sampling
+
+def _exact_joint(model, params, prompt, temperature, top_k, top_p):
+  """Exact law of the first 3 sampled tokens [V, V, V], and the law if every draft were accepted."""
+  v, t = model.args.vocab_size, len(prompt)
+  adj = lambda logits: np.asarray(jnp.exp(decode.adjusted_logprobs(logits, temperature, top_k, top_p)), np.float64)
+  # One forward over every prompt + [a, b]; causality gives each conditional at its position.
+  seqs = np.array([prompt + [a, b] for a in range(v) for b in range(v)])
+  logits = jax.jit(lambda x: model.apply({"params": params}, x)[0])(jnp.asarray(seqs))   # [n, V*V, t+2, V]
+  p1 = adj(logits[0, 0, t - 1])
+  p2 = adj(logits[0, ::v, t])                                                      # [V, V]
+  p3 = adj(logits[0, :, t + 1]).reshape(v, v, v)
+  exact = p1[:, None, None] * p2[:, :, None] * p3
+  q1, q2 = adj(logits[1, 0, t - 1]), adj(logits[2, 0, t - 1])   # heads 1, 2 at the prompt's end
+  always_accept = p1[:, None, None] * q1[None, :, None] * q2[None, None, :]
+  return exact / exact.sum(), always_accept / always_accept.sum()
+
+
+def _chi2_pvalue(samples, probs):
+  """Chi-square goodness of fit of flat outcome ids against probs; cells expecting < 5 are pooled."""
+  n = len(samples)
+  counts = np.bincount(samples, minlength=probs.size).astype(float)
+  expected = probs.ravel() * n
+  small = expected < 5
+  obs = np.append(counts[~small], counts[small].sum())
+  exp = np.append(expected[~small], expected[small].sum())
+  if exp[-1] == 0:
+    if obs[-1] > 0:
+      return 0.0                       # samples fell on impossible outcomes
+    obs, exp = obs[:-1], exp[:-1]
+  return stats.chi2.sf(np.sum((obs - exp) ** 2 / exp), len(exp) - 1)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_speculative_sample_matches_sample(temperature, top_k, top_p):
+  v, rows, prompt = 8, 16384, [1, 2]
+  model, params = tiny(n=3, vocab=v)
+  exact, always_accept = _exact_joint(model, params, prompt, temperature, top_k, top_p)
+  outcome = lambda t: (t[:, 0] * v + t[:, 1]) * v + t[:, 2]
+  kw = dict(max_new_tokens=3, bucket=2, temperature=temperature, top_k=top_k, top_p=top_p)
+  for mode, seed in (("sample", 1), ("speculative_sample", 2)):
+    out = run(model, params, [prompt] * rows, mode, seed=seed, **kw)
+    assert np.all(out.lengths == 3)
+    assert _chi2_pvalue(outcome(out.tokens), exact) > 1e-4, mode
+  acc = out.accepted.sum(0) / (out.forwards - 1).sum()
+  assert np.all((acc > 0.05) & (acc < 0.95)), f"both accept and reject paths must run, got {acc}"
+  # The test has power: a wrong rule (always accept the drafts) is rejected at the same sample size.
+  wrong = np.random.default_rng(0).choice(v ** 3, size=rows, p=always_accept.ravel())
+  assert _chi2_pvalue(wrong, exact) < 1e-6
+
+
+def test_adjusted_logprobs_filters():
+  logits = jnp.log(jnp.array([0.05, 0.4, 0.3, 0.15, 0.1]))
+  p = lambda **kw: np.asarray(jnp.exp(decode.adjusted_logprobs(logits, **kw)))
+  np.testing.assert_allclose(p(temperature=1.0, top_k=0, top_p=1.0), [0.05, 0.4, 0.3, 0.15, 0.1], rtol=1e-5)
+  np.testing.assert_allclose(p(temperature=1.0, top_k=2, top_p=1.0), [0, 4 / 7, 3 / 7, 0, 0], rtol=1e-5)
+  np.testing.assert_allclose(p(temperature=1.0, top_k=0, top_p=0.75), [0, 0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0],
+                             rtol=1e-5)
+  assert np.argmax(p(temperature=0.01, top_k=0, top_p=1.0)) == 1
+
+
+# ----------------------------------------------------------------------------- API, compiles, errors
+
+class CharTokenizer:
+  """a..z and space -> 1..27; 0 is EOS."""
+  vocab_size = 48
+  eos_id = 0
+
+  def encode(self, text):
+    return [1 + "abcdefghijklmnopqrstuvwxyz ".index(ch) for ch in text]
+
+  def decode(self, ids):
+    return "".join("abcdefghijklmnopqrstuvwxyz "[i - 1] if 1 <= i <= 27 else "?" for i in ids)
+
+
+def test_generate_api_and_compile_once():
+  model, params = tiny(n=4, shared=True)
+  config = tiny_config(vocab_size=48, n_future=4, n_layers=5)
+  before = decode.trace_count()
+  res = generate(params, config, ["hello world", "abc"], CharTokenizer(), mode="speculative", max_new_tokens=7)
+  assert decode.trace_count() == before + 1
+  # New prompts of the same bucket, other seed / eos / sampling values: no new compile.
+  generate(params, config, ["xyz", "a b c d"], CharTokenizer(), mode="speculative", max_new_tokens=7, seed=3,
+           eos_id=-1, temperature=0.5)
+  generate(params, config, [[1, 2], [3]], mode="speculative", max_new_tokens=7, eos_id=5)
+  assert decode.trace_count() == before + 1
+  generate(params, config, [[1, 2], [3]], mode="speculative", max_new_tokens=8)   # another static shape
+  assert decode.trace_count() == before + 2
+
+  r = res[0]
+  assert r["prompt"] == "hello world" and r["prompt_tokens"] == CharTokenizer().encode("hello world")
+  assert isinstance(r["text"], str) and len(r["tokens"]) <= 7
+  s = r["stats"]
+  assert s["forward_passes"] >= 1 and s["tokens_per_forward"] == s["new_tokens"] / s["forward_passes"]
+  assert len(s["acceptance_rate"]) == 3 and s["batch_compile_s"] > 0
+  total = summarize(res)
+  assert total["new_tokens"] == sum(x["stats"]["new_tokens"] for x in res) and total["tokens_per_s"] > 0
+  json.dumps(res)                                          # JSONL-ready
+  # Batches of 1 (last padded) give the same greedy tokens as one batch.
+  one = generate(params, config, MIXED, mode="greedy", max_new_tokens=6, batch_size=2)
+  assert [x["tokens"] for x in one] == [x["tokens"] for x in generate(params, config, MIXED, max_new_tokens=6)]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompts=[]), "no prompts"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[""], tokenizer=CharTokenizer()), "prompt 0 is empty"),
+    (dict(prompts=[[1] * 125]), "prompt 0 has 125 tokens"),
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(max_new_tokens=-3), "max_new_tokens=-3"),
+    (dict(mode="beam"), "mode='beam'"),
+    (dict(mode="sample", temperature=0.0), "temperature=0.0"),
+    (dict(mode="sample", top_p=0.0), "top_p=0.0"),
+    (dict(prompts=[[1, 99]]), "token id 99 outside"),
+    (dict(prompts=["abc"]), "no tokenizer"),
+    (dict(tokenizer=type("T", (CharTokenizer,), {"vocab_size": 30})()), "30 tokens but the model's vocabulary has 48"),
+])
+def test_bad_inputs_raise_clear_errors(kwargs, match):
+  model, params = tiny(n=4)
+  config = tiny_config(vocab_size=48, n_future=4, n_layers=5)
+  call = dict(prompts=[[1, 2]], tokenizer=None, mode="greedy", max_new_tokens=4)
+  call.update(kwargs)
+  with pytest.raises(DecodeError, match=match) as e:
+    generate(params, config, call.pop("prompts"), **call)
+  assert isinstance(e.value, UserError)
+
+
+def test_workdir_errors(tmp_path, monkeypatch):
+  with pytest.raises(DecodeError, match="no such directory"):
+    load_workdir(str(tmp_path / "missing"))
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(DecodeError, match="no checkpoint"):
+    load_workdir(str(tmp_path))
+  # With a checkpoint whose vocabulary does not match the tokenizer's (loaders faked).
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  model, params = tiny(n=4)
+  import mtp_jax
+  fake_ckpt = type(sys)("fake_checkpoint")
+  fake_ckpt.load_params = lambda workdir, step=None: (params, tiny_config(vocab_size=48))
+  fake_tok = type(sys)("fake_tokenizer")
+  fake_tok.load_tokenizer = lambda config: type("T", (CharTokenizer,), {"vocab_size": 40})()
+  monkeypatch.setitem(sys.modules, "mtp_jax.checkpoint", fake_ckpt)
+  monkeypatch.setattr(mtp_jax, "checkpoint", fake_ckpt, raising=False)
+  monkeypatch.setitem(sys.modules, "mtp_jax.tokenizer", fake_tok)
+  with pytest.raises(DecodeError, match="40 tokens but the model's vocabulary has 48"):
+    load_workdir(str(tmp_path))
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--workdir=/nonexistent/run", "--prompt=abc"], "no such directory"),
+    (["--workdir=/tmp", "--prompt=abc", "--max_new_tokens=0"], "max_new_tokens=0"),
+    (["--workdir=/tmp", "--prompt="], "prompt 0 is empty"),
+])
+def test_cli_errors_are_one_line(args, match):
+  proc = subprocess.run([sys.executable, "-m", "mtp_jax.generate", *args], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2, proc.stderr
+  assert match in proc.stderr and "Traceback" not in proc.stderr
