@@ -46,9 +46,12 @@ def run_main(workdir, cache_dir, *flags, wait=True, config="configs/tiny.py"):
   cmd = [sys.executable, "-m", "mtp_jax.main", f"--config={config}", f"--workdir={workdir}",
          f"--config.data.cache_dir={cache_dir}", "--config.data.max_train_bytes=200000",
          "--config.train.log_every=1", "--config.train.eval_every=1000", *flags]
+  # XLA's persistent cache: every subprocess here compiles the same tiny model.
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(cache_dir, "xla"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   if not wait:
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
