@@ -10,6 +10,7 @@ statistics (forward passes, tokens per forward, per-head draft acceptance, wall 
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -64,13 +65,14 @@ def _as_prompt_list(prompts) -> list:
 
 def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_id: Optional[int] = None, batch_size: Optional[int] = None,
+             eos_id: Optional[int] = None, batch_size: Optional[int] = None, add_bos: bool = True,
              prompt_bucket: Optional[int] = None) -> list[dict]:
   """Continue each prompt; returns one dict per prompt (see `_result`).
 
   params: the model's parameters; config: the training config (or its ModelArgs).
   prompts: text (needs `tokenizer`, with encode/decode) or token-id lists, or one of either.
   eos_id: stop token; None = the tokenizer's EOS when it has one, -1 = never stop early.
+  add_bos: start text prompts with the tokenizer's BOS, as every training document starts.
   batch_size: prompts per compiled batch (default: all at once); the last batch is padded.
   prompt_bucket: pad prompts to this length (default: a power of two), fixing the compiled shape.
   """
@@ -85,7 +87,8 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
         raise DecodeError(f"prompt {i} is text but no tokenizer was given; pass tokenizer= or token ids")
       if not p:
         raise DecodeError(f"prompt {i} is empty: give at least one character")
-      p = tokenizer.encode(p)
+      bos = _tok_value(tokenizer, "bos_id")
+      p = ([int(bos)] if add_bos and bos is not None and bos >= 0 else []) + list(tokenizer.encode(p))
     ids.append([int(t) for t in p])
   decode.check_request(args, ids, mode, max_new_tokens, temperature, top_k, top_p)
   if eos_id is None:
@@ -150,39 +153,21 @@ def summarize(results: Sequence[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- loading a workdir
 
-def load_workdir(workdir: str, step: Optional[int] = None):
-  """(params, config, tokenizer) of a training run's latest (or given) checkpoint.
-
-  Needs `mtp_jax.checkpoint.load_params(workdir, step=None) -> (params, config)` and
-  `load_tokenizer(config)` from `mtp_jax.tokenizer` (or `mtp_jax.data`).
-  """
+def load_workdir(workdir: str):
+  """(params, config, tokenizer) of a training run's latest good checkpoint."""
   if not os.path.isdir(workdir):
     raise DecodeError(f"--workdir={workdir}: no such directory")
   if not os.path.exists(os.path.join(workdir, "config.json")):
-    raise DecodeError(f"--workdir={workdir} has no config.json: is it a training workdir?")
+    raise DecodeError(f"--workdir={workdir} has no config.json: not a training run directory")
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
     raise DecodeError(f"--workdir={workdir} has no checkpoint in {ckpt_dir}: train first "
                       f"(python -m mtp_jax.main --config=... --workdir={workdir})")
-  from mtp_jax import checkpoint
-  if not hasattr(checkpoint, "load_params"):
-    raise DecodeError("mtp_jax.checkpoint.load_params(workdir, step) is missing; this checkout cannot load runs")
-  params, config = checkpoint.load_params(workdir, step=step)
-  tokenizer = _load_tokenizer(config)
+  from mtp_jax import checkpoint, tokenizer as tokenizer_lib   # orbax and sentencepiece only when loading a run
+  params, config = checkpoint.load_params(workdir)
+  tokenizer = tokenizer_lib.load_tokenizer(workdir)
   check_tokenizer(tokenizer, int(params["embed"]["embedding"].shape[0]))
   return params, config, tokenizer
-
-
-def _load_tokenizer(config):
-  import importlib
-  for name in ("mtp_jax.tokenizer", "mtp_jax.data"):
-    try:
-      module = importlib.import_module(name)
-    except ImportError:
-      continue
-    if hasattr(module, "load_tokenizer"):
-      return module.load_tokenizer(config)
-  raise DecodeError("no load_tokenizer(config) in mtp_jax.tokenizer or mtp_jax.data; cannot decode text")
 
 
 def read_prompts(prompt: Sequence[str], prompt_file: Optional[str]) -> list[str]:
@@ -225,7 +210,6 @@ def _define_flags():
   flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off; sampling modes).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("eos_id", None, "Stop token id (default: the tokenizer's EOS; -1: none).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_string("output", None, "Write one JSON object per prompt to this .jsonl file.")
 
 
@@ -238,7 +222,7 @@ def main(argv):
   if f.max_new_tokens <= 0:
     raise DecodeError(f"--max_new_tokens={f.max_new_tokens}: must be a positive integer")
   prompts = read_prompts(f.prompt, f.prompt_file)
-  params, config, tokenizer = load_workdir(f.workdir, f.step)
+  params, config, tokenizer = load_workdir(f.workdir)
   results = generate(params, config, prompts, tokenizer, mode=f.mode, max_new_tokens=f.max_new_tokens,
                      temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=f.eos_id,
                      batch_size=min(f.batch_size, len(prompts)))
@@ -253,16 +237,36 @@ def main(argv):
   print(json.dumps(summarize(results)), file=sys.stderr)
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Orbax logs tens of INFO/WARNING lines per restore; a generation run only needs its errors."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.ERROR or "/orbax/" not in record.pathname
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:   # unknown flag, bad --mode value, ...: one line, like every other mistake
+    _fail(str(e).strip().splitlines()[0])
+
+
 def run():
   """Like mtp_jax.main.run: user mistakes are one line on stderr and exit status 2, no traceback."""
-  from absl import app
+  from absl import app, logging
   from mtp_jax.errors import UserError
   _define_flags()
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -271,25 +271,49 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
   assert isinstance(e.value, UserError)
 
 
-def test_workdir_errors(tmp_path, monkeypatch):
+def _bytes_workdir(path, vocab_size):
+  """A training workdir as the trainer leaves it (config.json, an orbax params checkpoint), random weights."""
+  import orbax.checkpoint as ocp
+  config = tiny_config(vocab_size=vocab_size, n_future=2, n_layers=3)
+  config.data.tokenizer = "bytes"
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(config.to_json())
+  params = _random_params(build_model(config.model), 0)
+  with ocp.CheckpointManager(path / "checkpoints") as mgr:
+    mgr.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    mgr.wait_until_finished()
+  return params
+
+
+def test_workdir_errors(tmp_path):
   with pytest.raises(DecodeError, match="no such directory"):
     load_workdir(str(tmp_path / "missing"))
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(DecodeError, match="no checkpoint"):
     load_workdir(str(tmp_path))
-  # With a checkpoint whose vocabulary does not match the tokenizer's (loaders faked).
-  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
-  model, params = tiny(n=4)
-  import mtp_jax
-  fake_ckpt = type(sys)("fake_checkpoint")
-  fake_ckpt.load_params = lambda workdir, step=None: (params, tiny_config(vocab_size=48))
-  fake_tok = type(sys)("fake_tokenizer")
-  fake_tok.load_tokenizer = lambda config: type("T", (CharTokenizer,), {"vocab_size": 40})()
-  monkeypatch.setitem(sys.modules, "mtp_jax.checkpoint", fake_ckpt)
-  monkeypatch.setattr(mtp_jax, "checkpoint", fake_ckpt, raising=False)
-  monkeypatch.setitem(sys.modules, "mtp_jax.tokenizer", fake_tok)
-  with pytest.raises(DecodeError, match="40 tokens but the model's vocabulary has 48"):
-    load_workdir(str(tmp_path))
+  _bytes_workdir(tmp_path / "run", vocab_size=300)          # the byte tokenizer has 258 ids
+  with pytest.raises(UserError, match="258 tokens but the model's vocabulary has 300"):
+    load_workdir(str(tmp_path / "run"))
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "mtp_jax.generate", *args], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_cli_end_to_end(tmp_path):
+  """Load a workdir, generate for two prompts in speculative mode, write JSONL; then a too-long prompt."""
+  _bytes_workdir(tmp_path / "run", vocab_size=258)
+  out = tmp_path / "out.jsonl"
+  proc = _cli(f"--workdir={tmp_path / 'run'}", "--prompt=def f(x):", "--prompt=import os", "--mode=speculative",
+              "--max_new_tokens=6", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [r["prompt"] for r in rows] == ["def f(x):", "import os"]
+  assert all(isinstance(r["text"], str) and 1 <= len(r["tokens"]) <= 6 and "tokens_per_forward" in r["stats"]
+             for r in rows)
+  proc = _cli(f"--workdir={tmp_path / 'run'}", "--prompt=" + "x" * 200, "--max_new_tokens=6")
+  assert proc.returncode == 2 and "prompt 0 has 201 tokens" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("args,match", [
@@ -298,7 +322,6 @@ def test_workdir_errors(tmp_path, monkeypatch):
     (["--workdir=/tmp", "--prompt="], "prompt 0 is empty"),
 ])
 def test_cli_errors_are_one_line(args, match):
-  proc = subprocess.run([sys.executable, "-m", "mtp_jax.generate", *args], cwd=ROOT, capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  proc = _cli(*args)
   assert proc.returncode == 2, proc.stderr
   assert match in proc.stderr and "Traceback" not in proc.stderr
