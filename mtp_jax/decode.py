@@ -341,6 +341,11 @@ def compiled_decode(params, args: ModelArgs, settings: Settings, tokens, lengths
   return _COMPILED[cache_key], time.perf_counter() - start
 
 
+def clear_compiled() -> None:
+  """Drop every cached program (they hold device memory for their code only, but a long session may want it)."""
+  _COMPILED.clear()
+
+
 def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_tokens=64, seed=0, key=None,
         temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None):
   """Decode one padded batch: (DecodeOutput of numpy arrays, {'compile_s', 'wall_s'}).
@@ -350,6 +355,8 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   """
   settings = Settings(mode, int(max_new_tokens), args.n_future)
   key = jax.random.key(seed) if key is None else key
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):   # a raw uint32 PRNGKey: one compiled signature
+    key = jax.random.wrap_key_data(key)
   sp = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
                       jnp.int32(-1 if eos_id is None else eos_id))
   tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)

@@ -110,7 +110,7 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
     out, timing = decode.run(params, args, tokens, lengths, mode=mode, max_new_tokens=max_new_tokens,
                              key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature,
                              top_k=top_k, top_p=top_p, eos_id=eos_id)
-    batch = {"batch": start // batch_size, "batch_size": batch_size, "batch_steps": int(out.steps) + 1,
+    batch = {"batch": start // batch_size, "batch_size": batch_size, "batch_forward_passes": int(out.steps) + 1,
              "batch_new_tokens": int(np.sum(out.lengths[:len(chunk)])), **{f"batch_{k}": v for k, v in timing.items()}}
     for r in range(len(chunk)):
       results.append(_result(prompts[start + r], chunk[r], out, r, mode, eos_id, batch, tokenizer))
@@ -118,7 +118,16 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
 
 
 def _result(prompt, prompt_ids, out, r: int, mode: str, eos_id: int, batch: dict, tokenizer) -> dict:
-  """One prompt's output: tokens (its first EOS included), text, finish reason and statistics."""
+  """One prompt's output: tokens (its first EOS included), text, finish reason and statistics:
+
+  new_tokens          tokens generated
+  forward_passes      forward passes that emitted them, the prefill included (greedy: = new_tokens)
+  tokens_per_forward  new_tokens / forward_passes
+  draft_proposed      drafts each draft head proposed (= forward passes after the prefill)
+  draft_accepted      per draft head (heads 2..n); a draft counts only if every earlier one was accepted
+  acceptance_rate     per draft head: accepted / proposed
+  batch_*             of its batch: forward passes (prefill included), wall_s (compile excluded), compile_s
+  """
   n = int(out.lengths[r])
   tokens = [int(t) for t in out.tokens[r, :n]]
   forwards = int(out.forwards[r])
@@ -146,7 +155,7 @@ def summarize(results: Sequence[dict]) -> dict:
   return {"prompts": len(results), "new_tokens": tokens, "wall_s": wall,
           "compile_s": sum(b["batch_compile_s"] for b in batches.values()),
           "tokens_per_s": tokens / wall if wall else 0.0,
-          "decode_steps": sum(b["batch_steps"] for b in batches.values()),
+          "batch_forward_passes": sum(b["batch_forward_passes"] for b in batches.values()),
           "tokens_per_forward": tokens / max(forwards, 1),
           "acceptance_rate": [float(a) / proposed if proposed else 0.0 for a in np.atleast_1d(accepted)]}
 

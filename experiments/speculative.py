@@ -1,0 +1,185 @@
+"""Self-speculative decoding speed: greedy vs speculative on held-out prompts, batch sizes 1, 4, 16.
+
+    python experiments/speculative.py --workdir=workdirs/default            # a trained run
+    python experiments/speculative.py --config=configs/tiny.py --random_init --out_name=speculative_smoke
+
+For each batch size: tokens/s of greedy and of speculative decoding (the same compiled loop, k=1 vs
+k=n tokens per forward), the speedup, mean tokens per forward pass (per row, prefill included),
+each draft head's acceptance, and C = time of one verify forward over n tokens / time of one
+single-token step (both with the KV cache, at the prompts' end). Speculative can only win when
+tokens per forward > C. Runs are interleaved (greedy, speculative, greedy, ...) after a warm-up
+and medians are reported, so drift hits both modes alike. EOS is off: every row generates exactly
+max_new_tokens, so both modes do the same work. Speculative output is checked to equal greedy's.
+Writes experiments/results/<out_name>.md and .json.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mtp_jax import decode  # noqa: E402
+from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_cache, init_params  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Trained run to benchmark.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "With --random_init: the recipe to initialise.")
+_RANDOM = flags.DEFINE_bool("random_init", False, "Random weights and random-token prompts (smoke test).")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Batch sizes.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per row.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per mode and batch size (after one warm-up).")
+_FWD_ITERS = flags.DEFINE_integer("forward_iters", 20, "Forward passes per timed call when measuring C.")
+_SEED = flags.DEFINE_integer("seed", 0, "Prompt selection seed.")
+_OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
+
+
+def load_model():
+  """(params, config, held-out prompt token lists)."""
+  n_prompts, length = max(map(int, _BATCHES.value)), _PROMPT_LEN.value
+  rng = np.random.default_rng(_SEED.value)
+  if _RANDOM.value:
+    config = _CONFIG.value
+    if config is None:
+      raise app.UsageError("--random_init needs --config=configs/<recipe>.py")
+    params = jax.jit(lambda k: init_params(build_model(config.model), k))(jax.random.key(0))
+    prompts = rng.integers(0, config.model.vocab_size, (n_prompts, length)).tolist()
+    return params, config, prompts, "random tokens"
+  from mtp_jax import data
+  from mtp_jax.generate import load_workdir
+  params, config, tokenizer = load_workdir(_WORKDIR.value)
+  return params, config, held_out_prompts(data.Corpus(config.data), tokenizer, n_prompts, length, rng), "valid split"
+
+
+def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[int]]:
+  """`length` tokens of each of n validation documents, starting at a random line (code, not just headers)."""
+  prompts = []
+  for text in corpus.texts("valid"):
+    lines = text.splitlines(keepends=True)
+    start = sum(len(l) for l in lines[:rng.integers(0, max(1, len(lines) // 2))])
+    ids = tokenizer.encode(text[start:])[:length]
+    if len(ids) == length:
+      prompts.append(ids)
+    if len(prompts) == n:
+      return prompts
+  raise app.UsageError(f"the validation split has only {len(prompts)} documents of >= {length} tokens; "
+                       f"lower --prompt_len or --batch_sizes")
+
+
+def time_decodes(params, args: ModelArgs, prompts, repeats: int) -> dict:
+  """Interleaved greedy / speculative runs on one batch: median seconds, tokens and statistics."""
+  tokens, lengths = decode.pad_prompts(prompts, len(prompts[0]))
+  kw = dict(max_new_tokens=_MAX_NEW.value, eos_id=-1)
+  runs = {m: [] for m in ("greedy", "speculative")}
+  outs = {m: decode.run(params, args, tokens, lengths, mode=m, **kw)[0] for m in runs}   # compile + warm up
+  for _ in range(repeats):
+    for m in runs:
+      outs[m], timing = decode.run(params, args, tokens, lengths, mode=m, **kw)
+      runs[m].append(timing["wall_s"])
+  s, b = outs["speculative"], len(prompts)
+  proposed = int(np.sum(s.forwards - 1))
+  res = {m: {"seconds": statistics.median(t), "tokens_per_s": b * _MAX_NEW.value / statistics.median(t)}
+         for m, t in runs.items()}
+  return {**res, "speedup": res["greedy"]["seconds"] / res["speculative"]["seconds"],
+          "tokens_per_forward": float(np.sum(s.lengths) / np.sum(s.forwards)),
+          "batch_forwards": {"greedy": int(outs["greedy"].steps) + 1, "speculative": int(s.steps) + 1},
+          "acceptance": [float(a) / proposed if proposed else 0.0 for a in np.sum(s.accepted, axis=0)],
+          "identical_to_greedy": bool(np.array_equal(s.tokens, outs["greedy"].tokens))}
+
+
+def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
+  """C: seconds of one cached forward over a block of n tokens with every head (the verify step) over
+  one cached single-token forward with head 0 (the greedy step), each as the decode loop runs them."""
+  model, n, iters = MTPTransformer(args), args.n_future, _FWD_ITERS.value
+  tokens, lengths = decode.pad_prompts(prompts, len(prompts[0]))
+  b, p = tokens.shape
+  cache = init_cache(args, b, p + _MAX_NEW.value + n)
+  _, cache = jax.jit(lambda c: decode.forward_hidden(model, params, jnp.asarray(tokens),
+                                                     jnp.broadcast_to(jnp.arange(p), (b, p)), c,
+                                                     jnp.zeros((b,), jnp.int32), n))(cache)
+
+  def make(k: int, heads: int):
+    pos = jnp.full((b,), p, jnp.int32)
+    block, positions = jnp.ones((b, k), jnp.int32), pos[:, None] + jnp.arange(k)[None]
+
+    def body(_, carry):   # iterate inside one program: dispatch overhead would swamp a tiny model's step
+      c, acc = carry
+      hidden, c = decode.forward_hidden(model, params, block, positions, c, pos, heads)
+      acc += jnp.sum(decode.unembed(model, params, hidden[0]))
+      if heads > 1:         # the drafts: heads 1..n-1 at one position
+        acc += jnp.sum(decode.unembed(model, params, hidden[1:, :, 0]))
+      return c, acc
+
+    return jax.jit(lambda c: jax.lax.fori_loop(0, iters, body, (c, jnp.float32(0))))
+
+  fns = {"single": make(1, 1), "verify": make(n, n)}
+  times = {k: [] for k in fns}
+  for f in fns.values():
+    jax.block_until_ready(f(cache))                                    # compile + warm up
+  for _ in range(repeats):
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(cache))
+      times[k].append((time.perf_counter() - t0) / iters)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {"single_step_s": med["single"], "verify_step_s": med["verify"], "C": med["verify"] / med["single"]}
+
+
+def main(_):
+  params, config, prompts, source = load_model()
+  args = ModelArgs.from_config(config.model)
+  if args.n_future < 2:
+    raise app.UsageError(f"model.n_future={args.n_future}: speculative decoding needs draft heads (n >= 2)")
+  device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+  rows = []
+  for b in map(int, _BATCHES.value):
+    t0 = time.time()
+    row = {"batch": b, **time_decodes(params, args, prompts[:b], _REPEATS.value),
+           **verify_cost(params, args, prompts[:b], _REPEATS.value)}
+    rows.append(row)
+    print(f"batch {b:3d}: greedy {row['greedy']['tokens_per_s']:8.1f} tok/s, speculative "
+          f"{row['speculative']['tokens_per_s']:8.1f} tok/s, speedup {row['speedup']:.2f}, "
+          f"{row['tokens_per_forward']:.2f} tokens/forward, C={row['C']:.2f} ({time.time() - t0:.0f}s)", flush=True)
+
+  model_desc = (f"n_future={args.n_future}, head_type={args.head_type}, d_model={args.d_model}, "
+                f"n_layers={args.n_layers}, vocab={args.vocab_size}")
+  origin = "random init" if _RANDOM.value else _WORKDIR.value
+  result = {"device": device, "model": model_desc, "weights": origin, "prompts": source,
+            "prompt_len": _PROMPT_LEN.value, "max_new_tokens": _MAX_NEW.value, "repeats": _REPEATS.value, "rows": rows}
+  heads = " | ".join(f"head {i + 2}" for i in range(args.n_future - 1))
+  lines = [f"Self-speculative greedy decoding vs greedy, {device}; {model_desc}; weights: {origin}; prompts: "
+           f"{_PROMPT_LEN.value} tokens ({source}); {_MAX_NEW.value} new tokens per row, EOS off; medians of "
+           f"{_REPEATS.value} interleaved runs.", "",
+           f"| batch | greedy tok/s | speculative tok/s | speedup | tokens/forward | batch forwards g/s | C | "
+           f"{heads} acceptance | same as greedy |",
+           "|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (args.n_future - 1) + "---|"]
+  for r in rows:
+    acc = " | ".join(f"{a:.2f}" for a in r["acceptance"])
+    lines.append(f"| {r['batch']} | {r['greedy']['tokens_per_s']:.1f} | {r['speculative']['tokens_per_s']:.1f} | "
+                 f"{r['speedup']:.2f} | {r['tokens_per_forward']:.2f} | {r['batch_forwards']['greedy']}/"
+                 f"{r['batch_forwards']['speculative']} | {r['C']:.2f} | {acc} | "
+                 f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
+  lines += ["", "tokens/forward: tokens per forward pass for each row (prefill included), averaged over rows. "
+            "batch forwards: forward passes the whole batch ran (a batch waits for its slowest row). "
+            "C: one verify forward over n tokens (all heads) / one single-token greedy step, both cached. "
+            "Acceptance of head i: drafts accepted / drafts proposed (a draft needs every earlier one accepted).",
+            "", f"Command: `python experiments/speculative.py {' '.join(sys.argv[1:])}`"]
+  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{_OUT.value}.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(out_dir, f"{_OUT.value}.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)
