@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -42,6 +43,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Prompt selection seed.")
 _OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
 
 
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def load_model():
   """(params, config, held-out prompt token lists)."""
   n_prompts, length = max(map(int, _BATCHES.value)), _PROMPT_LEN.value
@@ -49,14 +55,16 @@ def load_model():
   if _RANDOM.value:
     config = _CONFIG.value
     if config is None:
-      raise app.UsageError("--random_init needs --config=configs/<recipe>.py")
+      _fail("--random_init needs --config=configs/<recipe>.py")
     params = jax.jit(lambda k: init_params(build_model(config.model), k))(jax.random.key(0))
     prompts = rng.integers(0, config.model.vocab_size, (n_prompts, length)).tolist()
     return params, config, prompts, "random tokens"
   from mtp_jax import data
   from mtp_jax.generate import load_workdir
   params, config, tokenizer = load_workdir(_WORKDIR.value)
-  return params, config, held_out_prompts(data.Corpus(config.data), tokenizer, n_prompts, length, rng), "valid split"
+  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+  data_cfg.max_train_bytes = 0       # prompts may come from the whole validation split, not the capped one
+  return params, config, held_out_prompts(data.Corpus(data_cfg), tokenizer, n_prompts, length, rng), "valid split"
 
 
 def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[int]]:
@@ -70,7 +78,7 @@ def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[i
       prompts.append(ids)
     if len(prompts) == n:
       return prompts
-  raise app.UsageError(f"the validation split has only {len(prompts)} documents of >= {length} tokens; "
+  _fail(f"the validation split has only {len(prompts)} documents of >= {length} tokens; "
                        f"lower --prompt_len or --batch_sizes")
 
 
@@ -137,7 +145,7 @@ def main(_):
   params, config, prompts, source = load_model()
   args = ModelArgs.from_config(config.model)
   if args.n_future < 2:
-    raise app.UsageError(f"model.n_future={args.n_future}: speculative decoding needs draft heads (n >= 2)")
+    _fail(f"model.n_future={args.n_future}: speculative decoding needs draft heads (n >= 2)")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   rows = []
   for b in map(int, _BATCHES.value):
@@ -182,4 +190,8 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from mtp_jax.errors import UserError
+  try:
+    app.run(main)
+  except UserError as e:   # a workdir without a checkpoint, a tokenizer mismatch, ...
+    _fail(str(e))

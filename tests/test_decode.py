@@ -128,7 +128,7 @@ def test_speculative_equals_greedy(n, head_type):
 
 def test_max_new_tokens_is_exact():
   model, params = tiny(n=4, shared=True)
-  for max_new in (1, 2, 5):
+  for max_new in (1, 5):
     g = run(model, params, MIXED, "greedy", max_new_tokens=max_new)
     s = run(model, params, MIXED, "speculative", max_new_tokens=max_new)
     _check_same(g, s, max_new)
