@@ -24,6 +24,9 @@ def main(argv):
   if config is None or not _WORKDIR.value:
     raise UserError("need --config=configs/<recipe>.py and --workdir=<run directory>")
   validate(config)
+  if not _DRY_RUN.value:
+    from mtp_jax.sharding import maybe_initialize_distributed
+    maybe_initialize_distributed()   # before anything asks jax for devices
   if _DRY_RUN.value:
     from mtp_jax.dry_run import dry_run
     dry_run(config, _WORKDIR.value)

@@ -8,6 +8,7 @@ over `data` x `fsdp`. One jitted program with these shardings is pjit in its cur
 from __future__ import annotations
 
 import contextlib
+import os
 
 import flax.linen as nn
 import jax
@@ -139,3 +140,21 @@ def jit_train_step(model, config, tx, mesh):
   step = jax.jit(make_train_step(model, config, tx), donate_argnums=0,
                  in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, replicated(mesh)))
   return step, state_sh
+
+
+def _multiprocess_environment() -> bool:
+  """True when the launcher started several processes of one job (TPU pod slice, SLURM, MPI, or by hand)."""
+  env = os.environ
+  as_int = lambda k: int(env.get(k, "1") or 1)
+  return bool(env.get("JAX_COORDINATOR_ADDRESS") or as_int("SLURM_NTASKS") > 1
+              or as_int("OMPI_COMM_WORLD_SIZE") > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def maybe_initialize_distributed() -> None:
+  """Join the multi-host job the environment describes; jax finds the coordinator itself on TPU pods,
+  SLURM and MPI, and from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID otherwise."""
+  if _multiprocess_environment():
+    kw = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+      kw = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]), "process_id": int(os.environ["JAX_PROCESS_ID"])}
+    jax.distributed.initialize(**kw)

@@ -1,0 +1,70 @@
+"""Size the paper's 7B models on device meshes before paying for them: `--dry_run` on simulated devices.
+
+    python experiments/paper_dry_run.py          # ~2 min on 2 CPU cores
+
+Each row is one `python -m mtp_jax.main --config=configs/paper_7b.py:VARIANT --dry_run` in its own
+process with XLA_FLAGS=--xla_force_host_platform_device_count=N (the device count is fixed per
+process), one sequence per data-parallel rank. Figures are per device, as XLA plans them for the
+sharded train step (bf16 compute, f32 parameters and AdamW state, full rematerialisation).
+Writes experiments/results/paper_dry_run.md and .json.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (variant, devices, data, fsdp, tensor)
+RUNS = [
+    ("n1", 8, 1, 8, 1), ("n4", 8, 1, 8, 1), ("bytes_n8", 8, 1, 8, 1),
+    ("n4", 8, 1, 4, 2),
+    ("n1", 64, 1, 64, 1), ("n4", 64, 1, 64, 1), ("n4", 64, 8, 8, 1), ("n4", 64, 1, 16, 4),
+    ("bytes_n8", 64, 1, 64, 1),
+]
+GIB = 2 ** 30
+
+
+def dry_run(variant, devices, data, fsdp, tensor) -> dict:
+  workdir = tempfile.mkdtemp(prefix="paper_dry_run_")
+  cmd = [sys.executable, "-m", "mtp_jax.main", f"--config=configs/paper_7b.py:{variant}", f"--workdir={workdir}",
+         "--dry_run", f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
+         f"--config.train.batch_size={data * fsdp}"]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+  with open(os.path.join(workdir, "dry_run.json")) as f:
+    report = json.load(f)
+  return {**report, "variant": variant, "n_devices": devices, "command": " ".join(cmd[1:4] + cmd[5:])}
+
+
+def main():
+  rows = []
+  for run in RUNS:
+    rows.append(dry_run(*run))
+    r = rows[-1]
+    print(f"{r['variant']:<9} {r['mesh']}  params {r['params_total'] / 1e9:.2f}B  "
+          f"peak {r['peak_bytes_estimate'] / GIB:.1f} GiB/device", flush=True)
+  lines = ["Per-device memory of the 7B train step (GiB), from `--dry_run` on simulated CPU devices; one "
+           "sequence per data-parallel rank (4096 tokens; 8192 bytes for bytes_n8).", "",
+           "| model | params | devices | mesh (data, fsdp, tensor) | params | AdamW | compiled temp | peak | fits 80 GB |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+  for r in rows:
+    m = r["mesh"]
+    lines.append(f"| 7B {r['variant']} | {r['params_total'] / 1e9:.2f}B | {r['n_devices']} | "
+                 f"({m['data']}, {m['fsdp']}, {m['tensor']}) | {r['param_bytes_per_device'] / GIB:.1f} | "
+                 f"{r['optimizer_bytes_per_device'] / GIB:.1f} | {r['temp_bytes'] / GIB:.1f} | "
+                 f"{r['peak_bytes_estimate'] / GIB:.1f} | {'yes' if r['peak_bytes_estimate'] < 80e9 else 'no'} |")
+  lines += ["", "Each row's command (with XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES):", ""]
+  lines += [f"- `XLA_FLAGS=--xla_force_host_platform_device_count={r['n_devices']} python {r['command']}`" for r in rows]
+  lines += ["", "Regenerate the table: `python experiments/paper_dry_run.py`"]
+  out = os.path.join(ROOT, "experiments", "results", "paper_dry_run")
+  with open(out + ".json", "w") as f:
+    json.dump(rows, f, indent=2)
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
