@@ -331,7 +331,9 @@ _COMPILED: dict = {}
 
 def compiled_decode(params, args: ModelArgs, settings: Settings, tokens, lengths, key, sp):
   """The compiled program for these static settings and shapes (compiled on first use): (fn, seconds)."""
-  sig = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(params))
+  # Shardings are part of the signature: the same shapes on a mesh are another program.
+  sig = tuple((x.shape, str(x.dtype), str(getattr(x, "sharding", None))) for x in jax.tree.leaves(params))
+  sig += (str(getattr(tokens, "sharding", None)),)
   cache_key = (args, settings, tokens.shape, jax.tree.structure(params), sig)
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0

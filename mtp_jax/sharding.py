@@ -158,3 +158,10 @@ def maybe_initialize_distributed() -> None:
     if os.environ.get("JAX_NUM_PROCESSES"):
       kw = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]), "process_id": int(os.environ["JAX_PROCESS_ID"])}
     jax.distributed.initialize(**kw)
+
+
+def shard_params(params, model, mesh, config):
+  """Place parameters on the mesh as training lays them out (for decoding or evaluation on a mesh)."""
+  from mtp_jax.model import abstract_params
+  _, logical = abstract_params(model)
+  return jax.device_put(params, logical_to_shardings(logical, mesh, config))
