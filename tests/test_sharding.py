@@ -26,6 +26,10 @@ def test_decoding_on_meshes_matches_single_device():
   run_check("decode_matches_single_device")
 
 
+def test_checkpoint_restores_onto_another_mesh():
+  run_check("restore_on_another_mesh")
+
+
 def test_mesh_shape_resolution():
   assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
   assert mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
