@@ -307,12 +307,13 @@ def train_dataset(split: TokenSplit, config) -> grain.IterDataset:
 def valid_batches(split: TokenSplit, config) -> list[dict]:
   """The fixed validation set: the split's first eval_batches batches of windows, in order (no shuffle).
   A short split gives fewer batches; the last one is padded with all-zero rows (segment 0: not scored)."""
-  seq_len, n_future = config.data.seq_len, config.model.n_future
-  size = local_batch_size(config.train.batch_size)
-  n = min(num_windows(split, seq_len), config.train.eval_batches * config.train.batch_size)
-  rows = [window(split, seq_len, n_future, i) for i in range(n)][jax.process_index()::jax.process_count()]
+  seq_len, n_future, batch = config.data.seq_len, config.model.n_future, config.train.batch_size
+  n = min(num_windows(split, seq_len), config.train.eval_batches * batch)
   pad = {"tokens": np.zeros(seq_len + n_future, np.int32), "segment_ids": np.zeros(seq_len + n_future, np.int32)}
-  rows += [pad] * (-len(rows) % size)
+  rows = [window(split, seq_len, n_future, i) for i in range(n)]
+  rows += [pad] * (-n % batch)     # whole global batches, so every process gets as many
+  rows = rows[jax.process_index()::jax.process_count()]
+  size = local_batch_size(batch)
   return [{k: np.stack([r[k] for r in rows[i:i + size]]) for k in pad} for i in range(0, len(rows), size)]
 
 

@@ -126,7 +126,9 @@ def _memory_report(compiled) -> str:
 def train_and_evaluate(config, workdir) -> dict:
   """Train as config says in workdir (resuming if it holds a checkpoint); returns the final valid record."""
   validate(config)
-  logging.get_absl_logger().addFilter(_QuietLibraries())
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietLibraries())
   workdir = Path(workdir)
   check_workdir(config, workdir)
   data = data_lib.build(config, workdir)   # may train a tokenizer into the cache, writes nothing in workdir
@@ -247,7 +249,7 @@ def _train_loop(config, state, rng, start, compiled, to_device, train_iter, eval
       if do_save:
         ckpt.save(step, state, rng, train_iter)
       paused += time.time() - began
-      if stop.signal:
+      if stop.signal and step < t.steps:
         ckpt.wait_until_finished()
         _say(f"stopped by {stop.signal} after step {step}; checkpoint saved in {ckpt.workdir}; "
              f"rerun the same command to resume")
