@@ -109,14 +109,19 @@ def _hash_fraction(name: str) -> float:
   return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2 ** 32
 
 
+def _part(doc: Doc, lo: float, hi: float, suffix: str) -> Doc:
+  """The characters of `doc` from fraction lo to hi."""
+  def read():
+    text = doc.read()
+    return None if text is None else text[int(lo * len(text)):int(hi * len(text))]
+  return Doc(doc.name + suffix, read, doc.size, doc.mtime_ns)
+
+
 def split_documents(docs: list[Doc], valid_fraction: float) -> tuple[list[Doc], list[Doc]]:
   """Whole documents to train or valid by a hash of their name; neither split is left empty."""
   docs = sorted(docs, key=lambda d: d.name)
   if len(docs) == 1:  # one document: hold out its tail instead
-    d = docs[0]
-    cut = lambda lo, hi: lambda: (lambda t: None if t is None else t[int(lo * len(t)):int(hi * len(t))])(d.read())
-    return ([Doc(d.name, cut(0, 1 - valid_fraction), d.size, d.mtime_ns)],
-            [Doc(d.name + "#tail", cut(1 - valid_fraction, 1), d.size, d.mtime_ns)])
+    return [_part(docs[0], 0, 1 - valid_fraction, "")], [_part(docs[0], 1 - valid_fraction, 1, "#tail")]
   by_hash = sorted(docs, key=lambda d: _hash_fraction(d.name))
   valid = {d.name for d in docs if _hash_fraction(d.name) < valid_fraction} or {by_hash[0].name}
   if len(valid) == len(docs):
@@ -153,7 +158,7 @@ class Corpus:
   def texts(self, split: str):
     """The split's non-empty texts in order, capped; skipped (unreadable / non-UTF-8) ones are counted."""
     left = self.caps[split] or float("inf")
-    skipped = empty = 0
+    used = skipped = empty = 0
     for d in self.splits[split]:
       if left <= 0:
         break
@@ -168,8 +173,9 @@ class Corpus:
       if len(raw) > left:
         text = raw[:int(left)].decode("utf-8", errors="ignore")
       left -= len(raw)
+      used += 1
       yield text
-    self.stats[f"{split}_skipped"], self.stats[f"{split}_empty"] = skipped, empty
+    self.stats.update({f"{split}_used": used, f"{split}_skipped": skipped, f"{split}_empty": empty})
 
   def require_text(self):
     """Fail early, before any tokenizer training, when the training split has no text at all."""
@@ -181,7 +187,9 @@ class Corpus:
   def describe(self, split: str) -> str:
     skipped, empty = self.stats.get(f"{split}_skipped", 0), self.stats.get(f"{split}_empty", 0)
     bad = self.stats.get("bad_lines", 0)
-    return (f"{len(self.splits[split])} documents, {skipped} skipped (unreadable or not UTF-8), {empty} empty"
+    used = self.stats.get(f"{split}_used", 0)
+    return (f"{used} of {len(self.splits[split])} documents ({skipped} skipped: unreadable or not UTF-8; "
+            f"{empty} empty{'; the rest past data.max_train_bytes' if self.caps[split] else ''})"
             + (f", {bad} bad JSONL lines in the file" if bad else ""))
 
 

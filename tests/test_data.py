@@ -60,7 +60,7 @@ def test_documents_are_bos_text_eos_and_bad_files_counted(tmp_path, capsys):
   c = _short_docs_config(tmp_path)
   d = data.build(c)
   out = capsys.readouterr().out
-  assert "skipped (unreadable or not UTF-8)" in out
+  assert "skipped: unreadable or not UTF-8" in out
   corpus = data.Corpus(c.data)
   for split in ("train", "valid"):
     list(corpus.texts(split))
