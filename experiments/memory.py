@@ -11,7 +11,6 @@ all kept), so the differences are the heads' cost. Then times real train steps n
 median) for this shape and for configs/default.py (parity on, the paper's protocol).
 Writes experiments/results/<out_name>.md and .json.
 """
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from results_io import write_results  # noqa: E402
 from mtp_jax import sharding  # noqa: E402
 from mtp_jax.config import base_config  # noqa: E402
 from mtp_jax.dry_run import compile_train_step, memory_report  # noqa: E402
@@ -127,13 +127,7 @@ def main(_):
   for k, t in timing.items():
     lines.append(f"| {k} | {t['seconds_n1']:.3f} | {t['seconds_n4']:.3f} | {t['ratio_n4_over_n1']:.2f} |")
   lines += ["", f"Command: `python experiments/memory.py --out_name={_OUT.value}`"]
-  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{_OUT.value}.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(out_dir, f"{_OUT.value}.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write_results(_OUT.value, result, lines)
 
 
 if __name__ == "__main__":

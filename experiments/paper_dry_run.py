@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 
+from results_io import write_results
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (variant, devices, data, fsdp, tensor)
@@ -58,12 +60,7 @@ def main():
   lines += ["", "Each row's command (with XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES):", ""]
   lines += [f"- `XLA_FLAGS=--xla_force_host_platform_device_count={r['n_devices']} python {r['command']}`" for r in rows]
   lines += ["", "Regenerate the table: `python experiments/paper_dry_run.py`"]
-  out = os.path.join(ROOT, "experiments", "results", "paper_dry_run")
-  with open(out + ".json", "w") as f:
-    json.dump(rows, f, indent=2)
-  with open(out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write_results("paper_dry_run", rows, lines)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ and medians are reported, so drift hits both modes alike. EOS is off: every row 
 max_new_tokens, so both modes do the same work. Speculative output is checked to equal greedy's.
 Writes experiments/results/<out_name>.md and .json.
 """
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from results_io import write_results  # noqa: E402
 from mtp_jax import decode  # noqa: E402
 from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_cache, init_params  # noqa: E402
 
@@ -180,13 +180,7 @@ def main(_):
             "C: one verify forward over n tokens (all heads) / one single-token greedy step, both cached. "
             "Acceptance of head i: drafts accepted / drafts proposed (a draft needs every earlier one accepted).",
             "", f"Command: `python experiments/speculative.py {' '.join(sys.argv[1:])}`"]
-  out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{_OUT.value}.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(out_dir, f"{_OUT.value}.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write_results(_OUT.value, result, lines)
 
 
 if __name__ == "__main__":

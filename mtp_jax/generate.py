@@ -20,6 +20,7 @@ import numpy as np
 
 from mtp_jax import decode
 from mtp_jax.decode import DecodeError
+from mtp_jax.errors import exit_with, run_cli
 from mtp_jax.model import ModelArgs
 
 
@@ -253,29 +254,20 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.ERROR or "/orbax/" not in record.pathname
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _parse_flags(argv):
   from absl import flags
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:   # unknown flag, bad --mode value, ...: one line, like every other mistake
-    _fail(str(e).strip().splitlines()[0])
+    exit_with(str(e).strip().splitlines()[0])
 
 
 def run():
   """Like mtp_jax.main.run: user mistakes are one line on stderr and exit status 2, no traceback."""
-  from absl import app, logging
-  from mtp_jax.errors import UserError
+  from absl import logging
   _define_flags()
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  try:
-    app.run(main, flags_parser=_parse_flags)
-  except UserError as e:
-    _fail(str(e))
+  run_cli(main, _parse_flags)
 
 
 if __name__ == "__main__":

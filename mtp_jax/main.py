@@ -3,13 +3,11 @@
 Override any config field with `--config.a.b=value`; pass a recipe variant with
 `--config=configs/x.py:variant`. Everything else lives in library functions a notebook can call.
 """
-import sys
-
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from mtp_jax.config import validate
-from mtp_jax.errors import UserError
+from mtp_jax.errors import UserError, exit_with, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/default.py[:variant].",
                                           lock_config=True)
@@ -35,12 +33,6 @@ def main(argv):
     train_and_evaluate(config, _WORKDIR.value)
 
 
-def _fail(message: str):
-  logging.flush()
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def parse_flags(argv):
   """absl's parser, but a bad `--config...` (missing file, typo, wrong type) is one line, not a traceback."""
   try:
@@ -52,15 +44,11 @@ def parse_flags(argv):
     lines = [l.strip() for l in str(e).replace("\\n", "\n").splitlines() if l.strip()]
     detail = " ".join(lines[-3:] if isinstance(e, OSError) else lines[-1:]).strip("'\"")
     bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config")]
-    _fail(f"cannot apply {' '.join(bad) or 'the flags'}: {detail}")
+    exit_with(f"cannot apply {' '.join(bad) or 'the flags'}: {detail}")
 
 
 def run():
-  """absl's app.run, with user mistakes printed as one line and exit status 2 instead of a traceback."""
-  try:
-    app.run(main, flags_parser=parse_flags)
-  except UserError as e:
-    _fail(str(e))
+  run_cli(main, parse_flags)
 
 
 if __name__ == "__main__":

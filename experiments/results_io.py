@@ -1,0 +1,15 @@
+"""Where experiment scripts put their figures: experiments/results/<name>.json and .md."""
+import json
+import os
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def write_results(name: str, result, markdown_lines) -> None:
+  """Write the raw figures as JSON and the table as markdown, and print the table."""
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    f.write("\n".join(markdown_lines) + "\n")
+  print("\n".join(markdown_lines))
