@@ -39,7 +39,8 @@ class Checkpointer:
   """The CheckpointManager of one workdir, with fallback past damaged checkpoints."""
 
   def __init__(self, workdir, keep: int = 3, read_only: bool = False):
-    self.workdir = Path(workdir)
+    # orbax wants absolute paths; the README passes a relative --workdir
+    self.workdir, self.read_only = Path(workdir).absolute(), read_only
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=not read_only,
                                            cleanup_tmp_directories=not read_only)
@@ -79,7 +80,7 @@ class Checkpointer:
   def _quarantine(self, step: int, error: Exception) -> None:
     src = self.workdir / CHECKPOINTS / str(step)
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    if self.manager._options.read_only:  # a reader must not move files: just skip it
+    if self.read_only:  # a reader must not move files: just skip it
       logging.warning("checkpoint %s is unreadable (%s); trying the previous one", src, first)
       print(f"warning: checkpoint {src} is unreadable ({first}); using the previous one", flush=True)
       return
@@ -114,9 +115,8 @@ def load_params(workdir):
 
   config = read_config(workdir)
   abstract, _ = abstract_params(build_model(config.model))
-  ckpt = Checkpointer(workdir, read_only=True)
-  if not ckpt.steps():
-    ckpt.manager.close()
+  ckpt = Checkpointer(workdir, read_only=True) if (Path(workdir) / CHECKPOINTS).is_dir() else None
+  if ckpt is None or not ckpt.steps():
     raise UserError(f"{workdir} has no checkpoint yet; train first (python -m mtp_jax.main "
                     f"--config=... --workdir={workdir}) or pass another workdir")
   try:

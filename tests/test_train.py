@@ -85,6 +85,9 @@ def test_one_step(tmp_path, cache_dir, capsys):
 def test_load_params_without_checkpoint(tmp_path):
   with pytest.raises(UserError, match="config.json"):
     checkpoint.load_params(tmp_path)
+  (tmp_path / "config.json").write_text(get_config().to_json())
+  with pytest.raises(UserError, match="no checkpoint yet"):
+    checkpoint.load_params(tmp_path)
 
 
 def test_variant_and_overrides(tmp_path, cache_dir):
