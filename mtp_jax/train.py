@@ -10,6 +10,7 @@ run without saving (the newest checkpoint stays the last good state) and exits w
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging as std_logging
 import os
@@ -60,6 +61,19 @@ def check_workdir(config, workdir: Path) -> None:
   if diffs:
     raise UserError(f"{workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir, "
                     f"or the run's own values to resume it")
+
+
+def _lock_workdir(workdir: Path):
+  """Hold W/.lock exclusively while this run lives (the OS drops it even on SIGKILL): two runs in one
+  workdir would interleave metrics and checkpoints. Returns the open lock file; keep it open."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock = open(workdir / ".lock", "a")
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock.close()
+    raise UserError(f"{workdir} is in use by another training run; wait for it or stop it, or use another --workdir")
+  return lock
 
 
 def _write_config(config, workdir: Path) -> None:
@@ -132,8 +146,8 @@ def train_and_evaluate(config, workdir) -> dict:
   workdir = Path(workdir)
   check_workdir(config, workdir)
   data = data_lib.build(config, workdir)   # may train a tokenizer into the cache, writes nothing in workdir
+  lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
     tokenizer_lib.save_to_workdir(data.tokenizer, workdir)
 
@@ -200,6 +214,8 @@ def train_and_evaluate(config, workdir) -> dict:
   finally:
     ckpt.close()   # waits for the async save in flight
     writer.close()
+    if lock is not None:
+      lock.close()
   if last_record is not None and last_record["step"] == t.steps:
     _say(metrics_lib.final_table(last_record, unigram, config.model.vocab_size))
   return last_record

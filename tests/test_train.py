@@ -42,16 +42,16 @@ def snapshot(workdir):
           for d, _, fs in os.walk(workdir) for f in fs}
 
 
-def run_main(workdir, cache_dir, *flags, wait=True, config="configs/tiny.py"):
-  cmd = [sys.executable, "-m", "mtp_jax.main", f"--config={config}", f"--workdir={workdir}",
+def run_main(workdir, cache_dir, *flags, wait=True, config="configs/tiny.py", cwd=ROOT):
+  cmd = [sys.executable, "-m", "mtp_jax.main", f"--config={os.path.join(ROOT, config)}", f"--workdir={workdir}",
          f"--config.data.cache_dir={cache_dir}", "--config.data.max_train_bytes=200000",
          "--config.train.log_every=1", "--config.train.eval_every=1000", *flags]
   # XLA's persistent cache: every subprocess here compiles the same tiny model.
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(cache_dir, "xla"),
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_COMPILATION_CACHE_DIR": os.path.join(cache_dir, "xla"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   if not wait:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,16 @@ def test_load_params_without_checkpoint(tmp_path):
 
 
 def test_variant_and_overrides(tmp_path, cache_dir):
-  r = run_main(tmp_path / "run", cache_dir, "--config.train.steps=2", "--config.model.d_model=16",
-               "--config.train.learning_rate=0.01", config="configs/tiny.py:bytes")
+  # A relative --workdir, as the README's command gives (orbax itself wants absolute paths).
+  r = run_main("run", cache_dir, "--config.train.steps=2", "--config.model.d_model=16",
+               "--config.train.learning_rate=0.01", "--config.train.checkpoint_every=1",
+               config="configs/tiny.py:bytes", cwd=tmp_path)
   assert r.returncode == 0, r.stderr
   saved = json.load(open(tmp_path / "run" / "config.json"))
   assert saved["data"]["tokenizer"] == "bytes" and saved["model"]["vocab_size"] == 258
   assert saved["model"]["d_model"] == 16 and saved["train"]["steps"] == 2 and saved["train"]["learning_rate"] == 0.01
   assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
+  assert checkpoint.Checkpointer(tmp_path / "run", read_only=True).steps() == [1, 2]
 
 
 def test_typo_rejected_in_one_line(tmp_path, cache_dir):
@@ -191,3 +194,16 @@ def test_divergence_stops_without_saving(tmp_path, cache_dir, monkeypatch):
   with pytest.raises(train.TrainingDiverged, match="NaN/inf at step 7.*last good checkpoint is step 5"):
     train.train_and_evaluate(tiny(cache_dir, steps=20, checkpoint_every=5, log_every=4), tmp_path)
   assert checkpoint.Checkpointer(tmp_path, read_only=True).steps() == [5]
+
+
+def test_second_run_in_a_busy_workdir_is_refused(tmp_path):
+  """While one run holds the workdir, another is refused before it writes anything."""
+  from mtp_jax import train
+  workdir = tmp_path / "run"
+  holder = train._lock_workdir(workdir)
+  try:
+    with pytest.raises(UserError, match="in use by another training run"):
+      train._lock_workdir(workdir)
+  finally:
+    holder.close()
+  train._lock_workdir(workdir).close()     # released with its holder: the next run may start
