@@ -54,6 +54,8 @@ def _main(*flags):
     (["--config.model.head_type=tree"], "head_type"),
     (["--config.modle.n_future=2"], "modle"),
     (["--config.train.steps=many"], "steps"),
+    (["--config.mesh.data=2"], "needs 2 devices but 1"),           # mesh vs device count, before compile
+    (["--config.mesh.data=-1", "--config.mesh.fsdp=3"], "do not divide"),
 ])
 def test_cli_rejects_bad_config_in_one_line(tmp_path, flags, words):
   r = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--dry_run", *flags)
