@@ -35,7 +35,6 @@ from typing import Callable, Optional
 import grain
 import jax
 import numpy as np
-from absl import logging
 
 from mtp_jax import tokenizer as tokenizer_lib
 from mtp_jax.errors import UserError
