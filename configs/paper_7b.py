@@ -24,7 +24,7 @@ def get_config(arg=None):
   if arg == "n1":
     c.model.n_future = 1
   elif arg == "bytes_n8":
-    c.model.update(vocab_size=256 + 3, n_future=8)   # bytes + the byte tokenizer's specials
+    c.model.update(vocab_size=256 + 2, n_future=8)   # bytes + BOS and EOS, as the byte tokenizer has
     c.data.tokenizer = "bytes"
     c.data.seq_len = 8192
     c.loss.chunk_size = 1024
