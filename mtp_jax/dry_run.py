@@ -48,8 +48,8 @@ def compile_train_step(config, mesh=None):
   """(compiled train step, abstract state, state shardings, mesh) for the configured batch and mesh."""
   mesh = mesh or sharding.make_mesh(config)
   model, tx = build_model(config.model), make_optimizer(config.train)
-  state, _ = sharding.abstract_train_state(model, tx, mesh, config)
-  step, state_sh = sharding.jit_train_step(model, config, tx, mesh)
+  state, state_sh = sharding.abstract_train_state(model, tx, mesh, config)
+  step = sharding.jit_train_step(model, config, tx, mesh, state_sh)
   with sharding.activate(mesh, config):
     compiled = step.lower(state, abstract_batch(config, mesh)).compile()
   return compiled, state, state_sh, mesh

@@ -22,15 +22,14 @@ def main(argv):
   if config is None or not _WORKDIR.value:
     raise UserError("need --config=configs/<recipe>.py and --workdir=<run directory>")
   validate(config)
-  if not _DRY_RUN.value:
-    from mtp_jax.sharding import maybe_initialize_distributed
-    maybe_initialize_distributed()   # before anything asks jax for devices
   if _DRY_RUN.value:
     from mtp_jax.dry_run import dry_run
     dry_run(config, _WORKDIR.value)
-  else:
-    from mtp_jax.train import train_and_evaluate
-    train_and_evaluate(config, _WORKDIR.value)
+    return
+  from mtp_jax.sharding import maybe_initialize_distributed
+  from mtp_jax.train import train_and_evaluate
+  maybe_initialize_distributed()   # before anything asks jax for devices
+  train_and_evaluate(config, _WORKDIR.value)
 
 
 def parse_flags(argv):

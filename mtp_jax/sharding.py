@@ -133,13 +133,12 @@ def init_train_state(model, tx, mesh, config, rng):
     return init(rng)
 
 
-def jit_train_step(model, config, tx, mesh):
-  """(train_step jitted with state/batch shardings and the state donated, the state shardings)."""
+def jit_train_step(model, config, tx, mesh, state_shardings):
+  """The train step jitted with the state and batch shardings (pjit's current form), state donated."""
   from mtp_jax.step import make_train_step
-  _, state_sh = abstract_train_state(model, tx, mesh, config)
-  step = jax.jit(make_train_step(model, config, tx), donate_argnums=0,
-                 in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, replicated(mesh)))
-  return step, state_sh
+  return jax.jit(make_train_step(model, config, tx), donate_argnums=0,
+                 in_shardings=(state_shardings, batch_sharding(mesh)),
+                 out_shardings=(state_shardings, replicated(mesh)))
 
 
 def _multiprocess_environment() -> bool:

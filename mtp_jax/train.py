@@ -182,7 +182,7 @@ def train_and_evaluate(config, workdir) -> dict:
   abstract_batch = {k: jax.ShapeDtypeStruct((t.batch_size, length), jnp.int32, sharding=batch_sharding)
                     for k in ("tokens", "segment_ids")}
   # Compiled once, ahead of time; `state` is donated so its buffers are reused for the new state.
-  train_step, _ = sharding.jit_train_step(model, config, tx, mesh)
+  train_step = sharding.jit_train_step(model, config, tx, mesh, state_shardings)
   with sharding.activate(mesh, config):
     compiled = train_step.lower(abstract_state, abstract_batch).compile()
   _say(_memory_report(compiled))

@@ -42,7 +42,7 @@ def train(mesh_sizes, steps=3):
   mesh = sharding.make_mesh(config, jax.devices()[:int(np.prod(mesh_sizes))])
   model, tx = build_model(config.model), make_optimizer(config.train)
   state = sharding.init_train_state(model, tx, mesh, config, jax.random.key(0))
-  step, _ = sharding.jit_train_step(model, config, tx, mesh)
+  step = sharding.jit_train_step(model, config, tx, mesh, jax.tree.map(lambda x: x.sharding, state))
   losses = []
   with sharding.activate(mesh, config):
     for batch in batches(config, steps):
