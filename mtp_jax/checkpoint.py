@@ -122,7 +122,7 @@ def load_params(workdir):
   try:
     step, restored = ckpt.restore_latest(params=ocp.args.StandardRestore(with_shardings(abstract)))
   finally:
-    ckpt.manager.close()
+    ckpt.close()
   if restored is None:
     raise UserError(f"every checkpoint in {Path(workdir) / CHECKPOINTS} is unreadable; retrain or restore them")
   logging.info("loaded params of step %d from %s", step, workdir)

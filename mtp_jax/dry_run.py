@@ -44,10 +44,14 @@ def abstract_batch(config, mesh):
   return {"tokens": spec, "segment_ids": spec}
 
 
-def compile_train_step(config, mesh=None):
-  """(compiled train step, abstract state, state shardings, mesh) for the configured batch and mesh."""
+def compile_train_step(config, mesh=None, model=None, tx=None):
+  """(compiled train step, abstract state, state shardings, mesh) for the configured batch and mesh.
+
+  The step is jitted with the state donated and compiled ahead of time; the trainer runs this very
+  program, so `--dry_run` reports the memory of what training executes.
+  """
   mesh = mesh or sharding.make_mesh(config)
-  model, tx = build_model(config.model), make_optimizer(config.train)
+  model, tx = model or build_model(config.model), tx or make_optimizer(config.train)
   state, state_sh = sharding.abstract_train_state(model, tx, mesh, config)
   step = sharding.jit_train_step(model, config, tx, mesh, state_sh)
   with sharding.activate(mesh, config):

@@ -30,6 +30,7 @@ from mtp_jax import sharding
 from mtp_jax import tokenizer as tokenizer_lib
 from mtp_jax.checkpoint import Checkpointer, with_shardings
 from mtp_jax.config import head_weights, validate
+from mtp_jax.dry_run import compile_train_step, memory_report
 from mtp_jax.errors import UserError
 from mtp_jax.model import build_model
 from mtp_jax.step import make_eval_step, make_optimizer
@@ -126,15 +127,14 @@ def _first_bad_step(bad, loss, step):
   return jnp.where((bad == 0) & ~jnp.isfinite(loss), step, bad)
 
 
-def _memory_report(compiled) -> str:
+def _memory_line(compiled) -> str:
   try:
-    m = compiled.memory_analysis()
-    mib = lambda b: f"{b / 2 ** 20:,.1f} MiB"
-    return (f"compiled train step memory: arguments {mib(m.argument_size_in_bytes)}, outputs "
-            f"{mib(m.output_size_in_bytes)} ({mib(m.alias_size_in_bytes)} aliased to donated arguments), "
-            f"temporaries {mib(m.temp_size_in_bytes)}, code {mib(m.generated_code_size_in_bytes)}")
+    m = memory_report(compiled)
   except Exception:  # not every backend reports it
     return "compiled train step memory: not reported by this backend"
+  mib = lambda b: f"{b / 2 ** 20:,.1f} MiB"
+  return (f"compiled train step memory: arguments {mib(m['argument_bytes'])}, outputs {mib(m['output_bytes'])} "
+          f"({mib(m['alias_bytes'])} aliased to donated arguments), temporaries {mib(m['temp_bytes'])}")
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -159,8 +159,10 @@ def train_and_evaluate(config, workdir) -> dict:
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
   rng = jax.random.key(config.seed)
-  # Restore targets and the fresh state share the shardings the logical axis rules give (as --dry_run).
-  abstract_state, state_shardings = sharding.abstract_train_state(model, tx, mesh, config)
+  # Compiled once, ahead of time, as --dry_run compiles it; `state` is donated so its buffers are
+  # reused for the new state. Restore targets and a fresh state take the same shardings.
+  compiled, abstract_state, state_shardings, _ = compile_train_step(config, mesh, model, tx)
+  _say(_memory_line(compiled))
   abstract_rng = with_shardings(jax.eval_shape(jax.random.key_data, rng), replicated)
 
   train_iter = iter(data_lib.train_dataset(data.train, config))
@@ -178,14 +180,6 @@ def train_and_evaluate(config, workdir) -> dict:
   def to_device(batch):
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
-  length = seq_len + n_future
-  abstract_batch = {k: jax.ShapeDtypeStruct((t.batch_size, length), jnp.int32, sharding=batch_sharding)
-                    for k in ("tokens", "segment_ids")}
-  # Compiled once, ahead of time; `state` is donated so its buffers are reused for the new state.
-  train_step = sharding.jit_train_step(model, config, tx, mesh, state_shardings)
-  with sharding.activate(mesh, config):
-    compiled = train_step.lower(abstract_state, abstract_batch).compile()
-  _say(_memory_report(compiled))
   eval_step = jax.jit(make_eval_step(model, config), in_shardings=(state_shardings.params, batch_sharding),
                       out_shardings=replicated)
   host_valid = data_lib.valid_batches(data.valid, config)
