@@ -3,8 +3,9 @@
     python experiments/speculative.py --workdir=workdirs/default            # a trained run
     python experiments/speculative.py --config=configs/tiny.py --random_init --out_name=speculative_smoke
 
-For each batch size: tokens/s of greedy and of speculative decoding (the same compiled loop, k=1 vs
-k=n tokens per forward), the speedup, mean tokens per forward pass (per row, prefill included),
+For each batch size, over the same held-out prompts (16 by default, `batch` per call): tokens/s of
+greedy and of speculative decoding (the same compiled loop, k=1 vs k=n tokens per forward), the
+speedup, tokens per forward pass (all rows' tokens / all rows' forward passes, prefill included),
 each draft head's acceptance, and C = time of one verify forward over n tokens / time of one
 single-token step (both with the KV cache, at the prompts' end). Speculative can only win when
 tokens per forward > C. Runs are interleaved (greedy, speculative, greedy, ...) after a warm-up
@@ -29,13 +30,14 @@ import numpy as np  # noqa: E402
 
 from results_io import write_results  # noqa: E402
 from mtp_jax import decode  # noqa: E402
-from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_cache, init_params  # noqa: E402
+from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_params  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Trained run to benchmark.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "With --random_init: the recipe to initialise.")
 _RANDOM = flags.DEFINE_bool("random_init", False, "Random weights and random-token prompts (smoke test).")
-_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Batch sizes.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Batch sizes (each runs over all the prompts).")
+_N_PROMPTS = flags.DEFINE_integer("prompts", 16, "Held-out prompts (a multiple of every batch size).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Tokens per prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per mode and batch size (after one warm-up).")
 _FWD_ITERS = flags.DEFINE_integer("forward_iters", 20, "Forward passes per timed call when measuring C.")
@@ -50,7 +52,7 @@ def _fail(message: str):
 
 def load_model():
   """(params, config, held-out prompt token lists)."""
-  n_prompts, length = max(map(int, _BATCHES.value)), _PROMPT_LEN.value
+  n_prompts, length = _N_PROMPTS.value, _PROMPT_LEN.value
   rng = np.random.default_rng(_SEED.value)
   if _RANDOM.value:
     config = _CONFIG.value
@@ -82,25 +84,32 @@ def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[i
                        f"lower --prompt_len or --batch_sizes")
 
 
-def time_decodes(params, args: ModelArgs, prompts, repeats: int) -> dict:
-  """Interleaved greedy / speculative runs on one batch: median seconds, tokens and statistics."""
-  tokens, lengths = decode.pad_prompts(prompts, len(prompts[0]))
+def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int) -> dict:
+  """Greedy vs speculative over every prompt, `batch` prompts per call, runs interleaved: median
+  seconds for all prompts, tokens/s and the statistics pooled over the calls."""
+  calls = [decode.pad_prompts(prompts[i:i + batch], len(prompts[0])) for i in range(0, len(prompts), batch)]
   kw = dict(max_new_tokens=_MAX_NEW.value, eos_id=-1)
+
+  def run_all(mode):
+    outs = [decode.run(params, args, tokens, lengths, mode=mode, **kw) for tokens, lengths in calls]
+    return sum(t["wall_s"] for _, t in outs), [o for o, _ in outs]
+
   runs = {m: [] for m in ("greedy", "speculative")}
-  outs = {m: decode.run(params, args, tokens, lengths, mode=m, **kw)[0] for m in runs}   # compile + warm up
+  outs = {m: run_all(m)[1] for m in runs}                                # compile + warm up
   for _ in range(repeats):
     for m in runs:
-      outs[m], timing = decode.run(params, args, tokens, lengths, mode=m, **kw)
-      runs[m].append(timing["wall_s"])
-  s, b = outs["speculative"], len(prompts)
-  proposed = int(np.sum(s.forwards - 1))
-  res = {m: {"seconds": statistics.median(t), "tokens_per_s": b * _MAX_NEW.value / statistics.median(t)}
+      seconds, outs[m] = run_all(m)
+      runs[m].append(seconds)
+  cat = lambda m, field: np.concatenate([getattr(o, field) for o in outs[m]])
+  lengths, forwards, accepted = cat("speculative", "lengths"), cat("speculative", "forwards"), cat("speculative", "accepted")
+  proposed = int(np.sum(forwards - 1))
+  res = {m: {"seconds": statistics.median(t), "tokens_per_s": len(prompts) * _MAX_NEW.value / statistics.median(t)}
          for m, t in runs.items()}
   return {**res, "speedup": res["greedy"]["seconds"] / res["speculative"]["seconds"],
-          "tokens_per_forward": float(np.sum(s.lengths) / np.sum(s.forwards)),
-          "batch_forwards": {"greedy": int(outs["greedy"].steps) + 1, "speculative": int(s.steps) + 1},
-          "acceptance": [float(a) / proposed if proposed else 0.0 for a in np.sum(s.accepted, axis=0)],
-          "identical_to_greedy": bool(np.array_equal(s.tokens, outs["greedy"].tokens))}
+          "tokens_per_forward": float(np.sum(lengths) / np.sum(forwards)),
+          "batch_forwards": {m: sum(int(o.steps) + 1 for o in outs[m]) for m in runs},
+          "acceptance": [float(a) / proposed if proposed else 0.0 for a in np.sum(accepted, axis=0)],
+          "identical_to_greedy": bool(np.array_equal(cat("speculative", "tokens"), cat("greedy", "tokens")))}
 
 
 def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
@@ -109,31 +118,33 @@ def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
   model, n, iters = MTPTransformer(args), args.n_future, _FWD_ITERS.value
   tokens, lengths = decode.pad_prompts(prompts, len(prompts[0]))
   b, p = tokens.shape
-  cache = init_cache(args, b, p + _MAX_NEW.value + n)
-  _, cache = jax.jit(lambda c: decode.forward_hidden(model, params, jnp.asarray(tokens),
-                                                     jnp.broadcast_to(jnp.arange(p), (b, p)), c,
-                                                     jnp.zeros((b,), jnp.int32), n))(cache)
 
-  def make(k: int, heads: int):
+  def make(k: int):
+    """(prefilled cache, compiled loop of `iters` forwards over k-token blocks with k heads)."""
+    w = decode.decode_weights(params, args, k)
+    cache = decode.init_decode_cache(args, b, p + _MAX_NEW.value + n, k)
+    _, cache = jax.jit(lambda c: decode.forward_hidden(model, w, jnp.asarray(tokens),
+                                                       jnp.broadcast_to(jnp.arange(p), (b, p)), c,
+                                                       jnp.zeros((b,), jnp.int32)))(cache)
     pos = jnp.full((b,), p, jnp.int32)
     block, positions = jnp.ones((b, k), jnp.int32), pos[:, None] + jnp.arange(k)[None]
 
     def body(_, carry):   # iterate inside one program: dispatch overhead would swamp a tiny model's step
       c, acc = carry
-      hidden, c = decode.forward_hidden(model, params, block, positions, c, pos, heads)
+      hidden, c = decode.forward_hidden(model, w, block, positions, c, pos)
       acc += jnp.sum(decode.unembed(model, params, hidden[0]))
-      if heads > 1:         # the drafts: heads 1..n-1 at one position
+      if k > 1:         # the drafts: heads 1..n-1 at one position
         acc += jnp.sum(decode.unembed(model, params, hidden[1:, :, 0]))
       return c, acc
 
-    return jax.jit(lambda c: jax.lax.fori_loop(0, iters, body, (c, jnp.float32(0))))
+    return cache, jax.jit(lambda c: jax.lax.fori_loop(0, iters, body, (c, jnp.float32(0))))
 
-  fns = {"single": make(1, 1), "verify": make(n, n)}
+  fns = {"single": make(1), "verify": make(n)}
   times = {k: [] for k in fns}
-  for f in fns.values():
+  for cache, f in fns.values():
     jax.block_until_ready(f(cache))                                    # compile + warm up
   for _ in range(repeats):
-    for k, f in fns.items():
+    for k, (cache, f) in fns.items():
       t0 = time.perf_counter()
       jax.block_until_ready(f(cache))
       times[k].append((time.perf_counter() - t0) / iters)
@@ -150,12 +161,12 @@ def main(_):
   rows = []
   for b in map(int, _BATCHES.value):
     t0 = time.time()
-    row = {"batch": b, **time_decodes(params, args, prompts[:b], _REPEATS.value),
+    row = {"batch": b, **time_decodes(params, args, prompts, b, _REPEATS.value),
            **verify_cost(params, args, prompts[:b], _REPEATS.value)}
     rows.append(row)
     print(f"batch {b:3d}: greedy {row['greedy']['tokens_per_s']:8.1f} tok/s, speculative "
           f"{row['speculative']['tokens_per_s']:8.1f} tok/s, speedup {row['speedup']:.2f}, "
-          f"{row['tokens_per_forward']:.2f} tokens/forward, C={row['C']:.2f} ({time.time() - t0:.0f}s)", flush=True)
+          f"{row['tokens_per_forward']:.2f} tokens/forward, C={row['C']:.2f} (single {row['single_step_s']*1e3:.3f} ms, verify {row['verify_step_s']*1e3:.3f} ms, greedy loop {row['greedy']['seconds']*1e3/_MAX_NEW.value:.3f} ms/token) ({time.time() - t0:.0f}s)", flush=True)
 
   model_desc = (f"n_future={args.n_future}, head_type={args.head_type}, d_model={args.d_model}, "
                 f"n_layers={args.n_layers}, vocab={args.vocab_size}")
@@ -175,7 +186,8 @@ def main(_):
                  f"{r['speedup']:.2f} | {r['tokens_per_forward']:.2f} | {r['batch_forwards']['greedy']}/"
                  f"{r['batch_forwards']['speculative']} | {r['C']:.2f} | {acc} | "
                  f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
-  lines += ["", "tokens/forward: tokens per forward pass for each row (prefill included), averaged over rows. "
+  lines += ["", f"Every batch size decodes the same {len(prompts)} prompts, `batch` per call. "
+            "tokens/forward: all rows' tokens / all rows' forward passes (prefill included). "
             "batch forwards: forward passes the whole batch ran (a batch waits for its slowest row). "
             "C: one verify forward over n tokens (all heads) / one single-token greedy step, both cached. "
             "Acceptance of head i: drafts accepted / drafts proposed (a draft needs every earlier one accepted).",

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.errors import UserError
-from mtp_jax.model import MTPTransformer, ModelArgs, default_positions, init_cache
+from mtp_jax.model import Block, LinearHead, MTPTransformer, ModelArgs, default_positions, init_cache
 
 Array = jax.Array
 MODES = ("greedy", "speculative", "sample", "speculative_sample")
@@ -56,6 +56,10 @@ class Settings:
   @property
   def block(self) -> int:       # tokens fed per step: last token + k-1 drafts
     return self.n_future if self.speculative else 1
+
+  @property
+  def heads_run(self) -> int:   # greedy and sample need head 0 only
+    return self.block
 
 
 class SamplingParams(NamedTuple):
@@ -92,19 +96,60 @@ class DecodeOutput:
 
 # ----------------------------------------------------------------------------- model pieces
 
-def _hidden_fn(m: MTPTransformer, tokens, positions, cache, cache_index, n_heads: int):
-  """Trunk + the first n_heads heads with the cache: hidden states [n_heads, B, k, d], new cache."""
+class Weights(NamedTuple):
+  """The parameters as the decode loop reads them, rearranged once per generation (not per step)."""
+  params: Any        # the model's own tree: embedding, final norm, unembedding
+  layers: tuple      # trunk layers unstacked: the training scan would copy each layer's slice every step
+  heads: Any         # the heads that run, stacked on a leading axis (one batched layer)
+
+
+def decode_weights(params, args: ModelArgs, n_heads: int) -> Weights:
+  trunk = params["trunk"]["layer"] if args.n_trunk_layers else None
+  layers = tuple(jax.tree.map(lambda x: x[i], trunk) for i in range(args.n_trunk_layers))
+  heads = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"heads_{i}"] for i in range(n_heads)))
+  return Weights(params, layers, heads)
+
+
+def init_decode_cache(args: ModelArgs, batch: int, max_len: int, n_heads: int) -> dict:
+  """Zeroed caches: a (keys, values) pair per trunk layer, and the heads' caches stacked like their weights."""
+  cache = init_cache(args, batch, max_len, n_heads=n_heads)
+  trunk = cache["trunk"]
+  return {"trunk": tuple((trunk[0][i], trunk[1][i]) for i in range(args.n_trunk_layers)), "heads": cache["heads"]}
+
+
+def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_index):
+  """Stacked heads on trunk output z [B, k, d]: hidden [n_heads, B, k, d] and their updated stacked cache.
+
+  Parallel and linear heads all read z, so they run as ONE batched layer (vmap over the stacked
+  parameters) rather than n layers one after another. Causal heads read the previous head's
+  output and run in turn.
+  """
+  layer = LinearHead(args) if args.head_type == "linear" else Block(args)
+  apply = lambda p, x, c: layer.apply({"params": p}, x, positions, segment_ids, c, cache_index)
+  if args.head_type != "causal":
+    return jax.vmap(apply, in_axes=(0, None, 0))(heads, z, cache)
+  n = jax.tree.leaves(heads)[0].shape[0]
+  outs, h = [], z
+  for i in range(n):
+    h, c = apply(jax.tree.map(lambda x: x[i], heads), h, jax.tree.map(lambda x: x[i], cache))
+    cache = jax.tree.map(lambda full, new: full.at[i].set(new), cache, c)
+    outs.append(h)
+  return jnp.stack(outs), cache
+
+
+def forward_hidden(model: MTPTransformer, w: Weights, tokens, positions, cache, cache_index):
+  """Trunk + heads with the cache: hidden states [n_heads, B, k, d] and the new cache.
+
+  The same layers as the model's forward (Block), unrolled over the trunk: static code, no per-step copies.
+  """
   _, segment_ids = default_positions(tokens, positions)
-  z, trunk_cache = m.run_trunk(tokens, positions, segment_ids, cache["trunk"], cache_index)
-  hs, head_caches, h = [], list(cache["heads"]), z
-  for i in range(n_heads):
-    h, head_caches[i] = m.run_head(i, z, h, positions, segment_ids, cache["heads"][i], cache_index)
-    hs.append(h)
-  return jnp.stack(hs), {"trunk": trunk_cache, "heads": tuple(head_caches)}
-
-
-def forward_hidden(model, params, tokens, positions, cache, cache_index, n_heads):
-  return model.apply({"params": params}, tokens, positions, cache, cache_index, n_heads, method=_hidden_fn)
+  z = model.apply({"params": w.params}, tokens, method=MTPTransformer.embed_tokens)
+  block, trunk_cache = Block(model.args), []
+  for layer, c in zip(w.layers, cache["trunk"]):
+    z, c = block.apply({"params": layer}, z, positions, segment_ids, c, cache_index)
+    trunk_cache.append(c)
+  hidden, head_cache = run_heads(model.args, w.heads, z, positions, segment_ids, cache["heads"], cache_index)
+  return hidden, {"trunk": tuple(trunk_cache), "heads": head_cache}
 
 
 def unembed(model, params, h):
@@ -184,7 +229,7 @@ def _emit(model, params, settings: Settings, sp, state: DecodeState, p_logits, h
 
   The block's index 0 sits at state.position; rows that are not `active` keep their state.
   """
-  k_verify, k_draft = jax.random.split(key)
+  k_verify, k_draft = jax.random.split(key) if settings.sampling else (key, key)   # argmax modes draw nothing
   a, token, _ = _verify(p_logits, drafts, draft_logq, k_verify, sp, settings.sampling)
   new_drafts, new_logq = _draft(model, params, hidden, a, k_draft, sp, settings.sampling)
 
@@ -217,15 +262,15 @@ def _emit(model, params, settings: Settings, sp, state: DecodeState, p_logits, h
 
 # ----------------------------------------------------------------------------- prefill, step, loop
 
-def _prefill(model, params, settings: Settings, sp, tokens, lengths, key) -> DecodeState:
+def _prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key) -> DecodeState:
   """Run the padded prompts through the model, emit each row's first token and first drafts."""
   args, (b, p) = model.args, tokens.shape
-  n_run, k = (args.n_future if settings.speculative else 1), settings.block
-  cache = init_cache(args, b, p + settings.max_new_tokens + args.n_future)
+  k = settings.block
+  cache = init_decode_cache(args, b, p + settings.max_new_tokens + args.n_future, settings.heads_run)
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-  hidden, cache = forward_hidden(model, params, tokens, positions, cache, jnp.zeros((b,), jnp.int32), n_run)
+  hidden, cache = forward_hidden(model, w, tokens, positions, cache, jnp.zeros((b,), jnp.int32))
   last = lengths - 1
-  h_last = jax.vmap(lambda hh: _take(hh, last)[:, None])(hidden)       # [n_run, B, 1, d]
+  h_last = jax.vmap(lambda hh: _take(hh, last)[:, None])(hidden)       # [heads_run, B, 1, d]
   key, sub = jax.random.split(key)
   state = DecodeState(
       cache=cache, tokens=jnp.zeros((b, settings.max_new_tokens + k), jnp.int32),
@@ -236,21 +281,20 @@ def _prefill(model, params, settings: Settings, sp, tokens, lengths, key) -> Dec
       forwards=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b, k - 1), jnp.int32))
   no_drafts = jnp.zeros((b, 0), jnp.int32)
   no_logq = jnp.zeros((b, 0, args.vocab_size), jnp.float32) if settings.sampling else None
-  return _emit(model, params, settings, sp, state, unembed(model, params, h_last[0]), h_last[1:],
+  return _emit(model, w.params, settings, sp, state, unembed(model, w.params, h_last[0]), h_last[1:],
                no_drafts, no_logq, sub, jnp.ones((b,), bool))
 
 
-def _step(model, params, settings: Settings, sp, state: DecodeState) -> DecodeState:
+def _step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
   """One forward pass over every row's block [last token, drafts] at its own cache position."""
   k = settings.block
   last = _take(state.tokens, state.count - 1)
   block = jnp.concatenate([last[:, None], state.drafts], axis=1)
   positions = state.position[:, None] + jnp.arange(k)[None, :]
-  hidden, cache = forward_hidden(model, params, block, positions, state.cache, state.position,
-                                 model.args.n_future if settings.speculative else 1)
-  key, sub = jax.random.split(state.key)
+  hidden, cache = forward_hidden(model, w, block, positions, state.cache, state.position)
+  key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
   state = state.replace(cache=cache, key=key, steps=state.steps + 1)
-  return _emit(model, params, settings, sp, state, unembed(model, params, hidden[0]), hidden[1:],
+  return _emit(model, w.params, settings, sp, state, unembed(model, w.params, hidden[0]), hidden[1:],
                state.drafts, state.draft_logq, sub, ~state.done)
 
 
@@ -261,10 +305,11 @@ def decode(params, tokens, lengths, key, sp: SamplingParams, *, model: MTPTransf
            settings: Settings) -> DecodeOutput:
   """The whole generation (jit this): tokens [B, P] right-padded prompts, lengths [B] their lengths."""
   _TRACES[0] += 1   # runs only while tracing: the tests count compilations with it
-  state = _prefill(model, params, settings, sp, tokens, lengths, key)
+  w = decode_weights(params, model.args, settings.heads_run)
+  state = _prefill(model, w, settings, sp, tokens, lengths, key)
   # Each active step emits >= 1 token per active row, so max_new_tokens bounds the loop.
   cond = lambda s: ~jnp.all(s.done) & (s.steps < settings.max_new_tokens)
-  state = jax.lax.while_loop(cond, lambda s: _step(model, params, settings, sp, s), state)
+  state = jax.lax.while_loop(cond, lambda s: _step(model, w, settings, sp, s), state)
   n = settings.max_new_tokens
   out = jnp.where(jnp.arange(n)[None, :] < state.count[:, None], state.tokens[:, :n], PAD)
   return DecodeOutput(tokens=out, lengths=state.count, forwards=state.forwards, accepted=state.accepted,

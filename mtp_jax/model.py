@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-# A layer's KV cache: (keys, values), each [batch, max_len, n_kv_heads, head_dim]. Stacked trunk
-# caches carry a leading layer axis. `cache_index` [batch] says where each row writes next.
+# A layer's KV cache: (keys, values), each [batch, n_kv_heads, max_len, head_dim]. The trunk's and
+# the heads' caches are each stacked on a leading layer axis. `cache_index` [batch] says where each row writes next.
 KVCache = tuple[Array, Array]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -123,8 +123,8 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
 
 
 def _write_rows(cache: Array, new: Array, index: Array) -> Array:
-  """cache[b, index[b]:index[b]+k] = new[b]; each row writes at its own offset."""
-  return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(cache, new, index)
+  """cache[b, :, index[b]:index[b]+k] = new[b]; each row writes at its own offset."""
+  return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=1))(cache, new, index)
 
 
 class Attention(nn.Module):
@@ -138,6 +138,9 @@ class Attention(nn.Module):
     k = _dense((a.n_kv_heads, a.head_dim), ("embed", "kv_heads", "kv"), a, "k")(x)
     v = _dense((a.n_kv_heads, a.head_dim), ("embed", "kv_heads", "kv"), a, "v")(x)
     q, k = rotary(q, positions, a.rope_theta), rotary(k, positions, a.rope_theta)
+    # Keys and values head-major [B, kv_heads, S, D]: the layout both attention products read
+    # without a transpose, which matters for the cache (read whole at every decode step).
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
     if cache is None:  # training / full forward: keys are this block, documents kept apart
       k_pos, new_cache = positions, None
@@ -146,15 +149,15 @@ class Attention(nn.Module):
       ck, cv = _write_rows(cache[0], k.astype(cache[0].dtype), cache_index), \
                _write_rows(cache[1], v.astype(cache[1].dtype), cache_index)
       new_cache, k, v = (ck, cv), ck.astype(a.dtype), cv.astype(a.dtype)
-      k_pos = jnp.arange(ck.shape[1])[None, :]
+      k_pos = jnp.arange(ck.shape[2])[None, :]
       mask = k_pos[:, None, :] <= positions[:, :, None]              # stale slots lie past every query
 
     groups = a.n_heads // a.n_kv_heads
     q = q.reshape(b, t, a.n_kv_heads, groups, a.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(a.head_dim).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(a.head_dim).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(a.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, a.n_heads, a.head_dim)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, a.n_heads, a.head_dim)
     out = _dense(a.d_model, ("heads", "kv", "embed"), a, "o", n_in=2)(out)
     return out, new_cache
 
@@ -219,6 +222,9 @@ class MTPTransformer(nn.Module):
     if not a.tie_embeddings:
       self.unembed = _dense(a.vocab_size, ("embed", "vocab"), a, "unembed")
 
+  def embed_tokens(self, tokens):
+    return self.embed(tokens)
+
   def run_trunk(self, tokens, positions, segment_ids, cache=None, cache_index=None):
     """tokens [B, T] -> trunk output z [B, T, d] (and the trunk's updated KV cache)."""
     z = self.embed(tokens)
@@ -243,10 +249,13 @@ class MTPTransformer(nn.Module):
     z, trunk_cache = self.run_trunk(tokens, positions, segment_ids, cache and cache["trunk"], cache_index)
     outs, head_caches, h = [], [], z
     for i in range(self.args.n_future):   # n is a small static number; the loss uses a scan instead
-      h, c = self.run_head(i, z, h, positions, segment_ids, cache and cache["heads"][i], cache_index)
+      c = None if cache is None else jax.tree.map(lambda x: x[i], cache["heads"])
+      h, c = self.run_head(i, z, h, positions, segment_ids, c, cache_index)
       outs.append(self.logits(h))
       head_caches.append(c)
-    new_cache = None if cache is None else {"trunk": trunk_cache, "heads": tuple(head_caches)}
+    new_cache = None
+    if cache is not None:
+      new_cache = {"trunk": trunk_cache, "heads": jax.tree.map(lambda *xs: jnp.stack(xs), *head_caches)}
     return jnp.stack(outs), new_cache
 
 
@@ -258,14 +267,17 @@ def default_positions(tokens, positions=None, segment_ids=None):
   return positions, segment_ids
 
 
-def init_cache(args: ModelArgs, batch: int, max_len: int, dtype=None) -> dict:
-  """Zeroed KV caches for every trunk layer and every transformer head."""
+def init_cache(args: ModelArgs, batch: int, max_len: int, n_heads: Optional[int] = None, dtype=None) -> dict:
+  """Zeroed KV caches: every trunk layer stacked, and the first n_heads heads (default all) stacked.
+
+  Heads share one stacked cache so that decoding can run parallel heads as one batched layer.
+  """
   dtype = dtype or args.dtype
-  shape = (batch, max_len, args.n_kv_heads, args.head_dim)
-  layer = lambda *lead: (jnp.zeros(lead + shape, dtype), jnp.zeros(lead + shape, dtype))
-  trunk = layer(args.n_trunk_layers) if args.n_trunk_layers else None
-  heads = tuple(layer() if args.heads_have_cache else None for _ in range(args.n_future))
-  return {"trunk": trunk, "heads": heads}
+  n_heads = args.n_future if n_heads is None else n_heads
+  shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+  layers = lambda n: (jnp.zeros((n,) + shape, dtype), jnp.zeros((n,) + shape, dtype))
+  return {"trunk": layers(args.n_trunk_layers) if args.n_trunk_layers else None,
+          "heads": layers(n_heads) if args.heads_have_cache else None}
 
 
 def build_model(model_cfg) -> MTPTransformer:

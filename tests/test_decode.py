@@ -56,18 +56,36 @@ def run(model, params, prompts, mode, max_new_tokens=24, bucket=16, **kw):
 
 # ----------------------------------------------------------------------------- the cache
 
+def _model_cached(model, params):
+  """The model's own forward with a cache: every head's logits [n, B, k, V]."""
+  return (lambda toks, pos, cache: model.apply({"params": params}, toks, pos, None, cache=cache, cache_index=pos[:, 0]),
+          init_cache(model.args, 2, 16))
+
+
+def _decoder_cached(model, params):
+  """The decode loop's forward (unrolled trunk, stacked heads) + the shared unembedding."""
+  w = decode.decode_weights(params, model.args, model.args.n_future)
+
+  def apply(toks, pos, cache):
+    hidden, cache = decode.forward_hidden(model, w, toks, pos, cache, pos[:, 0])
+    return decode.unembed(model, params, hidden), cache
+  return apply, decode.init_decode_cache(model.args, 2, 16, model.args.n_future)
+
+
+@pytest.mark.parametrize("path", [_model_cached, _decoder_cached])
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
-def test_cached_forward_matches_full_forward(head_type):
+def test_cached_forward_matches_full_forward(head_type, path):
   """Prefill (right-padded, rows of different lengths), single steps and a multi-token block, against
-  the uncached forward of the whole sequence, for every head."""
+  the uncached forward of the whole sequence, for every head: the model's cached forward and the
+  decode loop's own (which rearranges the weights)."""
   model, params = tiny(n=3, head_type=head_type)
   seqs = jax.random.randint(jax.random.key(1), (2, 12), 0, 48)
   full, _ = model.apply({"params": params}, seqs)                         # [n, B, T, V]
   lengths = np.array([5, 3])
   padded = np.where(np.arange(6)[None] < lengths[:, None], seqs[:, :6], 47)   # junk past each prompt
-  apply = jax.jit(lambda toks, pos, cache: model.apply({"params": params}, toks, pos, None, cache=cache,
-                                                        cache_index=pos[:, 0]))
-  logits, cache = apply(jnp.asarray(padded), jnp.broadcast_to(jnp.arange(6), (2, 6)), init_cache(model.args, 2, 16))
+  fn, cache = path(model, params)
+  apply = jax.jit(fn)
+  logits, cache = apply(jnp.asarray(padded), jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)
   for b, l in enumerate(lengths):
     np.testing.assert_allclose(logits[:, b, :l], full[:, b, :l], atol=2e-5)
   pos = lengths.copy()
