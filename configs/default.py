@@ -1,39 +1,53 @@
-"""The main job: a 4-head MTP model on the Python standard library, sized for a 2-core CPU (~13 min).
+"""The main job: a byte-level 4-head MTP model on the Python standard library, sized for a 2-core CPU (~14 min).
 
     python -m mtp_jax.main --config=configs/default.py --workdir=workdirs/default
 
-Sized by measurement on 2 CPU cores (0.65 s/step, ~3,200 tokens/s): a 2,048-piece vocabulary
-(the 4 heads each run the unembedding, so vocabulary size is the largest cost; 2,048 pieces still
-give ~3 characters per token on code), 256-token windows of 8, 1,100 steps (~2.3M tokens, about
-half an epoch of the stdlib), and a learning rate raised for the short run. The 4,096-piece,
-16 x 256 shape it replaced learned less in the same time (fewer steps).
+Chosen by measurement on 2 CPU cores for both halves of the paper's claim, better training and
+faster self-speculative decoding (experiments/results/speculative.md):
+- Bytes (258 ids), as in the paper's byte-level models: heads 2-4 predict a few characters ahead,
+  which a small model learns in minutes; 2,048 sentencepiece pieces (the `sp` variant) drafted
+  about 1.8 tokens per forward pass instead.
+- Linear heads on a 12-layer, 128-wide trunk: at batch 1 a CPU step is bound by per-operation
+  overhead, so verifying 4 tokens costs ~1.2 single-token steps, while four transformer heads on
+  a shallow trunk made a verify cost 3-4 steps (the 256-wide, 2+4-layer parallel-head model
+  drafted more tokens per forward but ran at 0.5x greedy speed).
+- 8 windows of 256 bytes, 1,700 steps (~3.5M bytes, about a third of the stdlib), a learning rate raised for the short run.
 
-Variants: `configs/default.py:n1` is the same model with one head (the next-token baseline under
-parameter parity, for comparisons).
+Variants: `configs/default.py:n1` is the same model with one head (the next-token baseline);
+`configs/default.py:sp` the sentencepiece model this recipe replaced (2,048 pieces, 256 wide,
+2 trunk layers + 4 parallel transformer heads, 1,100 steps).
 """
 from mtp_jax.config import base_config
 
 
 def get_config(arg=None):
   c = base_config()
-  c.model.vocab_size = 2048
-  c.model.d_model = 256
-  c.model.n_layers = 6
-  c.model.n_heads = 8
-  c.model.n_kv_heads = 4
-  c.model.d_ff = 704
+  c.data.tokenizer = "bytes"
+  c.model.vocab_size = 258
+  c.model.d_model = 128
+  c.model.n_layers = 12
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 2
+  c.model.d_ff = 352
   c.model.n_future = 4
+  c.model.head_type = "linear"
   c.data.seq_len = 256
   c.train.batch_size = 8
-  c.train.steps = 1100
+  c.train.steps = 1700
   c.train.learning_rate = 4e-3
   c.train.warmup_steps = 100
   c.train.log_every = 25
-  c.train.eval_every = 500
+  c.train.eval_every = 850
   c.train.eval_batches = 16
-  c.train.checkpoint_every = 250
+  c.train.checkpoint_every = 425
   if arg == "n1":
     c.model.n_future = 1
+  elif arg == "sp":
+    c.data.tokenizer = "sentencepiece"
+    c.model.vocab_size = 2048
+    c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 256, 6, 8, 4, 704
+    c.model.head_type = "parallel"
+    c.train.steps = 1100
   elif arg:
-    raise ValueError(f"configs/default.py: unknown variant {arg!r}; known: n1")
+    raise ValueError(f"configs/default.py: unknown variant {arg!r}; known: n1, sp")
   return c

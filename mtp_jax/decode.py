@@ -10,6 +10,10 @@ min(1, p(x)/q(x)) and otherwise samples max(0, p - q) (Leviathan et al. 2023), s
 `sample`'s distribution exactly. p is head 0's and q the drafting head's distribution, both after
 the same temperature / top-k / top-p.
 
+Before the loop the weights are rearranged once (`decode_weights`): trunk layers unstacked, so a step
+reads each layer in place, and the heads that run stacked, so parallel and linear heads are one
+batched layer. Greedy and sample run (and cache) head 0 only.
+
 Shapes are static: prompts are right-padded to a bucket P, the cache holds
 P + max_new_tokens + n_future slots, and rejected drafts' cache slots lie past the row's position
 (masked by the model) until the next block overwrites them. Rows that are done keep running in
@@ -97,8 +101,10 @@ class DecodeOutput:
 # ----------------------------------------------------------------------------- model pieces
 
 class Weights(NamedTuple):
-  """The parameters as the decode loop reads them, rearranged once per generation (not per step)."""
-  params: Any        # the model's own tree: embedding, final norm, unembedding
+  """The parameters as the decode loop reads them, rearranged once per generation by a program of
+  their own, so the loop's program receives them ready-made (no slicing left for XLA to sink into
+  the loop body)."""
+  params: Any        # the model's own tree, embedding, final norm and unembedding only
   layers: tuple      # trunk layers unstacked: the training scan would copy each layer's slice every step
   heads: Any         # the heads that run, stacked on a leading axis (one batched layer)
 
@@ -107,7 +113,8 @@ def decode_weights(params, args: ModelArgs, n_heads: int) -> Weights:
   trunk = params["trunk"]["layer"] if args.n_trunk_layers else None
   layers = tuple(jax.tree.map(lambda x: x[i], trunk) for i in range(args.n_trunk_layers))
   heads = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"heads_{i}"] for i in range(n_heads)))
-  return Weights(params, layers, heads)
+  shared = {k: v for k, v in params.items() if k in ("embed", "final_norm", "unembed")}
+  return Weights(shared, layers, heads)
 
 
 def init_decode_cache(args: ModelArgs, batch: int, max_len: int, n_heads: int) -> dict:
@@ -301,11 +308,11 @@ def _step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> Deco
 _TRACES = [0]
 
 
-def decode(params, tokens, lengths, key, sp: SamplingParams, *, model: MTPTransformer,
+def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, *, model: MTPTransformer,
            settings: Settings) -> DecodeOutput:
-  """The whole generation (jit this): tokens [B, P] right-padded prompts, lengths [B] their lengths."""
+  """The whole generation (jit this): w from `decode_weights`, tokens [B, P] right-padded prompts,
+  lengths [B] their lengths."""
   _TRACES[0] += 1   # runs only while tracing: the tests count compilations with it
-  w = decode_weights(params, model.args, settings.heads_run)
   state = _prefill(model, w, settings, sp, tokens, lengths, key)
   # Each active step emits >= 1 token per active row, so max_new_tokens bounds the loop.
   cond = lambda s: ~jnp.all(s.done) & (s.steps < settings.max_new_tokens)
@@ -383,8 +390,10 @@ def compiled_decode(params, args: ModelArgs, settings: Settings, tokens, lengths
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0
   start = time.perf_counter()
-  fn = jax.jit(lambda *xs: decode(*xs, model=MTPTransformer(args), settings=settings))
-  _COMPILED[cache_key] = fn.lower(params, tokens, lengths, key, sp).compile()
+  weights = jax.jit(lambda p: decode_weights(p, args, settings.heads_run)).lower(params).compile()
+  loop = jax.jit(lambda *xs: decode(*xs, model=MTPTransformer(args), settings=settings))
+  loop = loop.lower(weights(params), tokens, lengths, key, sp).compile()
+  _COMPILED[cache_key] = lambda params, *rest: loop(weights(params), *rest)
   return _COMPILED[cache_key], time.perf_counter() - start
 
 
