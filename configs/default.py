@@ -1,17 +1,18 @@
-"""The main job: a byte-level 4-head MTP model on the Python standard library, sized for a 2-core CPU (~14 min).
+"""The main job: a byte-level 4-head MTP model on the Python standard library, sized for a 2-core CPU (~12 min).
 
     python -m mtp_jax.main --config=configs/default.py --workdir=workdirs/default
 
 Chosen by measurement on 2 CPU cores for both halves of the paper's claim, better training and
-faster self-speculative decoding (experiments/results/speculative.md):
+faster self-speculative decoding (experiments/results/speculative.md and speculative_sp.md):
 - Bytes (258 ids), as in the paper's byte-level models: heads 2-4 predict a few characters ahead,
-  which a small model learns in minutes; 2,048 sentencepiece pieces (the `sp` variant) drafted
-  about 1.8 tokens per forward pass instead.
+  which a small model learns in minutes (2.66 tokens per forward pass at batch 1, where the
+  2,048-piece `sp` variant drafts 1.84).
 - Linear heads on a 12-layer, 128-wide trunk: at batch 1 a CPU step is bound by per-operation
-  overhead, so verifying 4 tokens costs ~1.2 single-token steps, while four transformer heads on
-  a shallow trunk made a verify cost 3-4 steps (the 256-wide, 2+4-layer parallel-head model
-  drafted more tokens per forward but ran at 0.5x greedy speed).
-- 8 windows of 256 bytes, 1,700 steps (~3.5M bytes, about a third of the stdlib), a learning rate raised for the short run.
+  overhead, so verifying 4 tokens costs C ~1.2 single-token steps. With the `sp` variant's 2-layer
+  trunk and 4 transformer heads a verify runs twice the layers of a greedy step (C ~2.8), and
+  speculative decoding ran at 0.57x greedy speed.
+- 8 windows of 256 bytes, 1,700 steps (~3.5M bytes, about a third of the stdlib), a learning rate
+  raised for the short run.
 
 Variants: `configs/default.py:n1` is the same model with one head (the next-token baseline);
 `configs/default.py:sp` the sentencepiece model this recipe replaced (2,048 pieces, 256 wide,
