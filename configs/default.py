@@ -1,17 +1,17 @@
-"""The main job: a byte-level 4-head MTP model on the Python standard library, sized for a 2-core CPU (~12 min).
+"""The main job: a byte-level 4-head MTP model on the Python standard library, sized for a 2-core CPU (~14 min).
 
     python -m mtp_jax.main --config=configs/default.py --workdir=workdirs/default
 
 Chosen by measurement on 2 CPU cores for both halves of the paper's claim, better training and
 faster self-speculative decoding (experiments/results/speculative.md and speculative_sp.md):
 - Bytes (258 ids), as in the paper's byte-level models: heads 2-4 predict a few characters ahead,
-  which a small model learns in minutes (2.66 tokens per forward pass at batch 1, where the
+  which a small model learns in minutes (2.86 tokens per forward pass at batch 1, where the
   2,048-piece `sp` variant drafts 1.84).
 - Linear heads on a 12-layer, 128-wide trunk: at batch 1 a CPU step is bound by per-operation
   overhead, so verifying 4 tokens costs C ~1.2 single-token steps. With the `sp` variant's 2-layer
   trunk and 4 transformer heads a verify runs twice the layers of a greedy step (C ~2.8), and
   speculative decoding ran at 0.57x greedy speed.
-- 8 windows of 256 bytes, 1,700 steps (~3.5M bytes, about a third of the stdlib), a learning rate
+- 8 windows of 256 bytes, 2,000 steps (~4.1M bytes, about a third of the stdlib), a learning rate
   raised for the short run.
 
 Variants: `configs/default.py:n1` is the same model with one head (the next-token baseline);
@@ -34,13 +34,13 @@ def get_config(arg=None):
   c.model.head_type = "linear"
   c.data.seq_len = 256
   c.train.batch_size = 8
-  c.train.steps = 1700
+  c.train.steps = 2000
   c.train.learning_rate = 4e-3
   c.train.warmup_steps = 100
   c.train.log_every = 25
-  c.train.eval_every = 850
+  c.train.eval_every = 1000
   c.train.eval_batches = 16
-  c.train.checkpoint_every = 425
+  c.train.checkpoint_every = 500
   if arg == "n1":
     c.model.n_future = 1
   elif arg == "sp":

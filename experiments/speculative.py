@@ -9,8 +9,9 @@ speedup, tokens per forward pass (all rows' tokens / all rows' forward passes, p
 each draft head's acceptance, and C = time of one verify forward over n tokens / time of one
 single-token step (both with the KV cache, at the prompts' end). Speculative can only win when
 tokens per forward > C. After a warm-up the two modes run back to back on each call, and the
-medians over repeats are reported, so drift on a shared machine hits both modes alike. EOS is off: every row generates exactly
-max_new_tokens, so both modes do the same work. Speculative output is checked to equal greedy's.
+medians over repeats are reported, so drift on a shared machine hits both modes alike. EOS is off:
+every row generates exactly max_new_tokens, so both modes do the same work. Speculative output is
+checked to equal greedy's.
 Writes experiments/results/<out_name>.md and .json.
 """
 import os
@@ -38,7 +39,8 @@ _RANDOM = flags.DEFINE_bool("random_init", False, "Random weights and random-tok
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Batch sizes (each runs over all the prompts).")
 _N_PROMPTS = flags.DEFINE_integer("prompts", 16, "Held-out prompts (a multiple of every batch size).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens generated per row (the prompt's prefill, the same in both modes, weighs less the more are generated).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens generated per row (the prompt's prefill, "
+                                "the same in both modes, weighs less the more are generated).")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs per mode and batch size (after one warm-up).")
 _FWD_ITERS = flags.DEFINE_integer("forward_iters", 50, "Forward passes per timed call when measuring C.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt selection seed.")
