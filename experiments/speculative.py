@@ -125,7 +125,7 @@ def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
     cache = decode.init_decode_cache(args, b, p + max(_MAX_NEW.value, iters * k) + n, k)   # decode's size
     _, cache = jax.jit(lambda c: decode.forward_hidden(model, w, jnp.asarray(tokens),
                                                        jnp.broadcast_to(jnp.arange(p), (b, p)), c,
-                                                       jnp.zeros((b,), jnp.int32)))(cache)
+                                                       jnp.zeros((b,), jnp.int32), prefill=True))(cache)
     block = jnp.ones((b, k), jnp.int32)
 
     def body(i, carry):   # iterate inside one program: dispatch overhead would swamp a tiny model's step

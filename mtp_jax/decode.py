@@ -124,7 +124,7 @@ def init_decode_cache(args: ModelArgs, batch: int, max_len: int, n_heads: int) -
   return {"trunk": tuple((trunk[0][i], trunk[1][i]) for i in range(args.n_trunk_layers)), "heads": cache["heads"]}
 
 
-def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_index):
+def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_index, prefill=False):
   """Stacked heads on trunk output z [B, k, d]: hidden [n_heads, B, k, d] and their updated stacked cache.
 
   Parallel and linear heads all read z, so they run as ONE batched layer (vmap over the stacked
@@ -132,7 +132,7 @@ def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_in
   output and run in turn.
   """
   layer = LinearHead(args) if args.head_type == "linear" else Block(args)
-  apply = lambda p, x, c: layer.apply({"params": p}, x, positions, segment_ids, c, cache_index)
+  apply = lambda p, x, c: layer.apply({"params": p}, x, positions, segment_ids, c, cache_index, prefill)
   if args.head_type != "causal":
     return jax.vmap(apply, in_axes=(0, None, 0))(heads, z, cache)
   n = jax.tree.leaves(heads)[0].shape[0]
@@ -144,18 +144,19 @@ def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_in
   return jnp.stack(outs), cache
 
 
-def forward_hidden(model: MTPTransformer, w: Weights, tokens, positions, cache, cache_index):
+def forward_hidden(model: MTPTransformer, w: Weights, tokens, positions, cache, cache_index, prefill=False):
   """Trunk + heads with the cache: hidden states [n_heads, B, k, d] and the new cache.
 
   The same layers as the model's forward (Block), unrolled over the trunk: static code, no per-step copies.
+  prefill=True: the cache is empty and `tokens` start at position 0, so attention stays within the block.
   """
   _, segment_ids = default_positions(tokens, positions)
   z = model.apply({"params": w.params}, tokens, method=MTPTransformer.embed_tokens)
   block, trunk_cache = Block(model.args), []
   for layer, c in zip(w.layers, cache["trunk"]):
-    z, c = block.apply({"params": layer}, z, positions, segment_ids, c, cache_index)
+    z, c = block.apply({"params": layer}, z, positions, segment_ids, c, cache_index, prefill)
     trunk_cache.append(c)
-  hidden, head_cache = run_heads(model.args, w.heads, z, positions, segment_ids, cache["heads"], cache_index)
+  hidden, head_cache = run_heads(model.args, w.heads, z, positions, segment_ids, cache["heads"], cache_index, prefill)
   return hidden, {"trunk": tuple(trunk_cache), "heads": head_cache}
 
 
@@ -275,7 +276,7 @@ def _prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key) ->
   k = settings.block
   cache = init_decode_cache(args, b, p + settings.max_new_tokens + args.n_future, settings.heads_run)
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-  hidden, cache = forward_hidden(model, w, tokens, positions, cache, jnp.zeros((b,), jnp.int32))
+  hidden, cache = forward_hidden(model, w, tokens, positions, cache, jnp.zeros((b,), jnp.int32), prefill=True)
   last = lengths - 1
   h_last = jax.vmap(lambda hh: _take(hh, last)[:, None])(hidden)       # [heads_run, B, 1, d]
   key, sub = jax.random.split(key)

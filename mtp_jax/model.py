@@ -131,7 +131,7 @@ class Attention(nn.Module):
   args: ModelArgs
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache: Optional[KVCache], cache_index):
+  def __call__(self, x, positions, segment_ids, cache: Optional[KVCache], cache_index, prefill=False):
     a = self.args
     b, t, _ = x.shape
     q = _dense((a.n_heads, a.head_dim), ("embed", "heads", "kv"), a, "q")(x)
@@ -142,14 +142,18 @@ class Attention(nn.Module):
     # without a transpose, which matters for the cache (read whole at every decode step).
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
-    if cache is None:  # training / full forward: keys are this block, documents kept apart
-      k_pos, new_cache = positions, None
+    new_cache = None
+    if cache is not None:  # decoding: write this block into the cache
+      new_cache = (_write_rows(cache[0], k.astype(cache[0].dtype), cache_index),
+                   _write_rows(cache[1], v.astype(cache[1].dtype), cache_index))
+    if cache is None or prefill:
+      # Keys are this block, documents kept apart: training, and a prefill (the cache held nothing
+      # before the prompt, so attending to its max_len slots would only add masked-out work).
+      k_pos = positions
       mask = (k_pos[:, None, :] <= positions[:, :, None]) & (segment_ids[:, None, :] == segment_ids[:, :, None])
-    else:              # decoding: write this block into the cache, attend to every slot up to our position
-      ck, cv = _write_rows(cache[0], k.astype(cache[0].dtype), cache_index), \
-               _write_rows(cache[1], v.astype(cache[1].dtype), cache_index)
-      new_cache, k, v = (ck, cv), ck.astype(a.dtype), cv.astype(a.dtype)
-      k_pos = jnp.arange(ck.shape[2])[None, :]
+    else:                  # a decode step: attend to every cached slot up to our position
+      k, v = new_cache[0].astype(a.dtype), new_cache[1].astype(a.dtype)
+      k_pos = jnp.arange(k.shape[2])[None, :]
       mask = k_pos[:, None, :] <= positions[:, :, None]              # stale slots lie past every query
 
     groups = a.n_heads // a.n_kv_heads
@@ -167,11 +171,11 @@ class Block(nn.Module):
   args: ModelArgs
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
+  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, prefill=False):
     a = self.args
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     h, new_cache = Attention(a, name="attn")(RMSNorm(a.norm_eps, a.param_dtype, name="attn_norm")(x),
-                                             positions, segment_ids, cache, cache_index)
+                                             positions, segment_ids, cache, cache_index, prefill)
     x = x + h
     y = RMSNorm(a.norm_eps, a.param_dtype, name="mlp_norm")(x)
     gate = _dense(a.d_ff, ("embed", "mlp"), a, "gate")(y)
@@ -186,7 +190,7 @@ class LinearHead(nn.Module):
   args: ModelArgs
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
+  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, prefill=False):
     a = self.args
     eye = lambda key, shape, dtype: jnp.eye(*shape, dtype=dtype)
     return _dense(a.d_model, ("embed", "mlp"), a, "proj", init=eye)(x), None

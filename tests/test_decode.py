@@ -58,16 +58,18 @@ def run(model, params, prompts, mode, max_new_tokens=24, bucket=16, **kw):
 
 def _model_cached(model, params):
   """The model's own forward with a cache: every head's logits [n, B, k, V]."""
-  return (lambda toks, pos, cache: model.apply({"params": params}, toks, pos, None, cache=cache, cache_index=pos[:, 0]),
+  return (lambda toks, pos, cache, prefill: model.apply({"params": params}, toks, pos, None, cache=cache,
+                                                       cache_index=pos[:, 0]),
           init_cache(model.args, 2, 16))
 
 
 def _decoder_cached(model, params):
-  """The decode loop's forward (unrolled trunk, stacked heads) + the shared unembedding."""
+  """The decode loop's forward (unrolled trunk, stacked heads; a prefill attends within the prompt)
+  + the shared unembedding."""
   w = decode.decode_weights(params, model.args, model.args.n_future)
 
-  def apply(toks, pos, cache):
-    hidden, cache = decode.forward_hidden(model, w, toks, pos, cache, pos[:, 0])
+  def apply(toks, pos, cache, prefill):
+    hidden, cache = decode.forward_hidden(model, w, toks, pos, cache, pos[:, 0], prefill=prefill)
     return decode.unembed(model, params, hidden), cache
   return apply, decode.init_decode_cache(model.args, 2, 16, model.args.n_future)
 
@@ -84,17 +86,17 @@ def test_cached_forward_matches_full_forward(head_type, path):
   lengths = np.array([5, 3])
   padded = np.where(np.arange(6)[None] < lengths[:, None], seqs[:, :6], 47)   # junk past each prompt
   fn, cache = path(model, params)
-  apply = jax.jit(fn)
-  logits, cache = apply(jnp.asarray(padded), jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)
+  apply = jax.jit(fn, static_argnums=3)
+  logits, cache = apply(jnp.asarray(padded), jnp.broadcast_to(jnp.arange(6), (2, 6)), cache, True)
   for b, l in enumerate(lengths):
     np.testing.assert_allclose(logits[:, b, :l], full[:, b, :l], atol=2e-5)
   pos = lengths.copy()
   for _ in range(3):                                                      # single-token steps
-    logits, cache = apply(seqs[np.arange(2), pos][:, None], jnp.asarray(pos)[:, None], cache)
+    logits, cache = apply(seqs[np.arange(2), pos][:, None], jnp.asarray(pos)[:, None], cache, False)
     np.testing.assert_allclose(logits[:, :, 0], full[:, np.arange(2), pos], atol=2e-5)
     pos += 1
   idx = pos[:, None] + np.arange(3)[None]                                 # a 3-token block
-  logits, cache = apply(jnp.take_along_axis(seqs, jnp.asarray(idx), 1), jnp.asarray(idx), cache)
+  logits, cache = apply(jnp.take_along_axis(seqs, jnp.asarray(idx), 1), jnp.asarray(idx), cache, False)
   for b in range(2):
     np.testing.assert_allclose(logits[:, b], full[:, b, idx[b]], atol=2e-5)
 
