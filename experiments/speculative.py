@@ -6,9 +6,9 @@
 For each batch size, over the same held-out prompts (16 by default, `batch` per call): tokens/s of
 greedy and of speculative decoding (the same compiled loop, k=1 vs k=n tokens per forward), the
 speedup, tokens per forward pass (all rows' tokens / all rows' forward passes, prefill included),
-each draft head's acceptance, and C = time of one verify forward over n tokens / time of one
-single-token step (both with the KV cache, at the prompts' end). Speculative can only win when
-tokens per forward > C. After a warm-up the two modes run back to back on each call, and the
+each draft head's acceptance, and C = time of one verify step (a forward over n tokens) / time of
+one single-token greedy step (the decode loop's own steps, with the KV cache, from the prompts' end).
+Speculative can only win when tokens per forward > C. After a warm-up the two modes run back to back on each call, and the
 medians over repeats are reported, so drift on a shared machine hits both modes alike. EOS is off:
 every row generates exactly max_new_tokens, so both modes do the same work. Speculative output is
 checked to equal greedy's.
@@ -43,7 +43,7 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens generated per row (the prompt's prefill, "
                                 "the same in both modes, weighs less the more are generated).")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs per mode and batch size (after one warm-up).")
-_FWD_ITERS = flags.DEFINE_integer("forward_iters", 50, "Forward passes per timed call when measuring C.")
+_FWD_ITERS = flags.DEFINE_integer("forward_iters", 50, "Steps per timed call when measuring C.")
 _FWD_REPEATS = flags.DEFINE_integer("forward_repeats", 21, "Timed pairs (single, verify) when measuring C.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt selection seed.")
 _OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
@@ -115,44 +115,30 @@ def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int) -> 
 
 
 def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
-  """C: seconds of one cached forward over a block of n tokens with every head (the verify step) over
-  one cached single-token forward with head 0 (the greedy step), each as the decode loop runs them."""
+  """C: seconds of one speculative step (a cached forward over a block of n tokens with every head,
+  and its verification) over one greedy step (a cached single-token forward with head 0): the decode
+  loop's own step function, run `forward_iters` times from the prompts' prefill in one program."""
   model, n, iters = MTPTransformer(args), args.n_future, _FWD_ITERS.value
-  tokens, lengths = decode.pad_prompts(prompts, len(prompts[0]))
-  b, p = tokens.shape
+  tokens, lengths = map(jnp.asarray, decode.pad_prompts(prompts, len(prompts[0])))
+  sp = decode.SamplingParams(jnp.float32(1), jnp.int32(0), jnp.float32(1), jnp.int32(-1))
 
-  def make(k: int):
-    """(prefilled cache, compiled loop of `iters` forwards over k-token blocks with k heads)."""
-    w = decode.decode_weights(params, args, k)
-    cache = decode.init_decode_cache(args, b, p + max(_MAX_NEW.value, iters * k) + n, k)   # decode's size
-    _, cache = jax.jit(lambda c: decode.forward_hidden(model, w, jnp.asarray(tokens),
-                                                       jnp.broadcast_to(jnp.arange(p), (b, p)), c,
-                                                       jnp.zeros((b,), jnp.int32), prefill=True))(cache)
-    block = jnp.ones((b, k), jnp.int32)
+  def make(mode: str):
+    """The compiled loop of `iters` steps, from a prefilled state (both arguments, as in decoding)."""
+    settings = decode.Settings(mode, _MAX_NEW.value, n)
+    w = jax.jit(lambda p: decode.decode_weights(p, args, settings.heads_run))(params)
+    state = jax.jit(lambda w: decode.prefill(model, w, settings, sp, tokens, lengths, jax.random.key(0)))(w)
+    # Iterate inside one program: dispatch overhead would swamp a tiny model's step.
+    loop = jax.jit(lambda w, s: jax.lax.fori_loop(0, iters, lambda i, s: decode.step(model, w, settings, sp, s), s).count)
+    return functools.partial(loop, w, state)
 
-    def body(w, i, carry):   # iterate inside one program: dispatch overhead would swamp a tiny model's step
-      c, acc = carry
-      # Each forward moves on by k positions, as decoding does: fixed positions would let XLA hoist
-      # the rotary tables, masks and cache offsets out of the loop, which the real step cannot.
-      pos = jnp.full((b,), p, jnp.int32) + i * k
-      hidden, c = decode.forward_hidden(model, w, block, pos[:, None] + jnp.arange(k)[None], c, pos)
-      acc += jnp.sum(decode.unembed(model, w.params, hidden[0]))
-      if k > 1:         # the drafts: heads 1..n-1 at one position
-        acc += jnp.sum(decode.unembed(model, w.params, hidden[1:, :, 0]))
-      return c, acc
-
-    # The weights are arguments, as in the decode loop (closed over, XLA would fold them in as constants).
-    loop = jax.jit(lambda w, c: jax.lax.fori_loop(0, iters, functools.partial(body, w), (c, jnp.float32(0))))
-    return cache, functools.partial(loop, w)
-
-  fns = {"single": make(1), "verify": make(n)}
+  fns = {"single": make("greedy"), "verify": make("speculative")}
   times = {k: [] for k in fns}
-  for cache, f in fns.values():
-    jax.block_until_ready(f(cache))                                    # compile + warm up
+  for f in fns.values():
+    jax.block_until_ready(f())                                         # compile + warm up
   for _ in range(repeats):
-    for k, (cache, f) in fns.items():
+    for k, f in fns.items():
       t0 = time.perf_counter()
-      jax.block_until_ready(f(cache))
+      jax.block_until_ready(f())
       times[k].append((time.perf_counter() - t0) / iters)
   med = {k: statistics.median(v) for k, v in times.items()}
   # C from each repeat's own pair (timed back to back), so a burst of load on this shared machine
@@ -166,6 +152,9 @@ def main(_):
   args = ModelArgs.from_config(config.model)
   if args.n_future < 2:
     _fail(f"model.n_future={args.n_future}: speculative decoding needs draft heads (n >= 2)")
+  if _FWD_ITERS.value * args.n_future >= _MAX_NEW.value:   # C's steps must not finish the generation
+    _fail(f"--forward_iters={_FWD_ITERS.value}: {_FWD_ITERS.value} speculative steps could finish the "
+          f"{_MAX_NEW.value} tokens; keep forward_iters * n_future < --max_new_tokens")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   rows = []
   for b in map(int, _BATCHES.value):
@@ -200,7 +189,8 @@ def main(_):
   lines += ["", f"Every batch size decodes the same {len(prompts)} prompts, `batch` per call. "
             "tokens/forward: all rows' tokens / all rows' forward passes (prefill included). "
             "batch forwards: forward passes the whole batch ran (a batch waits for its slowest row). "
-            "C: one verify forward over n tokens (all heads) / one single-token greedy step, both cached "
+            "C: one speculative step (a verify forward over n tokens, all heads) / one single-token greedy step, "
+            "the decode loop's own steps "
             "(median of the repeats' ratios, each pair timed back to back). "
             "Acceptance of head i: drafts accepted / drafts proposed (a draft needs every earlier one accepted).",
             "", f"Command: `python experiments/speculative.py {' '.join(sys.argv[1:])}`"]

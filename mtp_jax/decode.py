@@ -270,7 +270,7 @@ def _emit(model, params, settings: Settings, sp, state: DecodeState, p_logits, h
 
 # ----------------------------------------------------------------------------- prefill, step, loop
 
-def _prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key) -> DecodeState:
+def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key) -> DecodeState:
   """Run the padded prompts through the model, emit each row's first token and first drafts."""
   args, (b, p) = model.args, tokens.shape
   k = settings.block
@@ -293,7 +293,7 @@ def _prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key) ->
                no_drafts, no_logq, sub, jnp.ones((b,), bool))
 
 
-def _step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
+def step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
   """One forward pass over every row's block [last token, drafts] at its own cache position."""
   k = settings.block
   last = _take(state.tokens, state.count - 1)
@@ -314,10 +314,10 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, *, model: MTPTr
   """The whole generation (jit this): w from `decode_weights`, tokens [B, P] right-padded prompts,
   lengths [B] their lengths."""
   _TRACES[0] += 1   # runs only while tracing: the tests count compilations with it
-  state = _prefill(model, w, settings, sp, tokens, lengths, key)
+  state = prefill(model, w, settings, sp, tokens, lengths, key)
   # Each active step emits >= 1 token per active row, so max_new_tokens bounds the loop.
   cond = lambda s: ~jnp.all(s.done) & (s.steps < settings.max_new_tokens)
-  state = jax.lax.while_loop(cond, lambda s: _step(model, w, settings, sp, s), state)
+  state = jax.lax.while_loop(cond, lambda s: step(model, w, settings, sp, s), state)
   n = settings.max_new_tokens
   out = jnp.where(jnp.arange(n)[None, :] < state.count[:, None], state.tokens[:, :n], PAD)
   return DecodeOutput(tokens=out, lengths=state.count, forwards=state.forwards, accepted=state.accepted,
