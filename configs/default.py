@@ -8,7 +8,7 @@ faster self-speculative decoding (experiments/results/speculative.md and specula
   which a small model learns in minutes (2.86 tokens per forward pass at batch 1, where the
   2,048-piece `sp` variant drafts 1.84).
 - Linear heads on a 12-layer, 128-wide trunk: at batch 1 a CPU step is bound by per-operation
-  overhead, so verifying 4 tokens costs C ~1.2 single-token steps. With the `sp` variant's 2-layer
+  overhead, so verifying 4 tokens costs C ~1.3 single-token steps. With the `sp` variant's 2-layer
   trunk and 4 transformer heads a verify runs twice the layers of a greedy step (C ~2.8), and
   speculative decoding ran at 0.57x greedy speed.
 - 8 windows of 256 bytes, 2,000 steps (~4.1M bytes, about a third of the stdlib), a learning rate
