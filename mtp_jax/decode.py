@@ -14,7 +14,8 @@ Before the loop the weights are rearranged once (`decode_weights`): trunk layers
 reads each layer in place, and the heads that run stacked, so parallel and linear heads are one
 batched layer. Greedy and sample run (and cache) head 0 only.
 
-Shapes are static: prompts are right-padded to a bucket P, the cache holds
+The prefill attends within the prompt only (nothing is cached before it) and writes its keys and
+values to the cache. Shapes are static: prompts are right-padded to a bucket P, the cache holds
 P + max_new_tokens + n_future slots, and rejected drafts' cache slots lie past the row's position
 (masked by the model) until the next block overwrites them. Rows that are done keep running in
 the batch, frozen, until every row is done.
