@@ -8,10 +8,10 @@ greedy and of speculative decoding (the same compiled loop, k=1 vs k=n tokens pe
 speedup, tokens per forward pass (all rows' tokens / all rows' forward passes, prefill included),
 each draft head's acceptance, and C = time of one verify step (a forward over n tokens) / time of
 one single-token greedy step (the decode loop's own steps, with the KV cache, from the prompts' end).
-Speculative can only win when tokens per forward > C. After a warm-up the two modes run back to back on each call, and the
-medians over repeats are reported, so drift on a shared machine hits both modes alike. EOS is off:
-every row generates exactly max_new_tokens, so both modes do the same work. Speculative output is
-checked to equal greedy's.
+Speculative can only win when tokens per forward > C. After a warm-up the two modes run back to
+back on each call, and the medians over repeats are reported, so drift on a shared machine hits both
+modes alike. EOS is off: every row generates exactly max_new_tokens, so both modes do the same work.
+Speculative output is checked to equal greedy's.
 Writes experiments/results/<out_name>.md and .json.
 """
 import functools
@@ -120,7 +120,7 @@ def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
   loop's own step function, run `forward_iters` times from the prompts' prefill in one program."""
   model, n, iters = MTPTransformer(args), args.n_future, _FWD_ITERS.value
   tokens, lengths = map(jnp.asarray, decode.pad_prompts(prompts, len(prompts[0])))
-  sp = decode.SamplingParams(jnp.float32(1), jnp.int32(0), jnp.float32(1), jnp.int32(-1))
+  sp = decode.SamplingParams.of()   # argmax modes: the sampling settings are unused, EOS off
 
   def make(mode: str):
     """The compiled loop of `iters` steps, from a prefilled state (both arguments, as in decoding)."""

@@ -74,6 +74,11 @@ class SamplingParams(NamedTuple):
   top_p: Array
   eos_id: Array     # -1: no end-of-sequence token
 
+  @classmethod
+  def of(cls, temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None) -> "SamplingParams":
+    """From Python numbers, with the dtypes the compiled loop was traced with."""
+    return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id))
+
 
 @flax.struct.dataclass
 class DecodeState:
@@ -415,8 +420,7 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   key = jax.random.key(seed) if key is None else key
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):   # a raw uint32 PRNGKey: one compiled signature
     key = jax.random.wrap_key_data(key)
-  sp = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                      jnp.int32(-1 if eos_id is None else eos_id))
+  sp = SamplingParams.of(temperature, top_k, top_p, eos_id)
   tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
   fn, compile_s = compiled_decode(params, args, settings, tokens, lengths, key, sp)
   start = time.perf_counter()
