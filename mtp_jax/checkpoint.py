@@ -130,6 +130,7 @@ class Checkpointer:
 
     Refuses NaN/inf state, and checks first that the directory takes the write: orbax creates the step
     directory in a background thread, and a failure there leaves its other threads waiting 300 s."""
+    self.wait_until_finished()   # orbax waits for the previous save anyway; first, so its space counts
     if not all_finite((state.params, state.opt_state)):
       raise NoUsableCheckpoint(f"refusing to save step {step}: its parameters or optimizer state hold NaN/inf")
     self._check_writable(step, sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))))
@@ -140,11 +141,12 @@ class Checkpointer:
           opt_state=ocp.args.StandardSave(state.opt_state),
           meta=ocp.args.StandardSave(meta),
           data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
-    except Exception as e:  # the previous async save failed (its error surfaces here), or this one did
-      self._failed(self._in_flight or step, e)
+    except Exception as e:
+      self._failed(step, e)
     self._in_flight = step
 
   def _check_writable(self, step: int, state_bytes: int) -> None:
+    """A probe file and the free space (local filesystems: a bucket path needs neither check)."""
     root = self.workdir / CHECKPOINTS
     probe = root / f".write-test-{os.getpid()}"
     try:
@@ -187,10 +189,10 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**targets))
       except Exception as e:  # any damage: unreadable metadata, truncated arrays, missing files
         _drop_closed_loop_noise()
-        bad.append((step, f"{type(e).__name__}: {_first_line(e)}"))
+        bad.append((step, f"unreadable ({type(e).__name__}: {_first_line(e)})"))
         continue
       if not all_finite([restored.get(k) for k in ("params", "opt_state") if k in targets]):
-        bad.append((step, "it holds NaN/inf parameters or optimizer state"))
+        bad.append((step, "unusable (it holds NaN/inf parameters or optimizer state)"))
         continue
       for s, why in bad:
         self._quarantine(s, why)
@@ -203,11 +205,10 @@ class Checkpointer:
     return 0, None
 
   def _quarantine(self, step: int, why: str) -> None:
+    """why: 'unreadable (...)' or 'unusable (...)'."""
     src = self.workdir / CHECKPOINTS / str(step)
-    first = why
     if self.read_only:  # a reader must not move files: just skip it
-      logging.warning("checkpoint %s is unusable (%s); trying the previous one", src, first)
-      print(f"warning: checkpoint {src} is unusable ({first}); using the previous one", flush=True)
+      print(f"warning: checkpoint {src} is {why}; using the previous one", flush=True)
       return
     dst = self.workdir / CORRUPT / str(step)
     try:
@@ -216,12 +217,12 @@ class Checkpointer:
       dst.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(src), str(dst))
     except OSError as e:   # e.g. a read-only workdir: leave it where it is, skip it all the same
-      print(f"warning: checkpoint step {step} is unusable ({first}) and could not be moved away "
-            f"({e.strerror}); using the previous one", flush=True)
+      print(f"warning: checkpoint step {step} is {why} and could not be moved away ({e.strerror}); using the "
+            f"previous one", flush=True)
       return
     self.manager.reload()
-    print(f"warning: checkpoint step {step} is unreadable ({first}); moved it to {dst} "
-          f"and falling back to the previous checkpoint", flush=True)
+    print(f"warning: checkpoint step {step} is {why}; moved it to {dst} and falling back to the previous "
+          f"checkpoint", flush=True)
 
   def wait_until_finished(self) -> None:
     """Wait for the save in flight; CheckpointWriteError if it failed."""

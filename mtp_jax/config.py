@@ -6,6 +6,7 @@ here does not exist (configs are locked, so `--config.train.stpes=5` fails).
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -179,7 +180,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
        "text (default 'text')")
   need(isinstance(d.tokenizer, str) and d.tokenizer.strip(),
        "data.tokenizer: give 'sentencepiece', 'bytes' or the path of a .model file")
-  need(isinstance(d.cache_dir, str), "data.cache_dir: a directory path, or '' for ~/.cache/mtp_jax")
+  need(isinstance(d.cache_dir, str) and not os.path.isfile(os.path.expanduser(d.cache_dir)),
+       f"data.cache_dir={d.cache_dir!r}: must be a directory (new or existing), or '' for ~/.cache/mtp_jax")
   need(d.max_train_bytes >= 0, f"data.max_train_bytes={d.max_train_bytes}: must be >= 0 (0 = the whole corpus)")
   axes = tuple(k for k in c.mesh if k != "rules")
   for ax in axes:

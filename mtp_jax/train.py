@@ -121,10 +121,15 @@ def _write_config(config, workdir: Path) -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drop orbax's and grain's INFO chatter (tens of lines per checkpoint); keep their warnings."""
+  """Drop orbax's and grain's INFO chatter (tens of lines per checkpoint); keep their warnings, as one line
+  each: a failed write is reported once, as one error (checkpoint.CheckpointWriteError), not as the
+  tracebacks of each of orbax's background threads."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in ("/orbax/", "/grain/"))
+    ours = any(p in record.pathname for p in ("/orbax/", "/grain/"))
+    if ours and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= std_logging.WARNING or not ours
 
 
 def _say(msg: str) -> None:
