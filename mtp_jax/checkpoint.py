@@ -4,12 +4,18 @@ Layout: W/checkpoints/<step>/{params,opt_state,meta,data}; each item restores on
 `load_params` reads only the parameters. Saving is asynchronous (the arrays are copied to host
 before `save` returns, so the next donated train step may reuse their buffers); call
 `wait_until_finished()` before exit. A checkpoint that fails to restore (damaged files) is moved to
-W/checkpoints_corrupt/<step> with a warning and the previous one is used instead.
+W/checkpoints_corrupt/<step> with a warning and the previous one is used instead; so is one that holds
+NaN/inf parameters or optimizer state (never saved by this trainer, but older runs did). When no
+checkpoint is usable, nothing is moved and restoring stops with one error. A save that cannot be
+written (read-only or full disk) fails at once with one error; the earlier checkpoints stay intact.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import grain
@@ -23,6 +29,65 @@ from mtp_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 CORRUPT = "checkpoints_corrupt"
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (read-only or full disk, no permission)."""
+
+
+class NoUsableCheckpoint(UserError):
+  """Checkpoints exist, but none restores (damaged files or NaN/inf values)."""
+
+
+@jax.jit
+def _all_finite(tree):
+  ok = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(ok)) if ok else jnp.bool_(True)
+
+
+def all_finite(tree) -> bool:
+  """Whether every float in the pytree is finite: one reduction on the devices, one bool to the host."""
+  return bool(jax.device_get(_all_finite(tree)))
+
+
+def _first_line(error: BaseException) -> str:
+  return ((str(error).strip().splitlines() or [type(error).__name__])[0])[:200]
+
+
+def _write_failure(error: BaseException) -> str:
+  """The cause of a failed write in a few words (orbax wraps OSErrors into ValueErrors with the text)."""
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, OSError) and e.errno:
+      return os.strerror(e.errno)
+  text = str(error)
+  for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+    if os.strerror(code) in text:
+      return os.strerror(code)
+  return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _drop_closed_loop_noise() -> None:
+  """After a failed restore, tensorstore still completes the reads orbax abandoned, on an asyncio loop
+  orbax has closed: dozens of 'Event loop is closed' tracebacks through sys.unraisablehook. They say
+  nothing (the failure was reported): drop exactly those, pass everything else on."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  hook._drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def step_dirs(workdir) -> list[int]:
+  """The committed checkpoint steps under W/checkpoints, by listing alone (no orbax; tmp dirs excluded)."""
+  root = Path(workdir) / CHECKPOINTS
+  if not root.is_dir():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def with_shardings(abstract, shardings=None):
@@ -45,6 +110,7 @@ class Checkpointer:
                                            enable_async_checkpointing=not read_only,
                                            cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.workdir / CHECKPOINTS, options=options)
+    self._in_flight, self._broken = None, False
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -60,53 +126,166 @@ class Checkpointer:
             "data": grain.checkpoint.CheckpointRestore(data_iter)}
 
   def save(self, step: int, state, rng, data_iter) -> None:
-    """Start an async save of `state` (step.TrainState), the RNG key and the data iterator position."""
+    """Start an async save of `state` (step.TrainState), the RNG key and the data iterator position.
+
+    Refuses NaN/inf state, and checks first that the directory takes the write: orbax creates the step
+    directory in a background thread, and a failure there leaves its other threads waiting 300 s."""
+    self.wait_until_finished()   # orbax waits for the previous save anyway; first, so its space counts
+    if not all_finite((state.params, state.opt_state)):
+      raise NoUsableCheckpoint(f"refusing to save step {step}: its parameters or optimizer state hold NaN/inf")
+    self._check_writable(step, sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))))
     meta = {"step": state.step, "rng": jax.random.key_data(rng)}
-    self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        meta=ocp.args.StandardSave(meta),
-        data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state.params),
+          opt_state=ocp.args.StandardSave(state.opt_state),
+          meta=ocp.args.StandardSave(meta),
+          data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+    except Exception as e:
+      self._failed(step, e)
+    self._in_flight = step
+
+  def _check_writable(self, step: int, state_bytes: int) -> None:
+    """A probe file and the free space (local filesystems: a bucket path needs neither check)."""
+    root = self.workdir / CHECKPOINTS
+    if "://" in str(root):
+      return
+    probe = root / f".write-test-{os.getpid()}"
+    try:
+      root.mkdir(parents=True, exist_ok=True)
+      probe.write_bytes(b"x")
+      probe.unlink()
+      free = shutil.disk_usage(root).free
+    except OSError as e:
+      self._failed(step, e)
+    need = int(state_bytes * 1.1) + (1 << 16)   # arrays + metadata, iterator state, OCDBT manifests
+    if free < need:
+      self._failed(step, OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: it needs about {need / 2**20:.1f} "
+                                             f"MiB, {free / 2**20:.1f} MiB are free"))
+
+  def _failed(self, step, error: BaseException):
+    """Drop the partial step directory and stop with one line; committed checkpoints are never touched."""
+    self._broken = True
+    root = self.workdir / CHECKPOINTS
+    for tmp in root.glob(f"{step}.orbax-checkpoint-tmp*") if root.is_dir() else []:
+      shutil.rmtree(tmp, ignore_errors=True)
+    step = "?" if step is None else step
+    kept = step_dirs(self.workdir)
+    cause = _write_failure(error)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC and error.strerror:
+      cause = error.strerror
+    resume = f"resume from step {kept[-1]}" if kept else "start from step 0"
+    raise CheckpointWriteError(
+        f"cannot write the checkpoint of step {step} in {root} ({cause}); the earlier checkpoints "
+        f"{'(steps ' + ', '.join(map(str, kept)) + ') are intact' if kept else 'are none'}. Free space or make "
+        f"it writable, then rerun the same command to {resume}")
 
   def restore_latest(self, **targets):
-    """Restore the named items (orbax restore args) of the newest good checkpoint: (step, items) or (0, None)."""
+    """Restore the named items (orbax restore args) of the newest good checkpoint: (step, items) or (0, None).
+
+    A checkpoint is good when it restores and its params / opt_state are finite. Newer bad ones are
+    quarantined (skipped when read_only); if none is good, NoUsableCheckpoint, and nothing is moved."""
+    bad = []
     for step in reversed(self.steps()):
       try:
-        return step, self.manager.restore(step, args=ocp.args.Composite(**targets))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**targets))
       except Exception as e:  # any damage: unreadable metadata, truncated arrays, missing files
-        self._quarantine(step, e)
+        _drop_closed_loop_noise()
+        bad.append((step, f"unreadable ({type(e).__name__}: {_first_line(e)})"))
+        continue
+      if not all_finite([restored.get(k) for k in ("params", "opt_state") if k in targets]):
+        bad.append((step, "unusable (it holds NaN/inf parameters or optimizer state)"))
+        continue
+      for s, why in bad:
+        self._quarantine(s, why)
+      return step, restored
+    if bad:
+      root = self.workdir / CHECKPOINTS
+      raise NoUsableCheckpoint(
+          f"no usable checkpoint in {root} ({'; '.join(f'step {s}: {why}' for s, why in bad)}); nothing was "
+          f"changed. Restore them from a copy, or move {root} away to start again from step 0")
     return 0, None
 
-  def _quarantine(self, step: int, error: Exception) -> None:
+  def _quarantine(self, step: int, why: str) -> None:
+    """why: 'unreadable (...)' or 'unusable (...)'."""
     src = self.workdir / CHECKPOINTS / str(step)
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if self.read_only:  # a reader must not move files: just skip it
-      logging.warning("checkpoint %s is unreadable (%s); trying the previous one", src, first)
-      print(f"warning: checkpoint {src} is unreadable ({first}); using the previous one", flush=True)
+      print(f"warning: checkpoint {src} is {why}; using the previous one", flush=True)
       return
     dst = self.workdir / CORRUPT / str(step)
-    if dst.exists():
-      shutil.rmtree(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(src), str(dst))
+    try:
+      if dst.exists():
+        shutil.rmtree(dst)
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(src), str(dst))
+    except OSError as e:   # e.g. a read-only workdir: leave it where it is, skip it all the same
+      print(f"warning: checkpoint step {step} is {why} and could not be moved away ({e.strerror}); using the "
+            f"previous one", flush=True)
+      return
     self.manager.reload()
-    print(f"warning: checkpoint step {step} is unreadable ({type(error).__name__}: {first}); moved it to {dst} "
-          f"and falling back to the previous checkpoint", flush=True)
+    print(f"warning: checkpoint step {step} is {why}; moved it to {dst} and falling back to the previous "
+          f"checkpoint", flush=True)
 
   def wait_until_finished(self) -> None:
-    self.manager.wait_until_finished()
+    """Wait for the save in flight; CheckpointWriteError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._failed(self._in_flight, e)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    if self._broken:   # its failure was reported; orbax would only repeat it
+      return
+    self.wait_until_finished()
     self.manager.close()
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
+  """W/config.json as a ConfigDict, with every field of base_config() present (UserError otherwise)."""
+  from mtp_jax.config import base_config
   path = Path(workdir) / "config.json"
   if not path.exists():
     raise UserError(f"{workdir} has no config.json: not a training run directory (train with "
                     f"python -m mtp_jax.main --config=... --workdir={workdir})")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    saved = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is damaged (not JSON: {e}); restore it, or rerun the training command that made "
+                    f"this run (it rewrites config.json)")
+  # The shape fields must be there (they cannot be guessed); any other missing field takes its default.
+  need = [f"model.{k}" for k in base_config().model] + ["data.tokenizer", "data.seq_len"]
+  missing = [k for k in need if not _has(saved, k)]
+  if missing:
+    raise UserError(f"{path} lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: damaged or "
+                    f"written by another version; restore it, or rerun the training command that made this run")
+  config = base_config()
+  try:
+    config.update_from_flattened_dict({k: _get(saved, k) for k in _flat_keys(config.to_dict()) if _has(saved, k)})
+  except (TypeError, ValueError, KeyError) as e:
+    raise UserError(f"{path} is damaged ({_first_line(e)}); restore it, or rerun the training command that made "
+                    f"this run")
+  return config
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in d.items():
+    out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+  return out
+
+
+def _has(d, dotted: str) -> bool:
+  for part in dotted.split("."):
+    if not isinstance(d, dict) or part not in d:
+      return False
+    d = d[part]
+  return True
+
+
+def _get(d, dotted: str):
+  for part in dotted.split("."):
+    d = d[part]
+  return d
 
 
 def load_params(workdir):
@@ -123,7 +302,5 @@ def load_params(workdir):
     step, restored = ckpt.restore_latest(params=ocp.args.StandardRestore(with_shardings(abstract)))
   finally:
     ckpt.close()
-  if restored is None:
-    raise UserError(f"every checkpoint in {Path(workdir) / CHECKPOINTS} is unreadable; retrain or restore them")
   logging.info("loaded params of step %d from %s", step, workdir)
   return restored.params, config

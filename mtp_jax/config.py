@@ -5,6 +5,9 @@ here does not exist (configs are locked, so `--config.train.stpes=5` fails).
 """
 from __future__ import annotations
 
+import math
+import os
+
 import ml_collections
 
 HEAD_TYPES = ("parallel", "causal", "linear")
@@ -92,8 +95,9 @@ def head_weights(spec: str, n: int) -> list[float]:
       r = float(spec.split(":", 1)[1])
     except ValueError:
       raise ConfigError(f"loss.head_weights={spec!r}: expected geometric:R with a number R, e.g. geometric:0.5")
-    if r <= 0:
-      raise ConfigError(f"loss.head_weights={spec!r}: the ratio must be > 0")
+    if not 0 < r < math.inf or not all(math.isfinite(r ** i) and r ** i > 0 for i in range(n)):
+      raise ConfigError(f"loss.head_weights={spec!r}: the ratio must be a finite number > 0 (and r**{n - 1} "
+                        f"representable)")
     return [r ** i for i in range(n)]
   try:
     w = [float(x) for x in spec.split(",")]
@@ -101,18 +105,33 @@ def head_weights(spec: str, n: int) -> list[float]:
     raise ConfigError(f"loss.head_weights={spec!r}: use 'uniform', 'geometric:R' or a comma list of {n} numbers")
   if len(w) != n:
     raise ConfigError(f"loss.head_weights has {len(w)} weights but model.n_future={n}; give one per head")
-  if min(w) < 0 or sum(w) <= 0:
-    raise ConfigError(f"loss.head_weights={spec!r}: weights must be >= 0 with a positive sum")
+  if not all(math.isfinite(x) for x in w) or min(w) < 0 or not 0 < sum(w) < math.inf:
+    raise ConfigError(f"loss.head_weights={spec!r}: weights must be finite, >= 0, with a positive sum")
   return w
 
 
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raise ConfigError for the first field that cannot work. Cheap: no JAX, no compile."""
+  """Raise ConfigError for the first field that cannot work. Cheap: no JAX, no compile.
+
+  Every field of base_config() has a check here (tests/test_faults.py walks them all)."""
   m, l, t, d = c.model, c.loss, c.train, c.data
 
   def need(ok, msg):
     if not ok:
       raise ConfigError(msg)
+
+  need(isinstance(c.seed, int) and -2 ** 63 <= c.seed < 2 ** 63, f"seed={c.seed}: must fit a signed 64-bit integer")
+  for k in ("d_model", "d_ff", "max_seq_len"):
+    need(m[k] >= 1, f"model.{k}={m[k]}: must be >= 1")
+  need(_finite(m.rope_theta) and m.rope_theta > 0,
+       f"model.rope_theta={m.rope_theta}: must be a finite number > 0 (10000 is usual)")
+  need(_finite(m.norm_eps) and 0 < m.norm_eps < 1, f"model.norm_eps={m.norm_eps}: must be in (0, 1) (1e-5 is usual)")
+  need(isinstance(m.parity, bool) and isinstance(m.tie_embeddings, bool),
+       "model.parity and model.tie_embeddings are True or False")
 
   need(m.n_future >= 1, f"model.n_future={m.n_future}: need at least 1 head (1 = plain next-token model)")
   need(m.head_type in HEAD_TYPES, f"model.head_type={m.head_type!r}: choose one of {', '.join(HEAD_TYPES)}")
@@ -128,7 +147,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(m.n_future <= m.n_layers,
          f"model.parity with n_future={m.n_future} > n_layers={m.n_layers}: each head takes one of the "
          f"n_layers layers; raise model.n_layers or set model.parity=False")
-  need(m.vocab_size >= 2, f"model.vocab_size={m.vocab_size}: too small")
+  need(2 <= m.vocab_size < 2 ** 31, f"model.vocab_size={m.vocab_size}: must be in [2, 2**31)")
   need(m.dtype in DTYPES and m.param_dtype in DTYPES,
        f"model.dtype={m.dtype!r}, model.param_dtype={m.param_dtype!r}: choose from {', '.join(DTYPES)}")
   need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
@@ -142,12 +161,34 @@ def validate(c: ml_collections.ConfigDict) -> None:
   head_weights(l.head_weights, m.n_future)
   need(t.steps >= 1, f"train.steps={t.steps}: must be >= 1")
   need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
-  need(t.learning_rate > 0, f"train.learning_rate={t.learning_rate}: must be > 0")
+  need(_finite(t.learning_rate) and t.learning_rate > 0, f"train.learning_rate={t.learning_rate}: must be a finite "
+       f"number > 0")
   need(0 <= t.warmup_steps, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+  need(_finite(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1,
+       f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1] (the final learning rate over the peak)")
+  need(_finite(t.weight_decay) and t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
+  for k in ("b1", "b2"):
+    need(_finite(t[k]) and 0 <= t[k] < 1, f"train.{k}={t[k]}: Adam's decay rates must be in [0, 1)")
+  need(_finite(t.grad_clip) and t.grad_clip > 0,
+       f"train.grad_clip={t.grad_clip}: must be a finite global-norm bound > 0 (1.0 is usual)")
   for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
     need(t[k] >= 1, f"train.{k}={t[k]}: must be >= 1")
   need(d.source in ("stdlib", "glob", "jsonl"), f"data.source={d.source!r}: choose stdlib, glob or jsonl")
   need(d.source == "stdlib" or d.path, f"data.source={d.source!r} needs data.path (a glob or a .jsonl file)")
   need(0 < d.valid_fraction < 1, f"data.valid_fraction={d.valid_fraction}: must be between 0 and 1")
-  for ax in ("data", "fsdp", "tensor"):
+  need(isinstance(d.text_field, str) and d.text_field.strip(), "data.text_field: name the JSONL field holding the "
+       "text (default 'text')")
+  need(isinstance(d.tokenizer, str) and d.tokenizer.strip(),
+       "data.tokenizer: give 'sentencepiece', 'bytes' or the path of a .model file")
+  need(isinstance(d.cache_dir, str) and not os.path.isfile(os.path.expanduser(d.cache_dir)),
+       f"data.cache_dir={d.cache_dir!r}: must be a directory (new or existing), or '' for ~/.cache/mtp_jax")
+  need(d.max_train_bytes >= 0, f"data.max_train_bytes={d.max_train_bytes}: must be >= 0 (0 = the whole corpus)")
+  axes = tuple(k for k in c.mesh if k != "rules")
+  for ax in axes:
     need(c.mesh[ax] == -1 or c.mesh[ax] >= 1, f"mesh.{ax}={c.mesh[ax]}: use a positive size or -1 (the rest)")
+  for rule in c.mesh.rules:
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    targets = () if not ok or rule[1] is None else (rule[1],) if isinstance(rule[1], str) else rule[1]
+    need(ok and isinstance(targets, (tuple, list)) and all(a in axes for a in targets),
+         f"mesh.rules entry {rule!r}: each rule is (logical axis name, mesh axis, a tuple of them, or None) with "
+         f"mesh axes from {', '.join(axes)}")

@@ -235,6 +235,10 @@ def tokenize_corpus(corpus: Corpus, tok, config) -> tuple[dict, dict]:
   """Both splits as TokenSplits, from the cache or tokenized now (written atomically)."""
   key = hashlib.sha256(f"{corpus.fingerprint}/{tokenizer_lib.identity(tok)}".encode()).hexdigest()[:16]
   directory = tokenizer_lib.cache_dir(config) / f"tokens-{key}"
+  damage = _cache_damage(directory) if directory.exists() else None
+  if damage:   # would fail every later run over this corpus: tokenize again
+    _say(f"warning: the token cache {directory} is damaged ({damage}); tokenizing the corpus again")
+    shutil.rmtree(directory, ignore_errors=True)
   if not (directory / "meta.json").exists():
     start = time.time()
     tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
@@ -254,6 +258,23 @@ def tokenize_corpus(corpus: Corpus, tok, config) -> tuple[dict, dict]:
   for split in ("train", "valid"):
     _say(f"{split}: {meta[split]['tokens']:,} tokens from {meta[split]['about']}")
   return {s: _open_split(directory, s, meta) for s in ("train", "valid")}, meta
+
+
+def _cache_damage(directory: Path) -> Optional[str]:
+  """What is wrong with a token cache directory (a truncated file, bad meta.json), or None if it is whole."""
+  try:
+    meta = json.loads((directory / "meta.json").read_text())
+    for split in ("train", "valid"):
+      want = int(meta[split]["tokens"]) * np.dtype(meta[split]["dtype"]).itemsize
+      got = (directory / f"{split}.bin").stat().st_size
+      if got != want:
+        return f"{split}.bin has {got} bytes, meta.json says {want}"
+      starts = np.load(directory / f"{split}.starts.npy")
+      if len(starts) != int(meta[split]["docs"]):
+        return f"{split}.starts.npy has {len(starts)} entries, meta.json says {meta[split]['docs']}"
+  except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+    return f"{type(e).__name__}: {str(e)[:120]}"
+  return None
 
 
 def _say(msg: str):

@@ -337,6 +337,10 @@ def trace_count() -> int:
 
 # ----------------------------------------------------------------------------- host side
 
+MIN_TEMPERATURE = 1e-5   # as vLLM's sampling epsilon: sampling below it is argmax in effect, and far below
+# it logits / temperature overflows float32 (temperature=1e-45 gave NaN probabilities, all token 0)
+
+
 def check_request(args: ModelArgs, prompts, mode: str, max_new_tokens: int, temperature=1.0, top_k=0,
                   top_p=1.0) -> None:
   """Raise DecodeError for the first thing that cannot work, before any compile."""
@@ -345,8 +349,10 @@ def check_request(args: ModelArgs, prompts, mode: str, max_new_tokens: int, temp
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
     raise DecodeError(f"max_new_tokens={max_new_tokens}: must be a positive integer")
   if mode in ("sample", "speculative_sample"):
-    if not temperature > 0:
-      raise DecodeError(f"temperature={temperature}: must be > 0 for sampling (use mode=greedy for argmax)")
+    # logits / temperature must stay finite in float32: below MIN_TEMPERATURE sampling is argmax anyway
+    if not MIN_TEMPERATURE <= temperature < float("inf"):
+      raise DecodeError(f"temperature={temperature}: must be finite and >= {MIN_TEMPERATURE} for sampling "
+                        f"(use mode=greedy for argmax)")
     if top_k < 0:
       raise DecodeError(f"top_k={top_k}: must be >= 0 (0 = off)")
     if not 0 < top_p <= 1:

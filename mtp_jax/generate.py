@@ -20,7 +20,7 @@ import numpy as np
 
 from mtp_jax import decode
 from mtp_jax.decode import DecodeError
-from mtp_jax.errors import exit_with, run_cli
+from mtp_jax.errors import UserError, no_positional_args, run_cli
 from mtp_jax.model import ModelArgs
 
 
@@ -94,7 +94,11 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
   decode.check_request(args, ids, mode, max_new_tokens, temperature, top_k, top_p)
   if eos_id is None:
     eos_id = tokenizer_eos_id(tokenizer) if tokenizer is not None else -1
-  batch_size = batch_size or len(ids)
+  if not -1 <= eos_id < args.vocab_size:
+    raise DecodeError(f"eos_id={eos_id}: outside the vocabulary [0, {args.vocab_size}); give a token id, or -1 for "
+                      f"no stop token")
+  check_seed(seed)
+  batch_size = len(ids) if batch_size is None else batch_size
   if batch_size < 1:
     raise DecodeError(f"batch_size={batch_size}: must be >= 1")
   limit = decode.max_prompt_len(args, max_new_tokens)
@@ -116,6 +120,11 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
     for r in range(len(chunk)):
       results.append(_result(prompts[start + r], chunk[r], out, r, mode, eos_id, batch, tokenizer))
   return results
+
+
+def check_seed(seed) -> None:
+  if not -2 ** 63 <= seed < 2 ** 63:
+    raise DecodeError(f"seed={seed}: must fit a signed 64-bit integer")
 
 
 def _result(prompt, prompt_ids, out, r: int, mode: str, eos_id: int, batch: dict, tokenizer) -> dict:
@@ -165,6 +174,9 @@ def summarize(results: Sequence[dict]) -> dict:
 
 def load_workdir(workdir: str):
   """(params, config, tokenizer) of a training run's latest good checkpoint."""
+  workdir = os.path.expanduser(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise DecodeError(f"--workdir={workdir} is a file, not a training run directory")
   if not os.path.isdir(workdir):
     raise DecodeError(f"--workdir={workdir}: no such directory")
   if not os.path.exists(os.path.join(workdir, "config.json")):
@@ -184,24 +196,57 @@ def read_prompts(prompt: Sequence[str], prompt_file: Optional[str]) -> list[str]
   """--prompt values, then --prompt_file: JSONL ({"prompt": ...} or a JSON string per line) or one per line."""
   prompts = list(prompt or [])
   if prompt_file:
+    prompt_file = os.path.expanduser(prompt_file)
     if not os.path.exists(prompt_file):
       raise DecodeError(f"--prompt_file={prompt_file}: no such file")
-    with open(prompt_file) as f:
-      lines = [l for l in f.read().splitlines() if l.strip()]
+    if os.path.isdir(prompt_file):
+      raise DecodeError(f"--prompt_file={prompt_file} is a directory; give a .jsonl or text file")
+    try:
+      with open(prompt_file, encoding="utf-8") as f:
+        numbered = [(i + 1, l) for i, l in enumerate(f.read().splitlines()) if l.strip()]   # file line numbers
+    except UnicodeDecodeError as e:
+      raise DecodeError(f"--prompt_file={prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8")
     if prompt_file.endswith(".jsonl"):
-      try:
-        rows = [json.loads(l) for l in lines]
-      except json.JSONDecodeError as e:
-        raise DecodeError(f"--prompt_file={prompt_file}: not JSONL ({e})")
-      prompts += [r if isinstance(r, str) else r.get("prompt", r.get("text", "")) for r in rows]
+      prompts += [_jsonl_prompt(prompt_file, n, l) for n, l in numbered]
     else:
-      prompts += [l.replace("\\n", "\n") for l in lines]
+      prompts += [l.replace("\\n", "\n") for _, l in numbered]
   if not prompts:
     raise DecodeError("no prompt: give --prompt=TEXT or --prompt_file=FILE")
   for i, p in enumerate(prompts):
     if not p:
       raise DecodeError(f"prompt {i} is empty: give at least one character")
   return prompts
+
+
+def _jsonl_prompt(path: str, n: int, line: str) -> str:
+  """Line n of a JSONL prompt file: a JSON string, or an object with a string "prompt" (or "text")."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise DecodeError(f"--prompt_file={path} line {n}: not JSON ({e.msg})")
+  if isinstance(row, dict):
+    row = row.get("prompt", row.get("text"))
+  if not isinstance(row, str):
+    raise DecodeError(f"--prompt_file={path} line {n}: expected a JSON string or an object with a string "
+                      f"\"prompt\" field")
+  return row
+
+
+def check_output(path: str) -> str:
+  """Refuse an --output that cannot be written, before any generation is done (and would be lost)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(path):
+    raise DecodeError(f"--output={path} is a directory; give a file name such as out.jsonl")
+  place = os.path.dirname(path)
+  while not os.path.exists(place) and place != os.path.dirname(place):
+    place = os.path.dirname(place)
+  if not os.path.isdir(place):
+    raise DecodeError(f"--output={path} cannot be created: {place} is a file")
+  target = path if os.path.exists(path) else place
+  if not os.access(target, os.W_OK):
+    raise DecodeError(f"--output={path}: cannot write {'it' if target == path else 'in ' + place} "
+                      f"(read-only or no permission); give a writable path")
+  return path
 
 
 # ----------------------------------------------------------------------------- command line
@@ -225,20 +270,27 @@ def _define_flags():
 
 def main(argv):
   from absl import flags
-  del argv
+  no_positional_args(argv)
   f = flags.FLAGS
   if not f.workdir:
     raise DecodeError("need --workdir=<training run directory>")
+  # Every flag is checked before loading or generating anything, whatever the mode.
   if f.max_new_tokens <= 0:
     raise DecodeError(f"--max_new_tokens={f.max_new_tokens}: must be a positive integer")
+  if f.batch_size < 1:
+    raise DecodeError(f"--batch_size={f.batch_size}: must be >= 1")
+  if not (f.temperature > 0 and np.isfinite(f.temperature)):
+    raise DecodeError(f"--temperature={f.temperature}: must be a finite number > 0")
+  check_seed(f.seed)
+  output = check_output(f.output) if f.output else None
   prompts = read_prompts(f.prompt, f.prompt_file)
   params, config, tokenizer = load_workdir(f.workdir)
   results = generate(params, config, prompts, tokenizer, mode=f.mode, max_new_tokens=f.max_new_tokens,
                      temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=f.eos_id,
                      batch_size=min(f.batch_size, len(prompts)))
-  if f.output:
-    os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
-    with open(f.output, "w") as out:
+  if output:
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w") as out:
       for r in results:
         out.write(json.dumps(r) + "\n")
   else:
@@ -259,7 +311,7 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:   # unknown flag, bad --mode value, ...: one line, like every other mistake
-    exit_with(str(e).strip().splitlines()[0])
+    raise UserError(str(e).strip().splitlines()[0])
 
 
 def run():

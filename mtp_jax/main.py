@@ -7,7 +7,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mtp_jax.config import validate
-from mtp_jax.errors import UserError, exit_with, run_cli
+from mtp_jax.errors import UserError, no_positional_args, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/default.py[:variant].",
                                           lock_config=True)
@@ -17,19 +17,20 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step on abstra
 
 
 def main(argv):
-  del argv
+  no_positional_args(argv)
   config = _CONFIG.value
   if config is None or not _WORKDIR.value:
     raise UserError("need --config=configs/<recipe>.py and --workdir=<run directory>")
   validate(config)
+  from mtp_jax.train import check_workdir_path, train_and_evaluate
+  workdir = check_workdir_path(_WORKDIR.value)   # before any compile; expands ~
   if _DRY_RUN.value:
     from mtp_jax.dry_run import dry_run
-    dry_run(config, _WORKDIR.value)
+    dry_run(config, str(workdir))
     return
   from mtp_jax.sharding import maybe_initialize_distributed
-  from mtp_jax.train import train_and_evaluate
   maybe_initialize_distributed()   # before anything asks jax for devices
-  train_and_evaluate(config, _WORKDIR.value)
+  train_and_evaluate(config, workdir)
 
 
 def parse_flags(argv):
@@ -43,7 +44,7 @@ def parse_flags(argv):
     lines = [l.strip() for l in str(e).replace("\\n", "\n").splitlines() if l.strip()]
     detail = " ".join(lines[-3:] if isinstance(e, OSError) else lines[-1:]).strip("'\"")
     bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config")]
-    exit_with(f"cannot apply {' '.join(bad) or 'the flags'}: {detail}")
+    raise UserError(f"cannot apply {' '.join(bad) or 'the flags'}: {detail}")
 
 
 def run():

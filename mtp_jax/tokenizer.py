@@ -38,14 +38,23 @@ class ByteTokenizer:
     return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
+class DamagedModel(ValueError):
+  """Bytes that are not a usable sentencepiece model (corrupt, empty, or without pieces)."""
+
+
 class SentencePieceTokenizer:
   """A sentencepiece model; `proto` is its serialized bytes (what W/tokenizer.model holds)."""
   kind = "sentencepiece"
 
   def __init__(self, proto: bytes, origin: str = ""):
     self.proto, self.origin = proto, origin
-    self.sp = spm.SentencePieceProcessor(model_proto=proto)
+    try:
+      self.sp = spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as e:
+      raise DamagedModel("it does not parse as a sentencepiece model") from e
     self.vocab_size = self.sp.get_piece_size()
+    if self.vocab_size < 1:   # an empty file loads as a model with no pieces
+      raise DamagedModel("it holds no pieces (an empty or truncated file)")
     self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
 
   def encode(self, text: str) -> list[int]:
@@ -73,9 +82,9 @@ def _load_model_file(path) -> SentencePieceTokenizer:
   except OSError as e:
     raise UserError(f"data.tokenizer={str(path)!r}: cannot read it ({e.strerror}); give an existing sentencepiece "
                     f".model file, or 'sentencepiece' to train one, or 'bytes'")
-  except RuntimeError:
-    raise UserError(f"data.tokenizer={str(path)!r} is not a sentencepiece model file; give a .model file, "
-                    f"or 'sentencepiece' to train one, or 'bytes'")
+  except DamagedModel as e:
+    raise UserError(f"data.tokenizer={str(path)!r} is not a usable sentencepiece model file ({e}); give a .model "
+                    f"file, or 'sentencepiece' to train one, or 'bytes'")
 
 
 def _sentences(texts: Iterable[str]):
@@ -101,9 +110,12 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> SentencePieceT
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
         input_sentence_size=_SP_SENTENCES, shuffle_input_sentence=True, max_sentence_length=16384,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=2)
-  except RuntimeError as e:  # e.g. too little text for the requested vocabulary
+  except RuntimeError as e:  # too little text for the requested vocabulary, or too many distinct characters
+    detail = str(e).strip().splitlines()[-1]
+    fix = ("raise model.vocab_size" if "smaller than required_chars" in detail or "Increase vocab_size" in detail
+           else "lower model.vocab_size or add data")
     raise UserError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on the training split "
-                    f"({str(e).strip().splitlines()[-1]}); lower model.vocab_size or add data")
+                    f"({detail}); {fix}")
   logging.info("trained a %d-piece sentencepiece model in %.1fs", vocab_size, time.time() - start)
   return SentencePieceTokenizer(out.getvalue(), origin="trained")
 
@@ -123,8 +135,16 @@ def cached_sentencepiece(texts_fn, corpus_fingerprint: str, vocab_size: int, cac
   key = hashlib.sha256(json.dumps([corpus_fingerprint, vocab_size, _SP_VERSION]).encode()).hexdigest()[:16]
   path = Path(cache_dir) / f"tokenizer-{key}.model"
   if path.exists():
-    logging.info("reusing the cached tokenizer %s", path)
-    return SentencePieceTokenizer(path.read_bytes(), origin=str(path))
+    try:
+      tok = SentencePieceTokenizer(path.read_bytes(), origin=str(path))
+      if tok.vocab_size == vocab_size:
+        logging.info("reusing the cached tokenizer %s", path)
+        return tok
+      why = f"{tok.vocab_size} pieces, not {vocab_size}"
+    except DamagedModel as e:
+      why = str(e)
+    # A damaged cache would fail every later run over this corpus: train again, replace it.
+    print(f"warning: the cached tokenizer {path} is damaged ({why}); training it again", flush=True)
   tok = train_sentencepiece(texts_fn(), vocab_size)
   _atomic_write(path, tok.proto)
   tok.origin = str(path)
@@ -132,6 +152,10 @@ def cached_sentencepiece(texts_fn, corpus_fingerprint: str, vocab_size: int, cac
 
 
 def check_vocab(tok: Tokenizer, config) -> None:
+  if tok.vocab_size < 2:
+    where = getattr(tok, "origin", "") or config.data.tokenizer
+    raise UserError(f"the tokenizer ({where}) has {tok.vocab_size} ids: not a usable model; give another "
+                    f"data.tokenizer")
   if tok.vocab_size != config.model.vocab_size:
     where = getattr(tok, "origin", "") or config.data.tokenizer
     raise UserError(f"the tokenizer ({where}) has {tok.vocab_size} ids but model.vocab_size="
@@ -151,7 +175,14 @@ def from_workdir(workdir, kind: str) -> Tokenizer | None:
   if kind == "bytes":
     return ByteTokenizer()
   path = Path(workdir) / WORKDIR_MODEL
-  return _load_model_file(path) if path.exists() else None
+  if not path.exists():
+    return None
+  try:
+    return SentencePieceTokenizer(path.read_bytes(), origin=str(path))
+  except (OSError, DamagedModel) as e:   # the run's own copy, not the user's data.tokenizer
+    raise UserError(f"{path} (the run's copy of its tokenizer) is damaged ({getattr(e, 'strerror', None) or e}); "
+                    f"delete it and rerun training with the same settings to copy the tokenizer again (the "
+                    f"cache rebuilds the same model from the same corpus), or restore it from a copy")
 
 
 def load_tokenizer(source) -> Tokenizer:
@@ -162,7 +193,13 @@ def load_tokenizer(source) -> Tokenizer:
   if isinstance(source, (str, os.PathLike)):
     workdir = Path(source)
     cfg_path = workdir / "config.json"
-    kind = json.loads(cfg_path.read_text())["data"]["tokenizer"] if cfg_path.exists() else "sentencepiece"
+    kind = "sentencepiece"
+    if cfg_path.exists():
+      try:
+        kind = json.loads(cfg_path.read_text())["data"]["tokenizer"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{cfg_path} is damaged ({type(e).__name__}: {e}); restore it, or rerun the training "
+                        f"command that made this run")
     tok = from_workdir(workdir, kind)
     if tok is None:
       if kind not in ("bytes", "sentencepiece"):

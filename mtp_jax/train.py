@@ -4,9 +4,11 @@
 
 Rerunning the same command resumes from the newest good checkpoint: parameters, optimizer state,
 RNG key and the data iterator position are all restored, so the resumed run logs bit-identical
-losses (on CPU) for every step after the restored one. SIGTERM / SIGINT finish the current step,
-save a checkpoint and exit with status 0; a second signal kills at once. A NaN/inf loss stops the
-run without saving (the newest checkpoint stays the last good state) and exits with status 2.
+losses (on CPU) for every step after the restored one. SIGTERM / SIGINT finish the current step (and
+an evaluation in progress), save a checkpoint and exit with status 0; a second signal kills at once.
+A NaN/inf loss, parameter or optimizer state stops the run without saving and exits with status 2;
+checkpoints are only ever written finite, so rerunning (say with a lower learning rate) resumes from
+the last good state. config.json binds the workdir to a model shape only once a checkpoint exists.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from mtp_jax import data as data_lib
 from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
 from mtp_jax import tokenizer as tokenizer_lib
-from mtp_jax.checkpoint import Checkpointer, with_shardings
+from mtp_jax.checkpoint import Checkpointer, all_finite, step_dirs, with_shardings
 from mtp_jax.config import head_weights, validate
 from mtp_jax.dry_run import compile_train_step, memory_report
 from mtp_jax.errors import UserError
@@ -49,15 +51,47 @@ def _shape_fields(cfg: dict) -> dict:
   return fields
 
 
+def check_workdir_path(workdir) -> Path:
+  """The workdir as a Path (~ expanded), refused before anything is written if it cannot be a writable
+  directory: it is a file, a parent of it is a file, or the place it lives in is read-only."""
+  workdir = Path(os.path.expanduser(str(workdir)))
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir={workdir} is a file, not a directory; give a directory (new or a run's)")
+  place = workdir
+  while not place.exists() and place != place.parent:
+    place = place.parent
+  if not place.is_dir():
+    raise UserError(f"--workdir={workdir} cannot be created: {place} is a file; give a path under a directory")
+  if not os.access(place, os.W_OK | os.X_OK):
+    why = "read-only file system" if _read_only_fs(place) else "no write permission"
+    raise UserError(f"--workdir={workdir}: cannot write in {place} ({why}); give a writable --workdir")
+  return workdir
+
+
+def _read_only_fs(path: Path) -> bool:
+  try:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+  except OSError:
+    return False
+
+
 def check_workdir(config, workdir: Path) -> None:
-  """Refuse (before writing anything) a workdir whose run has another model shape."""
+  """Refuse (before writing anything) a workdir whose run has another model shape.
+
+  Only a workdir with a checkpoint has a shape: the config.json of a start that failed before its
+  first checkpoint (a mesh error, a loss NaN at step 1) is provisional and gets overwritten."""
   path = workdir / CONFIG_FILE
-  if not path.exists():
-    if (workdir / "checkpoints").exists():
-      raise UserError(f"{workdir} holds checkpoints but no {CONFIG_FILE}, so their shapes cannot be checked; "
-                      f"use a new --workdir (or restore {path})")
+  if not step_dirs(workdir):
     return
-  old, new = _shape_fields(json.loads(path.read_text())), _shape_fields(config.to_dict())
+  if not path.exists():
+    raise UserError(f"{workdir} holds checkpoints but no {CONFIG_FILE}, so their shapes cannot be checked; "
+                    f"use a new --workdir (or restore {path})")
+  try:
+    old = _shape_fields(json.loads(path.read_text()))
+  except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is damaged ({type(e).__name__}: {e}), so the checkpoints' shapes cannot be checked; "
+                    f"restore it, or use a new --workdir")
+  new = _shape_fields(config.to_dict())
   diffs = [f"{k}={old.get(k)!r} there vs {new[k]!r} now" for k in new if old.get(k) != new[k]]
   if diffs:
     raise UserError(f"{workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir, "
@@ -67,8 +101,11 @@ def check_workdir(config, workdir: Path) -> None:
 def _lock_workdir(workdir: Path):
   """Hold W/.lock exclusively while this run lives (the OS drops it even on SIGKILL): two runs in one
   workdir would interleave metrics and checkpoints. Returns the open lock file; keep it open."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  lock = open(workdir / ".lock", "a")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = open(workdir / ".lock", "a")
+  except OSError as e:
+    raise UserError(f"--workdir={workdir}: cannot write there ({e.strerror}); give a writable --workdir")
   try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -84,10 +121,15 @@ def _write_config(config, workdir: Path) -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drop orbax's and grain's INFO chatter (tens of lines per checkpoint); keep their warnings."""
+  """Drop orbax's and grain's INFO chatter (tens of lines per checkpoint); keep their warnings, as one line
+  each: a failed write is reported once, as one error (checkpoint.CheckpointWriteError), not as the
+  tracebacks of each of orbax's background threads."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in ("/orbax/", "/grain/"))
+    ours = any(p in record.pathname for p in ("/orbax/", "/grain/"))
+    if ours and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= std_logging.WARNING or not ours
 
 
 def _say(msg: str) -> None:
@@ -143,7 +185,7 @@ def train_and_evaluate(config, workdir) -> dict:
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
     absl_logger.addFilter(_QuietLibraries())
-  workdir = Path(workdir)
+  workdir = check_workdir_path(workdir)
   check_workdir(config, workdir)
   data = data_lib.build(config, workdir)   # may train a tokenizer into the cache, writes nothing in workdir
   lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
@@ -167,7 +209,11 @@ def train_and_evaluate(config, workdir) -> dict:
 
   train_iter = iter(data_lib.train_dataset(data.train, config))
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
-  start, restored = ckpt.restore_latest(**ckpt.train_targets(abstract_state, abstract_rng, train_iter))
+  try:
+    start, restored = ckpt.restore_latest(**ckpt.train_targets(abstract_state, abstract_rng, train_iter))
+  except BaseException:   # e.g. no usable checkpoint: stop before metrics.jsonl is touched
+    _close_quietly(ckpt.close)
+    raise
   if restored is None:
     state = sharding.init_train_state(model, tx, mesh, config, jax.random.fold_in(rng, 0))
   else:
@@ -205,14 +251,30 @@ def train_and_evaluate(config, workdir) -> dict:
     else:
       last_record = _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer,
                                 weights, unigram, tokens_per_step)
-  finally:
-    ckpt.close()   # waits for the async save in flight
+  except BaseException:
+    _close_quietly(ckpt.close, writer.close, lock and lock.close)   # the error in flight is the one to report
+    raise
+  try:
+    ckpt.close()   # waits for the async save in flight; CheckpointWriteError if it failed
     writer.close()
+  except BaseException:
+    _close_quietly(writer.close)
+    raise
+  finally:
     if lock is not None:
       lock.close()
   if last_record is not None and last_record["step"] == t.steps:
     _say(metrics_lib.final_table(last_record, unigram, config.model.vocab_size))
   return last_record
+
+
+def _close_quietly(*closers) -> None:
+  for close in closers:
+    if close:
+      try:
+        close()
+      except Exception as e:  # a full disk fails every writer's flush; one message is enough
+        logging.warning("while closing after an error: %s", e)
 
 
 def _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer, weights,
@@ -244,33 +306,44 @@ def _train_loop(config, state, rng, start, compiled, to_device, train_iter, eval
       if step % t.log_every == 0 or step == t.steps:
         pending = (step, metrics, bad)
       do_eval = step % t.eval_every == 0 or step == t.steps
-      do_save = step % t.checkpoint_every == 0 or step == t.steps or stop.signal
-      if not (do_eval or do_save):
+      if not (do_eval or _save_due(step, t, stop)):
         continue
       if pending is not None:
         report(pending)
         pending = None
       _stop_if_diverged(int(jax.device_get(bad)), ckpt)   # never evaluate or save a diverged state
+      if not all_finite((state.params, state.opt_state)):   # they can break a step before the loss does
+        _stop_if_diverged(step, ckpt, what="the parameters or optimizer state became")
       began = time.time()
       if do_eval:
         extra = {"unigram_loss": unigram} if step == t.steps else {}
         valid_record = metrics_lib.valid_record(step, evaluate(state.params), weights, **extra)
         writer.valid(valid_record)
-      if do_save:
+      saved = _save_due(step, t, stop)   # decided after the evaluation: a signal during it is honoured here
+      if saved:
         ckpt.save(step, state, rng, train_iter)
       paused += time.time() - began
-      if stop.signal and step < t.steps:
-        ckpt.wait_until_finished()
+      if stop.signal and saved and step < t.steps:
+        ckpt.wait_until_finished()   # CheckpointWriteError (exit 2) if the save failed
+        if step not in ckpt.steps():
+          raise UserError(f"stopped by {stop.signal} after step {step}, but its checkpoint is missing from "
+                          f"{ckpt.workdir / 'checkpoints'}; rerun to resume from step {max(ckpt.steps(), default=0)}")
         _say(f"stopped by {stop.signal} after step {step}; checkpoint saved in {ckpt.workdir}; "
              f"rerun the same command to resume")
         return None
   return valid_record
 
 
-def _stop_if_diverged(first_bad: int, ckpt: Checkpointer) -> None:
+def _save_due(step: int, t, stop) -> bool:
+  return step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None
+
+
+def _stop_if_diverged(first_bad: int, ckpt: Checkpointer, what: str = "the loss became") -> None:
   if first_bad:
     ckpt.wait_until_finished()
     steps = ckpt.steps()
     last = f"the last good checkpoint is step {steps[-1]}" if steps else "no checkpoint was saved"
-    raise TrainingDiverged(f"the loss became NaN/inf at step {first_bad}; stopped without saving ({last}). "
-                           f"Lower train.learning_rate or raise train.warmup_steps, then rerun to resume")
+    again = f"resume from step {steps[-1]}" if steps else "start again from step 0"
+    when = f"at step {first_bad}" if what == "the loss became" else f"by step {first_bad}"
+    raise TrainingDiverged(f"{what} NaN/inf {when}; stopped without saving ({last}). "
+                           f"Lower train.learning_rate or raise train.warmup_steps, then rerun to {again}")

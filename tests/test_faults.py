@@ -1,0 +1,490 @@
+"""Faults injected into training and generation: each ends in a real checkpoint or one clear error, and
+nothing is lost (issue 17). Signals during evaluation, NaN parameters, every checkpoint damaged, a
+read-only or full checkpoint directory (real mounts: a read-only bind mount, a small tmpfs), a failed
+first start, damaged caches, and a table of bad command-line inputs."""
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtp_jax import checkpoint, data, step, tokenizer, train
+from mtp_jax.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint
+from mtp_jax.config import ConfigError, base_config, validate
+from mtp_jax.errors import UserError
+from tests.test_train import records, run_main, tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+  """A finished 20-step run with checkpoints at 10 and 20 (tests copy it before changing anything)."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  train.train_and_evaluate(tiny(cache_dir, steps=20), workdir)
+  return workdir
+
+
+def copy_run(trained, tmp_path, name="run"):
+  workdir = tmp_path / name
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns(".lock"))
+  return workdir
+
+
+def damage(checkpoint_dir):
+  """Truncate every file of a checkpoint's parameters."""
+  for d, _, files in os.walk(checkpoint_dir / "params"):
+    for f in files:
+      open(os.path.join(d, f), "w").close()
+
+
+def write_nan_params(workdir, step_):
+  """A checkpoint as the trainer wrote them before issue 17: NaN parameters (optimizer state kept)."""
+  import orbax.checkpoint as ocp
+  params, _ = checkpoint.load_params(workdir)
+  target = workdir / "checkpoints" / str(step_) / "params"
+  shutil.rmtree(target)
+  with ocp.StandardCheckpointer() as ck:
+    ck.save(target, jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params))
+    ck.wait_until_finished()
+
+
+def _mount(*args) -> bool:
+  return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def read_only(path):
+  """`path` read-only for real: a read-only bind mount as root (chmod does not stop root), else chmod."""
+  path = str(path)
+  if os.geteuid() != 0:
+    os.chmod(path, 0o555)
+    try:
+      yield "Permission denied"
+    finally:
+      os.chmod(path, 0o755)
+    return
+  if not _mount("--bind", path, path):
+    pytest.skip("cannot bind-mount here")
+  try:
+    if not _mount("-o", "remount,bind,ro", path):
+      pytest.skip("cannot remount read-only here")
+    yield "Read-only file system"
+  finally:
+    subprocess.run(["umount", path], check=True)
+
+
+@contextlib.contextmanager
+def small_filesystem(path, kib: int):
+  """A real filesystem of `kib` KiB at `path` (tmpfs), so writes run out of space."""
+  if not _mount("-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)):
+    pytest.skip("mounting a tmpfs needs root")
+  try:
+    yield
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+# ----------------------------------------------------------------------------- broken item 1: signals
+
+def test_signal_during_evaluation_ends_in_a_real_checkpoint(tmp_path, cache_dir, monkeypatch, capsys):
+  """SIGTERM sent from inside the evaluation's compiled step (a host callback, while it runs): the save
+  decision is taken after the evaluation, so the checkpoint exists and the rerun resumes from it."""
+  make = train.make_eval_step
+
+  def signalling(model, config):
+    inner, sent = make(model, config), []
+
+    def send():
+      if not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def eval_step(params, batch):
+      jax.debug.callback(send)
+      return inner(params, batch)
+    return eval_step
+
+  monkeypatch.setattr(train, "make_eval_step", signalling)
+  assert train.train_and_evaluate(tiny(cache_dir, steps=20, eval_every=5, checkpoint_every=1000), tmp_path) is None
+  assert "stopped by SIGTERM after step 5; checkpoint saved" in capsys.readouterr().out
+  assert Checkpointer(tmp_path, read_only=True).steps() == [5]
+  monkeypatch.undo()
+  train.train_and_evaluate(tiny(cache_dir, steps=7, eval_every=5, checkpoint_every=1000), tmp_path)
+  assert "resumed from the checkpoint of step 5" in capsys.readouterr().out
+  assert [r["step"] for r in records(tmp_path)] == list(range(1, 8))
+
+
+# ----------------------------------------------------------------------------- broken item 2: divergence
+
+def test_nonfinite_state_is_never_saved_and_the_advice_works(tmp_path, cache_dir, monkeypatch, capsys):
+  """The parameters turn NaN at step 10 (a save step) while that step's loss is still finite: nothing
+  is saved, and rerunning with a lower learning rate, as the error says, resumes and finishes."""
+  make = step.make_train_step
+
+  def poisoned(model, config, tx=None):   # diverges only at the high learning rate
+    fn, hot = make(model, config, tx), config.train.learning_rate > 5e-4
+
+    def wrapped(state, batch):
+      state, metrics = fn(state, batch)
+      if hot:
+        state = state.replace(params=jax.tree.map(lambda p: jnp.where(state.step >= 10, jnp.nan, p), state.params))
+      return state, metrics
+    return wrapped
+
+  monkeypatch.setattr(step, "make_train_step", poisoned)
+  c = tiny(cache_dir, steps=20, checkpoint_every=5)
+  with pytest.raises(train.TrainingDiverged, match=r"parameters or optimizer state became NaN/inf by step 10.*"
+                     r"last good checkpoint is step 5.*learning_rate.*resume from step 5"):
+    train.train_and_evaluate(c, tmp_path)
+  assert Checkpointer(tmp_path, read_only=True).steps() == [5]
+  c.train.learning_rate = 2.5e-4
+  final = train.train_and_evaluate(c, tmp_path)
+  assert "resumed from the checkpoint of step 5" in capsys.readouterr().out
+  assert np.isfinite(final["loss"]) and Checkpointer(tmp_path, read_only=True).steps()[-1] == 20
+
+
+def test_nonfinite_checkpoints_are_refused(tmp_path, trained, cache_dir, capsys):
+  """A NaN checkpoint (as older versions saved): generate falls back past it, or refuses when no other
+  is left; training quarantines it and resumes from the last finite one."""
+  workdir = copy_run(trained, tmp_path)
+  write_nan_params(workdir, 20)
+  params, _ = checkpoint.load_params(workdir)
+  assert "checkpoints/20 is unusable (it holds NaN/inf" in capsys.readouterr().out
+  assert checkpoint.all_finite(params)
+  all_nan = copy_run(workdir, tmp_path, "all_nan")
+  write_nan_params(all_nan, 10)
+  with pytest.raises(NoUsableCheckpoint, match=r"no usable checkpoint.*step 20: unusable \(it holds NaN/inf.*step 10: unusable"):
+    checkpoint.load_params(all_nan)
+  train.train_and_evaluate(tiny(cache_dir, steps=20), workdir)
+  out = capsys.readouterr().out
+  assert "checkpoint step 20 is unusable (it holds NaN/inf" in out and "resumed from the checkpoint of step 10" in out
+  assert (workdir / "checkpoints_corrupt" / "20").exists()
+  assert [r["loss"] for r in records(workdir)] == [r["loss"] for r in records(trained)]   # redone exactly
+
+
+# ----------------------------------------------------------------------------- broken item 3: all damaged
+
+def test_every_checkpoint_damaged_stops_and_keeps_everything(tmp_path, trained, cache_dir):
+  workdir = copy_run(trained, tmp_path)
+  for s in (10, 20):
+    damage(workdir / "checkpoints" / str(s))
+  metrics = (workdir / "metrics.jsonl").read_bytes()
+  with pytest.raises(NoUsableCheckpoint, match=r"no usable checkpoint .*step 20: unreadable .*step 10: unreadable .*nothing was changed"):
+    train.train_and_evaluate(tiny(cache_dir, steps=20), workdir)
+  assert (workdir / "metrics.jsonl").read_bytes() == metrics
+  assert checkpoint.step_dirs(workdir) == [10, 20] and not (workdir / "checkpoints_corrupt").exists()
+
+
+# ----------------------------------------------------------------------------- broken item 4: unwritable
+
+def test_read_only_checkpoints_fail_fast_and_stay_intact(tmp_path, trained, cache_dir):
+  workdir = copy_run(trained, tmp_path)
+  with read_only(workdir / "checkpoints") as why:
+    began = time.time()
+    with pytest.raises(CheckpointWriteError, match=rf"step 25 .*\({why}\); the earlier checkpoints \(steps 10, 20\) "
+                                                   rf"are intact.*resume from step 20"):
+      train.train_and_evaluate(tiny(cache_dir, steps=30, checkpoint_every=5), workdir)
+    assert time.time() - began < 120      # was: 300 s waiting in orbax, then tracebacks
+  assert Checkpointer(workdir, read_only=True).steps() == [10, 20]
+  assert checkpoint.all_finite(checkpoint.load_params(workdir)[0])
+
+
+def test_full_disk_fails_fast_and_keeps_the_earlier_checkpoint(tmp_path, cache_dir):
+  """checkpoints/ on a 1300 KiB filesystem: the step-5 checkpoint (~0.9 MiB) fits, step 10's does not."""
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  with small_filesystem(workdir / "checkpoints", 1300):
+    began = time.time()
+    with pytest.raises(CheckpointWriteError, match=r"step 10 .*No space left on device.*\(steps 5\) are intact"):
+      train.train_and_evaluate(tiny(cache_dir, steps=20, checkpoint_every=5), workdir)
+    assert time.time() - began < 120
+    assert checkpoint.step_dirs(workdir) == [5] and not list((workdir / "checkpoints").glob("*tmp*"))
+    assert checkpoint.all_finite(checkpoint.load_params(workdir)[0])
+
+
+def test_disk_full_during_the_write_is_reported_the_same(tmp_path, cache_dir, monkeypatch):
+  """Without the free-space check the disk fills inside orbax's background write: same one error."""
+  monkeypatch.setattr(Checkpointer, "_check_writable", lambda self, step_, nbytes: None)
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  with small_filesystem(workdir / "checkpoints", 1300):
+    began = time.time()
+    with pytest.raises(CheckpointWriteError, match=r"step 10 .*No space left on device.*\(steps 5\) are intact"):
+      train.train_and_evaluate(tiny(cache_dir, steps=20, checkpoint_every=5), workdir)
+    assert time.time() - began < 120
+    assert checkpoint.step_dirs(workdir) == [5]
+    assert checkpoint.all_finite(checkpoint.load_params(workdir)[0])
+
+
+# ----------------------------------------------------------------------------- broken item 5: first start
+
+def test_failed_first_start_does_not_lock_the_shape(tmp_path, cache_dir, monkeypatch):
+  c = tiny(cache_dir, steps=2, checkpoint_every=1)
+  c.mesh.data = 2                              # a mesh error, after config.json was written
+  with pytest.raises(UserError, match="needs 2 devices"):
+    train.train_and_evaluate(c, tmp_path)
+  assert (tmp_path / "config.json").exists()
+  make = step.make_train_step
+  monkeypatch.setattr(step, "make_train_step", lambda model, config, tx=None: (
+      lambda s, b: (lambda out: (out[0], dict(out[1], loss=jnp.nan)))(make(model, config, tx)(s, b))))
+  c = tiny(cache_dir, steps=2, checkpoint_every=1)
+  c.model.d_model = 16                         # another shape, and it dies at step 1
+  with pytest.raises(train.TrainingDiverged, match="at step 1.*no checkpoint was saved.*start again from step 0"):
+    train.train_and_evaluate(c, tmp_path)
+  monkeypatch.undo()
+  train.train_and_evaluate(tiny(cache_dir, steps=2, checkpoint_every=1), tmp_path)   # the corrected command
+  assert Checkpointer(tmp_path, read_only=True).steps() == [1, 2]
+  c.model.d_model = 16                         # now a checkpoint binds the shape
+  with pytest.raises(UserError, match="model.d_model=32 there vs 16 now"):
+    train.train_and_evaluate(c, tmp_path)
+
+
+# ----------------------------------------------------------------------------- broken item 6: temperature
+
+@pytest.mark.parametrize("temperature", [1e-45, 0.0, float("inf"), float("nan")])
+def test_sampling_temperature_must_be_usable(make_config, temperature):
+  from mtp_jax import decode
+  from mtp_jax.model import ModelArgs
+  args = ModelArgs.from_config(make_config().model)
+  with pytest.raises(decode.DecodeError, match=f"temperature={temperature}"):
+    decode.check_request(args, [[1, 2]], "sample", 4, temperature=temperature)
+  decode.check_request(args, [[1, 2]], "greedy", 4, temperature=temperature)   # greedy ignores it
+
+
+# ----------------------------------------------------------------------------- broken item 7: config ranges
+
+# One value that validate() must refuse for every field of base_config(): a field added without a
+# check (or without a row here) fails test_validate_checks_every_field. None: the field's type admits
+# no wrong value (ml_collections refuses a non-bool for a bool field, a non-str for a str field).
+BAD = {
+    "seed": 2 ** 64,
+    "model.vocab_size": 1, "model.d_model": 0, "model.n_layers": 0, "model.n_heads": 0, "model.n_kv_heads": 0,
+    "model.d_ff": 0, "model.max_seq_len": 0, "model.rope_theta": 0.0, "model.norm_eps": 0.0, "model.n_future": 0,
+    "model.head_type": "tree", "model.parity": None, "model.tie_embeddings": None, "model.dtype": "int8",
+    "model.param_dtype": "float8", "model.remat": "some",
+    "loss.impl": "vmap", "loss.chunk_size": -1, "loss.head_weights": "1,nan,1,1",
+    "data.source": "ftp", "data.path": ("", {"data.source": "glob"}), "data.text_field": "",
+    "data.valid_fraction": 1.0, "data.tokenizer": "", "data.seq_len": 0, "data.cache_dir": ("", {}),
+    "data.max_train_bytes": -1,
+    "train.steps": 0, "train.batch_size": 0, "train.learning_rate": float("nan"), "train.warmup_steps": -1,
+    "train.min_lr_ratio": -0.1, "train.weight_decay": -0.1, "train.b1": 1.0, "train.b2": -0.5,
+    "train.grad_clip": -1.0, "train.log_every": 0, "train.eval_every": 0, "train.eval_batches": 0,
+    "train.checkpoint_every": 0, "train.keep_checkpoints": 0,
+    "mesh.data": 0, "mesh.fsdp": -2, "mesh.tensor": 0, "mesh.rules": ((("vocab", "tensr"),), {}),
+}
+CACHE_DIR_IS_A_FILE = "data.cache_dir"
+
+
+def _leaves(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}"
+
+
+def test_validate_checks_every_field(tmp_path):
+  fields = list(_leaves(base_config().to_dict()))
+  assert sorted(fields) == sorted(BAD), f"fields without a row in BAD: {sorted(set(fields) - set(BAD))}"
+  for field in fields:
+    bad = BAD[field]
+    if bad is None:
+      continue
+    bad, extra = bad if isinstance(bad, tuple) and len(bad) == 2 and isinstance(bad[1], dict) else (bad, {})
+    if field == CACHE_DIR_IS_A_FILE:
+      (tmp_path / "file").write_text("")
+      bad = str(tmp_path / "file")
+    c = base_config()
+    c.update_from_flattened_dict({field: bad, **extra})
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as e:
+      validate(c)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("train.min_lr_ratio", -0.5), ("train.grad_clip", -1.0), ("train.weight_decay", -0.1), ("train.b1", 1.0),
+    ("train.b2", 1.5), ("model.rope_theta", -1.0), ("model.norm_eps", 0.0), ("loss.head_weights", "1,inf"),
+    ("loss.head_weights", "geometric:inf"), ("data.max_train_bytes", -5),
+])
+def test_issue_settings_are_refused_with_the_right_cause(field, value):
+  c = base_config()
+  c.model.n_future = 2
+  c.update_from_flattened_dict({field: value})
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    validate(c)
+
+
+# ----------------------------------------------------------------------------- damaged caches
+
+def _private_cache(cache_dir, tmp_path):
+  """A copy of the shared cache (tokenizer + token files), so damaging it disturbs no other test."""
+  shutil.copytree(cache_dir, tmp_path / "cache", ignore=shutil.ignore_patterns("xla"))
+  c = tiny(str(tmp_path / "cache"))
+  return c, tmp_path / "cache"
+
+
+def test_damaged_cached_tokenizer_is_trained_again(tmp_path, trained, cache_dir, capsys):
+  c, cache = _private_cache(cache_dir, tmp_path)
+  (model_file,) = cache.glob("tokenizer-*.model")
+  good = model_file.read_bytes()
+  for junk in (b"not a model", b""):              # corrupt, then empty (a 0-piece model)
+    model_file.write_bytes(junk)
+    tok = data.build_tokenizer(c)
+    assert f"cached tokenizer {model_file} is damaged" in capsys.readouterr().out
+    assert tok.proto == good and model_file.read_bytes() == good
+
+
+def test_damaged_workdir_tokenizer_is_named(tmp_path, trained, cache_dir):
+  workdir = copy_run(trained, tmp_path)
+  (workdir / "tokenizer.model").write_bytes(b"\x00" * 10)
+  with pytest.raises(UserError, match=r"tokenizer.model \(the run's copy of its tokenizer\) is damaged.*delete it") as e:
+    data.build_tokenizer(tiny(cache_dir, steps=20), workdir=workdir)
+  assert "data.tokenizer" not in str(e.value)
+  with pytest.raises(UserError, match="tokenizer.model"):
+    tokenizer.load_tokenizer(workdir)
+
+
+@pytest.mark.parametrize("part", ["train.bin", "meta.json", "valid.starts.npy"])
+def test_damaged_token_cache_is_rebuilt(tmp_path, trained, cache_dir, capsys, part):
+  c, cache = _private_cache(cache_dir, tmp_path)
+  want = data.build(c)
+  want_train, want_starts = np.array(want.train.tokens), np.array(want.valid.starts)   # off the memmap
+  del want
+  (tokens_dir,) = cache.glob("tokens-*")
+  f = tokens_dir / part
+  f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])    # cut short, as a kill or a full disk leaves it
+  got = data.build(c)
+  assert f"token cache {tokens_dir} is damaged" in capsys.readouterr().out
+  assert np.array_equal(got.train.tokens, want_train) and np.array_equal(got.valid.starts, want_starts)
+
+
+# ----------------------------------------------------------------------------- the CLIs over bad inputs
+
+def _generate(*args):
+  return subprocess.run([sys.executable, "-m", "mtp_jax.generate", *args], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bad_places(tmp_path_factory, trained):
+  """Workdirs and files the table below points at (built once)."""
+  root = tmp_path_factory.mktemp("bad")
+  p = {"root": root, "good": trained}
+  (root / "a_file").write_text("x")
+  for name, text in (("not_json", "{not json"), ("lacks_fields", '{"model": {}}')):
+    w = copy_run(trained, root, name)
+    (w / "config.json").write_text(text)
+    p[name] = w
+  p["all_damaged"] = copy_run(trained, root, "all_damaged")
+  for s in (10, 20):
+    damage(p["all_damaged"] / "checkpoints" / str(s))
+  p["all_nan"] = copy_run(trained, root, "all_nan")
+  write_nan_params(p["all_nan"], 20)
+  write_nan_params(p["all_nan"], 10)
+  p["bad_tokenizer"] = copy_run(trained, root, "bad_tokenizer")
+  (p["bad_tokenizer"] / "tokenizer.model").write_bytes(b"junk")
+  (root / "prompts_dir.jsonl").mkdir()
+  (root / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+  (root / "array.jsonl").write_text('{"prompt": "ok"}\n\n["a", "b"]\n')
+  (root / "number.jsonl").write_text('{"prompt": 3}\n')
+  (root / "ro").mkdir()
+  return p
+
+
+# (name, CLI, argv from the places, words the one error line must hold). {x} is bad_places[x].
+TABLE = [
+    ("config.json not JSON", "main", ["--workdir={not_json}"], "config.json is damaged"),
+    ("config.json lacks fields", "main", ["--workdir={lacks_fields}"], "config.json is damaged"),
+    ("workdir is a file", "main", ["--workdir={root}/a_file"], "is a file"),
+    ("workdir parent is a file", "main", ["--workdir={root}/a_file/run"], "cannot be created"),
+    ("dry run, workdir is a file", "main", ["--workdir={root}/a_file", "--dry_run"], "is a file"),
+    ("read-only workdir", "main", ["--workdir={root}/ro/run"], "cannot write in"),
+    ("stray positional argument", "main", ["--workdir={root}/w", "steps=5"], "unexpected argument 'steps=5'"),
+    ("negative max_train_bytes", "main", ["--workdir={root}/w", "--config.data.max_train_bytes=-1"],
+     "data.max_train_bytes=-1"),
+    ("rope_theta 0", "main", ["--workdir={root}/w", "--config.model.rope_theta=0"], "model.rope_theta=0"),
+    ("every checkpoint damaged", "main", ["--workdir={all_damaged}"], "no usable checkpoint"),
+    ("generate: config.json not JSON", "generate", ["--workdir={not_json}", "--prompt=a"], "config.json is damaged"),
+    ("generate: config.json lacks fields", "generate", ["--workdir={lacks_fields}", "--prompt=a"], "lacks model."),
+    ("generate: workdir is a file", "generate", ["--workdir={root}/a_file", "--prompt=a"], "is a file"),
+    ("generate: only NaN checkpoints", "generate", ["--workdir={all_nan}", "--prompt=a"], "no usable checkpoint"),
+    ("generate: damaged tokenizer.model", "generate", ["--workdir={bad_tokenizer}", "--prompt=a"],
+     "tokenizer.model (the run's copy"),
+    ("prompt_file is a directory", "generate", ["--workdir={good}", "--prompt_file={root}/prompts_dir.jsonl"],
+     "is a directory"),
+    ("prompt_file not UTF-8", "generate", ["--workdir={good}", "--prompt_file={root}/latin1.txt"], "not UTF-8"),
+    ("JSONL array on line 3", "generate", ["--workdir={good}", "--prompt_file={root}/array.jsonl"], "line 3: expected"),
+    ("JSONL non-string prompt", "generate", ["--workdir={good}", "--prompt_file={root}/number.jsonl"],
+     "line 1: expected"),
+    ("output is a directory", "generate", ["--workdir={good}", "--prompt=a", "--output={root}"], "is a directory"),
+    ("output under a file", "generate", ["--workdir={good}", "--prompt=a", "--output={root}/a_file/o.jsonl"],
+     "is a file"),
+    ("output read-only", "generate", ["--workdir={good}", "--prompt=a", "--output={root}/ro/o.jsonl"], "cannot write"),
+    ("temperature inf", "generate", ["--workdir={good}", "--prompt=a", "--temperature=inf"], "--temperature=inf"),
+    ("temperature 1e-45", "generate", ["--workdir={good}", "--prompt=a", "--mode=sample", "--temperature=1e-45"],
+     "temperature=1e-45"),
+    ("batch_size 0", "generate", ["--workdir={good}", "--prompt=a", "--batch_size=0"], "--batch_size=0"),
+    ("eos_id outside the vocabulary", "generate", ["--workdir={good}", "--prompt=a", "--eos_id=99999"],
+     "eos_id=99999"),
+    ("seed too large", "generate", ["--workdir={good}", "--prompt=a", f"--seed={2 ** 64}"], "seed="),
+    ("generate: stray positional argument", "generate", ["--workdir={good}", "--prompt=a", "extra"],
+     "unexpected argument 'extra'"),
+]
+
+
+@pytest.mark.parametrize("name, cli, argv, words", TABLE, ids=[row[0] for row in TABLE])
+def test_cli_bad_input_is_one_error_line(bad_places, cache_dir, name, cli, argv, words):
+  argv = [a.format(**bad_places) for a in argv]
+  ro = contextlib.nullcontext() if "ro/" not in " ".join(argv) else read_only(bad_places["root"] / "ro")
+  with ro:
+    if cli == "main":
+      r = run_main(argv[0].split("=", 1)[1], cache_dir, *argv[1:])
+    else:
+      r = _generate(*argv, "--max_new_tokens=4")
+  out = r.stdout + r.stderr
+  assert r.returncode == 2, out
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and words in errors[0], out
+  assert "Traceback" not in out and "Event loop is closed" not in out
+  assert not (bad_places["root"] / "ro" / "run").exists()
+
+
+def test_tilde_workdir_is_expanded(tmp_path, cache_dir):
+  """--workdir=~/x means $HOME/x, not a literal ./~ (here with --dry_run)."""
+  env_home = tmp_path / "home"
+  env_home.mkdir()
+  r = subprocess.run([sys.executable, "-m", "mtp_jax.main", f"--config={ROOT}/configs/tiny.py", "--workdir=~/x",
+                      "--dry_run"],
+                     cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                     env={**os.environ, "HOME": str(env_home), "PYTHONPATH": ROOT})
+  assert r.returncode == 0, r.stderr
+  assert (env_home / "x" / "dry_run.json").exists() and not (tmp_path / "~").exists()
+
+
+def test_generate_fallback_past_a_damaged_checkpoint_is_quiet(bad_places, tmp_path):
+  """The newest checkpoint's arrays damaged: generate uses the previous one, with one warning and none of
+  the 'Event loop is closed' tracebacks orbax's abandoned reads used to print."""
+  workdir = copy_run(bad_places["good"], tmp_path)
+  for d, _, files in os.walk(workdir / "checkpoints" / "20" / "params"):
+    for f in files:
+      if "ocdbt.process" in d:
+        with open(os.path.join(d, f), "r+b") as fh:
+          fh.truncate(10)
+  r = _generate(f"--workdir={workdir}", "--prompt=def f", "--max_new_tokens=4")
+  assert r.returncode == 0, r.stderr
+  assert "checkpoints/20 is unreadable" in r.stdout + r.stderr
+  assert "Event loop is closed" not in r.stderr and "Traceback" not in r.stderr
