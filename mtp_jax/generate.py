@@ -170,7 +170,8 @@ def load_workdir(workdir: str):
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise DecodeError(f"--workdir={workdir} has no config.json: not a training run directory")
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+  has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+  if not has_ckpt and not os.path.isdir(os.path.join(workdir, "pretrained")):   # pretrained: convert import
     raise DecodeError(f"--workdir={workdir} has no checkpoint in {ckpt_dir}: train first "
                       f"(python -m mtp_jax.main --config=... --workdir={workdir})")
   from mtp_jax import checkpoint, tokenizer as tokenizer_lib   # orbax and sentencepiece only when loading a run

@@ -32,6 +32,7 @@ from mtp_jax.checkpoint import Checkpointer, with_shardings
 from mtp_jax.config import head_weights, validate
 from mtp_jax.dry_run import compile_train_step, memory_report
 from mtp_jax.errors import UserError
+from mtp_jax.interop import workdir as imported
 from mtp_jax.model import build_model
 from mtp_jax.step import make_eval_step, make_optimizer
 
@@ -168,7 +169,10 @@ def train_and_evaluate(config, workdir) -> dict:
   train_iter = iter(data_lib.train_dataset(data.train, config))
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
   start, restored = ckpt.restore_latest(**ckpt.train_targets(abstract_state, abstract_rng, train_iter))
-  if restored is None:
+  if restored is None and imported.has_pretrained(workdir):   # convert import wrote W/pretrained
+    state = imported.init_state_from_pretrained(workdir, abstract_state, state_shardings, tx)
+    _say(f"starting at step 0 from the imported parameters in {workdir / imported.PRETRAINED}")
+  elif restored is None:
     state = sharding.init_train_state(model, tx, mesh, config, jax.random.fold_in(rng, 0))
   else:
     state = type(abstract_state)(step=restored.meta["step"], params=restored.params, opt_state=restored.opt_state)
