@@ -113,16 +113,16 @@ def head_weights(spec: str, n: int) -> list[float]:
   return w
 
 
-def trainable_patterns(spec: str, n_future: int) -> str:
-  """`train.trainable` as one regex over parameter paths ('' for all); raises ConfigError if it cannot work."""
+HEADS_REGEX = r"heads_[1-9][0-9]*/.*"   # heads 2..n (heads_0 is head 1, the next-token head)
+
+
+def trainable_regex(spec: str) -> str:
+  """`train.trainable` as one regex over whole parameter paths ('' = everything trains)."""
   import re
   if spec == "all":
     return ""
   if spec == "heads":
-    if n_future < 2:
-      raise ConfigError("train.trainable=heads trains heads 2..n but model.n_future=1; add heads "
-                        "(model.n_future) or use train.trainable=all")
-    return r"heads_[1-9][0-9]*/.*"
+    return HEADS_REGEX
   try:
     re.compile(spec)
   except re.error as e:
@@ -176,7 +176,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(0 <= t.warmup_steps, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
   for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
     need(t[k] >= 1, f"train.{k}={t[k]}: must be >= 1")
-  trainable_patterns(t.trainable, m.n_future)
+  trainable_regex(t.trainable)
+  need(t.trainable != "heads" or m.n_future >= 2,
+       "train.trainable=heads trains heads 2..n but model.n_future=1; add heads (model.n_future) or use "
+       "train.trainable=all")
   need(d.source in ("stdlib", "glob", "jsonl"), f"data.source={d.source!r}: choose stdlib, glob or jsonl")
   need(d.source == "stdlib" or d.path, f"data.source={d.source!r} needs data.path (a glob or a .jsonl file)")
   need(0 < d.valid_fraction < 1, f"data.valid_fraction={d.valid_fraction}: must be between 0 and 1")
