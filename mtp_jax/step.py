@@ -78,8 +78,6 @@ def new_train_state(params, tx) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-init_train_state = new_train_state   # the former name; it clashed with sharding.init_train_state's signature
-
 
 def make_train_step(model: MTPTransformer, config, tx=None):
   """train_step(state, batch) -> (state, metrics); donate `state` when jitting it.

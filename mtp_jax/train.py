@@ -59,6 +59,8 @@ def check_workdir(config, workdir: Path) -> None:
                       f"use a new --workdir (or restore {path})")
     return
   old, new = _shape_fields(json.loads(path.read_text())), _shape_fields(config.to_dict())
+  if not (workdir / "checkpoints").exists():   # nothing trained yet (e.g. an import): only the weights' shapes bind
+    new = {k: v for k, v in new.items() if k.startswith("model.")}
   diffs = [f"{k}={old.get(k)!r} there vs {new[k]!r} now" for k in new if old.get(k) != new[k]]
   if diffs:
     raise UserError(f"{workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir, "

@@ -243,3 +243,18 @@ def test_export_loads_in_transformers(tmp_path):
                       "reference.npz"), str(tmp_path / "t.npy")], capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert np.max(np.abs(np.load(tmp_path / "t.npy") - ours)) <= 1e-4
+
+
+def test_generate_results_are_json_ready_and_greedy_reports_no_drafts():
+  """2-D numpy prompts (as a converter user holds them) give plain-int results; only speculative runs draft."""
+  config, params, _ = interop.read_checkpoint(fixture("meta_mtp"))
+  prompts = np.array([[3, 4, 5], [6, 7, 8]], np.int32)
+  greedy = generate(params, config, prompts, mode="greedy", max_new_tokens=4, eos_id=-1)
+  json.dumps(greedy)
+  assert greedy[0]["prompt"] == [3, 4, 5] and "draft_proposed" not in greedy[0]["stats"]
+  spec = generate(params, config, prompts, mode="speculative", max_new_tokens=4, eos_id=-1)
+  json.dumps(spec)
+  assert len(spec[0]["stats"]["draft_accepted"]) == 2
+  assert [r["tokens"] for r in spec] == [r["tokens"] for r in greedy]   # speculative keeps greedy's output
+  from mtp_jax.generate import summarize
+  assert summarize(greedy)["acceptance_rate"] == []
