@@ -150,3 +150,15 @@ def test_imported_model_trains_heads_on_a_frozen_trunk(tmp_path):
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert json.loads(r.stderr.strip().splitlines()[-1])["tokens_per_forward"] >= 1
+
+
+def test_frozen_heads_experiment_quick(tmp_path):
+  """experiments/frozen_heads.py --quick: n=1 -> export -> import with 3 heads -> frozen and joint -> vs n=4."""
+  r = subprocess.run([sys.executable, "experiments/frozen_heads.py", "--quick", f"--workdir={tmp_path / 'w'}",
+                      f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                     env={**os.environ, "PYTHONPATH": ROOT})
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  res = json.load(open(tmp_path / "out" / "frozen_heads_quick.json"))
+  for kind in ("frozen", "joint", "n4"):
+    assert len(res[kind]["head_acceptance"]) == 4 and res[kind]["identical_to_greedy"]
+    assert 1 <= res[kind]["tokens_per_forward"] <= 4
