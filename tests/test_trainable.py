@@ -152,6 +152,7 @@ def test_imported_model_trains_heads_on_a_frozen_trunk(tmp_path):
   assert json.loads(r.stderr.strip().splitlines()[-1])["tokens_per_forward"] >= 1
 
 
+@pytest.mark.slow   # four toy trainings and three decode benchmarks: ~1.5 min alone on 2 cores, over CI's budget
 def test_frozen_heads_experiment_quick(tmp_path):
   """experiments/frozen_heads.py --quick: n=1 -> export -> import with 3 heads -> frozen and joint -> vs n=4."""
   r = subprocess.run([sys.executable, "experiments/frozen_heads.py", "--quick", f"--workdir={tmp_path / 'w'}",
