@@ -29,7 +29,7 @@ from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
 from mtp_jax import tokenizer as tokenizer_lib
 from mtp_jax.checkpoint import Checkpointer, with_shardings
-from mtp_jax.config import head_weights, validate
+from mtp_jax.config import base_config, head_weights, validate
 from mtp_jax.dry_run import compile_train_step, memory_report
 from mtp_jax.errors import UserError
 from mtp_jax.interop import workdir as imported
@@ -59,6 +59,7 @@ def check_workdir(config, workdir: Path) -> None:
                       f"use a new --workdir (or restore {path})")
     return
   old, new = _shape_fields(json.loads(path.read_text())), _shape_fields(config.to_dict())
+  old.setdefault("model.rope_scaling", base_config().model.rope_scaling.to_dict())   # runs from before the field
   if not (workdir / "checkpoints").exists():   # nothing trained yet (e.g. an import): only the weights' shapes bind
     new = {k: v for k, v in new.items() if k.startswith("model.")}
   diffs = [f"{k}={old.get(k)!r} there vs {new[k]!r} now" for k in new if old.get(k) != new[k]]

@@ -168,7 +168,8 @@ def test_bad_checkpoints_are_refused_by_name(tmp_path):
                         (dict(sliding_window=64), "sliding_window=64"),
                         (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type='yarn'"),
                         (dict(num_hidden_layers=4), "lacks tensors .*model.layers.3"),
-                        (dict(intermediate_size=128), r"tensor model\.layers\.\d\.mlp\.\w+\.weight has shape \[\d+, 96\]|\[96, \d+\] but"),
+                        (dict(intermediate_size=128),
+                         r"tensor model\.layers\.\d\.mlp\.\w+\.weight has shape \[\d+, 96\]|\[96, \d+\] but"),
                         (dict(vocab_size=400), "tokenizer.json has 384 ids but the model's vocabulary has 400")):
     saved = (d / "config.json").read_text()
     _edit_config(d, **fields)
@@ -258,3 +259,21 @@ def test_generate_results_are_json_ready_and_greedy_reports_no_drafts():
   assert [r["tokens"] for r in spec] == [r["tokens"] for r in greedy]   # speculative keeps greedy's output
   from mtp_jax.generate import summarize
   assert summarize(greedy)["acceptance_rate"] == []
+
+
+def test_runs_from_before_rope_scaling_still_load_and_resume(tmp_path):
+  import ml_collections
+  from mtp_jax import train
+  from mtp_jax.errors import UserError
+  from mtp_jax.model import ModelArgs
+  from tests.conftest import tiny_config
+  c = tiny_config()
+  old = c.to_dict()
+  del old["model"]["rope_scaling"]
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  train.check_workdir(c, tmp_path)                       # no scaling then, none now: the same shape
+  assert ModelArgs.from_config(ml_collections.ConfigDict(old["model"])).rope_scaling is None
+  c.model.rope_scaling.type = "llama3"
+  with pytest.raises(UserError, match="model.rope_scaling"):
+    train.check_workdir(c, tmp_path)

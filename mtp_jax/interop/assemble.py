@@ -113,14 +113,8 @@ def check_shapes(sources, expected: dict, dims) -> None:
                              f"the config.json does not match these weights")
 
 
-def _set(tree: dict, path: str, value):
-  *parents, leaf = path.split("/")
-  for p in parents:
-    tree = tree.setdefault(p, {})
-  tree[leaf] = value
-
-
-def _get(tree: dict, path: str):
+def get_path(tree: dict, path: str):
+  """tree['a']['b'] for path 'a/b'."""
   for p in path.split("/"):
     tree = tree[p]
   return tree
@@ -144,8 +138,8 @@ def build_params(arch: Arch, config, sources, meta: bool, head_init: str = "copy
     for key, w in src.items(keys, dtype):
       dest, path, kind, meta_order = expected[key]
       leaf = mapping.to_ours(w, kind, arch.dims, meta_order)
-      target = _get(params["trunk"]["layer"], path)[dest[1]] if dest and dest[0] == "trunk" else (
-          _get(params[dest[0]], path) if dest else _get(params, path))
+      target = get_path(params["trunk"]["layer"], path)[dest[1]] if dest and dest[0] == "trunk" else (
+          get_path(params[dest[0]], path) if dest else get_path(params, path))
       target[...] = leaf
       del w, leaf
   for j in range(n_ckpt_heads, config.model.n_future):

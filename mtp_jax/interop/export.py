@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from mtp_jax.interop import mapping
+from mtp_jax.interop.assemble import get_path
 from mtp_jax.interop.tensors import ConvertError
 
 
@@ -53,28 +54,24 @@ def hf_tensors(params, config) -> dict:
   for path, hf_key, _, kind in mapping.TOP_TABLE:
     if path == "unembed/kernel" and m.tie_embeddings:
       continue
-    *parents, leaf = path.split("/")
-    out[hf_key] = mapping.from_ours(np.asarray(params[parents[0]][leaf]), kind, dims, meta=False)
+    out[hf_key] = mapping.from_ours(np.asarray(get_path(params, path)), kind, dims, meta=False)
   trunk = params.get("trunk", {}).get("layer")
   n_trunk = len(jax.tree.leaves(trunk)[0]) if trunk else 0
   for i in range(n_trunk + 1):
     for path, hf_suffix, _, kind in mapping.LAYER_TABLE:
-      leaf = _get(trunk, path)[i] if i < n_trunk else _get(params["heads_0"], path)
+      leaf = get_path(trunk, path)[i] if i < n_trunk else get_path(params["heads_0"], path)
       out[f"{mapping.HF_LAYER_PREFIX}{i}.{hf_suffix}"] = mapping.from_ours(np.asarray(leaf), kind, dims, meta=False)
   return out
 
 
 def extra_head_tensors(params, config) -> dict:
-  dims = _dims(config.model)
-  return {f"extra_heads.{j - 1}.{meta_suffix}": mapping.from_ours(np.asarray(_get(params[f"heads_{j}"], path)), kind,
-                                                                  dims, meta=True)
-          for j in range(1, config.model.n_future) for path, _, meta_suffix, kind in mapping.LAYER_TABLE}
-
-
-def _get(tree, path):
-  for p in path.split("/"):
-    tree = tree[p]
-  return tree
+  """Meta key (`extra_heads.{j-1}.*`, interleaved rotary rows) -> tensor of heads 2..n."""
+  dims, out = _dims(config.model), {}
+  for j in range(1, config.model.n_future):
+    for path, _, meta_suffix, kind in mapping.LAYER_TABLE:
+      leaf = np.asarray(get_path(params[f"heads_{j}"], path))
+      out[f"extra_heads.{j - 1}.{meta_suffix}"] = mapping.from_ours(leaf, kind, dims, meta=True)
+  return out
 
 
 def meta_params(config) -> dict:
