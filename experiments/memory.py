@@ -29,7 +29,7 @@ from mtp_jax import sharding  # noqa: E402
 from mtp_jax.config import base_config  # noqa: E402
 from mtp_jax.dry_run import compile_train_step, memory_report  # noqa: E402
 from mtp_jax.model import build_model, init_params  # noqa: E402
-from mtp_jax.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from mtp_jax.step import make_optimizer, new_train_state, make_train_step  # noqa: E402
 
 _VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
 _SEQ = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
@@ -68,7 +68,7 @@ def time_ratio(config_fn, steps: int) -> dict:
   for n in (1, 4):
     c = config_fn(n)
     model, tx = build_model(c.model), make_optimizer(c.train)
-    state = init_train_state(init_params(model, jax.random.key(0)), tx)
+    state = new_train_state(init_params(model, jax.random.key(0)), tx)
     step = jax.jit(make_train_step(model, c, tx), donate_argnums=0)
     shape = (c.train.batch_size, c.data.seq_len + n)
     batch = {"tokens": jax.random.randint(jax.random.key(1), shape, 0, c.model.vocab_size),

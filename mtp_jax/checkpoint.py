@@ -289,13 +289,17 @@ def _get(d, dotted: str):
 
 
 def load_params(workdir):
-  """(params, config) of a run's latest good checkpoint, params only (for generate.py and notebooks)."""
+  """(params, config) of a run's latest good checkpoint, params only (for generate.py and notebooks);
+  of W/pretrained when `convert import` wrote the workdir and no training has saved yet."""
   from mtp_jax.model import abstract_params, build_model   # model code only where it is needed
 
   config = read_config(workdir)
   abstract, _ = abstract_params(build_model(config.model))
   ckpt = Checkpointer(workdir, read_only=True) if (Path(workdir) / CHECKPOINTS).is_dir() else None
   if ckpt is None or not ckpt.steps():
+    from mtp_jax.interop import workdir as imported
+    if imported.has_pretrained(workdir):   # an imported model not trained yet (convert import)
+      return imported.load_pretrained(workdir, abstract), config
     raise UserError(f"{workdir} has no checkpoint yet; train first (python -m mtp_jax.main "
                     f"--config=... --workdir={workdir}) or pass another workdir")
   try:

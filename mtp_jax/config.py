@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"          # compute dtype
   m.param_dtype = "float32"
   m.remat = "none"             # trunk layers: none | full | dots
+  # RoPE frequency scaling: type none | llama3 (Llama 3.1+, the same formula as transformers)
+  m.rope_scaling = ml_collections.ConfigDict(dict(
+      type="none", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=8192))
 
   c.loss = l = ml_collections.ConfigDict()
   l.impl = "scan"              # scan (one head's logits alive at a time) | naive (reference)
@@ -75,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_batches = 16
   t.checkpoint_every = 250
   t.keep_checkpoints = 3
+  # Which parameters train: all | heads (heads 2..n; trunk, head 1, norm and embeddings frozen, as in
+  # Medusa-1) | a regex matched against whole parameter paths such as "heads_[1-9].*|final_norm/.*".
+  # Frozen parameters hold no optimizer state.
+  t.trainable = "all"
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1                 # -1 = all devices left over by the other axes
@@ -114,6 +121,24 @@ def _finite(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+HEADS_REGEX = r"heads_[1-9][0-9]*/.*"   # heads 2..n (heads_0 is head 1, the next-token head)
+
+
+def trainable_regex(spec: str) -> str:
+  """`train.trainable` as one regex over whole parameter paths ('' = everything trains)."""
+  import re
+  if spec == "all":
+    return ""
+  if spec == "heads":
+    return HEADS_REGEX
+  try:
+    re.compile(spec)
+  except re.error as e:
+    raise ConfigError(f"train.trainable={spec!r} is not a regex ({e}); use all, heads or a regex over "
+                      f"parameter paths such as 'heads_[1-9].*'")
+  return spec
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raise ConfigError for the first field that cannot work. Cheap: no JAX, no compile.
 
@@ -150,6 +175,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(2 <= m.vocab_size < 2 ** 31, f"model.vocab_size={m.vocab_size}: must be in [2, 2**31)")
   need(m.dtype in DTYPES and m.param_dtype in DTYPES,
        f"model.dtype={m.dtype!r}, model.param_dtype={m.param_dtype!r}: choose from {', '.join(DTYPES)}")
+  rs = m.rope_scaling
+  need(rs.type in ("none", "llama3"), f"model.rope_scaling.type={rs.type!r}: choose none or llama3")
+  if rs.type == "llama3":
+    need(rs.factor > 0 and rs.original_max_len > 0 and rs.high_freq_factor > rs.low_freq_factor > 0,
+         "model.rope_scaling: need factor > 0, original_max_len > 0 and high_freq_factor > low_freq_factor > 0")
   need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
   need(l.impl in LOSS_IMPLS, f"loss.impl={l.impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
   need(l.chunk_size >= 0, f"loss.chunk_size={l.chunk_size}: must be >= 0 (0 = no chunking)")
@@ -173,6 +203,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
        f"train.grad_clip={t.grad_clip}: must be a finite global-norm bound > 0 (1.0 is usual)")
   for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
     need(t[k] >= 1, f"train.{k}={t[k]}: must be >= 1")
+  trainable_regex(t.trainable)
+  need(t.trainable != "heads" or m.n_future >= 2,
+       "train.trainable=heads trains heads 2..n but model.n_future=1; add heads (model.n_future) or use "
+       "train.trainable=all")
   need(d.source in ("stdlib", "glob", "jsonl"), f"data.source={d.source!r}: choose stdlib, glob or jsonl")
   need(d.source == "stdlib" or d.path, f"data.source={d.source!r} needs data.path (a glob or a .jsonl file)")
   need(0 < d.valid_fraction < 1, f"data.valid_fraction={d.valid_fraction}: must be between 0 and 1")

@@ -80,7 +80,21 @@ def dry_run_report(config) -> dict:
   report["devices"] = f"{mesh.size} x {jax.devices()[0].device_kind}"
   report["param_bytes_per_device"] = sharding.bytes_per_device(state.params, state_sh.params)
   report["optimizer_bytes_per_device"] = sharding.bytes_per_device(state.opt_state, state_sh.opt_state)
+  if config.train.trainable != "all":   # what freezing saves: the optimizer state of every frozen leaf
+    from mtp_jax.step import trainable_mask
+    mask = jax.tree.leaves(trainable_mask(state.params, config.train.trainable))
+    report["params_trainable"] = int(sum(x.size for x, m in zip(jax.tree.leaves(state.params), mask) if m))
+    every = config.copy_and_resolve_references()
+    every.train.trainable = "all"
+    model = build_model(config.model)
+    full, full_sh = sharding.abstract_train_state(model, make_optimizer(every.train), mesh, config)
+    all_bytes = sharding.bytes_per_device(full.opt_state, full_sh.opt_state)
+    report["optimizer_bytes_saved_per_device"] = all_bytes - report["optimizer_bytes_per_device"]
   report.update(memory_report(compiled))
+  try:   # XLA's count for the compiled step: shows e.g. the backward work a frozen trunk skips
+    report["compiled_flops_per_step"] = float(compiled.cost_analysis()["flops"])
+  except Exception:   # not every backend reports it
+    pass
   report["compile_seconds"] = round(time.time() - t0, 1)
   return report
 

@@ -118,7 +118,9 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
     batch = {"batch": start // batch_size, "batch_size": batch_size, "batch_forward_passes": int(out.steps) + 1,
              "batch_new_tokens": int(np.sum(out.lengths[:len(chunk)])), **{f"batch_{k}": v for k, v in timing.items()}}
     for r in range(len(chunk)):
-      results.append(_result(prompts[start + r], chunk[r], out, r, mode, eos_id, batch, tokenizer))
+      prompt = prompts[start + r]
+      prompt = prompt if isinstance(prompt, str) else chunk[r]   # token prompts as plain ints (JSON-ready)
+      results.append(_result(prompt, chunk[r], out, r, mode, eos_id, batch, tokenizer))
   return results
 
 
@@ -133,7 +135,7 @@ def _result(prompt, prompt_ids, out, r: int, mode: str, eos_id: int, batch: dict
   new_tokens          tokens generated
   forward_passes      forward passes that emitted them, the prefill included (greedy: = new_tokens)
   tokens_per_forward  new_tokens / forward_passes
-  draft_proposed      drafts each draft head proposed (= forward passes after the prefill)
+  draft_proposed      drafts each draft head proposed (= forward passes after the prefill); speculative modes only
   draft_accepted      per draft head (heads 2..n); a draft counts only if every earlier one was accepted
   acceptance_rate     per draft head: accepted / proposed
   batch_*             of its batch: forward passes (prefill included), wall_s (compile excluded), compile_s
@@ -147,10 +149,12 @@ def _result(prompt, prompt_ids, out, r: int, mode: str, eos_id: int, batch: dict
   res = {"prompt": prompt, "prompt_tokens": list(prompt_ids), "tokens": tokens, "finish_reason": finished}
   if tokenizer is not None:
     res["text"] = tokenizer.decode(tokens[:-1] if finished == "eos" else tokens)
-  res["stats"] = {
-      "mode": mode, "new_tokens": n, "forward_passes": forwards, "tokens_per_forward": n / max(forwards, 1),
-      "draft_proposed": proposed, "draft_accepted": accepted,
-      "acceptance_rate": [a / proposed if proposed else 0.0 for a in accepted], **batch}
+  drafts = {}
+  if mode.startswith("speculative"):   # greedy and sample runs draft nothing: no draft statistics
+    drafts = {"draft_proposed": proposed, "draft_accepted": accepted,
+              "acceptance_rate": [a / proposed if proposed else 0.0 for a in accepted]}
+  res["stats"] = {"mode": mode, "new_tokens": n, "forward_passes": forwards, "tokens_per_forward": n / max(forwards, 1),
+                  **drafts, **batch}
   return res
 
 
@@ -160,8 +164,9 @@ def summarize(results: Sequence[dict]) -> dict:
   wall = sum(b["batch_wall_s"] for b in batches.values())
   tokens = sum(r["stats"]["new_tokens"] for r in results)
   forwards = sum(r["stats"]["forward_passes"] for r in results)
-  proposed = sum(r["stats"]["draft_proposed"] for r in results)
-  accepted = np.sum([r["stats"]["draft_accepted"] for r in results], axis=0) if results else []
+  drafted = [r["stats"] for r in results if "draft_proposed" in r["stats"]]
+  proposed = sum(s["draft_proposed"] for s in drafted)
+  accepted = np.sum([s["draft_accepted"] for s in drafted], axis=0) if drafted else []
   return {"prompts": len(results), "new_tokens": tokens, "wall_s": wall,
           "compile_s": sum(b["batch_compile_s"] for b in batches.values()),
           "tokens_per_s": tokens / wall if wall else 0.0,
@@ -182,7 +187,8 @@ def load_workdir(workdir: str):
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise DecodeError(f"--workdir={workdir} has no config.json: not a training run directory")
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+  has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+  if not has_ckpt and not os.path.isdir(os.path.join(workdir, "pretrained")):   # pretrained: convert import
     raise DecodeError(f"--workdir={workdir} has no checkpoint in {ckpt_dir}: train first "
                       f"(python -m mtp_jax.main --config=... --workdir={workdir})")
   from mtp_jax import checkpoint, tokenizer as tokenizer_lib   # orbax and sentencepiece only when loading a run

@@ -48,41 +48,51 @@ def shifted_targets(batch, seq_len: int, shift, max_shift: int):
   return targets, (target_seg == input_seg) & (input_seg != 0)
 
 
-def _ce_sums(logits, targets, mask):
-  """(sum of masked negative log-likelihoods, number of masked-in top-1 hits), in float32."""
+def _ce_sums(logits, targets, mask, ok):
+  """(sum of masked negative log-likelihoods, number of masked-in top-1 hits, hits where `ok`), in float32.
+
+  ok [B, T]: every earlier head was right at that position; `hits & ok` is what acceptance counts.
+  """
   logits = logits.astype(jnp.float32)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
   hits = (jnp.argmax(logits, axis=-1) == targets) & mask
-  return jnp.sum(nll * mask), jnp.sum(hits)
+  return jnp.sum(nll * mask), jnp.sum(hits), hits & ok
 
 
-def _head_ce(model, params, h, targets, mask, chunk_size: int):
+def _head_ce(model, params, h, targets, mask, chunk_size: int, ok):
   """Cross-entropy sums of one head's hidden states through the shared norm + unembedding."""
   logits_fn = lambda x: model.apply({"params": params}, x, method=MTPTransformer.logits)
   if not chunk_size:
-    return _ce_sums(logits_fn(h), targets, mask)
+    return _ce_sums(logits_fn(h), targets, mask, ok)
   b, t, d = h.shape
   to_chunks = lambda x: jnp.swapaxes(x.reshape(b, t // chunk_size, chunk_size, *x.shape[2:]), 0, 1)
 
   @jax.checkpoint  # keep only each chunk's inputs; its logits are recomputed in the backward pass
   def body(sums, chunk):
-    hc, tc, mc = chunk
-    nll, hits = _ce_sums(logits_fn(hc), tc, mc)
-    return (sums[0] + nll, sums[1] + hits), None
+    hc, tc, mc, okc = chunk
+    nll, hits, joint = _ce_sums(logits_fn(hc), tc, mc, okc)
+    return (sums[0] + nll, sums[1] + hits), joint
 
   zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-  sums, _ = jax.lax.scan(body, zero, (to_chunks(h), to_chunks(targets), to_chunks(mask)))
-  return sums
+  sums, joint = jax.lax.scan(body, zero, (to_chunks(h), to_chunks(targets), to_chunks(mask), to_chunks(ok)))
+  return (*sums, jnp.swapaxes(joint, 0, 1).reshape(b, t))
 
 
-def _finish(nll, hits, counts, weights):
-  """Per-head means and the weighted total from per-head sums (each [n])."""
+def _finish(nll, hits, counts, weights, accepted, given):
+  """Per-head means and the weighted total from per-head sums (each [n]).
+
+  head_acceptance[i] = accepted[i] / given[i]: how often head i's argmax is the target among the
+  positions where heads 1..i-1 were all right (head 1: its accuracy), the quantity that sets how many
+  drafted tokens self-speculative decoding keeps.
+  """
   denom = jnp.maximum(counts, 1).astype(jnp.float32)
   head_losses, head_acc = nll / denom, hits.astype(jnp.float32) / denom
   w = jnp.asarray(weights, jnp.float32)
   loss = jnp.sum(w * head_losses) / jnp.sum(w)
-  return loss, {"loss": loss, "head_losses": head_losses, "head_accuracies": head_acc, "head_tokens": counts}
+  acceptance = accepted.astype(jnp.float32) / jnp.maximum(given, 1).astype(jnp.float32)
+  return loss, {"loss": loss, "head_losses": head_losses, "head_accuracies": head_acc, "head_tokens": counts,
+                "head_acceptance": acceptance, "head_accepted": accepted, "head_given": given}
 
 
 def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size: int = 0, weights=None):
@@ -98,16 +108,17 @@ def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size
 
   causal = args.head_type == "causal"
 
-  @jax.checkpoint  # saved per head: the carry (causal only) and the index; z is saved once
-  def body(prev, i):
+  @jax.checkpoint  # saved per head: the carry (causal only; ok: earlier heads right) and the index
+  def body(carry, i):
+    prev, ok = carry
     h = jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev)
     targets, mask = shifted_targets(batch, seq_len, i + 1, n)
-    nll, hits = _head_ce(model, params, h, targets, mask, chunk_size)
-    return (h if causal else prev), (nll, hits, jnp.sum(mask))
+    nll, hits, joint = _head_ce(model, params, h, targets, mask, chunk_size, ok)
+    return ((h if causal else prev), joint), (nll, hits, jnp.sum(mask), jnp.sum(joint), jnp.sum(ok & mask))
 
-  init = z if causal else None   # parallel and linear heads need no carry: don't save one
-  _, (nll, hits, counts) = jax.lax.scan(body, init, jnp.arange(n))
-  return _finish(nll, hits, counts, weights)
+  init = (z if causal else None, jnp.ones(tokens.shape, bool))   # parallel / linear heads carry no h
+  _, (nll, hits, counts, accepted, given) = jax.lax.scan(body, init, jnp.arange(n))
+  return _finish(nll, hits, counts, weights, accepted, given)
 
 
 def mtp_loss_naive(params, batch, model: MTPTransformer, seq_len: int, chunk_size: int = 0, weights=None):
@@ -117,12 +128,14 @@ def mtp_loss_naive(params, batch, model: MTPTransformer, seq_len: int, chunk_siz
   weights = weights or [1.0] * n
   tokens, positions, segments = model_inputs(batch, seq_len)
   all_logits, _ = model.apply({"params": params}, tokens, positions, segments)
-  sums = []
+  sums, ok = [], jnp.ones(tokens.shape, bool)
   for i in range(n):
     targets, mask = shifted_targets(batch, seq_len, i + 1, n)
-    sums.append((*_ce_sums(all_logits[i], targets, mask), jnp.sum(mask)))
-  nll, hits, counts = (jnp.stack(x) for x in zip(*sums))
-  return _finish(nll, hits, counts, weights)
+    nll, hits, joint = _ce_sums(all_logits[i], targets, mask, ok)
+    sums.append((nll, hits, jnp.sum(mask), jnp.sum(joint), jnp.sum(ok & mask)))
+    ok = joint
+  nll, hits, counts, accepted, given = (jnp.stack(x) for x in zip(*sums))
+  return _finish(nll, hits, counts, weights, accepted, given)
 
 
 def make_loss_fn(model: MTPTransformer, config):

@@ -69,12 +69,15 @@ class MetricsWriter:
   def train(self, step: int, metrics: dict, tokens_per_sec: float, seconds_per_step: float) -> dict:
     """metrics: the train step's outputs, already on host."""
     record = {"step": step, "loss": float(metrics["loss"]), "head_losses": _floats(metrics["head_losses"]),
-              "head_accuracies": _floats(metrics["head_accuracies"]), "lr": float(metrics["lr"]),
+              "head_accuracies": _floats(metrics["head_accuracies"]),
+              "head_acceptance": _floats(metrics["head_acceptance"]), "lr": float(metrics["lr"]),
               "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": round(tokens_per_sec, 1)}
     self._write(record, "train")
     if self.active:
       heads = " ".join(f"{v:.3f}" for v in record["head_losses"])
-      print(f"step {step:>{len(str(self.total))}}/{self.total}  loss {record['loss']:.4f}  heads [{heads}]  "
+      accept = "" if len(record["head_acceptance"]) < 2 else \
+          "  accept [" + " ".join(f"{v:.2f}" for v in record["head_acceptance"][1:]) + "]"
+      print(f"step {step:>{len(str(self.total))}}/{self.total}  loss {record['loss']:.4f}  heads [{heads}]{accept}  "
             f"lr {record['lr']:.2e}  gnorm {record['grad_norm']:.3f}  {tokens_per_sec:,.0f} tok/s  "
             f"ETA {_duration((self.total - step) * seconds_per_step)}", flush=True)
     return record
@@ -84,8 +87,9 @@ class MetricsWriter:
     if self.active:
       heads = " ".join(f"{v:.3f}" for v in record["head_losses"])
       acc = " ".join(f"{v:.3f}" for v in record["head_accuracies"])
-      print(f"valid at step {record['step']}: loss {record['loss']:.4f}  heads [{heads}]  accuracy [{acc}]",
-            flush=True)
+      accept = " ".join(f"{v:.3f}" for v in record["head_acceptance"])
+      print(f"valid at step {record['step']}: loss {record['loss']:.4f}  heads [{heads}]  accuracy [{acc}]  "
+            f"acceptance [{accept}]", flush=True)
 
   def close(self):
     if self.active:
@@ -97,18 +101,21 @@ def valid_record(step: int, sums: dict, weights, **extra) -> dict:
   """Per-head means from sums over the whole validation set ('nll', 'hits', 'tokens', each [n], on host)."""
   tokens = np.maximum(np.asarray(sums["tokens"]), 1)
   losses, accs = np.asarray(sums["nll"]) / tokens, np.asarray(sums["hits"]) / tokens
+  # acceptance: head i right where heads 1..i-1 were all right (what speculative decoding keeps)
+  accept = np.asarray(sums["accepted"]) / np.maximum(np.asarray(sums["given"]), 1)
   w = np.asarray(weights, np.float64)
   return {"split": "valid", "step": step, "loss": float((w * losses).sum() / w.sum()),
-          "head_losses": _floats(losses), "head_accuracies": _floats(accs),
+          "head_losses": _floats(losses), "head_accuracies": _floats(accs), "head_acceptance": _floats(accept),
           "tokens": int(np.asarray(sums["tokens"])[0]), **extra}
 
 
 def final_table(record: dict, unigram: float, vocab_size: int) -> str:
   """Per-head validation loss and accuracy beside the context-free baselines."""
   lines = ["", f"final validation at step {record['step']} ({record['tokens']:,} target tokens per head)",
-           "  head  predicts  loss (nats)  accuracy"]
-  for i, (l, a) in enumerate(zip(record["head_losses"], record["head_accuracies"])):
-    lines.append(f"  {i + 1:>4}  t+{i + 1:<6}  {l:>11.4f}  {a:>8.3f}")
+           "  head  predicts  loss (nats)  accuracy  acceptance"]
+  accept = record.get("head_acceptance", [float("nan")] * len(record["head_losses"]))
+  for i, (l, a, c) in enumerate(zip(record["head_losses"], record["head_accuracies"], accept)):
+    lines.append(f"  {i + 1:>4}  t+{i + 1:<6}  {l:>11.4f}  {a:>8.3f}  {c:>10.3f}")
   lines.append(f"  unigram baseline (train-split token frequencies): {unigram:.4f} nats")
   lines.append(f"  uniform baseline (log vocab_size):                {math.log(vocab_size):.4f} nats")
   return "\n".join(lines)

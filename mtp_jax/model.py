@@ -2,7 +2,8 @@
 
 Parameters are a plain pytree:
     embed/embedding            [V, d]
-    trunk/layers/...           every trunk leaf stacked on a leading layer axis (one nn.scan)
+    trunk/layer/...            every trunk leaf stacked on a leading layer axis (one nn.scan), e.g.
+                               trunk/layer/attn/q/kernel [L_trunk, d, n_heads, head_dim]
     heads_0 .. heads_{n-1}     one separate subtree per head (never stacked, never vmapped)
     final_norm/scale, unembed/kernel [d, V] (absent when embeddings are tied)
 
@@ -48,11 +49,17 @@ class ModelArgs:
   dtype: Any
   param_dtype: Any
   remat: str
+  # Llama 3.x frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_len), or None.
+  rope_scaling: Optional[tuple] = None
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelArgs":
-    kw = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)}
+    kw = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls) if f.name != "rope_scaling"}
     kw["dtype"], kw["param_dtype"] = _DTYPES[kw["dtype"]], _DTYPES[kw["param_dtype"]]
+    rs = model_cfg.get("rope_scaling")   # absent in configs written before the field existed
+    if rs and rs["type"] == "llama3":
+      kw["rope_scaling"] = (float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
+                            float(rs["original_max_len"]))
     return cls(**kw)
 
   @property
@@ -112,10 +119,28 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[tuple] = None) -> Array:
+  """Inverse frequencies [head_dim // 2]; `scaling` applies Llama 3.x's rule exactly as transformers does.
+
+  Llama 3: wavelengths longer than original_max_len / low_freq_factor are slowed by `factor`, shorter
+  than original_max_len / high_freq_factor kept, and the band between interpolated smoothly.
+  """
+  half = head_dim // 2
+  freqs = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  if scaling is None:
+    return freqs
+  factor, low, high, old_len = scaling
+  wavelen = 2 * jnp.pi / freqs
+  scaled = jnp.where(wavelen > old_len / low, freqs / factor, freqs)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x: Array, positions: Array, theta: float, scaling: Optional[tuple] = None) -> Array:
   """Rotary embedding, Hugging Face Llama convention (rotate halves). x [B, T, H, D], positions [B, T]."""
-  half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = rope_frequencies(x.shape[-1], theta, scaling)
   angles = positions[..., None].astype(jnp.float32) * freqs          # [B, T, half]
   cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -137,7 +162,7 @@ class Attention(nn.Module):
     q = _dense((a.n_heads, a.head_dim), ("embed", "heads", "kv"), a, "q")(x)
     k = _dense((a.n_kv_heads, a.head_dim), ("embed", "kv_heads", "kv"), a, "k")(x)
     v = _dense((a.n_kv_heads, a.head_dim), ("embed", "kv_heads", "kv"), a, "v")(x)
-    q, k = rotary(q, positions, a.rope_theta), rotary(k, positions, a.rope_theta)
+    q, k = rotary(q, positions, a.rope_theta, a.rope_scaling), rotary(k, positions, a.rope_theta, a.rope_scaling)
     # Keys and values head-major [B, kv_heads, S, D]: the layout both attention products read
     # without a transpose, which matters for the cache (read whole at every decode step).
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)

@@ -1,13 +1,24 @@
-"""The optimizer, the train state and the pure train / eval steps (jit-compiled by their callers)."""
+"""The optimizer, the train state and the pure train / eval steps (jit-compiled by their callers).
+
+`train.trainable` freezes parameters: the optimizer is an optax `multi_transform` over a label tree
+('train' / 'frozen'), frozen leaves get `set_to_zero` and hold no optimizer state, the loss is
+differentiated with respect to the trainable leaves only and sees the frozen ones through
+`stop_gradient`. With the trunk and embedding frozen (trainable=heads) nothing upstream of the heads
+depends on a trained parameter, so autodiff does no backward work in the trunk at all.
+"""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from mtp_jax.config import trainable_regex
+from mtp_jax.errors import UserError
 from mtp_jax.loss import make_loss_fn
 from mtp_jax.model import MTPTransformer
 
@@ -27,29 +38,77 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
       decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.learning_rate * t.min_lr_ratio)
 
 
+def param_path(key_path) -> str:
+  """'trunk/layer/attn/q/kernel' for a pytree key path (boxes' attribute keys skipped)."""
+  return "/".join(str(k.key) for k in key_path if isinstance(k, jax.tree_util.DictKey))
+
+
+def trainable_mask(params, spec: str):
+  """A tree of bools shaped like `params` (boxed or not): True where `train.trainable` trains the leaf."""
+  regex = trainable_regex(spec)
+  return jax.tree.map_with_path(lambda p, _: not regex or re.fullmatch(regex, param_path(p)) is not None, params)
+
+
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """AdamW after global-norm clipping; no weight decay on norm scales (the only 1-D parameters)."""
+  """AdamW after global-norm clipping; no weight decay on norm scales (the only 1-D parameters).
+
+  With train.trainable other than 'all', only the trainable leaves have AdamW moments (multi_transform
+  gives the frozen ones set_to_zero, whose state is empty).
+  """
   t = train_cfg
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
       optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+  if t.get("trainable", "all") == "all":
+    return tx
+  # Labels of the unboxed tree: on logically boxed parameters (sharding.py builds the state from them) a
+  # label per box makes multi_transform mask whole boxes, so no box is left around a frozen leaf's empty state.
+  labels = lambda params: jax.tree.map(lambda m: "train" if m else "frozen",
+                                       trainable_mask(nn.unbox(params), t.trainable))
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def init_train_state(params, tx) -> TrainState:
+def new_train_state(params, tx) -> TrainState:
+  """A step-0 TrainState around existing parameters (sharding.init_train_state initialises them instead).
+
+  The jitted train step donates its state: afterwards the `params` passed here are deleted (reading
+  them raises 'Array has been deleted'); pass `jax.tree.map(jnp.copy, params)` to keep a copy.
+  """
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+
 def make_train_step(model: MTPTransformer, config, tx=None):
-  """train_step(state, batch) -> (state, metrics); donate `state` when jitting it."""
+  """train_step(state, batch) -> (state, metrics); donate `state` when jitting it.
+
+  Donation deletes the buffers of the state passed in: keep using the returned state, never the old one.
+  """
   loss_fn = make_loss_fn(model, config)
   tx = tx or make_optimizer(config.train)
   schedule = learning_rate_schedule(config.train)
+  spec = config.train.get("trainable", "all")
 
   def train_step(state: TrainState, batch):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    leaves, treedef = jax.tree.flatten(state.params)
+    trains = jax.tree.leaves(trainable_mask(state.params, spec))
+    if not any(trains):
+      raise UserError(f"train.trainable={spec!r} matches no parameter; paths look like "
+                      f"{param_path(jax.tree.leaves_with_path(state.params)[0][0])!r}")
+
+    def merged(trained, fill):
+      it = iter(trained)
+      return treedef.unflatten([next(it) if t else fill(x) for x, t in zip(leaves, trains)])
+
+    def loss_of(trained):   # frozen leaves are constants: no gradient is computed for them, or through them
+      return loss_fn(merged(trained, jax.lax.stop_gradient), batch)
+
+    trained = [x for x, t in zip(leaves, trains) if t]
+    (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+    full_grads = merged(grads, jnp.zeros_like)   # frozen zeros are masked out by multi_transform, never used
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    new = optax.apply_updates(state.params, updates)
+    params = jax.tree.map(lambda t, old, upd: upd if t else old, trainable_mask(state.params, spec), state.params, new)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -63,6 +122,7 @@ def make_eval_step(model: MTPTransformer, config):
   def eval_step(params, batch):
     _, m = loss_fn(params, batch)
     counts = m["head_tokens"].astype(jnp.float32)
-    return {"nll": m["head_losses"] * counts, "hits": m["head_accuracies"] * counts, "tokens": counts}
+    return {"nll": m["head_losses"] * counts, "hits": m["head_accuracies"] * counts, "tokens": counts,
+            "accepted": m["head_accepted"].astype(jnp.float32), "given": m["head_given"].astype(jnp.float32)}
 
   return eval_step

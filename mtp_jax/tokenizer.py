@@ -67,12 +67,43 @@ class SentencePieceTokenizer:
     return self.sp.decode([int(i) for i in ids])
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+class HFTokenizer:
+  """A Hugging Face `tokenizers` file (tokenizer.json: Llama 3, Mistral) with BOS/EOS ids given beside it.
+
+  tokenizer.json does not say which ids begin and end a document, so the ids come from the checkpoint's
+  config and travel with it in W/special_tokens.json. Encoding adds no special tokens (the data pipeline
+  and generate add BOS/EOS themselves).
+  """
+  kind = "huggingface"
+
+  def __init__(self, json_bytes: bytes, bos_id: int, eos_id: int, origin: str = ""):
+    import tokenizers
+    self.proto, self.origin = json_bytes, origin
+    self.tok = tokenizers.Tokenizer.from_str(json_bytes.decode("utf-8"))
+    self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+    self.bos_id, self.eos_id = int(bos_id), int(eos_id)
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | HFTokenizer
+HF_WORKDIR_FILE, HF_SPECIAL_FILE = "tokenizer.json", "special_tokens.json"
 
 
 def identity(tok: Tokenizer) -> str:
   """A short hash naming exactly this tokenizer (keys the token cache)."""
-  payload = tok.proto if isinstance(tok, SentencePieceTokenizer) else b"bytes-v1"
+  payload = b"bytes-v1"
+  if isinstance(tok, SentencePieceTokenizer):
+    payload = tok.proto
+  elif isinstance(tok, HFTokenizer):
+    payload = tok.proto + json.dumps([tok.bos_id, tok.eos_id]).encode()
   return hashlib.sha256(payload).hexdigest()[:16]
 
 
@@ -163,8 +194,11 @@ def check_vocab(tok: Tokenizer, config) -> None:
 
 
 def save_to_workdir(tok: Tokenizer, workdir) -> None:
-  """Make the run self-contained: W/tokenizer.model (nothing to copy for bytes)."""
-  if isinstance(tok, SentencePieceTokenizer):
+  """Make the run self-contained: W/tokenizer.model, or W/tokenizer.json + special_tokens.json (nothing for bytes)."""
+  if isinstance(tok, HFTokenizer):
+    _atomic_write(Path(workdir) / HF_SPECIAL_FILE, json.dumps({"bos_id": tok.bos_id, "eos_id": tok.eos_id}).encode())
+    _atomic_write(Path(workdir) / HF_WORKDIR_FILE, tok.proto)
+  elif isinstance(tok, SentencePieceTokenizer):
     path = Path(workdir) / WORKDIR_MODEL
     if not path.exists() or path.read_bytes() != tok.proto:
       _atomic_write(path, tok.proto)
@@ -174,6 +208,15 @@ def from_workdir(workdir, kind: str) -> Tokenizer | None:
   """The tokenizer a run in `workdir` used, or None if the run has not stored one yet."""
   if kind == "bytes":
     return ByteTokenizer()
+  if kind == "huggingface":
+    path, special = Path(workdir) / HF_WORKDIR_FILE, Path(workdir) / HF_SPECIAL_FILE
+    if not path.exists():
+      return None
+    ids = json.loads(special.read_text()) if special.exists() else {}
+    if "bos_id" not in ids or "eos_id" not in ids:
+      raise UserError(f"{workdir} holds {HF_WORKDIR_FILE} but no {HF_SPECIAL_FILE} with bos_id and eos_id; "
+                      f"write it (e.g. {{\"bos_id\": 1, \"eos_id\": 2}}) or convert the model again")
+    return HFTokenizer(path.read_bytes(), ids["bos_id"], ids["eos_id"], origin=str(path))
   path = Path(workdir) / WORKDIR_MODEL
   if not path.exists():
     return None
@@ -202,7 +245,7 @@ def load_tokenizer(source) -> Tokenizer:
                         f"command that made this run")
     tok = from_workdir(workdir, kind)
     if tok is None:
-      if kind not in ("bytes", "sentencepiece"):
+      if kind not in ("bytes", "sentencepiece", "huggingface"):
         return _load_model_file(kind)
       raise UserError(f"{workdir} has no {WORKDIR_MODEL} (and no config.json naming a tokenizer); "
                       f"pass the workdir of a training run")
@@ -215,6 +258,10 @@ def for_config(config, texts_fn=None, corpus_fingerprint: str = "") -> Tokenizer
   name = config.data.tokenizer
   if name == "bytes":
     tok = ByteTokenizer()
+  elif name == "huggingface":
+    raise UserError("data.tokenizer=huggingface reads W/tokenizer.json and W/special_tokens.json of the workdir, "
+                    "and this workdir has none; import a model there first (python -m mtp_jax.convert import "
+                    "--from=DIR --workdir=W)")
   elif name == "sentencepiece":
     if texts_fn is None:  # called without a corpus: let the data module list it
       from mtp_jax import data

@@ -31,9 +31,10 @@ from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
 from mtp_jax import tokenizer as tokenizer_lib
 from mtp_jax.checkpoint import Checkpointer, all_finite, step_dirs, with_shardings
-from mtp_jax.config import head_weights, validate
+from mtp_jax.config import base_config, head_weights, validate
 from mtp_jax.dry_run import compile_train_step, memory_report
 from mtp_jax.errors import UserError
+from mtp_jax.interop import workdir as imported
 from mtp_jax.model import build_model
 from mtp_jax.step import make_eval_step, make_optimizer
 
@@ -78,10 +79,12 @@ def _read_only_fs(path: Path) -> bool:
 def check_workdir(config, workdir: Path) -> None:
   """Refuse (before writing anything) a workdir whose run has another model shape.
 
-  Only a workdir with a checkpoint has a shape: the config.json of a start that failed before its
-  first checkpoint (a mesh error, a loss NaN at step 1) is provisional and gets overwritten."""
+  Only a workdir with a checkpoint, or with imported weights, has a shape: the config.json of a start
+  that failed before its first checkpoint (a mesh error, a loss NaN at step 1) is provisional and gets
+  overwritten."""
   path = workdir / CONFIG_FILE
-  if not step_dirs(workdir):
+  trained = bool(step_dirs(workdir))
+  if not trained and not imported.has_pretrained(workdir):
     return
   if not path.exists():
     raise UserError(f"{workdir} holds checkpoints but no {CONFIG_FILE}, so their shapes cannot be checked; "
@@ -91,7 +94,10 @@ def check_workdir(config, workdir: Path) -> None:
   except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
     raise UserError(f"{path} is damaged ({type(e).__name__}: {e}), so the checkpoints' shapes cannot be checked; "
                     f"restore it, or use a new --workdir")
+  old.setdefault("model.rope_scaling", base_config().model.rope_scaling.to_dict())   # runs from before the field
   new = _shape_fields(config.to_dict())
+  if not trained:   # an import that has not trained yet: only the weights' shapes bind
+    new = {k: v for k, v in new.items() if k.startswith("model.")}
   diffs = [f"{k}={old.get(k)!r} there vs {new[k]!r} now" for k in new if old.get(k) != new[k]]
   if diffs:
     raise UserError(f"{workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir, "
@@ -214,7 +220,10 @@ def train_and_evaluate(config, workdir) -> dict:
   except BaseException:   # e.g. no usable checkpoint: stop before metrics.jsonl is touched
     _close_quietly(ckpt.close)
     raise
-  if restored is None:
+  if restored is None and imported.has_pretrained(workdir):   # convert import wrote W/pretrained
+    state = imported.init_state_from_pretrained(workdir, abstract_state, state_shardings, tx)
+    _say(f"starting at step 0 from the imported parameters in {workdir / imported.PRETRAINED}")
+  elif restored is None:
     state = sharding.init_train_state(model, tx, mesh, config, jax.random.fold_in(rng, 0))
   else:
     state = type(abstract_state)(step=restored.meta["step"], params=restored.params, opt_state=restored.opt_state)

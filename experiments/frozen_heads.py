@@ -1,0 +1,174 @@
+"""MTP heads added to a pretrained next-token model: frozen trunk (Medusa-1, Mehra et al.) vs joint training,
+against the n=4 model trained from scratch, all through the converter.
+
+    python experiments/frozen_heads.py                  # the full run (CPU: hours)
+    python experiments/frozen_heads.py --quick          # the same pipeline at toy size (seconds to minutes)
+
+1. train the n=1 default model (`configs/default.py:n1`, with parallel transformer heads: a linear
+   head has no Llama form, so the exported model is a 12-layer Llama; the recipe's own head is linear)
+2. `convert export` it to a Hugging Face directory, then `convert import --n_future=4 --head_init=copy`
+   twice: heads 2..4 start as copies of head 1 (the model's last layer)
+3. train the heads with `train.trainable=heads` (trunk, head 1, norm, embeddings frozen) and, on the
+   other copy, everything jointly (`train.trainable=all`), for --head_steps steps each with the
+   default recipe's data and schedule
+4. train the n=4 default (`configs/default.py`, linear heads) from scratch
+5. for each model: validation per-head loss and acceptance (head i right given heads 1..i-1 right),
+   and greedy vs self-speculative decoding at batch 1 on held-out prompts (tokens per forward,
+   draft acceptance, speedup = median greedy seconds / median speculative seconds, output identical)
+
+Writes experiments/results/frozen_heads[_quick].json and .md (or under --out_dir).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def recipes(quick: bool):
+  """(n=1 recipe with parallel heads, n=4 recipe) as ConfigDicts."""
+  if quick:
+    from configs.tiny import get_config
+    n1, n4 = get_config("bytes"), get_config("bytes")
+    for c in (n1, n4):
+      c.train.update(steps=6, log_every=3, eval_every=6, eval_batches=1, checkpoint_every=6, warmup_steps=1)
+      c.data.max_train_bytes = 100_000
+    n1.model.update(n_future=1, n_layers=3)
+    n4.model.update(n_future=4, n_layers=4, parity=False, head_type="linear")
+  else:
+    from configs.default import get_config
+    n1, n4 = get_config("n1"), get_config()
+  n1.model.head_type = "parallel"
+  return n1, n4
+
+
+def heads_config(workdir, recipe, trainable: str, steps: int):
+  """The imported model's config (configs/imported.py) with the recipe's data and schedule."""
+  from configs.imported import get_config
+  c = get_config(str(workdir))
+  c.data.update({k: v for k, v in recipe.data.items() if k != "tokenizer"})
+  c.train.update(recipe.train.to_dict())
+  c.train.update(trainable=trainable, steps=steps, eval_every=steps, checkpoint_every=steps)
+  return c
+
+
+def last_valid(workdir) -> dict:
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"valid"' in l][-1]
+
+
+def held_out_prompts(config, tokenizer, n: int, length: int) -> list:
+  import ml_collections
+  from mtp_jax import data
+  cfg = ml_collections.ConfigDict(config.data.to_dict())
+  prompts = []
+  for text in data.Corpus(cfg).texts("valid"):
+    ids = tokenizer.encode(text[len(text) // 3:])[:length]   # from inside a file: code, not its header
+    if len(ids) == length:
+      prompts.append(ids)
+    if len(prompts) == n:
+      break
+  return prompts
+
+
+def decode_speed(workdir, prompts, max_new: int, repeats: int) -> dict:
+  """Batch 1, greedy and speculative back to back per prompt, median total seconds over repeats."""
+  from mtp_jax import decode
+  from mtp_jax.generate import load_workdir
+  from mtp_jax.model import ModelArgs
+  params, config, _ = load_workdir(str(workdir))
+  args = ModelArgs.from_config(config.model)
+  calls = [decode.pad_prompts([p], len(p)) for p in prompts]
+  kw = dict(max_new_tokens=max_new, eos_id=-1)
+  modes = ("greedy", "speculative")
+  outs = {m: [decode.run(params, args, t, l, mode=m, **kw)[0] for t, l in calls] for m in modes}   # compile
+  seconds = {m: [0.0] * repeats for m in modes}
+  for r in range(repeats):
+    for i, (t, l) in enumerate(calls):
+      for m in modes:
+        outs[m][i], timing = decode.run(params, args, t, l, mode=m, **kw)
+        seconds[m][r] += timing["wall_s"]
+  cat = lambda m, f: np.concatenate([getattr(o, f) for o in outs[m]])
+  forwards, accepted = cat("speculative", "forwards"), cat("speculative", "accepted")
+  proposed = int(np.sum(forwards - 1))
+  med = {m: statistics.median(s) for m, s in seconds.items()}
+  return {"greedy_s": med["greedy"], "speculative_s": med["speculative"], "speedup": med["greedy"] / med["speculative"],
+          "tokens_per_forward": float(np.sum(cat("speculative", "lengths")) / np.sum(forwards)),
+          "draft_acceptance": [float(a) / max(proposed, 1) for a in np.sum(accepted, axis=0)],
+          "identical_to_greedy": bool(np.array_equal(cat("speculative", "tokens"), cat("greedy", "tokens")))}
+
+
+def train(config, workdir) -> float:
+  from mtp_jax.train import train_and_evaluate
+  began = time.time()
+  train_and_evaluate(config, workdir)
+  return time.time() - began
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline, measures nothing")
+  ap.add_argument("--workdir", default=None, help="where the runs go (default workdirs/frozen_heads[_quick])")
+  ap.add_argument("--out_dir", default=None, help="results directory (default experiments/results)")
+  ap.add_argument("--head_steps", type=int, default=None, help="steps of head training (default: 1000; quick: 4)")
+  ap.add_argument("--prompts", type=int, default=None, help="held-out prompts (default 16; quick: 2)")
+  ap.add_argument("--max_new_tokens", type=int, default=None, help="default 128; quick: 8")
+  ap.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 5; quick: 1)")
+  a = ap.parse_args()
+  q = a.quick
+  head_steps = a.head_steps or (4 if q else 1000)
+  n_prompts, max_new, repeats = a.prompts or (2 if q else 16), a.max_new_tokens or (8 if q else 128), \
+      a.repeats or (1 if q else 5)
+  name = "frozen_heads_quick" if q else "frozen_heads"
+  root = os.path.abspath(a.workdir or os.path.join("workdirs", name))
+  out_dir = a.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+  from mtp_jax import interop
+  from mtp_jax import tokenizer as tokenizer_lib
+  n1, n4 = recipes(q)
+  w = {k: os.path.join(root, k) for k in ("n1", "n1_hf", "frozen", "joint", "n4")}
+  seconds = {"n1": train(n1, w["n1"])}
+  if not os.path.exists(w["n1_hf"]):
+    interop.export_workdir(w["n1"], w["n1_hf"])
+  for kind, trainable in (("frozen", "heads"), ("joint", "all")):
+    if not os.path.exists(os.path.join(w[kind], "config.json")):
+      interop.import_checkpoint(w["n1_hf"], w[kind], n_future=4, head_init="copy")
+    seconds[kind] = train(heads_config(w[kind], n1, trainable, head_steps), w[kind])
+  seconds["n4"] = train(n4, w["n4"])
+
+  prompts = held_out_prompts(n4, tokenizer_lib.load_tokenizer(w["n4"]), n_prompts, 64 if not q else 16)
+  rows = {}
+  for kind in ("frozen", "joint", "n4"):
+    v = last_valid(w[kind])
+    rows[kind] = {"train_seconds": round(seconds[kind], 1), "valid_step": v["step"], "head_losses": v["head_losses"],
+                  "head_acceptance": v["head_acceptance"], **decode_speed(w[kind], prompts, max_new, repeats)}
+  v1 = last_valid(w["n1"])
+  result = {"quick": q, "head_steps": head_steps, "prompts": n_prompts, "max_new_tokens": max_new,
+            "repeats": repeats, "n1": {"train_seconds": round(seconds["n1"], 1), "valid_step": v1["step"],
+                                       "head_losses": v1["head_losses"]}, **rows}
+  label = {"frozen": f"n=1 + 3 heads, frozen trunk ({head_steps} steps)",
+           "joint": f"n=1 + 3 heads, joint ({head_steps} steps)", "n4": "n=4 default from scratch"}
+  md = [f"# MTP heads on a pretrained trunk{' (quick: toy sizes, not a measurement)' if q else ''}", "",
+        f"Command: `python experiments/frozen_heads.py{' --quick' if q else ''}`; batch-1 decoding of "
+        f"{n_prompts} held-out prompts, {max_new} new tokens, median of {repeats}.", "",
+        f"n=1 baseline: valid loss {v1['head_losses'][0]:.4f} at step {v1['step']} ({seconds['n1']:.0f} s).", "",
+        "| model | valid loss per head | acceptance per head | tokens/forward | speedup | same as greedy |",
+        "|---|---|---|---|---|---|"]
+  for kind, r in rows.items():
+    md.append(f"| {label[kind]} | {' '.join(f'{x:.3f}' for x in r['head_losses'])} | "
+              f"{' '.join(f'{x:.3f}' for x in r['head_acceptance'])} | {r['tokens_per_forward']:.2f} | "
+              f"{r['speedup']:.2f}x | {r['identical_to_greedy']} |")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+  print("\n".join(md))
+
+
+if __name__ == "__main__":
+  main()

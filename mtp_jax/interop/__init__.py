@@ -1,0 +1,42 @@
+"""Pretrained models in and out: Hugging Face Llama-family and Meta MTP checkpoints <-> mtp_jax workdirs.
+
+    import_checkpoint(src, workdir, n_future=None, head_init="copy")   HF dir or Meta dir -> workdir
+    read_checkpoint(src, ...) -> (config, params, tokenizer)           the same, in memory
+    export_workdir(workdir, to)                                        workdir -> HF dir (+ Meta extra_heads)
+
+Command line: `python -m mtp_jax.convert import|export` (mtp_jax/convert.py). The key tables and
+transposes are in mapping.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def read_checkpoint(src, n_future=None, head_init: str = "copy", param_dtype: str = "float32", seed: int = 0):
+  """(config, numpy params, tokenizer) of a Hugging Face directory (config.json) or a Meta one (params.json)."""
+  from mtp_jax.interop import hf, meta
+  from mtp_jax.interop.tensors import ConvertError
+  src = Path(src)
+  if head_init not in ("copy", "random"):
+    raise ConvertError(f"--head_init={head_init!r}: choose copy (heads start as head 1) or random")
+  if n_future is not None and n_future < 1:
+    raise ConvertError(f"--n_future={n_future}: need at least 1 head")
+  if src.is_dir() and not (src / "config.json").exists() and (src / meta.PARAMS).exists():
+    return meta.read(src, n_future, head_init, param_dtype, seed)
+  return hf.read(src, n_future, head_init, param_dtype, seed)
+
+
+def import_checkpoint(src, workdir, n_future=None, head_init: str = "copy", param_dtype: str = "float32",
+                      seed: int = 0):
+  """Write `workdir` (new or empty) holding the checkpoint as an mtp_jax model; returns its config."""
+  from mtp_jax.interop import workdir as workdir_lib
+  workdir_lib.check_target(workdir)   # before reading gigabytes
+  config, params, tok = read_checkpoint(src, n_future, head_init, param_dtype, seed)
+  workdir_lib.write_workdir(workdir, config, params, tok)
+  return config
+
+
+def export_workdir(workdir, to):
+  """Write the Hugging Face directory `to` from a workdir's newest checkpoint (see export.py)."""
+  from mtp_jax.interop.export import export
+  return export(workdir, to)

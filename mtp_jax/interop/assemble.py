@@ -1,0 +1,165 @@
+"""A checkpoint's architecture -> our config, and its tensors -> our parameter tree, by the tables in mapping.py.
+
+Layout: a checkpoint of L layers (Hugging Face: `model.layers.0..L-1`; Meta: `layers.0..L-1`) is the
+n=1 model, trunk = its first L-1 layers and head 1 = its last; Meta's `extra_heads.0..k-1` (also what
+our export writes beside a Hugging Face directory) are heads 2..k+1. Asking for more heads adds them,
+each a copy of head 1 (`copy`, a warm start) or freshly initialised (`random`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax.config import base_config, validate
+from mtp_jax.interop import mapping
+from mtp_jax.interop.tensors import ConvertError, numpy_dtype
+
+
+@dataclasses.dataclass
+class Arch:
+  """What a checkpoint's config says, in our terms."""
+  vocab_size: int
+  d_model: int
+  n_layers: int            # layers in the checkpoint's `layers.*` (trunk + head 1)
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  norm_eps: float
+  rope_theta: float
+  max_seq_len: int
+  tie_embeddings: bool
+  rope_scaling: Optional[dict] = None   # llama3: factor, low_freq_factor, high_freq_factor, original_max_len
+  n_extra_heads: int = 0   # `extra_heads.*` in the checkpoint
+  bos_id: Optional[int] = None
+  eos_id: Optional[int] = None
+
+  @property
+  def dims(self):
+    dh = self.d_model // self.n_heads
+    return (self.vocab_size, self.d_model, self.n_heads, self.n_kv_heads, dh, self.d_ff)
+
+
+def model_config(arch: Arch, n_future: int, param_dtype: str = "float32"):
+  """Our full config for the checkpoint with n_future heads (the data and train fields stay at their defaults)."""
+  c = base_config()
+  m = c.model
+  m.vocab_size, m.d_model, m.n_heads, m.n_kv_heads = arch.vocab_size, arch.d_model, arch.n_heads, arch.n_kv_heads
+  m.d_ff, m.norm_eps, m.rope_theta, m.max_seq_len = arch.d_ff, arch.norm_eps, arch.rope_theta, arch.max_seq_len
+  m.n_future, m.head_type, m.parity = n_future, "parallel", True
+  m.n_layers = arch.n_layers - 1 + n_future       # parity: the trunk keeps the checkpoint's first L-1 layers
+  m.tie_embeddings = arch.tie_embeddings
+  m.param_dtype = param_dtype
+  if arch.rope_scaling:
+    m.rope_scaling.update(dict(type="llama3", **arch.rope_scaling))
+  c.data.seq_len = min(c.data.seq_len, arch.max_seq_len)
+  validate(c)
+  return c
+
+
+def expected_keys(arch: Arch, meta: bool) -> dict:
+  """checkpoint key -> (destination, our path inside it, kind, Meta rotary order?).
+
+  Destination: ('trunk', i), ('heads_j',) or () for the top level.
+  """
+  out = {}
+  for path, hf_key, meta_key, kind in mapping.TOP_TABLE:
+    if path == "unembed/kernel" and arch.tie_embeddings:
+      continue
+    out[meta_key if meta else hf_key] = ((), path, kind, meta)
+  layer_prefix = "layers." if meta else mapping.HF_LAYER_PREFIX
+  for i in range(arch.n_layers):
+    dest = ("trunk", i) if i < arch.n_layers - 1 else ("heads_0",)
+    for path, hf_suffix, meta_suffix, kind in mapping.LAYER_TABLE:
+      out[f"{layer_prefix}{i}.{meta_suffix if meta else hf_suffix}"] = (dest, path, kind, meta)
+  for j in range(arch.n_extra_heads):   # always Meta names (our export writes them so too)
+    for path, _, meta_suffix, kind in mapping.LAYER_TABLE:
+      out[f"extra_heads.{j}.{meta_suffix}"] = ((f"heads_{j + 1}",), path, kind, True)
+  return out
+
+
+def _first(names, n=3) -> str:
+  names = sorted(names, key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")])
+  return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
+
+
+def check_keys(sources, expected: dict, ignorable=lambda k: False) -> None:
+  """Refuse unexpected, missing or misshapen tensors by name, before reading any weights."""
+  present = {}
+  for src in sources:
+    for k in src.keys():
+      present[k] = src
+  unexpected = [k for k in present if k not in expected and not ignorable(k)]
+  if unexpected:
+    raise ConvertError(f"the checkpoint has tensors this model has no place for: {_first(unexpected)}; "
+                       f"mtp_jax converts bias-free Llama-architecture layers only")
+  missing = [k for k in expected if k not in present]
+  if missing:
+    raise ConvertError(f"the checkpoint lacks tensors its config implies: {_first(missing)}; the download is "
+                       f"incomplete or the config does not describe these weights")
+
+
+def check_shapes(sources, expected: dict, dims) -> None:
+  for src in sources:
+    for k in src.keys():
+      if k in expected:
+        want = mapping.checkpoint_shape(expected[k][1], dims)
+        if tuple(src.shapes[k]) != want:
+          raise ConvertError(f"tensor {k} has shape {list(src.shapes[k])} but the config implies {list(want)}; "
+                             f"the config.json does not match these weights")
+
+
+def get_path(tree: dict, path: str):
+  """tree['a']['b'] for path 'a/b'."""
+  for p in path.split("/"):
+    tree = tree[p]
+  return tree
+
+
+def build_params(arch: Arch, config, sources, meta: bool, head_init: str = "copy", seed: int = 0,
+                 ignorable=lambda k: False) -> dict:
+  """Our parameter tree (numpy, config.model.param_dtype) from the checkpoint's tensors, file by file."""
+  from mtp_jax.model import abstract_params, build_model
+
+  expected = expected_keys(arch, meta)
+  check_keys(sources, expected, ignorable)
+  check_shapes(sources, expected, arch.dims)
+  dtype = numpy_dtype(config.model.param_dtype)
+  model = build_model(config.model)
+  abstract, _ = abstract_params(model)
+  params = jax.tree.map(lambda a: np.empty(a.shape, dtype), abstract)
+  n_ckpt_heads = 1 + arch.n_extra_heads
+  for src in sources:
+    keys = [k for k in src.keys() if k in expected]
+    for key, w in src.items(keys, dtype):
+      dest, path, kind, meta_order = expected[key]
+      leaf = mapping.to_ours(w, kind, arch.dims, meta_order)
+      target = get_path(params["trunk"]["layer"], path)[dest[1]] if dest and dest[0] == "trunk" else (
+          get_path(params[dest[0]], path) if dest else get_path(params, path))
+      target[...] = leaf
+      del w, leaf
+  for j in range(n_ckpt_heads, config.model.n_future):
+    params[f"heads_{j}"] = _new_head(model, params["heads_0"], head_init, jax.random.fold_in(jax.random.key(seed), j),
+                                     dtype)
+  return params
+
+
+def _new_head(model, head_1: dict, head_init: str, key, dtype) -> dict:
+  if head_init == "copy":
+    return copy.deepcopy(head_1)
+  from flax import linen as nn
+  from mtp_jax.model import Block
+  x = jnp.zeros((1, 1, model.args.d_model), model.args.dtype)
+  pos = jnp.zeros((1, 1), jnp.int32)
+  fresh = nn.unbox(Block(model.args).init(key, x, pos, jnp.ones((1, 1), jnp.int32))["params"])
+  return jax.tree.map(lambda a: np.asarray(a).astype(dtype), fresh)
+
+
+def check_vocab(tok, arch: Arch, where: str) -> None:
+  if tok.vocab_size != arch.vocab_size:
+    raise ConvertError(f"{where} has {tok.vocab_size} ids but the model's vocabulary has {arch.vocab_size}; "
+                       f"use the tokenizer that came with these weights")

@@ -1,0 +1,80 @@
+"""An imported model's workdir: config.json, the tokenizer, and the parameters in W/pretrained (orbax).
+
+Training finds no checkpoint there, so it starts at step 0 from W/pretrained with a fresh optimizer,
+the configured data and schedule; its own checkpoints (W/checkpoints) take over from the first save.
+`generate` and `export` read W/pretrained while no checkpoint exists. The workdir is written in a
+sibling temporary directory and renamed into place, so a failed import leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+
+from mtp_jax.interop.tensors import ConvertError
+
+PRETRAINED = "pretrained"
+CONFIG_FILE = "config.json"
+
+
+def check_target(workdir) -> Path:
+  """Refuse a workdir that holds anything (a run, another import); returns it absolute."""
+  workdir = Path(workdir).absolute()
+  if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+    raise ConvertError(f"--workdir={workdir} is not empty; import into a new directory (nothing was written)")
+  return workdir
+
+
+def write_workdir(workdir, config, params, tokenizer) -> Path:
+  """config.json + tokenizer files + W/pretrained, all or nothing."""
+  import orbax.checkpoint as ocp
+  from mtp_jax import tokenizer as tokenizer_lib
+
+  workdir = check_target(workdir)
+  workdir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.import-", dir=workdir.parent))
+  try:
+    (tmp / CONFIG_FILE).write_text(config.to_json(indent=2, sort_keys=True))
+    tokenizer_lib.save_to_workdir(tokenizer, tmp)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp / PRETRAINED, params)
+      ckptr.wait_until_finished()
+    if workdir.exists():
+      workdir.rmdir()        # empty (checked): rename needs the name free
+    os.replace(tmp, workdir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return workdir
+
+
+def has_pretrained(workdir) -> bool:
+  return (Path(workdir) / PRETRAINED).is_dir()
+
+
+def load_pretrained(workdir, abstract):
+  """The imported parameters, restored into `abstract` (ShapeDtypeStructs, with shardings if given)."""
+  import orbax.checkpoint as ocp
+  from mtp_jax.checkpoint import with_shardings
+
+  if all(getattr(a, "sharding", None) is None for a in jax.tree.leaves(abstract)):
+    abstract = with_shardings(abstract)
+  path = Path(workdir).absolute() / PRETRAINED
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(path, abstract)
+  except Exception as e:
+    raise ConvertError(f"{path} is unreadable or does not match config.json "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); import again")
+
+
+def init_state_from_pretrained(workdir, abstract_state, state_shardings, tx):
+  """A TrainState at step 0 holding the imported parameters and a fresh optimizer state, in its shardings."""
+  from mtp_jax.step import TrainState
+  params = load_pretrained(workdir, abstract_state.params)
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+  step = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), state_shardings.step)
+  return TrainState(step=step, params=params, opt_state=opt_state)
