@@ -270,7 +270,7 @@ def test_runs_from_before_rope_scaling_still_load_and_resume(tmp_path):
   c = tiny_config()
   old = c.to_dict()
   del old["model"]["rope_scaling"]
-  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)   # a trained run: its config.json binds the shape
   (tmp_path / "config.json").write_text(json.dumps(old))
   train.check_workdir(c, tmp_path)                       # no scaling then, none now: the same shape
   assert ModelArgs.from_config(ml_collections.ConfigDict(old["model"])).rope_scaling is None
