@@ -1,12 +1,9 @@
 """Corpus -> tokenizer -> cached token files -> grain windows -> batches.
 
-Sources (config.data.source):
-  stdlib  the running interpreter's standard library: every .py file under sysconfig's stdlib dir,
-          except site-packages/dist-packages and test directories (test, tests, idle_test: large,
-          repetitive, and not the code people write), in sorted order.
-  glob    the text files data.path matches (`**` recurses).
-  jsonl   one document per line of the file data.path, text in field data.text_field (read into memory).
-Unreadable or non-UTF-8 files (and bad JSONL lines) are skipped and counted in the log.
+Where documents come from (config.data.source: stdlib, glob, jsonl, parquet, hf_disk; local or on a
+bucket) is corpora.py; data.source=prepared reads the token shards `python -m mtp_jax.prepare`
+wrote (prepared.py). Unreadable or non-UTF-8 files (and bad JSONL lines / rows) are skipped and
+counted in the log.
 
 Train/valid split by whole document: a document is held out when a hash of its name falls below
 data.valid_fraction (stable across runs and machines). data.max_train_bytes > 0 caps the training
@@ -22,86 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob as globlib
 import hashlib
 import json
 import os
 import shutil
-import sysconfig
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import grain
 import jax
 import numpy as np
 
+from mtp_jax import corpora
 from mtp_jax import tokenizer as tokenizer_lib
+from mtp_jax.corpora import Doc
 from mtp_jax.errors import UserError
 
-_FORMAT_VERSION = 1
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Doc:
-  name: str                              # what the split hashes, and what messages show
-  read: Callable[[], Optional[str]]      # the text, or None when unreadable / not UTF-8
-  size: int = 0
-  mtime_ns: int = 0
-
-
-def _read_file(path: str) -> Optional[str]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except (OSError, UnicodeDecodeError):
-    return None
-
-
-def _file_doc(path: str, name: str) -> Doc:
-  st = os.stat(path)
-  return Doc(name, functools.partial(_read_file, path), st.st_size, st.st_mtime_ns)
-
-
-def _stdlib_docs() -> list[Doc]:
-  root = sysconfig.get_paths()["stdlib"]
-  docs = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
-    for f in filenames:
-      if f.endswith(".py"):
-        path = os.path.join(dirpath, f)
-        docs.append(_file_doc(path, os.path.relpath(path, root)))
-  return docs
-
-
-def _glob_docs(pattern: str) -> list[Doc]:
-  paths = [p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
-  if not paths:
-    raise UserError(f"data.path={pattern!r} matches no files; check the pattern (use ** to recurse into folders)")
-  return [_file_doc(p, p) for p in paths]
-
-
-def _jsonl_docs(path: str, field: str, stats: dict) -> list[Doc]:
-  path = os.path.expanduser(path)
-  if not os.path.isfile(path):
-    raise UserError(f"data.path={path!r}: no such file; give a .jsonl file with one JSON object per line")
-  docs = []
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for i, line in enumerate(f):
-      try:
-        text = json.loads(line)[field]
-        if not isinstance(text, str):
-          raise TypeError
-      except (ValueError, KeyError, TypeError, IndexError):
-        stats["bad_lines"] = stats.get("bad_lines", 0) + 1
-        continue
-      docs.append(Doc(f"{path}:{i + 1}", (lambda t: lambda: t)(text), len(text)))
-  if not docs and stats.get("bad_lines"):
-    raise UserError(f"data.path={path!r}: none of its {stats['bad_lines']} lines is a JSON object with a string "
-                    f"field {field!r}; set data.text_field to the field holding the text")
-  return docs
+_FORMAT_VERSION = 2
 
 
 def _hash_fraction(name: str) -> float:
@@ -134,24 +69,19 @@ class Corpus:
   def __init__(self, data_cfg):
     self.cfg = data_cfg
     self.stats = {}
-    if data_cfg.source == "stdlib":
-      docs = _stdlib_docs()
-    elif data_cfg.source == "glob":
-      docs = _glob_docs(data_cfg.path)
-    else:
-      docs = _jsonl_docs(data_cfg.path, data_cfg.text_field, self.stats)
+    files = corpora.list_files(data_cfg)
+    docs = [d for f in files for d in corpora.file_docs(data_cfg, f, self.stats)]
+    if not docs and self.stats.get("bad_lines"):
+      raise UserError(f"data.path={data_cfg.path!r}: none of its {self.stats['bad_lines']} records has a string "
+                      f"field {data_cfg.text_field!r}; set data.text_field to the field holding the text")
     if not docs:
       raise UserError(f"data.source={data_cfg.source!r} found no documents; check data.path")
     self.splits = dict(zip(("train", "valid"), split_documents(docs, data_cfg.valid_fraction)))
     cap = data_cfg.max_train_bytes
     self.caps = {"train": cap, "valid": max(1, int(cap * data_cfg.valid_fraction / (1 - data_cfg.valid_fraction)))
                  if cap else 0}
-    # Names, sizes and mtimes (not contents): cheap to compute, and any edit changes them.
-    listing = [(d.name, d.size, d.mtime_ns) for d in docs]
-    if data_cfg.source == "jsonl":
-      st = os.stat(os.path.expanduser(data_cfg.path))
-      listing = [data_cfg.path, data_cfg.text_field, st.st_size, st.st_mtime_ns]
-    key = [_FORMAT_VERSION, data_cfg.source, data_cfg.valid_fraction, cap, listing]
+    # Names, sizes and versions of the files (not contents): cheap to compute, and any edit changes them.
+    key = [_FORMAT_VERSION, data_cfg.source, data_cfg.valid_fraction, cap, corpora.listing(data_cfg, files)]
     self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
   def texts(self, split: str):
