@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import sysconfig
@@ -124,6 +125,11 @@ def list_files(data_cfg) -> list[File]:
     urls = [u for u in urls if os.path.isfile(u)]
   with io.user_errors(f"data.path={pattern}"):
     return [_file(u) for u in urls]
+
+
+def hash_fraction(name: str) -> float:
+  """A stable number in [0, 1) for a document name: what the train/valid split compares."""
+  return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2 ** 32
 
 
 # ----- the documents of one file -----

@@ -39,10 +39,6 @@ from mtp_jax.errors import UserError
 _FORMAT_VERSION = 2
 
 
-def _hash_fraction(name: str) -> float:
-  return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2 ** 32
-
-
 def _part(doc: Doc, lo: float, hi: float, suffix: str) -> Doc:
   """The characters of `doc` from fraction lo to hi."""
   def read():
@@ -56,8 +52,8 @@ def split_documents(docs: list[Doc], valid_fraction: float) -> tuple[list[Doc], 
   docs = sorted(docs, key=lambda d: d.name)
   if len(docs) == 1:  # one document: hold out its tail instead
     return [_part(docs[0], 0, 1 - valid_fraction, "")], [_part(docs[0], 1 - valid_fraction, 1, "#tail")]
-  by_hash = sorted(docs, key=lambda d: _hash_fraction(d.name))
-  valid = {d.name for d in docs if _hash_fraction(d.name) < valid_fraction} or {by_hash[0].name}
+  by_hash = sorted(docs, key=lambda d: corpora.hash_fraction(d.name))
+  valid = {d.name for d in docs if corpora.hash_fraction(d.name) < valid_fraction} or {by_hash[0].name}
   if len(valid) == len(docs):
     valid.discard(by_hash[-1].name)
   return [d for d in docs if d.name not in valid], [d for d in docs if d.name in valid]
@@ -124,11 +120,15 @@ class Corpus:
 
 @dataclasses.dataclass
 class TokenSplit:
-  tokens: np.ndarray    # flat token ids (a read-only memmap), documents as BOS ... EOS
+  tokens: np.ndarray    # flat token ids (a read-only memmap, or shards.source.PreparedTokens), documents as BOS ... EOS
   starts: np.ndarray    # int64 offsets where each document starts
+  counts: Optional[np.ndarray] = None   # token frequencies when known without reading every token
 
   def __len__(self):
     return len(self.tokens)
+
+  def token_counts(self, vocab: int) -> np.ndarray:
+    return self.counts if self.counts is not None else np.bincount(np.asarray(self.tokens), minlength=vocab)
 
 
 def _write_split(texts, tok, directory: Path, split: str, vocab: int) -> dict:
@@ -257,7 +257,7 @@ def valid_batches(split: TokenSplit, config) -> list[dict]:
 def unigram_baseline(train: TokenSplit, batches: list[dict], seq_len: int, vocab: int) -> float:
   """Cross-entropy (nats) of the training split's unigram distribution (add-one smoothed) on the
   next-token targets of the validation batches: what a model that ignores context would score."""
-  counts = np.bincount(np.asarray(train.tokens), minlength=vocab).astype(np.float64) + 1
+  counts = train.token_counts(vocab).astype(np.float64) + 1
   logp = np.log(counts / counts.sum())
   total = n = 0.0
   for b in batches:
@@ -277,10 +277,15 @@ class Data:
 
 def build(config, workdir=None) -> Data:
   """Corpus, tokenizer (the workdir's copy when resuming) and both token splits."""
-  corpus = Corpus(config.data)
-  corpus.require_text()
-  tok = build_tokenizer(config, corpus, workdir)
-  splits, _ = tokenize_corpus(corpus, tok, config)
+  if config.data.source == "prepared":   # shards written by `python -m mtp_jax.prepare`
+    from mtp_jax.shards.source import open_prepared
+    tok, splits, counts = open_prepared(config, workdir)
+    splits["train"].counts = counts
+  else:
+    corpus = Corpus(config.data)
+    corpus.require_text()
+    tok = build_tokenizer(config, corpus, workdir)
+    splits, _ = tokenize_corpus(corpus, tok, config)
   if num_windows(splits["train"], config.data.seq_len) == 0:
     raise UserError(f"the training split has {len(splits['train'])} tokens: too few for one window; add data")
   if num_windows(splits["valid"], config.data.seq_len) == 0:
