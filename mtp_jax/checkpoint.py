@@ -15,6 +15,7 @@ from pathlib import Path
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -61,7 +62,8 @@ class Checkpointer:
 
   def save(self, step: int, state, rng, data_iter) -> None:
     """Start an async save of `state` (step.TrainState), the RNG key and the data iterator position."""
-    meta = {"step": state.step, "rng": jax.random.key_data(rng)}
+    # The key lives on one device; a multi-host save needs global arrays: replicate it like the step.
+    meta = {"step": state.step, "rng": jax.device_put(np.asarray(jax.random.key_data(rng)), state.step.sharding)}
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),

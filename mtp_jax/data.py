@@ -231,11 +231,27 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // count
 
 
-def train_dataset(split: TokenSplit, config) -> grain.IterDataset:
-  """Shuffled windows, reshuffled every epoch (deterministic in config.seed), this process's share, batched."""
+def _own_rows(i, local: int, count: int, index: int):
+  """Row i of this process's stream -> its position in the global stream: each global batch is the
+  processes' local batches one after another, as jax.make_array_from_process_local_data lays them out."""
+  return (i // local) * local * count + index * local + i % local
+
+
+def window_indices(split: TokenSplit, config) -> grain.MapDataset:
+  """The window numbers this process reads, in order: shuffled windows, reshuffled every epoch
+  (deterministic in config.seed); of each global batch, this process takes its own contiguous rows, so
+  P processes together read every window once per epoch and their global batches are exactly the
+  one-process batches."""
   n = num_windows(split, config.data.seq_len)
-  ds = grain.MapDataset.range(n).shuffle(seed=config.seed).repeat()
-  ds = ds[jax.process_index()::jax.process_count()]
+  order = grain.MapDataset.range(n).shuffle(seed=config.seed).repeat()
+  local, count, index = local_batch_size(config.train.batch_size), jax.process_count(), jax.process_index()
+  own = grain.MapDataset.range(len(order) // count)
+  return own.map(lambda i: order[_own_rows(i, local, count, index)])
+
+
+def train_dataset(split: TokenSplit, config) -> grain.IterDataset:
+  """This process's share of the shuffled windows (window_indices), read and batched."""
+  ds = window_indices(split, config)
   ds = ds.map(functools.partial(window, split, config.data.seq_len, config.model.n_future))
   ds = ds.batch(local_batch_size(config.train.batch_size), drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
@@ -243,14 +259,15 @@ def train_dataset(split: TokenSplit, config) -> grain.IterDataset:
 
 def valid_batches(split: TokenSplit, config) -> list[dict]:
   """The fixed validation set: the split's first eval_batches batches of windows, in order (no shuffle).
-  A short split gives fewer batches; the last one is padded with all-zero rows (segment 0: not scored)."""
+  A short split gives fewer batches; the last one is padded with all-zero rows (segment 0: not scored).
+  Each process holds its own contiguous rows of every global batch (as train_dataset)."""
   seq_len, n_future, batch = config.data.seq_len, config.model.n_future, config.train.batch_size
   n = min(num_windows(split, seq_len), config.train.eval_batches * batch)
   pad = {"tokens": np.zeros(seq_len + n_future, np.int32), "segment_ids": np.zeros(seq_len + n_future, np.int32)}
   rows = [window(split, seq_len, n_future, i) for i in range(n)]
   rows += [pad] * (-n % batch)     # whole global batches, so every process gets as many
-  rows = rows[jax.process_index()::jax.process_count()]
-  size = local_batch_size(batch)
+  size, count = local_batch_size(batch), jax.process_count()
+  rows = [rows[_own_rows(i, size, count, jax.process_index())] for i in range(len(rows) // count)]
   return [{k: np.stack([r[k] for r in rows[i:i + size]]) for k in pad} for i in range(0, len(rows), size)]
 
 

@@ -117,3 +117,46 @@ def test_damaged_shard_is_one_line(tmp_path):
   c.data.path = str(tmp_path / "nothing")
   with pytest.raises(UserError, match="not a finished prepare output"):
     data.build(c)
+
+
+def _records(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_two_processes_train_from_shards_like_one(tmp_path):
+  """jax.distributed on a loopback coordinator, CPU, one device per process, both reading the shards:
+  together they read every window once per epoch, and log the losses of one process with two devices
+  fed the same global batches."""
+  from gcs_emulator import free_port
+  c = _config(tmp_path, _corpus(tmp_path, n=120), "bytes")
+  from mtp_jax.shards.pipeline import prepare
+  prepare(c, str(tmp_path / "prepared"), ["--direct_running_mode=in_memory"])
+  script = os.path.join(ROOT, "tests", "multiprocess_train.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  port = free_port()
+
+  def start(pid, count, workdir, extra_env):
+    return subprocess.Popen([sys.executable, script, str(pid), str(count), str(port), str(tmp_path / "prepared"),
+                             str(workdir), str(tmp_path / "cache"), str(tmp_path / f"seen{count}_{pid}.json")],
+                            cwd=ROOT, env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+  procs = [start(pid, 2, tmp_path / "two", {}) for pid in (0, 1)]
+  one = start(0, 1, tmp_path / "one", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  outs = [p.communicate(timeout=240)[0] for p in procs + [one]]
+  for p, out in zip(procs + [one], outs):
+    assert p.returncode == 0, "\n=====\n".join(o[-2500:] for o in outs)
+  seen = [json.load(open(tmp_path / f"seen2_{pid}.json")) for pid in (0, 1)]
+  assert all(s["processes"] == 2 and s["devices"] == 2 for s in seen)
+  n = seen[0]["windows"]
+  both = seen[0]["seen"] + seen[1]["seen"]
+  assert len(both) == len(set(both)) == n // 4 * 4 and set(both) <= set(range(n))   # each window once
+  assert not set(seen[0]["seen"]) & set(seen[1]["seen"])
+  reference = json.load(open(tmp_path / "seen1_0.json"))["seen"]
+  assert sorted(both) == sorted(reference)
+  a, b = _records(tmp_path / "one"), _records(tmp_path / "two")
+  assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 7
+  for x, y in zip(a, b):
+    assert (x.get("loss"), x.get("head_losses"), x.get("grad_norm")) == \
+        (y.get("loss"), y.get("head_losses"), y.get("grad_norm"))
+  assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["6"]
