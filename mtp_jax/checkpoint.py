@@ -9,8 +9,6 @@ W/checkpoints_corrupt/<step> with a warning and the previous one is used instead
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import grain
 import jax
@@ -20,6 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mtp_jax import io
 from mtp_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -41,7 +40,7 @@ class Checkpointer:
 
   def __init__(self, workdir, keep: int = 3, read_only: bool = False):
     # orbax wants absolute paths; the README passes a relative --workdir
-    self.workdir, self.read_only = Path(workdir).absolute(), read_only
+    self.workdir, self.read_only = io.absolute(workdir), read_only
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=not read_only,
                                            cleanup_tmp_directories=not read_only)
@@ -87,10 +86,7 @@ class Checkpointer:
       print(f"warning: checkpoint {src} is unreadable ({first}); using the previous one", flush=True)
       return
     dst = self.workdir / CORRUPT / str(step)
-    if dst.exists():
-      shutil.rmtree(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(src), str(dst))
+    io.move_tree(src, dst)
     self.manager.reload()
     print(f"warning: checkpoint step {step} is unreadable ({type(error).__name__}: {first}); moved it to {dst} "
           f"and falling back to the previous checkpoint", flush=True)
@@ -104,7 +100,7 @@ class Checkpointer:
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
-  path = Path(workdir) / "config.json"
+  path = io.path(workdir) / "config.json"
   if not path.exists():
     raise UserError(f"{workdir} has no config.json: not a training run directory (train with "
                     f"python -m mtp_jax.main --config=... --workdir={workdir})")
@@ -117,7 +113,7 @@ def load_params(workdir):
 
   config = read_config(workdir)
   abstract, _ = abstract_params(build_model(config.model))
-  ckpt = Checkpointer(workdir, read_only=True) if (Path(workdir) / CHECKPOINTS).is_dir() else None
+  ckpt = Checkpointer(workdir, read_only=True) if (io.path(workdir) / CHECKPOINTS).is_dir() else None
   if ckpt is None or not ckpt.steps():
     raise UserError(f"{workdir} has no checkpoint yet; train first (python -m mtp_jax.main "
                     f"--config=... --workdir={workdir}) or pass another workdir")
@@ -126,6 +122,6 @@ def load_params(workdir):
   finally:
     ckpt.close()
   if restored is None:
-    raise UserError(f"every checkpoint in {Path(workdir) / CHECKPOINTS} is unreadable; retrain or restore them")
+    raise UserError(f"every checkpoint in {io.path(workdir) / CHECKPOINTS} is unreadable; retrain or restore them")
   logging.info("loaded params of step %d from %s", step, workdir)
   return restored.params, config

@@ -165,12 +165,15 @@ def summarize(results: Sequence[dict]) -> dict:
 
 def load_workdir(workdir: str):
   """(params, config, tokenizer) of a training run's latest good checkpoint."""
-  if not os.path.isdir(workdir):
+  from mtp_jax import io
+  io.check_bucket(workdir, "--workdir")
+  root = io.path(workdir)
+  if not root.is_dir():
     raise DecodeError(f"--workdir={workdir}: no such directory")
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  if not (root / "config.json").exists():
     raise DecodeError(f"--workdir={workdir} has no config.json: not a training run directory")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+  ckpt_dir = root / "checkpoints"
+  if not ckpt_dir.is_dir() or not any(d.name.isdigit() for d in ckpt_dir.iterdir()):
     raise DecodeError(f"--workdir={workdir} has no checkpoint in {ckpt_dir}: train first "
                       f"(python -m mtp_jax.main --config=... --workdir={workdir})")
   from mtp_jax import checkpoint, tokenizer as tokenizer_lib   # orbax and sentencepiece only when loading a run

@@ -158,3 +158,123 @@ def check_bucket(p: PathLike, what: str) -> None:
   if not found:
     raise UserError(f"{what}={p}: the bucket {bucket!r} does not exist (or these credentials cannot see it); "
                     f"create it (gcloud storage buckets create gs://{bucket}) or fix the URL")
+
+
+def move_tree(src: PathLike, dst: PathLike) -> None:
+  """Move a directory (a bucket "directory" is every object under its prefix: copied, then deleted)."""
+  src, dst = path(src), path(dst)
+  if not is_remote(src):
+    import shutil
+    if dst.exists():
+      shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(src), str(dst))
+    return
+  fs, rel = fsspec_of(src)
+  _, rel_dst = fsspec_of(dst)
+  if fs.exists(rel_dst):
+    fs.rm(rel_dst, recursive=True)
+  fs.copy(rel, rel_dst, recursive=True)
+  fs.rm(rel, recursive=True)
+
+
+# ----- one training run per workdir -----
+
+LOCK = ".lock"
+LEASE_SECONDS = 60.0   # a bucket lease not renewed for this long is stale (renewed every third of it)
+
+
+class _LocalLock:
+  """W/.lock held with flock: the OS drops it when the process dies, even on SIGKILL."""
+
+  def __init__(self, workdir: Path):
+    import fcntl
+    workdir.mkdir(parents=True, exist_ok=True)
+    self.file = open(workdir / LOCK, "a")
+    try:
+      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self.file.close()
+      raise UserError(f"{workdir} is in use by another training run; wait for it or stop it, or use another --workdir")
+
+  def close(self):
+    self.file.close()
+
+
+class _BucketLease:
+  """W/.lock on a bucket: an object a run creates only if absent (ifGenerationMatch=0), renews every
+  LEASE_SECONDS/3 with ifGenerationMatch=<its generation>, and deletes at exit. A bucket has no flock and
+  nothing drops a lease when its holder dies, so a lease counts as stale once it is LEASE_SECONDS old, or
+  at once when it names a process of this machine that is gone (a SIGKILLed run resumed on its own host).
+  A stale lease is taken over with ifGenerationMatch=<the stale generation>, so of two racing runs one wins."""
+
+  def __init__(self, workdir: Path):
+    import json
+    import socket
+    import threading
+    from google.api_core import exceptions
+    from google.cloud import storage
+    self.workdir, self._exceptions = workdir, exceptions
+    bucket, _, prefix = str(workdir)[len("gs://"):].partition("/")
+    self.blob = storage.Client().bucket(bucket).blob(f"{prefix.rstrip('/')}/{LOCK}".lstrip("/"))
+    self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+    self.json = json
+    with user_errors(f"--workdir={workdir}"):
+      match = 0
+      if self.blob.exists():
+        self.blob.reload()
+        held = json.loads(self.blob.download_as_bytes(if_generation_match=self.blob.generation))
+        if not self._stale(held):
+          raise UserError(f"{workdir} is in use by another training run ({held['host']}, pid {held['pid']}; "
+                          f"its lease is renewed every {LEASE_SECONDS / 3:.0f}s); wait for it or stop it, or use "
+                          f"another --workdir")
+        match = self.blob.generation
+      self.generation = self._write(match)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._renew, daemon=True)
+    self._thread.start()
+
+  def _stale(self, held: dict) -> bool:
+    import time
+    if held.get("host") == self.me["host"]:
+      try:
+        os.kill(int(held["pid"]), 0)
+      except ProcessLookupError:
+        return True
+      except (PermissionError, ValueError, KeyError):
+        pass
+    return time.time() - float(held.get("renewed", 0)) > LEASE_SECONDS
+
+  def _write(self, match: int) -> int:
+    import time
+    try:
+      self.blob.upload_from_string(self.json.dumps({**self.me, "renewed": time.time()}), if_generation_match=match)
+    except self._exceptions.PreconditionFailed:
+      raise UserError(f"{self.workdir} was just claimed by another training run; use another --workdir")
+    return self.blob.generation
+
+  def _renew(self):
+    while not self._stop.wait(LEASE_SECONDS / 3):
+      try:
+        self.generation = self._write(self.generation)
+      except Exception:  # a lost lease or a network blip: the next renewal tries again
+        pass
+
+  def close(self):
+    self._stop.set()
+    self._thread.join()
+    try:
+      self.blob.delete(if_generation_match=self.generation)
+    except Exception:
+      pass
+
+
+def lock_workdir(workdir: PathLike):
+  """Hold the workdir for this run (keep the result; `.close()` at exit): two runs in one workdir would
+  interleave metrics and checkpoints."""
+  workdir = path(workdir)
+  if str(workdir).startswith("gs://"):
+    return _BucketLease(workdir)
+  if is_remote(workdir):
+    raise UserError(f"--workdir={workdir}: only local and gs:// workdirs can be locked against a second run")
+  return _LocalLock(workdir)

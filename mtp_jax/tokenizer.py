@@ -17,6 +17,7 @@ from typing import Iterable
 import sentencepiece as spm
 from absl import logging
 
+from mtp_jax import io as io_lib
 from mtp_jax.errors import UserError
 
 WORKDIR_MODEL = "tokenizer.model"
@@ -69,7 +70,7 @@ def identity(tok: Tokenizer) -> str:
 
 def _load_model_file(path) -> SentencePieceTokenizer:
   try:
-    return SentencePieceTokenizer(Path(path).read_bytes(), origin=str(path))
+    return SentencePieceTokenizer(io_lib.path(path).read_bytes(), origin=str(path))
   except OSError as e:
     raise UserError(f"data.tokenizer={str(path)!r}: cannot read it ({e.strerror}); give an existing sentencepiece "
                     f".model file, or 'sentencepiece' to train one, or 'bytes'")
@@ -108,11 +109,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> SentencePieceT
   return SentencePieceTokenizer(out.getvalue(), origin="trained")
 
 
-def _atomic_write(path: Path, data: bytes):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)   # readers never see half a file
+def _atomic_write(path, data: bytes):
+  io_lib.write_bytes(path, data)   # readers never see half a file (local: rename; bucket: one upload)
 
 
 def cached_sentencepiece(texts_fn, corpus_fingerprint: str, vocab_size: int, cache_dir):
@@ -141,7 +139,7 @@ def check_vocab(tok: Tokenizer, config) -> None:
 def save_to_workdir(tok: Tokenizer, workdir) -> None:
   """Make the run self-contained: W/tokenizer.model (nothing to copy for bytes)."""
   if isinstance(tok, SentencePieceTokenizer):
-    path = Path(workdir) / WORKDIR_MODEL
+    path = io_lib.path(workdir) / WORKDIR_MODEL
     if not path.exists() or path.read_bytes() != tok.proto:
       _atomic_write(path, tok.proto)
 
@@ -150,7 +148,7 @@ def from_workdir(workdir, kind: str) -> Tokenizer | None:
   """The tokenizer a run in `workdir` used, or None if the run has not stored one yet."""
   if kind == "bytes":
     return ByteTokenizer()
-  path = Path(workdir) / WORKDIR_MODEL
+  path = io_lib.path(workdir) / WORKDIR_MODEL
   return _load_model_file(path) if path.exists() else None
 
 
@@ -160,7 +158,7 @@ def load_tokenizer(source) -> Tokenizer:
   For generate.py: `load_tokenizer(workdir)` reads W/tokenizer.model (or W/config.json says bytes).
   """
   if isinstance(source, (str, os.PathLike)):
-    workdir = Path(source)
+    workdir = io_lib.path(source)
     cfg_path = workdir / "config.json"
     kind = json.loads(cfg_path.read_text())["data"]["tokenizer"] if cfg_path.exists() else "sentencepiece"
     tok = from_workdir(workdir, kind)

@@ -10,14 +10,12 @@ run without saving (the newest checkpoint stays the last good state) and exits w
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging as std_logging
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from mtp_jax import data as data_lib
+from mtp_jax import io
 from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
 from mtp_jax import tokenizer as tokenizer_lib
@@ -49,7 +48,7 @@ def _shape_fields(cfg: dict) -> dict:
   return fields
 
 
-def check_workdir(config, workdir: Path) -> None:
+def check_workdir(config, workdir: io.Path) -> None:
   """Refuse (before writing anything) a workdir whose run has another model shape."""
   path = workdir / CONFIG_FILE
   if not path.exists():
@@ -64,23 +63,14 @@ def check_workdir(config, workdir: Path) -> None:
                     f"or the run's own values to resume it")
 
 
-def _lock_workdir(workdir: Path):
-  """Hold W/.lock exclusively while this run lives (the OS drops it even on SIGKILL): two runs in one
-  workdir would interleave metrics and checkpoints. Returns the open lock file; keep it open."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  lock = open(workdir / ".lock", "a")
-  try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    lock.close()
-    raise UserError(f"{workdir} is in use by another training run; wait for it or stop it, or use another --workdir")
-  return lock
+def _lock_workdir(workdir: io.Path):
+  """Hold the workdir while this run lives (local: flock on W/.lock, dropped by the OS even on SIGKILL;
+  gs://: a lease object, see io.lock_workdir). Returns the lock; close it at exit."""
+  return io.lock_workdir(workdir)
 
 
-def _write_config(config, workdir: Path) -> None:
-  tmp = workdir / f".{CONFIG_FILE}.tmp"
-  tmp.write_text(config.to_json(indent=2, sort_keys=True))
-  os.replace(tmp, workdir / CONFIG_FILE)
+def _write_config(config, workdir: io.Path) -> None:
+  io.write_text(workdir / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -143,7 +133,8 @@ def train_and_evaluate(config, workdir) -> dict:
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
     absl_logger.addFilter(_QuietLibraries())
-  workdir = Path(workdir)
+  workdir = io.path(workdir)
+  io.check_bucket(workdir, "--workdir")
   check_workdir(config, workdir)
   data = data_lib.build(config, workdir)   # may train a tokenizer into the cache, writes nothing in workdir
   lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
