@@ -73,3 +73,19 @@ def test_unreachable_endpoint_is_one_line():
 def _closed_port():
   from gcs_emulator import free_port
   return free_port()
+
+
+def test_bucket_lease_refuses_a_second_run_and_takes_over_a_dead_one(gcs):
+  import json
+  import socket
+  lease = io.lock_workdir("gs://bkt/io/leased")
+  with pytest.raises(UserError, match="in use by another training run"):
+    io.lock_workdir("gs://bkt/io/leased")
+  lease.close()
+  assert not io.path("gs://bkt/io/leased/.lock").exists()
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  io.write_text("gs://bkt/io/leased/.lock", json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
+                                                         "renewed": __import__("time").time()}))
+  again = io.lock_workdir("gs://bkt/io/leased")     # its holder is gone: stale at once
+  assert json.loads(io.path("gs://bkt/io/leased/.lock").read_text())["pid"] == os.getpid()
+  again.close()
