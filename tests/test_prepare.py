@@ -160,3 +160,19 @@ def test_two_processes_train_from_shards_like_one(tmp_path):
     assert (x.get("loss"), x.get("head_losses"), x.get("grad_norm")) == \
         (y.get("loss"), y.get("head_losses"), y.get("grad_norm"))
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["6"]
+
+
+def test_prepare_bucket_to_bucket_and_train_reads_it(gcs, tmp_path):
+  """Corpus and output on the bucket (2 worker processes); training copies the shards into its cache."""
+  from mtp_jax import io
+  from mtp_jax.shards.pipeline import prepare
+  for i in range(40):
+    io.write_text(f"gs://bkt/prep/corpus/f{i:02d}.txt", f"text number {i} " * (i + 1))
+  c = _config(tmp_path, "gs://bkt/prep/corpus/*.txt", "bytes")
+  local = _cache_docs(c)[1]
+  meta = prepare(c, "gs://bkt/prep/out", ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+  assert meta["splits"]["train"]["docs"] + meta["splits"]["valid"]["docs"] == 40
+  c.data.source, c.data.path = "prepared", "gs://bkt/prep/out"
+  d = data.build(c)
+  assert len(d.train) + len(d.valid) == sum(len(t) for _, t in local.values())
+  assert any(p.name.startswith("prepared-") for p in (tmp_path / "cache").iterdir())
