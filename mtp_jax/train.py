@@ -74,10 +74,11 @@ def _write_config(config, workdir: io.Path) -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drop orbax's and grain's INFO chatter (tens of lines per checkpoint); keep their warnings."""
+  """Drop orbax's, grain's and gcsfs's INFO chatter (tens of lines per checkpoint); keep their warnings."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in ("/orbax/", "/grain/"))
+    quiet = ("/orbax/", "/grain/", "/gcsfs/", "/fsspec/")
+    return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in quiet)
 
 
 def _say(msg: str) -> None:
