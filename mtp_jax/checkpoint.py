@@ -16,15 +16,16 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mtp_jax import io
 from mtp_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -84,7 +85,7 @@ def _drop_closed_loop_noise() -> None:
 
 def step_dirs(workdir) -> list[int]:
   """The committed checkpoint steps under W/checkpoints, by listing alone (no orbax; tmp dirs excluded)."""
-  root = Path(workdir) / CHECKPOINTS
+  root = io.path(workdir) / CHECKPOINTS
   if not root.is_dir():
     return []
   return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
@@ -105,7 +106,7 @@ class Checkpointer:
 
   def __init__(self, workdir, keep: int = 3, read_only: bool = False):
     # orbax wants absolute paths; the README passes a relative --workdir
-    self.workdir, self.read_only = Path(workdir).absolute(), read_only
+    self.workdir, self.read_only = io.absolute(workdir), read_only
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=not read_only,
                                            cleanup_tmp_directories=not read_only)
@@ -134,7 +135,8 @@ class Checkpointer:
     if not all_finite((state.params, state.opt_state)):
       raise NoUsableCheckpoint(f"refusing to save step {step}: its parameters or optimizer state hold NaN/inf")
     self._check_writable(step, sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))))
-    meta = {"step": state.step, "rng": jax.random.key_data(rng)}
+    # The key lives on one device; a multi-host save needs global arrays: replicate it like the step.
+    meta = {"step": state.step, "rng": jax.device_put(np.asarray(jax.random.key_data(rng)), state.step.sharding)}
     try:
       self.manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(state.params),
@@ -214,10 +216,7 @@ class Checkpointer:
       return
     dst = self.workdir / CORRUPT / str(step)
     try:
-      if dst.exists():
-        shutil.rmtree(dst)
-      dst.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(str(src), str(dst))
+      io.move_tree(src, dst)
     except OSError as e:   # e.g. a read-only workdir: leave it where it is, skip it all the same
       print(f"warning: checkpoint step {step} is {why} and could not be moved away ({e.strerror}); using the "
             f"previous one", flush=True)
@@ -243,7 +242,7 @@ class Checkpointer:
 def read_config(workdir) -> ml_collections.ConfigDict:
   """W/config.json as a ConfigDict, with every field of base_config() present (UserError otherwise)."""
   from mtp_jax.config import base_config
-  path = Path(workdir) / "config.json"
+  path = io.path(workdir) / "config.json"
   if not path.exists():
     raise UserError(f"{workdir} has no config.json: not a training run directory (train with "
                     f"python -m mtp_jax.main --config=... --workdir={workdir})")
@@ -295,7 +294,7 @@ def load_params(workdir):
 
   config = read_config(workdir)
   abstract, _ = abstract_params(build_model(config.model))
-  ckpt = Checkpointer(workdir, read_only=True) if (Path(workdir) / CHECKPOINTS).is_dir() else None
+  ckpt = Checkpointer(workdir, read_only=True) if (io.path(workdir) / CHECKPOINTS).is_dir() else None
   if ckpt is None or not ckpt.steps():
     from mtp_jax.interop import workdir as imported
     if imported.has_pretrained(workdir):   # an imported model not trained yet (convert import)

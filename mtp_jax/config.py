@@ -54,9 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
   l.head_weights = "uniform"   # uniform | geometric:R | comma list such as "1,0.5,0.5,0.5"
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "stdlib"          # stdlib | glob | jsonl
-  d.path = ""                  # glob pattern or .jsonl file for source=glob/jsonl
-  d.text_field = "text"        # JSONL field holding the text
+  # --- corpus (corpora.py) and prepared shards (prepare.py / prepared.py); paths may be gs:// URLs
+  d.source = "stdlib"          # stdlib | glob | jsonl | parquet | hf_disk | prepared
+  d.path = ""                  # glob / .jsonl[.gz|.zst] / .parquet (file or glob) / save_to_disk dir / prepare output
+  d.text_field = "text"        # JSONL field / Parquet or Arrow column holding the text
+  d.prepare_shards = 16        # prepare.py: ArrayRecord shards per split
   d.valid_fraction = 0.05      # share of whole files held out for validation
   d.tokenizer = "sentencepiece"  # sentencepiece | bytes | path to a .model file
   d.seq_len = 256              # positions scored per window (windows hold seq_len + n_future)
@@ -207,8 +209,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(t.trainable != "heads" or m.n_future >= 2,
        "train.trainable=heads trains heads 2..n but model.n_future=1; add heads (model.n_future) or use "
        "train.trainable=all")
-  need(d.source in ("stdlib", "glob", "jsonl"), f"data.source={d.source!r}: choose stdlib, glob or jsonl")
-  need(d.source == "stdlib" or d.path, f"data.source={d.source!r} needs data.path (a glob or a .jsonl file)")
+  # --- data sources (corpora.py, prepared.py)
+  sources = ("stdlib", "glob", "jsonl", "parquet", "hf_disk", "prepared")
+  need(d.source in sources, f"data.source={d.source!r}: choose one of {', '.join(sources)}")
+  need(d.source == "stdlib" or d.path, f"data.source={d.source!r} needs data.path (a local path or a gs:// URL: "
+       f"a glob, a .jsonl/.parquet file, a save_to_disk directory, or a prepare output directory)")
+  need(d.prepare_shards >= 1, f"data.prepare_shards={d.prepare_shards}: must be >= 1")
   need(0 < d.valid_fraction < 1, f"data.valid_fraction={d.valid_fraction}: must be between 0 and 1")
   need(isinstance(d.text_field, str) and d.text_field.strip(), "data.text_field: name the JSONL field holding the "
        "text (default 'text')")

@@ -1,12 +1,9 @@
 """Corpus -> tokenizer -> cached token files -> grain windows -> batches.
 
-Sources (config.data.source):
-  stdlib  the running interpreter's standard library: every .py file under sysconfig's stdlib dir,
-          except site-packages/dist-packages and test directories (test, tests, idle_test: large,
-          repetitive, and not the code people write), in sorted order.
-  glob    the text files data.path matches (`**` recurses).
-  jsonl   one document per line of the file data.path, text in field data.text_field (read into memory).
-Unreadable or non-UTF-8 files (and bad JSONL lines) are skipped and counted in the log.
+Where documents come from (config.data.source: stdlib, glob, jsonl, parquet, hf_disk; local or on a
+bucket) is corpora.py; data.source=prepared reads the token shards `python -m mtp_jax.prepare`
+wrote (prepared.py). Unreadable or non-UTF-8 files (and bad JSONL lines / rows) are skipped and
+counted in the log.
 
 Train/valid split by whole document: a document is held out when a hash of its name falls below
 data.valid_fraction (stable across runs and machines). data.max_train_bytes > 0 caps the training
@@ -22,90 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob as globlib
 import hashlib
 import json
 import os
 import shutil
-import sysconfig
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import grain
 import jax
 import numpy as np
 
+from mtp_jax import corpora
 from mtp_jax import tokenizer as tokenizer_lib
+from mtp_jax.corpora import Doc
 from mtp_jax.errors import UserError
 
-_FORMAT_VERSION = 1
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Doc:
-  name: str                              # what the split hashes, and what messages show
-  read: Callable[[], Optional[str]]      # the text, or None when unreadable / not UTF-8
-  size: int = 0
-  mtime_ns: int = 0
-
-
-def _read_file(path: str) -> Optional[str]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except (OSError, UnicodeDecodeError):
-    return None
-
-
-def _file_doc(path: str, name: str) -> Doc:
-  st = os.stat(path)
-  return Doc(name, functools.partial(_read_file, path), st.st_size, st.st_mtime_ns)
-
-
-def _stdlib_docs() -> list[Doc]:
-  root = sysconfig.get_paths()["stdlib"]
-  docs = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
-    for f in filenames:
-      if f.endswith(".py"):
-        path = os.path.join(dirpath, f)
-        docs.append(_file_doc(path, os.path.relpath(path, root)))
-  return docs
-
-
-def _glob_docs(pattern: str) -> list[Doc]:
-  paths = [p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
-  if not paths:
-    raise UserError(f"data.path={pattern!r} matches no files; check the pattern (use ** to recurse into folders)")
-  return [_file_doc(p, p) for p in paths]
-
-
-def _jsonl_docs(path: str, field: str, stats: dict) -> list[Doc]:
-  path = os.path.expanduser(path)
-  if not os.path.isfile(path):
-    raise UserError(f"data.path={path!r}: no such file; give a .jsonl file with one JSON object per line")
-  docs = []
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for i, line in enumerate(f):
-      try:
-        text = json.loads(line)[field]
-        if not isinstance(text, str):
-          raise TypeError
-      except (ValueError, KeyError, TypeError, IndexError):
-        stats["bad_lines"] = stats.get("bad_lines", 0) + 1
-        continue
-      docs.append(Doc(f"{path}:{i + 1}", (lambda t: lambda: t)(text), len(text)))
-  if not docs and stats.get("bad_lines"):
-    raise UserError(f"data.path={path!r}: none of its {stats['bad_lines']} lines is a JSON object with a string "
-                    f"field {field!r}; set data.text_field to the field holding the text")
-  return docs
-
-
-def _hash_fraction(name: str) -> float:
-  return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2 ** 32
+_FORMAT_VERSION = 2
 
 
 def _part(doc: Doc, lo: float, hi: float, suffix: str) -> Doc:
@@ -121,8 +52,8 @@ def split_documents(docs: list[Doc], valid_fraction: float) -> tuple[list[Doc], 
   docs = sorted(docs, key=lambda d: d.name)
   if len(docs) == 1:  # one document: hold out its tail instead
     return [_part(docs[0], 0, 1 - valid_fraction, "")], [_part(docs[0], 1 - valid_fraction, 1, "#tail")]
-  by_hash = sorted(docs, key=lambda d: _hash_fraction(d.name))
-  valid = {d.name for d in docs if _hash_fraction(d.name) < valid_fraction} or {by_hash[0].name}
+  by_hash = sorted(docs, key=lambda d: corpora.hash_fraction(d.name))
+  valid = {d.name for d in docs if corpora.hash_fraction(d.name) < valid_fraction} or {by_hash[0].name}
   if len(valid) == len(docs):
     valid.discard(by_hash[-1].name)
   return [d for d in docs if d.name not in valid], [d for d in docs if d.name in valid]
@@ -134,24 +65,19 @@ class Corpus:
   def __init__(self, data_cfg):
     self.cfg = data_cfg
     self.stats = {}
-    if data_cfg.source == "stdlib":
-      docs = _stdlib_docs()
-    elif data_cfg.source == "glob":
-      docs = _glob_docs(data_cfg.path)
-    else:
-      docs = _jsonl_docs(data_cfg.path, data_cfg.text_field, self.stats)
+    files = corpora.list_files(data_cfg)
+    docs = [d for f in files for d in corpora.file_docs(data_cfg, f, self.stats)]
+    if not docs and self.stats.get("bad_lines"):
+      raise UserError(f"data.path={data_cfg.path!r}: none of its {self.stats['bad_lines']} records has a string "
+                      f"field {data_cfg.text_field!r}; set data.text_field to the field holding the text")
     if not docs:
       raise UserError(f"data.source={data_cfg.source!r} found no documents; check data.path")
     self.splits = dict(zip(("train", "valid"), split_documents(docs, data_cfg.valid_fraction)))
     cap = data_cfg.max_train_bytes
     self.caps = {"train": cap, "valid": max(1, int(cap * data_cfg.valid_fraction / (1 - data_cfg.valid_fraction)))
                  if cap else 0}
-    # Names, sizes and mtimes (not contents): cheap to compute, and any edit changes them.
-    listing = [(d.name, d.size, d.mtime_ns) for d in docs]
-    if data_cfg.source == "jsonl":
-      st = os.stat(os.path.expanduser(data_cfg.path))
-      listing = [data_cfg.path, data_cfg.text_field, st.st_size, st.st_mtime_ns]
-    key = [_FORMAT_VERSION, data_cfg.source, data_cfg.valid_fraction, cap, listing]
+    # Names, sizes and versions of the files (not contents): cheap to compute, and any edit changes them.
+    key = [_FORMAT_VERSION, data_cfg.source, data_cfg.valid_fraction, cap, corpora.listing(data_cfg, files)]
     self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
   def texts(self, split: str):
@@ -194,11 +120,15 @@ class Corpus:
 
 @dataclasses.dataclass
 class TokenSplit:
-  tokens: np.ndarray    # flat token ids (a read-only memmap), documents as BOS ... EOS
+  tokens: np.ndarray    # flat token ids (a read-only memmap, or shards.source.PreparedTokens), documents as BOS ... EOS
   starts: np.ndarray    # int64 offsets where each document starts
+  counts: Optional[np.ndarray] = None   # token frequencies when known without reading every token
 
   def __len__(self):
     return len(self.tokens)
+
+  def token_counts(self, vocab: int) -> np.ndarray:
+    return self.counts if self.counts is not None else np.bincount(np.asarray(self.tokens), minlength=vocab)
 
 
 def _write_split(texts, tok, directory: Path, split: str, vocab: int) -> dict:
@@ -322,11 +252,27 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // count
 
 
-def train_dataset(split: TokenSplit, config) -> grain.IterDataset:
-  """Shuffled windows, reshuffled every epoch (deterministic in config.seed), this process's share, batched."""
+def _own_rows(i, local: int, count: int, index: int):
+  """Row i of this process's stream -> its position in the global stream: each global batch is the
+  processes' local batches one after another, as jax.make_array_from_process_local_data lays them out."""
+  return (i // local) * local * count + index * local + i % local
+
+
+def window_indices(split: TokenSplit, config) -> grain.MapDataset:
+  """The window numbers this process reads, in order: shuffled windows, reshuffled every epoch
+  (deterministic in config.seed); of each global batch, this process takes its own contiguous rows, so
+  P processes together read every window once per epoch and their global batches are exactly the
+  one-process batches."""
   n = num_windows(split, config.data.seq_len)
-  ds = grain.MapDataset.range(n).shuffle(seed=config.seed).repeat()
-  ds = ds[jax.process_index()::jax.process_count()]
+  order = grain.MapDataset.range(n).shuffle(seed=config.seed).repeat()
+  local, count, index = local_batch_size(config.train.batch_size), jax.process_count(), jax.process_index()
+  own = grain.MapDataset.range(len(order) // count)
+  return own.map(lambda i: order[_own_rows(i, local, count, index)])
+
+
+def train_dataset(split: TokenSplit, config) -> grain.IterDataset:
+  """This process's share of the shuffled windows (window_indices), read and batched."""
+  ds = window_indices(split, config)
   ds = ds.map(functools.partial(window, split, config.data.seq_len, config.model.n_future))
   ds = ds.batch(local_batch_size(config.train.batch_size), drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
@@ -334,21 +280,22 @@ def train_dataset(split: TokenSplit, config) -> grain.IterDataset:
 
 def valid_batches(split: TokenSplit, config) -> list[dict]:
   """The fixed validation set: the split's first eval_batches batches of windows, in order (no shuffle).
-  A short split gives fewer batches; the last one is padded with all-zero rows (segment 0: not scored)."""
+  A short split gives fewer batches; the last one is padded with all-zero rows (segment 0: not scored).
+  Each process holds its own contiguous rows of every global batch (as train_dataset)."""
   seq_len, n_future, batch = config.data.seq_len, config.model.n_future, config.train.batch_size
   n = min(num_windows(split, seq_len), config.train.eval_batches * batch)
   pad = {"tokens": np.zeros(seq_len + n_future, np.int32), "segment_ids": np.zeros(seq_len + n_future, np.int32)}
   rows = [window(split, seq_len, n_future, i) for i in range(n)]
   rows += [pad] * (-n % batch)     # whole global batches, so every process gets as many
-  rows = rows[jax.process_index()::jax.process_count()]
-  size = local_batch_size(batch)
+  size, count = local_batch_size(batch), jax.process_count()
+  rows = [rows[_own_rows(i, size, count, jax.process_index())] for i in range(len(rows) // count)]
   return [{k: np.stack([r[k] for r in rows[i:i + size]]) for k in pad} for i in range(0, len(rows), size)]
 
 
 def unigram_baseline(train: TokenSplit, batches: list[dict], seq_len: int, vocab: int) -> float:
   """Cross-entropy (nats) of the training split's unigram distribution (add-one smoothed) on the
   next-token targets of the validation batches: what a model that ignores context would score."""
-  counts = np.bincount(np.asarray(train.tokens), minlength=vocab).astype(np.float64) + 1
+  counts = train.token_counts(vocab).astype(np.float64) + 1
   logp = np.log(counts / counts.sum())
   total = n = 0.0
   for b in batches:
@@ -368,10 +315,15 @@ class Data:
 
 def build(config, workdir=None) -> Data:
   """Corpus, tokenizer (the workdir's copy when resuming) and both token splits."""
-  corpus = Corpus(config.data)
-  corpus.require_text()
-  tok = build_tokenizer(config, corpus, workdir)
-  splits, _ = tokenize_corpus(corpus, tok, config)
+  if config.data.source == "prepared":   # shards written by `python -m mtp_jax.prepare`
+    from mtp_jax.shards.source import open_prepared
+    tok, splits, counts = open_prepared(config, workdir)
+    splits["train"].counts = counts
+  else:
+    corpus = Corpus(config.data)
+    corpus.require_text()
+    tok = build_tokenizer(config, corpus, workdir)
+    splits, _ = tokenize_corpus(corpus, tok, config)
   if num_windows(splits["train"], config.data.seq_len) == 0:
     raise UserError(f"the training split has {len(splits['train'])} tokens: too few for one window; add data")
   if num_windows(splits["valid"], config.data.seq_len) == 0:

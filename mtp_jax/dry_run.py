@@ -7,7 +7,6 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N).
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -120,7 +119,6 @@ def format_report(report: dict) -> str:
 def dry_run(config, workdir: str) -> dict:
   report = dry_run_report(config)
   print(format_report(report))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "dry_run.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  from mtp_jax import io
+  io.write_text(io.path(workdir) / "dry_run.json", json.dumps(report, indent=2))
   return report

@@ -179,16 +179,18 @@ def summarize(results: Sequence[dict]) -> dict:
 
 def load_workdir(workdir: str):
   """(params, config, tokenizer) of a training run's latest good checkpoint."""
-  workdir = os.path.expanduser(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  from mtp_jax import io
+  io.check_bucket(workdir, "--workdir")
+  root = io.path(workdir)
+  if root.exists() and not root.is_dir():
     raise DecodeError(f"--workdir={workdir} is a file, not a training run directory")
-  if not os.path.isdir(workdir):
+  if not root.is_dir():
     raise DecodeError(f"--workdir={workdir}: no such directory")
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  if not (root / "config.json").exists():
     raise DecodeError(f"--workdir={workdir} has no config.json: not a training run directory")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
-  if not has_ckpt and not os.path.isdir(os.path.join(workdir, "pretrained")):   # pretrained: convert import
+  ckpt_dir = root / "checkpoints"
+  has_ckpt = ckpt_dir.is_dir() and any(d.name.isdigit() for d in ckpt_dir.iterdir())
+  if not has_ckpt and not (root / "pretrained").is_dir():   # pretrained: convert import
     raise DecodeError(f"--workdir={workdir} has no checkpoint in {ckpt_dir}: train first "
                       f"(python -m mtp_jax.main --config=... --workdir={workdir})")
   from mtp_jax import checkpoint, tokenizer as tokenizer_lib   # orbax and sentencepiece only when loading a run

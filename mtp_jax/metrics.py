@@ -1,6 +1,8 @@
 """Where a run's numbers go: one console line, one JSON object in W/metrics.jsonl, TensorBoard scalars.
 
-Only process 0 writes. On resume, records past the restored step are dropped from metrics.jsonl
+Only process 0 writes. On a bucket (gs://) metrics.jsonl is rewritten whole at every record (objects
+cannot be appended to) and TensorBoard's events go through tensorboardX's own gs:// writer, which
+uploads its whole event file at each flush. On resume, records past the restored step are dropped from metrics.jsonl
 (they belong to steps the restarted run redoes), so the file reads as one consistent run. TensorBoard
 event files cannot be rewritten: redone steps show up twice there, TensorBoard draws the later ones.
 """
@@ -8,11 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import jax
 import numpy as np
+
+from mtp_jax import io
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -23,7 +25,7 @@ def _floats(x) -> list[float]:
 
 def truncate_after(workdir, step: int) -> None:
   """Keep only records with record['step'] <= step (atomically)."""
-  path = Path(workdir) / METRICS_FILE
+  path = io.path(workdir) / METRICS_FILE
   if not path.exists():
     return
   kept = []
@@ -33,9 +35,7 @@ def truncate_after(workdir, step: int) -> None:
         kept.append(line)
     except (ValueError, KeyError, TypeError):
       pass  # a line cut short by a kill
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(l + "\n" for l in kept))
-  os.replace(tmp, path)
+  io.write_text(path, "".join(l + "\n" for l in kept))
 
 
 def _duration(seconds: float) -> str:
@@ -51,7 +51,8 @@ class MetricsWriter:
     self.file = self.tb = None
     if self.active:
       from tensorboardX import SummaryWriter
-      self.file = open(Path(workdir) / METRICS_FILE, "a")
+      path = io.path(workdir) / METRICS_FILE
+      self.file = _WholeObject(path) if io.is_remote(path) else open(path, "a")
       self.tb = SummaryWriter(str(workdir))
 
   def _write(self, record: dict, prefix: str):
@@ -95,6 +96,23 @@ class MetricsWriter:
     if self.active:
       self.file.close()
       self.tb.close()
+
+
+class _WholeObject:
+  """An append-only text file on a bucket: the object is rewritten whole at each flush."""
+
+  def __init__(self, path):
+    self.path = path
+    self.text = path.read_text() if path.exists() else ""
+
+  def write(self, s: str):
+    self.text += s
+
+  def flush(self):
+    io.write_text(self.path, self.text)
+
+  def close(self):
+    self.flush()
 
 
 def valid_record(step: int, sums: dict, weights, **extra) -> dict:

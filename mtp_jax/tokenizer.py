@@ -17,6 +17,7 @@ from typing import Iterable
 import sentencepiece as spm
 from absl import logging
 
+from mtp_jax import io as io_lib
 from mtp_jax.errors import UserError
 
 WORKDIR_MODEL = "tokenizer.model"
@@ -109,7 +110,7 @@ def identity(tok: Tokenizer) -> str:
 
 def _load_model_file(path) -> SentencePieceTokenizer:
   try:
-    return SentencePieceTokenizer(Path(path).read_bytes(), origin=str(path))
+    return SentencePieceTokenizer(io_lib.path(path).read_bytes(), origin=str(path))
   except OSError as e:
     raise UserError(f"data.tokenizer={str(path)!r}: cannot read it ({e.strerror}); give an existing sentencepiece "
                     f".model file, or 'sentencepiece' to train one, or 'bytes'")
@@ -151,11 +152,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> SentencePieceT
   return SentencePieceTokenizer(out.getvalue(), origin="trained")
 
 
-def _atomic_write(path: Path, data: bytes):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)   # readers never see half a file
+def _atomic_write(path, data: bytes):
+  io_lib.write_bytes(path, data)   # readers never see half a file (local: rename; bucket: one upload)
 
 
 def cached_sentencepiece(texts_fn, corpus_fingerprint: str, vocab_size: int, cache_dir):
@@ -196,10 +194,10 @@ def check_vocab(tok: Tokenizer, config) -> None:
 def save_to_workdir(tok: Tokenizer, workdir) -> None:
   """Make the run self-contained: W/tokenizer.model, or W/tokenizer.json + special_tokens.json (nothing for bytes)."""
   if isinstance(tok, HFTokenizer):
-    _atomic_write(Path(workdir) / HF_SPECIAL_FILE, json.dumps({"bos_id": tok.bos_id, "eos_id": tok.eos_id}).encode())
-    _atomic_write(Path(workdir) / HF_WORKDIR_FILE, tok.proto)
+    _atomic_write(io_lib.path(workdir) / HF_SPECIAL_FILE, json.dumps({"bos_id": tok.bos_id, "eos_id": tok.eos_id}).encode())
+    _atomic_write(io_lib.path(workdir) / HF_WORKDIR_FILE, tok.proto)
   elif isinstance(tok, SentencePieceTokenizer):
-    path = Path(workdir) / WORKDIR_MODEL
+    path = io_lib.path(workdir) / WORKDIR_MODEL
     if not path.exists() or path.read_bytes() != tok.proto:
       _atomic_write(path, tok.proto)
 
@@ -209,7 +207,7 @@ def from_workdir(workdir, kind: str) -> Tokenizer | None:
   if kind == "bytes":
     return ByteTokenizer()
   if kind == "huggingface":
-    path, special = Path(workdir) / HF_WORKDIR_FILE, Path(workdir) / HF_SPECIAL_FILE
+    path, special = io_lib.path(workdir) / HF_WORKDIR_FILE, io_lib.path(workdir) / HF_SPECIAL_FILE
     if not path.exists():
       return None
     ids = json.loads(special.read_text()) if special.exists() else {}
@@ -217,7 +215,7 @@ def from_workdir(workdir, kind: str) -> Tokenizer | None:
       raise UserError(f"{workdir} holds {HF_WORKDIR_FILE} but no {HF_SPECIAL_FILE} with bos_id and eos_id; "
                       f"write it (e.g. {{\"bos_id\": 1, \"eos_id\": 2}}) or convert the model again")
     return HFTokenizer(path.read_bytes(), ids["bos_id"], ids["eos_id"], origin=str(path))
-  path = Path(workdir) / WORKDIR_MODEL
+  path = io_lib.path(workdir) / WORKDIR_MODEL
   if not path.exists():
     return None
   try:
@@ -234,7 +232,7 @@ def load_tokenizer(source) -> Tokenizer:
   For generate.py: `load_tokenizer(workdir)` reads W/tokenizer.model (or W/config.json says bytes).
   """
   if isinstance(source, (str, os.PathLike)):
-    workdir = Path(source)
+    workdir = io_lib.path(source)
     cfg_path = workdir / "config.json"
     kind = "sentencepiece"
     if cfg_path.exists():

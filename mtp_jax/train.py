@@ -12,14 +12,12 @@ the last good state. config.json binds the workdir to a model shape only once a 
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging as std_logging
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from mtp_jax import data as data_lib
+from mtp_jax import io
 from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
 from mtp_jax import tokenizer as tokenizer_lib
@@ -52,10 +51,14 @@ def _shape_fields(cfg: dict) -> dict:
   return fields
 
 
-def check_workdir_path(workdir) -> Path:
-  """The workdir as a Path (~ expanded), refused before anything is written if it cannot be a writable
-  directory: it is a file, a parent of it is a file, or the place it lives in is read-only."""
-  workdir = Path(os.path.expanduser(str(workdir)))
+def check_workdir_path(workdir) -> io.Path:
+  """The workdir as a path (~ expanded; bucket URLs as they are), refused before anything is written if it
+  cannot be a writable directory: it is a file, a parent of it is a file, the place it lives in is
+  read-only, or its bucket cannot be reached."""
+  workdir = io.path(workdir)
+  if io.is_remote(workdir):
+    io.check_bucket(workdir, "--workdir")
+    return workdir
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir={workdir} is a file, not a directory; give a directory (new or a run's)")
   place = workdir
@@ -69,14 +72,14 @@ def check_workdir_path(workdir) -> Path:
   return workdir
 
 
-def _read_only_fs(path: Path) -> bool:
+def _read_only_fs(path) -> bool:
   try:
     return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
   except OSError:
     return False
 
 
-def check_workdir(config, workdir: Path) -> None:
+def check_workdir(config, workdir: io.Path) -> None:
   """Refuse (before writing anything) a workdir whose run has another model shape.
 
   Only a workdir with a checkpoint, or with imported weights, has a shape: the config.json of a start
@@ -104,35 +107,26 @@ def check_workdir(config, workdir: Path) -> None:
                     f"or the run's own values to resume it")
 
 
-def _lock_workdir(workdir: Path):
-  """Hold W/.lock exclusively while this run lives (the OS drops it even on SIGKILL): two runs in one
-  workdir would interleave metrics and checkpoints. Returns the open lock file; keep it open."""
+def _lock_workdir(workdir: io.Path):
+  """Hold the workdir while this run lives (local: flock on W/.lock, dropped by the OS even on SIGKILL;
+  gs://: a lease object, see io.lock_workdir). Returns the lock; close it at exit."""
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    lock = open(workdir / ".lock", "a")
+    return io.lock_workdir(workdir)
   except OSError as e:
-    raise UserError(f"--workdir={workdir}: cannot write there ({e.strerror}); give a writable --workdir")
-  try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    lock.close()
-    raise UserError(f"{workdir} is in use by another training run; wait for it or stop it, or use another --workdir")
-  return lock
+    raise UserError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); give a writable --workdir")
 
 
-def _write_config(config, workdir: Path) -> None:
-  tmp = workdir / f".{CONFIG_FILE}.tmp"
-  tmp.write_text(config.to_json(indent=2, sort_keys=True))
-  os.replace(tmp, workdir / CONFIG_FILE)
+def _write_config(config, workdir: io.Path) -> None:
+  io.write_text(workdir / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drop orbax's and grain's INFO chatter (tens of lines per checkpoint); keep their warnings, as one line
-  each: a failed write is reported once, as one error (checkpoint.CheckpointWriteError), not as the
-  tracebacks of each of orbax's background threads."""
+  """Drop orbax's, grain's and gcsfs's INFO chatter (tens of lines per checkpoint); keep their warnings, as
+  one line each: a failed write is reported once, as one error (checkpoint.CheckpointWriteError), not as
+  the tracebacks of each of orbax's background threads."""
 
   def filter(self, record):
-    ours = any(p in record.pathname for p in ("/orbax/", "/grain/"))
+    ours = any(p in record.pathname for p in ("/orbax/", "/grain/", "/gcsfs/", "/fsspec/"))
     if ours and record.exc_info:
       record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING or not ours

@@ -22,3 +22,11 @@ def tiny_config(**model):
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A gcp-storage-emulator on a free loopback port with bucket `bkt`, for the whole session."""
+  from gcs_emulator import GcsEmulator
+  with GcsEmulator(buckets=["bkt"]) as emu:
+    yield emu

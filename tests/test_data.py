@@ -131,14 +131,20 @@ def _main(*flags):
     ("missing", "matches no files"),
     ("empty", "no text in the training split"),
     ("jsonl_missing", "no such file"),
+    ("parquet_no_column", "has no column 'text' (its columns: body)"),
 ])
 def test_bad_corpus_exits_2_with_one_line(tmp_path, case, words):
   if case == "empty":
     for i in range(3):
       (tmp_path / f"e{i}.txt").write_text("")
+  if case == "parquet_no_column":
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": ["some text"] * 3}), tmp_path / "c.parquet")
   flags = {"missing": ["--config.data.source=glob", f"--config.data.path={tmp_path}/nothing/*.txt"],
            "empty": ["--config.data.source=glob", f"--config.data.path={tmp_path}/*.txt"],
-           "jsonl_missing": ["--config.data.source=jsonl", f"--config.data.path={tmp_path}/x.jsonl"]}[case]
+           "jsonl_missing": ["--config.data.source=jsonl", f"--config.data.path={tmp_path}/x.jsonl"],
+           "parquet_no_column": ["--config.data.source=parquet", f"--config.data.path={tmp_path}/c.parquet"]}[case]
   workdir = tmp_path / "run"
   r = _main(f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path}/cache", *flags)
   assert r.returncode == 2, r.stderr

@@ -1,0 +1,206 @@
+"""Where documents come from: the files of a corpus, and the documents inside each file.
+
+Sources (config.data.source), each local or on a bucket (gs://, through io.py):
+  stdlib   the running interpreter's standard library: every .py file under sysconfig's stdlib dir,
+           except site-packages/dist-packages and test directories, in sorted order.
+  glob     every file data.path matches (`**` recurses) is one document.
+  jsonl    data.path (a file or a glob; .gz / .zst decompressed by suffix): one JSON object per
+           line, text in field data.text_field.
+  parquet  data.path (a file or a glob): one document per row of column data.text_field, read one
+           row group at a time (the layout of the common web-scale corpora).
+  hf_disk  a Hugging Face `datasets` directory written by `save_to_disk` (a DatasetDict: its
+           `train` split): its Arrow files read with pyarrow alone, column data.text_field.
+
+A corpus is a list of files; `file_docs` gives the documents of one file, so the single-process
+path (data.py) and the Beam pipeline (prepare.py, one file per work item) list the same documents
+under the same names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import sysconfig
+from typing import Callable, Optional
+
+from mtp_jax import io
+from mtp_jax.errors import UserError
+
+SOURCES = ("stdlib", "glob", "jsonl", "parquet", "hf_disk")
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+  name: str                              # what the split hashes, and what messages show
+  read: Callable[[], Optional[str]]      # the text, or None when unreadable / not UTF-8
+  size: int = 0
+  mtime_ns: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class File:
+  url: str          # local path or bucket URL
+  name: str         # how its documents are named
+  size: int
+  version: str      # mtime (local) or generation / update time (bucket): any edit changes it
+
+
+def _read_local(path: str) -> Optional[str]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError):
+    return None
+
+
+def _read_remote(url: str) -> Optional[str]:
+  try:
+    return io.path(url).read_bytes().decode("utf-8")
+  except UnicodeDecodeError:
+    return None
+
+
+def _file(url: str, name: Optional[str] = None) -> File:
+  if io.is_remote(url):
+    fs, rel = io.fsspec_of(url)
+    info = fs.info(rel)
+    version = str(info.get("generation") or info.get("updated") or info.get("mtime") or "")
+    return File(url, name or url, int(info.get("size") or 0), version)
+  st = os.stat(url)
+  return File(url, name or url, st.st_size, str(st.st_mtime_ns))
+
+
+def _stdlib_files() -> list[File]:
+  root = sysconfig.get_paths()["stdlib"]
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+    for f in filenames:
+      if f.endswith(".py"):
+        path = os.path.join(dirpath, f)
+        files.append(_file(path, os.path.relpath(path, root)))
+  return files
+
+
+def _matches(pattern: str, kind: str) -> list[str]:
+  with io.user_errors(f"data.path={pattern}"):
+    paths = io.glob(pattern)
+  if not paths and not any(c in pattern for c in "*?["):
+    raise UserError(f"data.path={pattern!r}: no such file; give an existing {kind or 'file'} or a glob")
+  if not paths:
+    raise UserError(f"data.path={pattern!r} matches no files; check the pattern (use ** to recurse into folders)")
+  return paths
+
+
+def _hf_arrow_files(directory: str) -> list[str]:
+  """The Arrow files of a save_to_disk directory (its `train` split for a DatasetDict)."""
+  root = io.path(directory)
+  with io.user_errors(f"data.path={directory}"):
+    if (root / "dataset_dict.json").exists():
+      splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
+      if "train" not in splits:
+        raise UserError(f"data.path={directory!r} is a DatasetDict without a 'train' split (it has "
+                        f"{', '.join(splits)}); point data.path at one split's folder, e.g. {directory}/{splits[0]}")
+      root = root / "train"
+    if not (root / "state.json").exists():
+      raise UserError(f"data.path={directory!r} is not a directory written by datasets' save_to_disk "
+                      f"(no state.json); give such a directory, or use data.source=parquet/jsonl")
+    state = json.loads((root / "state.json").read_text())
+  return [str(root / f["filename"]) for f in state["_data_files"]]
+
+
+def list_files(data_cfg) -> list[File]:
+  """The corpus's files, in a fixed order."""
+  source, pattern = data_cfg.source, data_cfg.path
+  if source == "stdlib":
+    return _stdlib_files()
+  if source == "hf_disk":
+    urls = _hf_arrow_files(pattern)
+  else:
+    urls = _matches(pattern, {"jsonl": ".jsonl file", "parquet": ".parquet file"}.get(source, ""))
+  if not io.is_remote(pattern):
+    urls = [u for u in urls if os.path.isfile(u)]
+  with io.user_errors(f"data.path={pattern}"):
+    return [_file(u) for u in urls]
+
+
+def hash_fraction(name: str) -> float:
+  """A stable number in [0, 1) for a document name: what the train/valid split compares."""
+  return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2 ** 32
+
+
+# ----- the documents of one file -----
+
+def _jsonl(file: File, field: str, stats: dict) -> list[Doc]:
+  docs = []
+  with io.user_errors(f"data.path={file.url}"), io.open_text(file.url) as f:
+    for i, line in enumerate(f):
+      try:
+        text = json.loads(line)[field]
+        if not isinstance(text, str):
+          raise TypeError
+      except (ValueError, KeyError, TypeError, IndexError):
+        stats["bad_lines"] = stats.get("bad_lines", 0) + 1
+        continue
+      docs.append(Doc(f"{file.name}:{i + 1}", (lambda t: lambda: t)(text), len(text)))
+  return docs
+
+
+def _column_docs(file: File, field: str, stats: dict, batches, names: list[str]) -> list[Doc]:
+  if field not in names:
+    raise UserError(f"data.path: {file.url} has no column {field!r} (its columns: {', '.join(names)}); "
+                    f"set data.text_field to the column holding the text")
+  docs, row = [], 0
+  for batch in batches:
+    for text in batch.column(field).to_pylist():
+      row += 1
+      if not isinstance(text, str):
+        stats["bad_lines"] = stats.get("bad_lines", 0) + 1
+        continue
+      docs.append(Doc(f"{file.name}:{row}", (lambda t: lambda: t)(text), len(text)))
+  return docs
+
+
+def _parquet(file: File, field: str, stats: dict) -> list[Doc]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  with io.user_errors(f"data.path={file.url}"), io.open_binary(file.url) as f:
+    try:
+      pf = pq.ParquetFile(f)
+    except pa.ArrowException as e:
+      raise UserError(f"data.path: {file.url} is not a readable Parquet file ({str(e).splitlines()[0][:160]})")
+    names = pf.schema_arrow.names
+    groups = (pf.read_row_group(i, columns=[field] if field in names else []) for i in range(pf.num_row_groups))
+    return _column_docs(file, field, stats, groups, names)
+
+
+def _arrow_stream(file: File, field: str, stats: dict) -> list[Doc]:
+  import pyarrow as pa
+  with io.user_errors(f"data.path={file.url}"), io.open_binary(file.url) as f:
+    try:
+      reader = pa.ipc.open_stream(f)
+    except pa.ArrowException as e:
+      raise UserError(f"data.path: {file.url} is not an Arrow file of a saved dataset ({str(e).splitlines()[0][:160]})")
+    return _column_docs(file, field, stats, reader, reader.schema.names)
+
+
+def file_docs(data_cfg, file: File, stats: dict) -> list[Doc]:
+  """The documents inside `file`; bad records are counted in stats['bad_lines']."""
+  source = data_cfg.source
+  if source in ("stdlib", "glob"):
+    read = functools.partial(_read_remote if io.is_remote(file.url) else _read_local, file.url)
+    return [Doc(file.name, read, file.size, int(file.version) if file.version.isdigit() else 0)]
+  if source == "jsonl":
+    return _jsonl(file, data_cfg.text_field, stats)
+  if source == "parquet":
+    return _parquet(file, data_cfg.text_field, stats)
+  return _arrow_stream(file, data_cfg.text_field, stats)
+
+
+def listing(data_cfg, files: list[File]) -> list:
+  """What keys the token cache: names, sizes and versions of the files (not contents)."""
+  fields = [data_cfg.text_field] if data_cfg.source in ("jsonl", "parquet", "hf_disk") else []
+  return fields + [(f.name, f.size, f.version) for f in files]

@@ -1,0 +1,1 @@
+"""Prepared corpora: token shards written once by Beam (pipeline.prepare), read by training (source.open)."""
