@@ -1,6 +1,7 @@
 """Where a run's numbers go: one console line, one JSON object in W/metrics.jsonl, TensorBoard scalars.
 
-Only process 0 writes. On resume, records past the restored step are dropped from metrics.jsonl
+In a Jupyter or Colab kernel the console line becomes a progress bar (tqdm) showing the loss and
+tokens/s; the CLI keeps its log lines. Only process 0 writes. On resume, records past the restored step are dropped from metrics.jsonl
 (they belong to steps the restarted run redoes), so the file reads as one consistent run. TensorBoard
 event files cannot be rewritten: redone steps show up twice there, TensorBoard draws the later ones.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -43,12 +45,22 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def in_notebook() -> bool:
+  """True inside a Jupyter or Colab kernel (not in a terminal IPython or a plain interpreter)."""
+  ipython = sys.modules.get("IPython")
+  shell = ipython.get_ipython() if ipython and hasattr(ipython, "get_ipython") else None
+  return type(shell).__name__ in ("ZMQInteractiveShell", "Shell")   # Jupyter's; Colab's google.colab._shell.Shell
+
+
 class MetricsWriter:
 
   def __init__(self, workdir, total_steps: int):
     self.total = total_steps
     self.active = jax.process_index() == 0
-    self.file = self.tb = None
+    self.file = self.tb = self.bar = None
+    if self.active and in_notebook():
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=total_steps, unit="step", desc="train")
     if self.active:
       from tensorboardX import SummaryWriter
       self.file = open(Path(workdir) / METRICS_FILE, "a")
@@ -72,7 +84,10 @@ class MetricsWriter:
               "head_accuracies": _floats(metrics["head_accuracies"]), "lr": float(metrics["lr"]),
               "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": round(tokens_per_sec, 1)}
     self._write(record, "train")
-    if self.active:
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+    elif self.active:
       heads = " ".join(f"{v:.3f}" for v in record["head_losses"])
       print(f"step {step:>{len(str(self.total))}}/{self.total}  loss {record['loss']:.4f}  heads [{heads}]  "
             f"lr {record['lr']:.2e}  gnorm {record['grad_norm']:.3f}  {tokens_per_sec:,.0f} tok/s  "
@@ -88,6 +103,8 @@ class MetricsWriter:
             flush=True)
 
   def close(self):
+    if self.bar is not None:
+      self.bar.close()
     if self.active:
       self.file.close()
       self.tb.close()
