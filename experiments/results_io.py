@@ -1,4 +1,5 @@
-"""Where experiment scripts put their figures: experiments/results/<name>.json and .md."""
+"""Where experiment scripts put their figures: experiments/results/<name>.json, .md and (where a
+plotter exists, see plots.py) .png."""
 import json
 import os
 
@@ -13,3 +14,5 @@ def write_results(name: str, result, markdown_lines) -> None:
   with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
     f.write("\n".join(markdown_lines) + "\n")
   print("\n".join(markdown_lines))
+  from plots import plot   # matplotlib only when writing results
+  plot(name, result)

@@ -5,8 +5,10 @@ here does not exist (configs are locked, so `--config.train.stpes=5` fails).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+from pathlib import Path
 
 import ml_collections
 
@@ -93,6 +95,44 @@ def base_config() -> ml_collections.ConfigDict:
   from mtp_jax.sharding import DEFAULT_RULES
   ms.rules = DEFAULT_RULES
   return c
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """A recipe by name or path, with an optional variant: "default:n1", "configs/default.py:n1".
+
+  Names are the recipe files: configs/<name>.py of a clone, installed as `mtp_jax.recipes`. The
+  result is locked like the CLI's config (a mistyped field fails) and validated.
+  """
+  target, _, variant = spec.partition(":")
+  if target.endswith(".py") or "/" in target:
+    path = Path(target).expanduser()
+  else:
+    path = recipe_dir() / f"{target}.py"
+    if target not in recipe_names():
+      raise ConfigError(f"recipe {spec!r}: no recipe named {target!r}; known: {', '.join(recipe_names())}")
+  if not path.is_file():
+    raise ConfigError(f"recipe {spec!r}: no file {path}; give a configs/*.py path or a recipe name "
+                      f"({', '.join(recipe_names())})")
+  module_spec = importlib.util.spec_from_file_location(f"mtp_jax_recipe_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  try:
+    config = module.get_config(variant or None)
+  except ValueError as e:   # the recipes' own message for an unknown variant
+    raise ConfigError(str(e))
+  config.lock()
+  validate(config)
+  return config
+
+
+def recipe_dir() -> Path:
+  """Where the recipes are: the installed mtp_jax.recipes, else the clone's top-level configs/."""
+  installed = Path(__file__).parent / "recipes"
+  return installed if installed.is_dir() else Path(__file__).parents[1] / "configs"
+
+
+def recipe_names() -> list[str]:
+  return sorted(p.stem for p in recipe_dir().glob("*.py") if not p.stem.startswith("_"))
 
 
 def head_weights(spec: str, n: int) -> list[float]:

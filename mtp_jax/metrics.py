@@ -1,8 +1,10 @@
 """Where a run's numbers go: one console line, one JSON object in W/metrics.jsonl, TensorBoard scalars.
 
-Only process 0 writes. On a bucket (gs://) metrics.jsonl is rewritten whole at every record (objects
-cannot be appended to) and TensorBoard's events go through tensorboardX's own gs:// writer, which
-uploads its whole event file at each flush. On resume, records past the restored step are dropped from metrics.jsonl
+In a Jupyter or Colab kernel the console line becomes a progress bar (tqdm) showing the loss and
+tokens/s; the CLI keeps its log lines. Only process 0 writes. On a bucket (gs://) metrics.jsonl is
+rewritten whole at every record (objects cannot be appended to) and TensorBoard's events go through
+tensorboardX's own gs:// writer, which uploads its whole event file at each flush. On resume, records
+past the restored step are dropped from metrics.jsonl
 (they belong to steps the restarted run redoes), so the file reads as one consistent run. TensorBoard
 event files cannot be rewritten: redone steps show up twice there, TensorBoard draws the later ones.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import jax
 import numpy as np
@@ -43,12 +46,22 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def in_notebook() -> bool:
+  """True inside a Jupyter or Colab kernel (not in a terminal IPython or a plain interpreter)."""
+  ipython = sys.modules.get("IPython")
+  shell = ipython.get_ipython() if ipython and hasattr(ipython, "get_ipython") else None
+  return type(shell).__name__ in ("ZMQInteractiveShell", "Shell")   # Jupyter's; Colab's google.colab._shell.Shell
+
+
 class MetricsWriter:
 
   def __init__(self, workdir, total_steps: int):
     self.total = total_steps
     self.active = jax.process_index() == 0
-    self.file = self.tb = None
+    self.file = self.tb = self.bar = None
+    if self.active and in_notebook():
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=total_steps, unit="step", desc="train")
     if self.active:
       from tensorboardX import SummaryWriter
       path = io.path(workdir) / METRICS_FILE
@@ -74,7 +87,10 @@ class MetricsWriter:
               "head_acceptance": _floats(metrics["head_acceptance"]), "lr": float(metrics["lr"]),
               "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": round(tokens_per_sec, 1)}
     self._write(record, "train")
-    if self.active:
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+    elif self.active:
       heads = " ".join(f"{v:.3f}" for v in record["head_losses"])
       accept = "" if len(record["head_acceptance"]) < 2 else \
           "  accept [" + " ".join(f"{v:.2f}" for v in record["head_acceptance"][1:]) + "]"
@@ -93,6 +109,8 @@ class MetricsWriter:
             f"acceptance [{accept}]", flush=True)
 
   def close(self):
+    if self.bar is not None:
+      self.bar.close()
     if self.active:
       self.file.close()
       self.tb.close()

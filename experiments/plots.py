@@ -1,0 +1,100 @@
+"""PNG plots beside the results tables: experiments/results/<name>.png from <name>.json.
+
+    python experiments/plots.py            # redraw every results file that has a plotter
+    python experiments/plots.py memory     # one of them
+
+`results_io.write_results` calls `plot()` too, so a rerun of an experiment redraws its plot.
+A plotter is chosen by the file stem's prefix (memory*, speculative*, paper_dry_run*).
+"""
+import json
+import os
+import sys
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MiB, GiB = 2 ** 20, 2 ** 30
+
+
+def _memory(result, ax):
+  by_impl = defaultdict(dict)
+  for r in result["rows"]:
+    by_impl[r["impl"]][r["n"]] = r["temp_bytes"] / MiB
+  for impl, points in by_impl.items():
+    ns = sorted(points)
+    ax.plot(ns, [points[n] for n in ns], "o-", label=impl)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("heads n")
+  ax.set_ylabel("compiled train-step temporaries (MiB)")
+  ax.set_title(f"memory of the multi-token loss ({result['device']}, vocab {result['vocab']})", fontsize=9)
+  ax.legend()
+
+
+def _speculative(result, ax):
+  rows = result["rows"]
+  batches = [str(r["batch"]) for r in rows]
+  x = range(len(rows))
+  ax.bar([i - 0.2 for i in x], [r["speedup"] for r in rows], width=0.4, label="speedup over greedy")
+  ax.bar([i + 0.2 for i in x], [r["tokens_per_forward"] for r in rows], width=0.4, label="tokens per forward")
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.set_xticks(list(x), batches)
+  ax.set_xlabel("batch size")
+  ax.set_title(f"self-speculative decoding ({result['device']}; {result['model']})", fontsize=8)
+  ax.legend()
+
+
+def _dry_run(result, ax):
+  labels = [f"{r['variant']}\n{r['mesh']['data']}x{r['mesh']['fsdp']}x{r['mesh']['tensor']}" for r in result]
+  parts = [("param_bytes_per_device", "params"), ("optimizer_bytes_per_device", "AdamW"), ("temp_bytes", "compiled temp")]
+  bottom = [0.0] * len(result)
+  for key, label in parts:
+    vals = [r[key] / GiB for r in result]
+    ax.bar(range(len(result)), vals, bottom=bottom, label=label)
+    bottom = [b + v for b, v in zip(bottom, vals)]
+  ax.set_xticks(range(len(result)), labels, fontsize=7)
+  ax.set_ylabel("GiB per device")
+  ax.set_title("7B train step per device (mesh data x fsdp x tensor)", fontsize=9)
+  ax.legend()
+
+
+PLOTTERS = {"memory": _memory, "speculative": _speculative, "paper_dry_run": _dry_run}
+
+
+def plotter_for(name: str):
+  for prefix in sorted(PLOTTERS, key=len, reverse=True):
+    if name.startswith(prefix):
+      return PLOTTERS[prefix]
+  return None
+
+
+def plot(name: str, result, results_dir: str = RESULTS):
+  """Draw results_dir/<name>.png; returns its path, or None when no plotter knows the name."""
+  fn = plotter_for(name)
+  if fn is None:
+    return None
+  fig, ax = plt.subplots(figsize=(7, 4))
+  fn(result, ax)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(results_dir, f"{name}.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def main(names):
+  stems = names or sorted(f[:-5] for f in os.listdir(RESULTS) if f.endswith(".json"))
+  for stem in stems:
+    with open(os.path.join(RESULTS, f"{stem}.json")) as f:
+      path = plot(stem, json.load(f))
+    if path:
+      print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

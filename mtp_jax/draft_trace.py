@@ -1,0 +1,43 @@
+"""Which generated tokens were drafted by heads 2..n and accepted, recomputed from one plain forward.
+
+Self-speculative greedy decoding emits exactly greedy's tokens, so its steps can be replayed on the
+finished sequence: the model's uncached forward over prompt + output gives every head's argmax at
+every position, and the decode loop's rule (drafts from the last accepted position, the longest
+agreeing prefix accepted, then one token from the next-token head) says which token each step
+emitted and how. Notebooks use it to highlight accepted drafts; tests check it against the decode
+loop's own forward-pass and acceptance counts.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax.model import build_model
+
+
+def draft_trace(params, config, prompt_ids, new_tokens) -> dict:
+  """Replay speculative greedy decoding of `new_tokens` after `prompt_ids`.
+
+  Returns {"drafted": [bool per new token] (True: a draft head proposed it and it was accepted),
+  "forward_passes": the prefill plus one per verify step, "accepted": [per draft head count]}.
+  """
+  model = build_model(config.model)
+  n = config.model.n_future
+  seq = np.asarray(list(prompt_ids) + list(new_tokens), np.int32)[None]
+  logits, _ = model.apply({"params": params}, jnp.asarray(seq))           # [n, 1, T, V]
+  guess = np.asarray(jnp.argmax(logits[:, 0], axis=-1))                    # guess[i, q]: head i at q -> q+1+i
+  total, start = len(new_tokens), len(prompt_ids)
+  drafted = [False] * total
+  accepted = [0] * (n - 1)
+  anchor, emitted, forwards = start - 1, 1, 1   # the prefill emits head 1's token at `start`
+  while emitted < total:
+    forwards += 1
+    a = 0                                      # drafts made at `anchor` for positions anchor+2 ..
+    while a < n - 1 and emitted + a < total and guess[a + 1, anchor] == seq[0, anchor + 2 + a]:
+      a += 1
+    for i in range(a):
+      drafted[emitted + i] = True
+      accepted[i] += 1
+    emitted += a + 1                           # the accepted drafts, then head 1's token after them
+    anchor += a + 1
+  return {"drafted": drafted, "forward_passes": forwards, "accepted": accepted}

@@ -1,0 +1,27 @@
+"""draft_trace replays speculative decoding from one plain forward: its step and acceptance counts
+must match the decode loop's own, row by row."""
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from mtp_jax.draft_trace import draft_trace
+from test_decode import MIXED, run, tiny
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "linear"])
+def test_trace_matches_the_decode_loop(head_type):
+  n = 4
+  model, params = tiny(n=n, head_type=head_type, shared=True)    # copied heads: many drafts accepted
+  config = tiny_config(vocab_size=48, n_future=n, head_type=head_type, n_layers=n + 1)
+  out = run(model, params, MIXED, "speculative", max_new_tokens=24)
+  greedy = run(model, params, MIXED, "greedy", max_new_tokens=24)
+  np.testing.assert_array_equal(out.tokens, greedy.tokens)
+  for r, prompt in enumerate(MIXED):
+    tokens = out.tokens[r, :int(out.lengths[r])].tolist()
+    trace = draft_trace(params, config, prompt, tokens)
+    assert trace["forward_passes"] == int(out.forwards[r])
+    assert sum(trace["drafted"]) == sum(trace["accepted"]) and not trace["drafted"][0]
+    # The loop also counts drafts accepted past max_new_tokens in its last step (at most one per head).
+    dec = out.accepted[r].tolist()
+    assert all(t <= d <= t + 1 for t, d in zip(trace["accepted"], dec)), (trace["accepted"], dec)
+  assert out.accepted.sum() > 0

@@ -1,0 +1,20 @@
+"""experiments/plots.py draws every committed results file it has a plotter for."""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import plots  # noqa: E402
+
+
+def test_every_known_results_file_plots(tmp_path):
+  drawn = []
+  for f in sorted(os.listdir(plots.RESULTS)):
+    if f.endswith(".json") and plots.plotter_for(f[:-5]):
+      with open(os.path.join(plots.RESULTS, f)) as fh:
+        path = plots.plot(f[:-5], json.load(fh), results_dir=str(tmp_path))
+      assert os.path.getsize(path) > 10_000
+      drawn.append(f)
+  assert {"memory.json", "speculative.json", "paper_dry_run.json"} <= set(drawn)
