@@ -2,7 +2,6 @@
 overridden by tiny values, as papermill would; any cell error, including a failed assert, fails."""
 import json
 import os
-import sys
 
 import nbformat
 import pytest
@@ -13,6 +12,7 @@ NOTEBOOKS = os.path.join(ROOT, "experiments", "notebooks")
 
 TINY = {
     "01_quickstart.ipynb": {"STEPS": 30, "MAX_NEW_TOKENS": 24},
+    "02_pretrained_heads.ipynb": {"STEPS": 6, "MAX_NEW_TOKENS": 16},
     "03_sharding.ipynb": {"STEPS": 4, "SIZE_7B": ["n4"]},
 }
 
