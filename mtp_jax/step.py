@@ -47,7 +47,8 @@ def make_train_step(model: MTPTransformer, config, tx=None):
   schedule = learning_rate_schedule(config.train)
 
   def train_step(state: TrainState, batch):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    # The step is traced: a scheduled loss weight (loss.mtp_lambda) never recompiles.
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))

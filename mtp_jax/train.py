@@ -29,7 +29,7 @@ from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
 from mtp_jax import tokenizer as tokenizer_lib
 from mtp_jax.checkpoint import Checkpointer, with_shardings
-from mtp_jax.config import head_weights, validate
+from mtp_jax.config import loss_weights, validate
 from mtp_jax.dry_run import compile_train_step, memory_report
 from mtp_jax.errors import UserError
 from mtp_jax.model import build_model
@@ -185,7 +185,6 @@ def train_and_evaluate(config, workdir) -> dict:
   host_valid = data_lib.valid_batches(data.valid, config)
   valid = [to_device(b) for b in host_valid]
   unigram = data_lib.unigram_baseline(data.train, host_valid, seq_len, config.model.vocab_size)
-  weights = head_weights(config.loss.head_weights, n_future)
 
   def evaluate(params):
     sums = None
@@ -201,10 +200,11 @@ def train_and_evaluate(config, workdir) -> dict:
   try:
     if start >= t.steps:
       _say(f"{workdir} is already trained to step {start} (train.steps={t.steps}); evaluating only")
-      last_record = metrics_lib.valid_record(start, evaluate(state.params), weights, unigram_loss=unigram)
+      last_record = metrics_lib.valid_record(start, evaluate(state.params), loss_weights(config, start),
+                                                unigram_loss=unigram)
     else:
       last_record = _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer,
-                                weights, unigram, tokens_per_step)
+                                unigram, tokens_per_step)
   finally:
     ckpt.close()   # waits for the async save in flight
     writer.close()
@@ -215,7 +215,7 @@ def train_and_evaluate(config, workdir) -> dict:
   return last_record
 
 
-def _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer, weights,
+def _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer,
                 unigram, tokens_per_step):
   t = config.train
   bad = jnp.zeros((), jnp.int32)
@@ -254,7 +254,7 @@ def _train_loop(config, state, rng, start, compiled, to_device, train_iter, eval
       began = time.time()
       if do_eval:
         extra = {"unigram_loss": unigram} if step == t.steps else {}
-        valid_record = metrics_lib.valid_record(step, evaluate(state.params), weights, **extra)
+        valid_record = metrics_lib.valid_record(step, evaluate(state.params), loss_weights(config, step), **extra)
         writer.valid(valid_record)
       if do_save:
         ckpt.save(step, state, rng, train_iter)
