@@ -10,12 +10,13 @@ min(1, p(x)/q(x)) and otherwise samples max(0, p - q) (Leviathan et al. 2023), s
 `sample`'s distribution exactly. p is head 0's and q the drafting head's distribution, both after
 the same temperature / top-k / top-p.
 
-DeepSeek-V3's sequential modules (head_type="sequential") read the embedding of the token after
-their position, so they cannot draft inside the verify pass: the verify pass runs head 0 only, and
-then modules 1..n-1 draft in turn (module k embeds draft k-1), each over the whole block so that its
-own KV cache holds every verified position (module k at position p reads x_{p+k}, known once the
-block is verified). Drafts are the modules' argmax (or samples, with q the module's distribution
-given the drafts before it), so greedy and speculative sampling stay exact as for the other heads.
+DeepSeek-V3's sequential modules (head_type="sequential") read the embedding of a later token
+(module k at position p reads x_{p+k}), so they cannot draft inside the verify pass: the verify pass
+runs head 0 only, then modules 1..n-1 draft in turn (module k embeds draft k-1), each with its own
+KV cache, over the block and the D-1 positions before it, whose cache entries were computed from
+drafts (`_draft_modules`). Drafts are the modules' argmax (or samples, with q the module's
+distribution given the drafts before it), so greedy and speculative sampling stay exact as for
+the other heads.
 
 Before the loop the weights are rearranged once (`decode_weights`): trunk layers unstacked, so a step
 reads each layer in place, and the heads that run stacked, so parallel and linear heads are one

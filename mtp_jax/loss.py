@@ -60,9 +60,21 @@ def _ce_sums(logits, targets, mask):
   return jnp.sum(nll * mask), jnp.sum(hits)
 
 
-def _head_ce(model, params, h, targets, mask, chunk_size: int):
-  """Cross-entropy sums of one head's normed hidden states through the shared unembedding."""
-  logits_fn = lambda x: model.apply({"params": params}, x, method=MTPTransformer.unembed_normed)
+def _head_logits_fn(model, params, i):
+  """x [..., d] -> head i's logits for a traced head index i: its norm (one of the heads' own, for
+  sequential modules; the shared final norm otherwise) and the shared unembedding."""
+  apply = lambda method, *xs: model.apply({"params": params}, *xs, method=method)
+  if not model.args.heads.reads_ahead:
+    return lambda x: apply(MTPTransformer.logits, x)
+  norms = [functools.partial(apply, MTPTransformer.output_norm, j) for j in range(model.args.n_future)]
+  return lambda x: apply(MTPTransformer.unembed_normed, jax.lax.switch(i, norms, x))
+
+
+def _head_ce(logits_fn, h, targets, mask, chunk_size: int):
+  """Cross-entropy sums of one head's hidden states through logits_fn (its norm and the unembedding).
+
+  The norm runs inside each chunk, so the backward pass recomputes it there rather than keeping a
+  normed copy of the whole sequence."""
   if not chunk_size:
     return _ce_sums(logits_fn(h), targets, mask)
   b, t, d = h.shape
@@ -102,16 +114,16 @@ def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size
   def run_head(i, prev, ahead):
     h, _ = model.apply({"params": params}, i, z, prev, positions, segments, ahead=ahead,
                        method=MTPTransformer.run_head)
-    return h, model.apply({"params": params}, i, h, method=MTPTransformer.output_norm)
+    return h
 
   chained = args.heads.chained
 
   @jax.checkpoint  # saved per head: the carry (chained heads only) and the index; z is saved once
   def body(prev, i):
     ahead, _ = shifted_targets(batch, seq_len, i, n)     # x_{t+i}: what sequential modules embed
-    h, normed = jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev, ahead)
+    h = jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev, ahead)
     targets, mask = shifted_targets(batch, seq_len, i + 1, n)
-    nll, hits = _head_ce(model, params, normed, targets, mask, chunk_size)
+    nll, hits = _head_ce(_head_logits_fn(model, params, i), h, targets, mask, chunk_size)
     return (h if chained else prev), (nll, hits, jnp.sum(mask))
 
   init = z if chained else None   # parallel and linear heads need no carry: don't save one
