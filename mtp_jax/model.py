@@ -237,8 +237,11 @@ class MTPModule(nn.Module):
     self.shared_head = _SharedHead(a)
 
   def __call__(self, prev, ahead_emb, positions, segment_ids, cache=None, cache_index=None, prefill=False):
-    x = jnp.concatenate([self.enorm(ahead_emb), self.hnorm(prev).astype(ahead_emb.dtype)], axis=-1)
-    return self.layer(self.eh_proj(x), positions, segment_ids, cache, cache_index, prefill)
+    # Pin the activations' layout: left to itself, the partitioner lays out the embedding gather
+    # so that the train step's forward is wrong on a data x fsdp x tensor mesh (2, 2, 2).
+    act = lambda x: nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+    x = jnp.concatenate([self.enorm(act(ahead_emb)), self.hnorm(act(prev)).astype(ahead_emb.dtype)], axis=-1)
+    return self.layer(act(self.eh_proj(act(x))), positions, segment_ids, cache, cache_index, prefill)
 
   def output_norm(self, h):
     return self.shared_head(h)
