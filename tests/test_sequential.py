@@ -15,7 +15,7 @@ from mtp_jax import decode
 from mtp_jax.config import ConfigError, loss_weights, mtp_lambda_schedule, validate
 from mtp_jax.dry_run import param_counts
 from mtp_jax.loss import make_loss_fn
-from mtp_jax.model import build_model, init_params
+from mtp_jax.model import abstract_params, build_model
 from mtp_jax.step import init_train_state, make_optimizer, make_train_step
 from test_decode import MIXED, _check_same, _chi2_pvalue, _exact_joint, _random_params, run
 from test_loss import _batch
@@ -30,7 +30,7 @@ def _model(n, vocab=64, seed=0):
 def test_parameter_layout_mirrors_hf_mtp_modules():
   """heads_k holds HF's enorm / hnorm / eh_proj / the layer / shared_head.norm; embedding and unembedding are the model's."""
   c, model, _ = _model(3)
-  params = init_params(model, jax.random.key(0))
+  params, _ = abstract_params(model)                         # shapes only: nothing compiled
   d = c.model.d_model
   for k in (1, 2):
     m = params[f"heads_{k}"]
@@ -40,9 +40,8 @@ def test_parameter_layout_mirrors_hf_mtp_modules():
     assert list(m["shared_head"]) == ["norm"]
   assert sorted(params["heads_0"]) == sorted(params["trunk"]["layer"])   # head 0 is the main model's last layer
   # Parity: each module's layer is one of n_layers; a module adds only eh_proj and its three norms.
-  base = param_counts(init_params(build_model(tiny_config(n_future=1, n_layers=4).model), jax.random.key(0)))
-  seq = param_counts(init_params(build_model(tiny_config(head_type="sequential", n_future=3, n_layers=4).model),
-                                 jax.random.key(0)))
+  base = param_counts(abstract_params(build_model(tiny_config(n_future=1, n_layers=4).model))[0])
+  seq = param_counts(abstract_params(build_model(tiny_config(head_type="sequential", n_future=3, n_layers=4).model))[0])
   assert model.args.n_trunk_layers == 1
   assert seq["params_total"] == base["params_total"] + 2 * (2 * d * d + 3 * d)
 
