@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ml_collections
 
-HEAD_TYPES = ("parallel", "causal", "linear")
+HEAD_TYPES = ("parallel", "causal", "linear", "sequential")
 LOSS_IMPLS = ("scan", "naive")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10000.0
   m.norm_eps = 1e-5
   m.n_future = 4               # n: head i predicts token t+i
-  m.head_type = "parallel"     # parallel | causal | linear
+  m.head_type = "parallel"     # parallel | causal | linear | sequential (DeepSeek-V3 MTP modules)
   m.parity = True              # trunk = n_layers - n_future layers, so params match n=1
   m.tie_embeddings = False
   m.dtype = "float32"          # compute dtype
@@ -54,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   l.impl = "scan"              # scan (one head's logits alive at a time) | naive (reference)
   l.chunk_size = 0             # >0: cross-entropy over sequence chunks of this many positions
   l.head_weights = "uniform"   # uniform | geometric:R | comma list such as "1,0.5,0.5,0.5"
+  # Sequential MTP modules (model.head_type="sequential", D = n_future - 1 modules):
+  # L = L_main + lambda / D * sum_k L_k. A number, or a schedule "value@fraction,..." of train.steps,
+  # piecewise constant from each fraction on; DeepSeek-V3 trained with 0.3, then 0.1: "0.3@0,0.1@0.7".
+  l.mtp_lambda = "0.3"
 
   c.data = d = ml_collections.ConfigDict()
   # --- corpus (corpora.py) and prepared shards (prepare.py / prepared.py); paths may be gs:// URLs
@@ -181,6 +185,54 @@ def trainable_regex(spec: str) -> str:
   return spec
 
 
+def mtp_lambda_schedule(spec: str) -> tuple[list[float], list[float]]:
+  """Parse `loss.mtp_lambda` into (values, start fractions of train.steps); the first start is 0."""
+  spec = str(spec).strip()
+  fix = "use a number >= 0 such as 0.3, or value@fraction pairs from 0 up, such as 0.3@0,0.1@0.7"
+  values, starts = [], []
+  for part in spec.split(","):
+    value, _, start = part.partition("@")
+    try:
+      values.append(float(value))
+      starts.append(float(start) if start else 0.0)
+    except ValueError:
+      raise ConfigError(f"loss.mtp_lambda={spec!r} does not parse; {fix}")
+  if len(values) > 1 and "@" not in spec.split(",")[-1]:
+    raise ConfigError(f"loss.mtp_lambda={spec!r}: every entry of a schedule needs @fraction; {fix}")
+  if min(values) < 0 or not all(v == v and v != float("inf") for v in values):
+    raise ConfigError(f"loss.mtp_lambda={spec!r}: lambda must be a finite number >= 0; {fix}")
+  if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= 1:
+    raise ConfigError(f"loss.mtp_lambda={spec!r}: the fractions must start at 0, increase, and stay below 1; {fix}")
+  return values, starts
+
+
+def mtp_lambda_at(values, starts, step, total_steps: int, xp=None):
+  """The scheduled lambda at `step` (xp=jax.numpy for a traced step; plain numbers otherwise)."""
+  bounds = [round(f * total_steps) for f in starts]
+  if xp is None:
+    return values[sum(step >= b for b in bounds) - 1]
+  return xp.asarray(values, xp.float32)[xp.sum(step >= xp.asarray(bounds)) - 1]
+
+
+def loss_weights(c: ml_collections.ConfigDict, step=0, xp=None):
+  """Per-head weights whose plain dot with the per-head losses is the total loss, at `step`.
+
+  Parallel / causal / linear heads: loss.head_weights normalised to sum 1 (the paper's average).
+  Sequential modules: [1, lambda/D, ..., lambda/D] (DeepSeek-V3: the main loss plus lambda times
+  the modules' mean), lambda scheduled by loss.mtp_lambda.
+  """
+  n = c.model.n_future
+  if c.model.head_type != "sequential":
+    w = head_weights(c.loss.head_weights, n)
+    w = [x / sum(w) for x in w]
+    return w if xp is None else xp.asarray(w, xp.float32)
+  values, starts = mtp_lambda_schedule(c.loss.mtp_lambda)
+  lam = mtp_lambda_at(values, starts, step, c.train.steps, xp)
+  if xp is None:
+    return [1.0] + [lam / (n - 1)] * (n - 1)
+  return xp.concatenate([xp.ones((1,), xp.float32), xp.full((n - 1,), lam / (n - 1), xp.float32)])
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raise ConfigError for the first field that cannot work. Cheap: no JAX, no compile.
 
@@ -231,6 +283,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(d.seq_len % l.chunk_size == 0,
          f"loss.chunk_size={l.chunk_size} does not divide data.seq_len={d.seq_len}; pick a divisor")
   head_weights(l.head_weights, m.n_future)
+  if m.head_type == "sequential":
+    need(m.n_future >= 2, f"model.head_type='sequential' with model.n_future={m.n_future}: D = n_future - 1 MTP "
+                          f"modules must be >= 1; set model.n_future >= 2")
+    need(l.head_weights == "uniform", f"loss.head_weights={l.head_weights!r} with model.head_type='sequential': "
+                                      f"modules are weighted by loss.mtp_lambda; leave head_weights='uniform'")
+    mtp_lambda_schedule(l.mtp_lambda)
   need(t.steps >= 1, f"train.steps={t.steps}: must be >= 1")
   need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
   need(_finite(t.learning_rate) and t.learning_rate > 0, f"train.learning_rate={t.learning_rate}: must be a finite "

@@ -10,6 +10,14 @@ min(1, p(x)/q(x)) and otherwise samples max(0, p - q) (Leviathan et al. 2023), s
 `sample`'s distribution exactly. p is head 0's and q the drafting head's distribution, both after
 the same temperature / top-k / top-p.
 
+DeepSeek-V3's sequential modules (head_type="sequential") read the embedding of a later token
+(module k at position p reads x_{p+k}), so they cannot draft inside the verify pass: the verify pass
+runs head 0 only, then modules 1..n-1 draft in turn (module k embeds draft k-1), each with its own
+KV cache, over the block and the D-1 positions before it, whose cache entries were computed from
+drafts (`_draft_modules`). Drafts are the modules' argmax (or samples, with q the module's
+distribution given the drafts before it), so greedy and speculative sampling stay exact as for
+the other heads.
+
 Before the loop the weights are rearranged once (`decode_weights`): trunk layers unstacked, so a step
 reads each layer in place, and the heads that run stacked, so parallel and linear heads are one
 batched layer. Greedy and sample run (and cache) head 0 only.
@@ -32,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.errors import UserError
-from mtp_jax.model import Block, LinearHead, MTPTransformer, ModelArgs, default_positions, init_cache
+from mtp_jax.model import Block, MTPModule, MTPTransformer, ModelArgs, default_positions, init_cache
 
 Array = jax.Array
 MODES = ("greedy", "speculative", "sample", "speculative_sample")
@@ -93,6 +101,8 @@ class DecodeState:
   steps: Array       # [] forward passes after the prefill
   forwards: Array    # [B] forward passes that emitted this row's tokens, prefill included
   accepted: Array    # [B, k-1] drafts of head i (1..k-1) accepted
+  recent: Any = None  # sequential modules: head 0's hidden states [B, D-1, d] and the tokens [B, D-1] at the
+                      # D-1 positions before `position`, where the modules' caches are rewritten next step
 
 
 @flax.struct.dataclass
@@ -112,34 +122,45 @@ class Weights(NamedTuple):
   the loop body)."""
   params: Any        # the model's own tree, embedding, final norm and unembedding only
   layers: tuple      # trunk layers unstacked: the training scan would copy each layer's slice every step
-  heads: Any         # the heads that run, stacked on a leading axis (one batched layer)
+  heads: Any         # the heads that run in the verify pass, stacked on a leading axis (one batched layer)
+  drafter: Any = None  # sequential modules 1..n_heads-1, stacked (they draft after the verify pass)
+
+
+def _verify_heads(args: ModelArgs, n_heads: int) -> int:
+  """How many of the n_heads heads that run do so in the verify pass (the rest draft afterwards)."""
+  return 1 if args.heads.reads_ahead else n_heads
 
 
 def decode_weights(params, args: ModelArgs, n_heads: int) -> Weights:
   trunk = params["trunk"]["layer"] if args.n_trunk_layers else None
   layers = tuple(jax.tree.map(lambda x: x[i], trunk) for i in range(args.n_trunk_layers))
-  heads = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"heads_{i}"] for i in range(n_heads)))
+  stack = lambda ids: jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"heads_{i}"] for i in ids)) if ids else None
+  n_verify = _verify_heads(args, n_heads)
   shared = {k: v for k, v in params.items() if k in ("embed", "final_norm", "unembed")}
-  return Weights(shared, layers, heads)
+  return Weights(shared, layers, stack(range(n_verify)), stack(range(n_verify, n_heads)))
 
 
 def init_decode_cache(args: ModelArgs, batch: int, max_len: int, n_heads: int) -> dict:
-  """Zeroed caches: a (keys, values) pair per trunk layer, and the heads' caches stacked like their weights."""
-  cache = init_cache(args, batch, max_len, n_heads=n_heads)
+  """Zeroed caches: a (keys, values) pair per trunk layer, and the heads' (and drafting modules') caches
+  stacked like their weights."""
+  n_verify = _verify_heads(args, n_heads)
+  cache = init_cache(args, batch, max_len, n_heads=n_verify)
   trunk = cache["trunk"]
-  return {"trunk": tuple((trunk[0][i], trunk[1][i]) for i in range(args.n_trunk_layers)), "heads": cache["heads"]}
+  drafter = init_cache(args, batch, max_len, n_heads=n_heads - n_verify)["heads"] if n_heads > n_verify else None
+  return {"trunk": tuple((trunk[0][i], trunk[1][i]) for i in range(args.n_trunk_layers)), "heads": cache["heads"],
+          "drafter": drafter}
 
 
 def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_index, prefill=False):
   """Stacked heads on trunk output z [B, k, d]: hidden [n_heads, B, k, d] and their updated stacked cache.
 
   Parallel and linear heads all read z, so they run as ONE batched layer (vmap over the stacked
-  parameters) rather than n layers one after another. Causal heads read the previous head's
-  output and run in turn.
+  parameters) rather than n layers one after another. Chained (causal) heads read the previous
+  head's output and run in turn.
   """
-  layer = LinearHead(args) if args.head_type == "linear" else Block(args)
+  layer = args.heads.first(args)   # heads that run in the verify pass are all of head 0's class
   apply = lambda p, x, c: layer.apply({"params": p}, x, positions, segment_ids, c, cache_index, prefill)
-  if args.head_type != "causal":
+  if not args.heads.chained:
     return jax.vmap(apply, in_axes=(0, None, 0))(heads, z, cache)
   n = jax.tree.leaves(heads)[0].shape[0]
   outs, h = [], z
@@ -163,7 +184,7 @@ def forward_hidden(model: MTPTransformer, w: Weights, tokens, positions, cache, 
     z, c = block.apply({"params": layer}, z, positions, segment_ids, c, cache_index, prefill)
     trunk_cache.append(c)
   hidden, head_cache = run_heads(model.args, w.heads, z, positions, segment_ids, cache["heads"], cache_index, prefill)
-  return hidden, {"trunk": tuple(trunk_cache), "heads": head_cache}
+  return hidden, {**cache, "trunk": tuple(trunk_cache), "heads": head_cache}
 
 
 def unembed(model, params, h):
@@ -223,29 +244,101 @@ def _verify(p_logits, drafts, draft_logq, key, sp: SamplingParams, sampling: boo
   return a, jax.random.categorical(k_token, jnp.log(r), axis=-1), ok
 
 
-def _draft(model, params, hidden, a, key, sp: SamplingParams, sampling: bool):
-  """Heads 1..n-1 at block index a: draft tokens [B, n-1] and, when sampling, their log q [B, n-1, V]."""
-  b = a.shape[0]
-  if hidden.shape[0] == 0:   # no draft heads run (greedy, sample, n_future=1)
-    v = model.args.vocab_size
-    return jnp.zeros((b, 0), jnp.int32), (jnp.zeros((b, 0, v), jnp.float32) if sampling else None)
-  h = jax.vmap(lambda hh: _take(hh, a))(hidden)                   # [n-1, B, d]
-  logits = jnp.swapaxes(unembed(model, params, h), 0, 1)          # [B, n-1, V]
+def _pick(logits, key, sp: SamplingParams, sampling: bool):
+  """Draft tokens from logits [..., V]: the argmax, or a sample and its log q [..., V]."""
   if not sampling:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
   logq = adjusted_logprobs(logits, sp.temperature, sp.top_k, sp.top_p)
   return jax.random.categorical(key, logq, axis=-1).astype(jnp.int32), logq
 
 
-def _emit(model, params, settings: Settings, sp, state: DecodeState, p_logits, hidden, drafts, draft_logq,
-          key, active):
+def _draft(model, params, hidden, a, token, key, sp: SamplingParams, sampling: bool):
+  """Heads 1..n-1 at block index a: draft tokens [B, n-1], when sampling their log q [B, n-1, V], and no
+  cache to update (these heads ran in the verify pass)."""
+  del token
+  b = a.shape[0]
+  if hidden.shape[0] == 0:   # no draft heads run (greedy, sample, n_future=1)
+    v = model.args.vocab_size
+    return jnp.zeros((b, 0), jnp.int32), (jnp.zeros((b, 0, v), jnp.float32) if sampling else None), None
+  h = jax.vmap(lambda hh: _take(hh, a))(hidden)                   # [n-1, B, d]
+  logits = jnp.swapaxes(unembed(model, params, h), 0, 1)          # [B, n-1, V]
+  return (*_pick(logits, key, sp, sampling), None)
+
+
+def _draft_modules(model, w: Weights, sp: SamplingParams, sampling: bool, h0, block, pos0, recent, cache, prefill,
+                   offset, a, token, key):
+  """Sequential modules 1..D draft in turn after the verify pass; returns (drafts [B, D], log q [B, D, V]
+  when sampling, {'cache': the modules' stacked cache, 'recent': the new `recent`}).
+
+  Module k at position p reads h^(k-1)_p and x_{p+k}, so its cache entry at p is final only once
+  x_{p+k} is verified: entries at the k-1 positions before the block were computed from drafts. So
+  every module reruns a window of the D-1 positions before the block (from `recent`: head 0's hidden
+  states and the tokens there) and the block [B, k] (h0: head 0 over it), from the window's start
+  S0 = max(pos0 - (D-1), 0); the verified position is block index offset + a, E-1 (E: the token
+  just emitted). Module k drafts x_{E+k} at E-1 from the drafts before it.
+  """
+  args, (b, kk) = model.args, block.shape
+  n_mod = jax.tree.leaves(w.drafter)[0].shape[0]
+  back, width = n_mod - 1, n_mod - 1 + kk
+  s0 = jnp.maximum(pos0 - back, 0)
+  lead = pos0 - s0                                     # block index 0 in the window (< back near the start)
+  window = lambda buf, x, pad: jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, width, 0))(
+      jnp.concatenate([buf, x, pad], axis=1), back - lead)
+  h = window(recent[0], h0.astype(recent[0].dtype), jnp.zeros_like(recent[0]))
+  seqs = window(recent[1], block.astype(jnp.int32), jnp.zeros_like(recent[1]))       # x at the window's positions
+  idx = lead + offset + a                              # E-1 in the window
+  seqs = jnp.pad(seqs, ((0, 0), (0, n_mod + 1)))
+  col = jnp.arange(seqs.shape[1])[None, :]
+  seqs = jnp.where(col == idx[:, None] + 1, token[:, None].astype(jnp.int32), seqs)   # x_E
+  # The D-1 positions before the next block (E-D+1 .. E-1) are verified now: the next window's start.
+  shifted = lambda x: jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, back, 0))(
+      jnp.concatenate([jnp.zeros_like(x[:, :back]), x], axis=1), idx + 1)
+  new_recent = (shifted(h), shifted(seqs))
+  positions = s0[:, None] + jnp.arange(width)[None, :]
+  segment_ids = jnp.ones_like(positions)
+  module = MTPModule(args)
+  keys = jax.random.split(key, n_mod) if sampling else [key] * n_mod
+  drafts, logqs = [], []
+  for k in range(n_mod):   # D is small and static; each module needs the previous one's draft
+    p, c = jax.tree.map(lambda x: x[k], w.drafter), jax.tree.map(lambda x: x[k], cache)
+    emb = model.apply({"params": w.params}, seqs[:, k + 1:k + 1 + width], method=MTPTransformer.embed_tokens)
+    h, c = module.apply({"params": p}, h, emb, positions, segment_ids, c, s0, prefill)
+    cache = jax.tree.map(lambda full, new: full.at[k].set(new), cache, c)
+    normed = module.apply({"params": p}, _take(h, idx), method=MTPModule.output_norm)
+    logits = model.apply({"params": w.params}, normed, method=MTPTransformer.unembed_normed).astype(jnp.float32)
+    x, logq = _pick(logits, keys[k], sp, sampling)
+    seqs = jnp.where(col == (idx + k + 2)[:, None], x[:, None], seqs)                   # x_{E+k+1}
+    drafts.append(x)
+    logqs.append(logq)
+  return jnp.stack(drafts, axis=1), (jnp.stack(logqs, axis=1) if sampling else None), {"cache": cache,
+                                                                                        "recent": new_recent}
+
+
+def _drafter(model, w: Weights, settings: Settings, sp, state, hidden, block, pos0, offset, prefill):
+  """drafter(a, token, key) -> (drafts, log q, state updates or None), drafting at block index offset + a.
+
+  Heads that drafted inside the verify pass (hidden [n_heads, B, k, d]) read their hidden states
+  there; sequential modules run now, after it. offset None: a step (offset 0); else the prefill's
+  last prompt index [B].
+  """
+  if w.drafter is None:
+    h = hidden[1:] if offset is None else jax.vmap(lambda hh: _take(hh, offset)[:, None])(hidden[1:])
+    return lambda a, token, key: _draft(model, w.params, h, a, token, key, sp, settings.sampling)
+  return lambda a, token, key: _draft_modules(
+      model, w, sp, settings.sampling, hidden[0], block, pos0, state.recent, state.cache["drafter"], prefill,
+      0 if offset is None else offset, a, token, key)
+
+
+def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts, draft_logq, key, active):
   """Verify a block, append the accepted tokens (up to EOS / max_new_tokens), draft the next block.
 
   The block's index 0 sits at state.position; rows that are not `active` keep their state.
   """
   k_verify, k_draft = jax.random.split(key) if settings.sampling else (key, key)   # argmax modes draw nothing
   a, token, _ = _verify(p_logits, drafts, draft_logq, k_verify, sp, settings.sampling)
-  new_drafts, new_logq = _draft(model, params, hidden, a, k_draft, sp, settings.sampling)
+  new_drafts, new_logq, updates = drafter(a, token, k_draft)
+  if updates is not None:   # sequential modules: their cache, and the positions before the next block
+    state = state.replace(cache={**state.cache, "drafter": updates["cache"]}, recent=updates["recent"])
 
   kk = p_logits.shape[1]
   idx = jnp.arange(kk)[None, :]
@@ -282,9 +375,10 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key) -> 
   k = settings.block
   cache = init_decode_cache(args, b, p + settings.max_new_tokens + args.n_future, settings.heads_run)
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-  hidden, cache = forward_hidden(model, w, tokens, positions, cache, jnp.zeros((b,), jnp.int32), prefill=True)
+  zero = jnp.zeros((b,), jnp.int32)
+  hidden, cache = forward_hidden(model, w, tokens, positions, cache, zero, prefill=True)
   last = lengths - 1
-  h_last = jax.vmap(lambda hh: _take(hh, last)[:, None])(hidden)       # [heads_run, B, 1, d]
+  h_last = _take(hidden[0], last)[:, None]                            # head 0 at each prompt's end [B, 1, d]
   key, sub = jax.random.split(key)
   state = DecodeState(
       cache=cache, tokens=jnp.zeros((b, settings.max_new_tokens + k), jnp.int32),
@@ -292,11 +386,14 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key) -> 
       drafts=jnp.zeros((b, k - 1), jnp.int32),
       draft_logq=jnp.zeros((b, k - 1, args.vocab_size), jnp.float32) if settings.sampling else None,
       done=jnp.zeros((b,), bool), key=key, steps=jnp.zeros((), jnp.int32),
-      forwards=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b, k - 1), jnp.int32))
+      forwards=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b, k - 1), jnp.int32),
+      recent=None if w.drafter is None else (jnp.zeros((b, k - 2, args.d_model), hidden.dtype),
+                                             jnp.zeros((b, k - 2), jnp.int32)))
   no_drafts = jnp.zeros((b, 0), jnp.int32)
   no_logq = jnp.zeros((b, 0, args.vocab_size), jnp.float32) if settings.sampling else None
-  return _emit(model, w.params, settings, sp, state, unembed(model, w.params, h_last[0]), h_last[1:],
-               no_drafts, no_logq, sub, jnp.ones((b,), bool))
+  drafter = _drafter(model, w, settings, sp, state, hidden, tokens, zero, last, True)
+  return _emit(settings, sp, state, unembed(model, w.params, h_last), drafter, no_drafts, no_logq, sub,
+               jnp.ones((b,), bool))
 
 
 def step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
@@ -308,8 +405,9 @@ def step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> Decod
   hidden, cache = forward_hidden(model, w, block, positions, state.cache, state.position)
   key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
   state = state.replace(cache=cache, key=key, steps=state.steps + 1)
-  return _emit(model, w.params, settings, sp, state, unembed(model, w.params, hidden[0]), hidden[1:],
-               state.drafts, state.draft_logq, sub, ~state.done)
+  drafter = _drafter(model, w, settings, sp, state, hidden, block, state.position, None, False)
+  return _emit(settings, sp, state, unembed(model, w.params, hidden[0]), drafter, state.drafts, state.draft_logq,
+               sub, ~state.done)
 
 
 _TRACES = [0]

@@ -1,4 +1,7 @@
-"""The multi-token loss: L = sum_i w_i * CE_i / sum_i w_i, head i scored on the tokens shifted by i.
+"""The multi-token loss: L = sum_i w_i * CE_i, head i scored on the tokens shifted by i.
+
+w comes from `config.loss_weights`: the normalised head weights (the paper's average), or for
+DeepSeek-V3's sequential modules [1, lambda/D, ...], lambda scheduled over training by the step.
 
 `impl='scan'` runs the heads in a `jax.lax.scan` whose body is `jax.checkpoint`ed: head i's layer,
 the shared norm + unembedding and its cross-entropy happen inside one body, and only the body's
@@ -17,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.config import head_weights
+from mtp_jax.config import loss_weights
 from mtp_jax.model import MTPTransformer
 
 
@@ -60,9 +63,22 @@ def _ce_sums(logits, targets, mask, ok):
   return jnp.sum(nll * mask), jnp.sum(hits), hits & ok
 
 
-def _head_ce(model, params, h, targets, mask, chunk_size: int, ok):
-  """Cross-entropy sums of one head's hidden states through the shared norm + unembedding."""
-  logits_fn = lambda x: model.apply({"params": params}, x, method=MTPTransformer.logits)
+def _head_logits_fn(model, params, i):
+  """x [..., d] -> head i's logits for a traced head index i: its norm (one of the heads' own, for
+  sequential modules; the shared final norm otherwise) and the shared unembedding."""
+  apply = lambda method, *xs: model.apply({"params": params}, *xs, method=method)
+  if not model.args.heads.reads_ahead:
+    return lambda x: apply(MTPTransformer.logits, x)
+  norms = [functools.partial(apply, MTPTransformer.output_norm, j) for j in range(model.args.n_future)]
+  return lambda x: apply(MTPTransformer.unembed_normed, jax.lax.switch(i, norms, x))
+
+
+def _head_ce(logits_fn, h, targets, mask, chunk_size: int, ok):
+  """Cross-entropy sums of one head's hidden states through logits_fn (its norm and the unembedding),
+  and where it is right among the positions `ok` (earlier heads all right), for head_acceptance.
+
+  The norm runs inside each chunk, so the backward pass recomputes it there rather than keeping a
+  normed copy of the whole sequence."""
   if not chunk_size:
     return _ce_sums(logits_fn(h), targets, mask, ok)
   b, t, d = h.shape
@@ -80,7 +96,7 @@ def _head_ce(model, params, h, targets, mask, chunk_size: int, ok):
 
 
 def _finish(nll, hits, counts, weights, accepted, given):
-  """Per-head means and the weighted total from per-head sums (each [n]).
+  """Per-head means and the weighted total (weights [n] already final: no renormalising) from per-head sums.
 
   head_acceptance[i] = accepted[i] / given[i]: how often head i's argmax is the target among the
   positions where heads 1..i-1 were all right (head 1: its accuracy), the quantity that sets how many
@@ -89,34 +105,40 @@ def _finish(nll, hits, counts, weights, accepted, given):
   denom = jnp.maximum(counts, 1).astype(jnp.float32)
   head_losses, head_acc = nll / denom, hits.astype(jnp.float32) / denom
   w = jnp.asarray(weights, jnp.float32)
-  loss = jnp.sum(w * head_losses) / jnp.sum(w)
+  loss = jnp.sum(w * head_losses)
   acceptance = accepted.astype(jnp.float32) / jnp.maximum(given, 1).astype(jnp.float32)
   return loss, {"loss": loss, "head_losses": head_losses, "head_accuracies": head_acc, "head_tokens": counts,
                 "head_acceptance": acceptance, "head_accepted": accepted, "head_given": given}
 
 
+def _uniform(n):
+  return jnp.full((n,), 1.0 / n, jnp.float32)
+
+
 def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size: int = 0, weights=None):
   args = model.args
   n = args.n_future
-  weights = weights or [1.0] * n
+  weights = _uniform(n) if weights is None else weights
   tokens, positions, segments = model_inputs(batch, seq_len)
   z, _ = model.apply({"params": params}, tokens, positions, segments, method=MTPTransformer.run_trunk)
 
-  def run_head(i, prev):
-    h, _ = model.apply({"params": params}, i, z, prev, positions, segments, method=MTPTransformer.run_head)
+  def run_head(i, prev, ahead):
+    h, _ = model.apply({"params": params}, i, z, prev, positions, segments, ahead=ahead,
+                       method=MTPTransformer.run_head)
     return h
 
-  causal = args.head_type == "causal"
+  chained = args.heads.chained
 
-  @jax.checkpoint  # saved per head: the carry (causal only; ok: earlier heads right) and the index
+  @jax.checkpoint  # saved per head: the carry (chained heads only; ok: earlier heads right) and the index
   def body(carry, i):
     prev, ok = carry
-    h = jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev)
+    ahead, _ = shifted_targets(batch, seq_len, i, n)     # x_{t+i}: what sequential modules embed
+    h = jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev, ahead)
     targets, mask = shifted_targets(batch, seq_len, i + 1, n)
-    nll, hits, joint = _head_ce(model, params, h, targets, mask, chunk_size, ok)
-    return ((h if causal else prev), joint), (nll, hits, jnp.sum(mask), jnp.sum(joint), jnp.sum(ok & mask))
+    nll, hits, joint = _head_ce(_head_logits_fn(model, params, i), h, targets, mask, chunk_size, ok)
+    return ((h if chained else prev), joint), (nll, hits, jnp.sum(mask), jnp.sum(joint), jnp.sum(ok & mask))
 
-  init = (z if causal else None, jnp.ones(tokens.shape, bool))   # parallel / linear heads carry no h
+  init = (z if chained else None, jnp.ones(tokens.shape, bool))   # parallel / linear heads carry no h
   _, (nll, hits, counts, accepted, given) = jax.lax.scan(body, init, jnp.arange(n))
   return _finish(nll, hits, counts, weights, accepted, given)
 
@@ -125,9 +147,10 @@ def mtp_loss_naive(params, batch, model: MTPTransformer, seq_len: int, chunk_siz
   """Reference: every head's full logits at once (the model's plain forward), then each CE."""
   del chunk_size  # the reference never chunks
   n = model.args.n_future
-  weights = weights or [1.0] * n
+  weights = _uniform(n) if weights is None else weights
   tokens, positions, segments = model_inputs(batch, seq_len)
-  all_logits, _ = model.apply({"params": params}, tokens, positions, segments)
+  lookahead = jnp.pad(batch["tokens"], ((0, 0), (0, n)))[:, seq_len:seq_len + n - 1]   # x_{T..T+n-2}, 0 past the end
+  all_logits, _ = model.apply({"params": params}, tokens, positions, segments, lookahead=lookahead)
   sums, ok = [], jnp.ones(tokens.shape, bool)
   for i in range(n):
     targets, mask = shifted_targets(batch, seq_len, i + 1, n)
@@ -139,7 +162,17 @@ def mtp_loss_naive(params, batch, model: MTPTransformer, seq_len: int, chunk_siz
 
 
 def make_loss_fn(model: MTPTransformer, config):
-  """loss_fn(params, batch) -> (loss, metrics) as configured by config.loss."""
+  """loss_fn(params, batch, step=0) -> (loss, metrics) as configured by config.loss.
+
+  `step` (an int32 scalar, may be traced: one compiled step serves the whole schedule) picks the
+  scheduled loss weights (loss.mtp_lambda); metrics['loss_weights'] reports them.
+  """
   impl = {"scan": mtp_loss_scan, "naive": mtp_loss_naive}[config.loss.impl]
-  return functools.partial(impl, model=model, seq_len=config.data.seq_len, chunk_size=config.loss.chunk_size,
-                           weights=head_weights(config.loss.head_weights, config.model.n_future))
+  fn = functools.partial(impl, model=model, seq_len=config.data.seq_len, chunk_size=config.loss.chunk_size)
+
+  def loss_fn(params, batch, step=0):
+    weights = loss_weights(config, step, xp=jnp)
+    loss, metrics = fn(params, batch, weights=weights)
+    return loss, dict(metrics, loss_weights=weights)
+
+  return loss_fn

@@ -134,13 +134,16 @@ class _WholeObject:
 
 
 def valid_record(step: int, sums: dict, weights, **extra) -> dict:
-  """Per-head means from sums over the whole validation set ('nll', 'hits', 'tokens', each [n], on host)."""
+  """Per-head means from sums over the whole validation set ('nll', 'hits', 'tokens', each [n], on host).
+
+  weights: `config.loss_weights` at this step; the total is their plain dot with the head losses.
+  """
   tokens = np.maximum(np.asarray(sums["tokens"]), 1)
   losses, accs = np.asarray(sums["nll"]) / tokens, np.asarray(sums["hits"]) / tokens
   # acceptance: head i right where heads 1..i-1 were all right (what speculative decoding keeps)
   accept = np.asarray(sums["accepted"]) / np.maximum(np.asarray(sums["given"]), 1)
   w = np.asarray(weights, np.float64)
-  return {"split": "valid", "step": step, "loss": float((w * losses).sum() / w.sum()),
+  return {"split": "valid", "step": step, "loss": float((w * losses).sum()),
           "head_losses": _floats(losses), "head_accuracies": _floats(accs), "head_acceptance": _floats(accept),
           "tokens": int(np.asarray(sums["tokens"])[0]), **extra}
 

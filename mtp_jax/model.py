@@ -7,6 +7,12 @@ Parameters are a plain pytree:
     heads_0 .. heads_{n-1}     one separate subtree per head (never stacked, never vmapped)
     final_norm/scale, unembed/kernel [d, V] (absent when embeddings are tied)
 
+Head topologies (`HEAD_TYPES`) are one table of classes and traits; the loss scan and the decode
+loop read the traits, never the name. `sequential` is DeepSeek-V3's MTP modules (`MTPModule`):
+head 0 is the main model's last layer, heads_k (k = 1..n-1) is module k with the Hugging Face
+DeepSeek-V3 / GLM-4.5 names `enorm`, `hnorm`, `eh_proj`, `layer` (a Block, named as the trunk's)
+and `shared_head/norm`.
+
 Every method is pure, and takes an optional KV cache so decoding reuses these very layers.
 Attention masking is by positions (key position <= query position) and, in training, by segment
 ids (documents packed in one window never attend to each other).
@@ -67,15 +73,20 @@ class ModelArgs:
     return self.d_model // self.n_heads
 
   @property
+  def heads(self) -> "HeadType":
+    return HEAD_TYPES[self.head_type]
+
+  @property
   def n_trunk_layers(self) -> int:
-    # Parity: each transformer head is one of the n_layers layers. Linear heads are not layers.
-    if self.parity and self.head_type != "linear":
+    # Parity: each transformer head (and each sequential module's layer) is one of the n_layers
+    # layers. Linear heads are not layers.
+    if self.parity and self.heads.is_layer:
       return self.n_layers - self.n_future
     return self.n_layers
 
   @property
   def heads_have_cache(self) -> bool:
-    return self.head_type != "linear"
+    return self.heads.is_layer
 
 
 class Projection(nn.Module):
@@ -221,6 +232,64 @@ class LinearHead(nn.Module):
     return _dense(a.d_model, ("embed", "mlp"), a, "proj", init=eye)(x), None
 
 
+class _SharedHead(nn.Module):
+  """A module's own output norm, HF `shared_head.norm` (the unembedding, HF `shared_head.head`, is the model's)."""
+  args: ModelArgs
+
+  @nn.compact
+  def __call__(self, h):
+    return RMSNorm(self.args.norm_eps, self.args.param_dtype, name="norm")(h)
+
+
+class MTPModule(nn.Module):
+  """DeepSeek-V3 MTP module k (technical report section 2.2), one transformer layer deep:
+
+      h'_t = eh_proj([enorm(Emb(x_{t+k})); hnorm(h^{k-1}_t)]),   h^k_t = Block(h')_t
+
+  and its logits are unembed(shared_head.norm(h^k_t)), predicting x_{t+k+1}. The concatenation is
+  [embedding; hidden], the order of the released checkpoints' `eh_proj` ([d, 2d] in HF: its first d
+  input columns read the embedding; DeepSeek's and vLLM's code concatenate so), although the
+  report's equation (21) writes [hidden; embedding]. The carry h^k is taken before the norm.
+  """
+  args: ModelArgs
+
+  def setup(self):
+    a = self.args
+    self.enorm = RMSNorm(a.norm_eps, a.param_dtype)
+    self.hnorm = RMSNorm(a.norm_eps, a.param_dtype)
+    self.eh_proj = Projection((a.d_model,), ("mlp", "embed"), 1, a.dtype, a.param_dtype)
+    self.layer = Block(a)
+    self.shared_head = _SharedHead(a)
+
+  def __call__(self, prev, ahead_emb, positions, segment_ids, cache=None, cache_index=None, prefill=False):
+    # Pin the activations' layout: left to itself, the partitioner lays out the embedding gather
+    # so that the train step's forward is wrong on a data x fsdp x tensor mesh (2, 2, 2).
+    act = lambda x: nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+    x = jnp.concatenate([self.enorm(act(ahead_emb)), self.hnorm(act(prev)).astype(ahead_emb.dtype)], axis=-1)
+    return self.layer(act(self.eh_proj(act(x))), positions, segment_ids, cache, cache_index, prefill)
+
+  def output_norm(self, h):
+    return self.shared_head(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadType:
+  """What the loss scan and the decode loop need to know of a head topology."""
+  first: type          # head 0's class (it predicts t+1)
+  rest: type           # the class of heads 1..n-1
+  chained: bool        # head i reads head i-1's hidden state: the loss scan carries it
+  reads_ahead: bool    # head i also reads Emb(x_{t+i}): it drafts only after verification, in turn
+  is_layer: bool       # a transformer layer: has a KV cache and takes a layer under parity
+
+
+HEAD_TYPES = {
+    "parallel": HeadType(Block, Block, chained=False, reads_ahead=False, is_layer=True),
+    "causal": HeadType(Block, Block, chained=True, reads_ahead=False, is_layer=True),
+    "linear": HeadType(LinearHead, LinearHead, chained=False, reads_ahead=False, is_layer=False),
+    "sequential": HeadType(Block, MTPModule, chained=True, reads_ahead=True, is_layer=True),
+}
+
+
 class _TrunkLayer(nn.Module):
   """One trunk layer in the (carry, xs) -> (carry, ys) form that nn.scan wants; the cache is xs/ys."""
   args: ModelArgs
@@ -245,8 +314,8 @@ class MTPTransformer(nn.Module):
       self.trunk = nn.scan(_TrunkLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=a.n_trunk_layers,
                            metadata_params={nn.PARTITION_NAME: "layers"})(a)
-    head_cls = LinearHead if a.head_type == "linear" else Block
-    self.heads = [head_cls(a) for _ in range(a.n_future)]   # separate subtrees heads_0 .. heads_{n-1}
+    ht = a.heads
+    self.heads = [(ht.rest if i else ht.first)(a) for i in range(a.n_future)]   # subtrees heads_0 .. heads_{n-1}
     self.final_norm = RMSNorm(a.norm_eps, a.param_dtype)
     if not a.tie_embeddings:
       self.unembed = _dense(a.vocab_size, ("embed", "vocab"), a, "unembed")
@@ -261,26 +330,51 @@ class MTPTransformer(nn.Module):
       return z, cache
     return self.trunk(z, cache, positions, segment_ids, cache_index)
 
-  def run_head(self, i: int, z, prev, positions, segment_ids, cache=None, cache_index=None):
-    """Head i's layer (0-based: head i predicts token t+i+1). Causal heads read head i-1's output."""
-    x = prev if (self.args.head_type == "causal" and i > 0) else z
-    return self.heads[i](x, positions, segment_ids, cache, cache_index)
+  def run_head(self, i: int, z, prev, positions, segment_ids, cache=None, cache_index=None, ahead=None,
+               prefill=False):
+    """Head i's layer (0-based: head i predicts token t+i+1) on trunk output z [B, T, d].
 
-  def logits(self, h):
-    """The shared final norm and unembedding: hidden [..., d] -> logits [..., V]."""
-    h = self.final_norm(h)
+    Chained heads (i > 0) read prev, head i-1's output; heads that read ahead (sequential modules)
+    also read ahead [B, T], the tokens x_{t+i}.
+    """
+    ht = self.args.heads
+    x = prev if (ht.chained and i > 0) else z
+    if ht.reads_ahead and i > 0:
+      return self.heads[i](x, self.embed(ahead), positions, segment_ids, cache, cache_index, prefill)
+    return self.heads[i](x, positions, segment_ids, cache, cache_index, prefill)
+
+  def output_norm(self, i: int, h):
+    """Head i's norm before the unembedding: the shared final norm, or a sequential module's own."""
+    if self.args.heads.reads_ahead and i > 0:
+      return self.heads[i].output_norm(h)
+    return self.final_norm(h)
+
+  def unembed_normed(self, h):
+    """The shared unembedding of normed hidden states [..., d] -> logits [..., V]."""
     out = self.embed.attend(h) if self.args.tie_embeddings else self.unembed(h)
     return nn.with_logical_constraint(out, ("act_batch", "act_length", "act_vocab"))
 
-  def __call__(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None):
-    """Every head's logits [n, B, T, V] (the plain reference forward, also used by decoding)."""
+  def logits(self, h, i: int = 0):
+    """Head i's norm and the shared unembedding: hidden [..., d] -> logits [..., V]."""
+    return self.unembed_normed(self.output_norm(i, h))
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None, lookahead=None):
+    """Every head's logits [n, B, T, V] (the plain reference forward, also used by decoding).
+
+    lookahead [B, n-1]: the tokens after `tokens`, read by sequential modules near the end (module
+    i at position t reads x_{t+i}); default 0, which only ever feeds predictions of targets past the end.
+    """
     positions, segment_ids = default_positions(tokens, positions, segment_ids)
     z, trunk_cache = self.run_trunk(tokens, positions, segment_ids, cache and cache["trunk"], cache_index)
+    n, t = self.args.n_future, tokens.shape[1]
+    if lookahead is None:
+      lookahead = jnp.zeros((tokens.shape[0], n - 1), tokens.dtype)
+    extended = jnp.concatenate([tokens, lookahead.astype(tokens.dtype)], axis=1)
     outs, head_caches, h = [], [], z
-    for i in range(self.args.n_future):   # n is a small static number; the loss uses a scan instead
+    for i in range(n):   # n is a small static number; the loss uses a scan instead
       c = None if cache is None else jax.tree.map(lambda x: x[i], cache["heads"])
-      h, c = self.run_head(i, z, h, positions, segment_ids, c, cache_index)
-      outs.append(self.logits(h))
+      h, c = self.run_head(i, z, h, positions, segment_ids, c, cache_index, ahead=extended[:, i:i + t])
+      outs.append(self.logits(h, i))
       head_caches.append(c)
     new_cache = None
     if cache is not None:

@@ -101,7 +101,8 @@ def make_train_step(model: MTPTransformer, config, tx=None):
       return treedef.unflatten([next(it) if t else fill(x) for x, t in zip(leaves, trains)])
 
     def loss_of(trained):   # frozen leaves are constants: no gradient is computed for them, or through them
-      return loss_fn(merged(trained, jax.lax.stop_gradient), batch)
+      # The step is traced: a scheduled loss weight (loss.mtp_lambda) never recompiles.
+      return loss_fn(merged(trained, jax.lax.stop_gradient), batch, state.step)
 
     trained = [x for x, t in zip(leaves, trains) if t]
     (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)

@@ -30,7 +30,7 @@ from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
 from mtp_jax import tokenizer as tokenizer_lib
 from mtp_jax.checkpoint import Checkpointer, all_finite, step_dirs, with_shardings
-from mtp_jax.config import base_config, head_weights, validate
+from mtp_jax.config import base_config, loss_weights, validate
 from mtp_jax.dry_run import compile_train_step, memory_report
 from mtp_jax.errors import UserError
 from mtp_jax.interop import workdir as imported
@@ -234,7 +234,6 @@ def train_and_evaluate(config, workdir) -> dict:
   host_valid = data_lib.valid_batches(data.valid, config)
   valid = [to_device(b) for b in host_valid]
   unigram = data_lib.unigram_baseline(data.train, host_valid, seq_len, config.model.vocab_size)
-  weights = head_weights(config.loss.head_weights, n_future)
 
   def evaluate(params):
     sums = None
@@ -250,10 +249,11 @@ def train_and_evaluate(config, workdir) -> dict:
   try:
     if start >= t.steps:
       _say(f"{workdir} is already trained to step {start} (train.steps={t.steps}); evaluating only")
-      last_record = metrics_lib.valid_record(start, evaluate(state.params), weights, unigram_loss=unigram)
+      last_record = metrics_lib.valid_record(start, evaluate(state.params), loss_weights(config, start),
+                                                unigram_loss=unigram)
     else:
       last_record = _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer,
-                                weights, unigram, tokens_per_step)
+                                unigram, tokens_per_step)
   except BaseException:
     _close_quietly(ckpt.close, writer.close, lock and lock.close)   # the error in flight is the one to report
     raise
@@ -280,7 +280,7 @@ def _close_quietly(*closers) -> None:
         logging.warning("while closing after an error: %s", e)
 
 
-def _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer, weights,
+def _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer,
                 unigram, tokens_per_step):
   t = config.train
   bad = jnp.zeros((), jnp.int32)
@@ -320,7 +320,7 @@ def _train_loop(config, state, rng, start, compiled, to_device, train_iter, eval
       began = time.time()
       if do_eval:
         extra = {"unigram_loss": unigram} if step == t.steps else {}
-        valid_record = metrics_lib.valid_record(step, evaluate(state.params), weights, **extra)
+        valid_record = metrics_lib.valid_record(step, evaluate(state.params), loss_weights(config, step), **extra)
         writer.valid(valid_record)
       saved = _save_due(step, t, stop)   # decided after the evaluation: a signal during it is honoured here
       if saved:

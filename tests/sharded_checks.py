@@ -37,8 +37,8 @@ def batches(config, count):
     yield {"tokens": rng.integers(0, config.model.vocab_size, shape).astype(np.int32), "segment_ids": segments}
 
 
-def train(mesh_sizes, steps=3):
-  config = sharding_config(mesh_sizes)
+def train(mesh_sizes, steps=3, n_future=2, head_type="parallel"):
+  config = sharding_config(mesh_sizes, n_future, head_type)
   mesh = sharding.make_mesh(config, jax.devices()[:int(np.prod(mesh_sizes))])
   model, tx = build_model(config.model), make_optimizer(config.train)
   state = sharding.init_train_state(model, tx, mesh, config, jax.random.key(0))
@@ -69,12 +69,12 @@ def check_decode_matches_single_device():
   """Greedy and speculative tokens on every mesh equal the single-device tokens (batch split over data)."""
   from mtp_jax import decode
   from mtp_jax.model import init_params
-  for head_type in ("parallel", "causal"):
+  for head_type in ("parallel", "causal", "sequential"):
     config = sharding_config(n_future=3, head_type=head_type)
     model = build_model(config.model)
     params = init_params(model, jax.random.key(1))
-    # Make drafts often right (heads copy head 0) so acceptance paths run on the mesh too.
-    params = dict(params, heads_1=params["heads_0"], heads_2=params["heads_0"])
+    if head_type != "sequential":  # make drafts often right (heads copy head 0) so acceptance paths run on the mesh too
+      params = dict(params, heads_1=params["heads_0"], heads_2=params["heads_0"])
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(1, 64, size=rng.integers(3, 12))) for _ in range(8)]
     tokens, lengths = decode.pad_prompts(prompts, 16)
@@ -92,6 +92,18 @@ def check_decode_matches_single_device():
                            mode=mode, max_new_tokens=12)[0]
           np.testing.assert_array_equal(out.tokens, ref[mode], err_msg=f"{head_type} {name} {mode}")
       print(f"{head_type} {name}: greedy and speculative tokens match one device", flush=True)
+
+
+def check_sequential_train_steps_match_single_device():
+  """DeepSeek sequential modules (D=2): losses and parameters after 3 steps on every mesh equal one device's."""
+  ref_losses, ref_params, _ = train((1, 1, 1), n_future=3, head_type="sequential")
+  for name, sizes in MESHES.items():
+    losses, params, state = train(sizes, n_future=3, head_type="sequential")
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=name), params, ref_params)
+    kernel = state.params["heads_1"]["eh_proj"]["kernel"]
+    assert kernel.addressable_shards[0].data.size == kernel.size // (sizes[1] * sizes[2]), name
+    print(f"sequential {name}: head losses {losses[-1]} match one device", flush=True)
 
 
 def check_restore_on_another_mesh():

@@ -22,6 +22,10 @@ def test_train_steps_on_meshes_match_single_device():
   run_check("train_steps_match_single_device")
 
 
+def test_sequential_train_steps_on_meshes_match_single_device():
+  run_check("sequential_train_steps_match_single_device")
+
+
 def test_decoding_on_meshes_matches_single_device():
   run_check("decode_matches_single_device")
 
