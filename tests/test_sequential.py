@@ -16,7 +16,7 @@ from mtp_jax.config import ConfigError, loss_weights, mtp_lambda_schedule, valid
 from mtp_jax.dry_run import param_counts
 from mtp_jax.loss import make_loss_fn
 from mtp_jax.model import abstract_params, build_model
-from mtp_jax.step import init_train_state, make_optimizer, make_train_step
+from mtp_jax.step import make_optimizer, new_train_state, make_train_step
 from test_decode import MIXED, _check_same, _chi2_pvalue, _exact_joint, _random_params, run
 from test_loss import _batch
 
@@ -91,7 +91,7 @@ def test_lambda_schedule_is_traced_not_recompiled():
   assert loss_weights(c, 4) == [1.0, 0.15, 0.15] and loss_weights(c, 5) == [1.0, 0.05, 0.05]
   tx = make_optimizer(c.train)
   step = jax.jit(make_train_step(model, c, tx))
-  state = init_train_state(params, tx)
+  state = new_train_state(params, tx)
   batch = _batch(3)
   seen = []
   for s in (0, 4, 5, 9):
