@@ -11,6 +11,7 @@ HEAD_TYPES = ("parallel", "causal", "linear")
 LOSS_IMPLS = ("scan", "naive")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")   # mtp_jax/attention.py
 
 
 from mtp_jax.errors import UserError
@@ -41,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"          # compute dtype
   m.param_dtype = "float32"
   m.remat = "none"             # trunk layers: none | full | dots
+  m.attention = "auto"         # auto | xla | blockwise | cudnn (GPU) | splash (TPU); see attention.py
 
   c.loss = l = ml_collections.ConfigDict()
   l.impl = "scan"              # scan (one head's logits alive at a time) | naive (reference)
@@ -132,6 +134,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(m.dtype in DTYPES and m.param_dtype in DTYPES,
        f"model.dtype={m.dtype!r}, model.param_dtype={m.param_dtype!r}: choose from {', '.join(DTYPES)}")
   need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+  need(m.attention in ATTENTION_IMPLS,
+       f"model.attention={m.attention!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
   need(l.impl in LOSS_IMPLS, f"loss.impl={l.impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
   need(l.chunk_size >= 0, f"loss.chunk_size={l.chunk_size}: must be >= 0 (0 = no chunking)")
   need(d.seq_len >= 1, f"data.seq_len={d.seq_len}: must be positive")
