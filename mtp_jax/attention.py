@@ -3,8 +3,8 @@
     xla        the plain einsum: the T x S scores of every head are materialised (the reference)
     blockwise  flash-style attention in pure JAX: queries and keys in blocks, an online softmax, and
                a custom VJP that recomputes each block's scores in the backward pass, saving only
-               the output and the log-sum-exp; O(T) memory, every backend; fully masked blocks
-               (above the causal diagonal, other documents) are skipped with `lax.cond`
+               the output and the log-sum-exp; O(T) memory, every backend; in self-attention
+               the blocks above the causal diagonal are skipped
     cudnn      `jax.nn.dot_product_attention(implementation="cudnn")`, GPU, bfloat16/float16
     splash     the TPU Pallas splash-attention kernel (training and prefill; a decode step over the
                cache, whose mask depends on each row's position, runs blockwise)
@@ -117,7 +117,7 @@ def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, block=None):
   kb = jnp.moveaxis(k.reshape(b, n_kv, nk, bk, d), 2, 0)
   vb = jnp.moveaxis(v.reshape(b, n_kv, nk, bk, d), 2, 0)
   blocks = lambda x, n: jnp.moveaxis(x.reshape(b, n, -1), 1, 0)
-  out = _flash(qb, kb, vb, blocks(q_pos, nq), blocks(k_pos, nk), blocks(q_seg, nq), blocks(k_seg, nk))
+  out = _flash(qb, kb, vb, blocks(q_pos, nq), blocks(k_pos, nk), blocks(q_seg, nq), blocks(k_seg, nk), self_attention)
   out = jnp.moveaxis(out, (0, 4), (1, 2)).reshape(b, t + pt, h, d)
   return out[:, :t]
 
@@ -131,77 +131,81 @@ def _scores(qi, kj):
   return jnp.einsum("bkgqd,bksd->bkgqs", qi, kj, preferred_element_type=jnp.float32)
 
 
-def _flash_forward(qb, kb, vb, qp, kp, qs, ks):
-  """(out [nq, B, KV, G, bq, D] in q's dtype, lse [nq, B, KV, G, bq] float32)."""
+def _key_blocks(i, bq, bk, nk, causal):
+  """Key blocks [0, hi) that query block i can see: with positions 0..T-1 none past the diagonal."""
+  return jnp.minimum(nk, ((i + 1) * bq + bk - 1) // bk) if causal else nk
+
+
+def _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal):
+  """(out [nq, B, KV, G, bq, D] in q's dtype, lse [nq, B, KV, G, bq] float32).
+
+  The block loops are fori_loops with a traced trip count (the causal diagonal), not lax.cond:
+  a cond in a custom-VJP forward under lax.scan gets linearised by JAX, which stores every block's
+  scores and defeats the point.
+  """
+  nq, nk, bq, bk = qb.shape[0], kb.shape[0], qb.shape[-2], kb.shape[-2]
 
   def one_query_block(args):
-    qi, qpi, qsi = args
+    qi, qpi, qsi, i = args
 
-    def step(carry, key_block):
-      kj, vj, kpj, ksj = key_block
-      mask = _block_mask(qpi, kpj, qsi, ksj)
-
-      def update(carry):
-        m, l, acc = carry
-        s = jnp.where(mask, _scores(qi, kj), _NEG)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
-
-      return jax.lax.cond(mask.any(), update, lambda c: c, carry), None
+    def step(j, carry):
+      m, l, acc = carry
+      kj, vj = kb[j], vb[j]
+      mask = _block_mask(qpi, kp[j], qsi, ks[j])
+      s = jnp.where(mask, _scores(qi, kj), _NEG)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+      return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
 
     stats = qi.shape[:-1]
     init = (jnp.full(stats, _NEG, jnp.float32), jnp.zeros(stats, jnp.float32), jnp.zeros(qi.shape, jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, kp, ks))
+    m, l, acc = jax.lax.fori_loop(0, _key_blocks(i, bq, bk, nk, causal), step, init)
     l = jnp.where(l == 0, 1.0, l)     # a query that sees no key (padding) gets 0, not NaN
     return (acc / l[..., None]).astype(qi.dtype), m + jnp.log(l)
 
-  return jax.lax.map(one_query_block, (qb, qp, qs))
+  return jax.lax.map(one_query_block, (qb, qp, qs, jnp.arange(nq)))
 
 
-@jax.custom_vjp
-def _flash(qb, kb, vb, qp, kp, qs, ks):
-  return _flash_forward(qb, kb, vb, qp, kp, qs, ks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(qb, kb, vb, qp, kp, qs, ks, causal):
+  return _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal)[0]
 
 
-def _flash_fwd(qb, kb, vb, qp, kp, qs, ks):
-  out, lse = _flash_forward(qb, kb, vb, qp, kp, qs, ks)
+def _flash_fwd(qb, kb, vb, qp, kp, qs, ks, causal):
+  out, lse = _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal)
   return out, (qb, kb, vb, qp, kp, qs, ks, out, lse)
 
 
-def _flash_bwd(res, dout):
-  """FlashAttention-2's backward: per key block, sweep the query blocks, recomputing p from the lse."""
+def _flash_bwd(causal, res, dout):
+  """FlashAttention-2's backward: per key block, sweep the query blocks that see it, recomputing p from the lse."""
   qb, kb, vb, qp, kp, qs, ks, out, lse = res
+  nq, bq, bk = qb.shape[0], qb.shape[-2], kb.shape[-2]
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)   # [nq, B, KV, G, bq]
 
   def one_key_block(dq, key_block):
-    kj, vj, kpj, ksj = key_block
+    kj, vj, kpj, ksj, j = key_block
 
-    def step(carry, query_block):
-      dk, dv = carry
-      qi, doi, lsei, di, qpi, qsi, dqi = query_block
-      mask = _block_mask(qpi, kpj, qsi, ksj)
+    def step(i, carry):
+      dk, dv, dq = carry
+      qi, doi, lsei, di = qb[i], dout[i], lse[i], delta[i]
+      mask = _block_mask(qp[i], kpj, qs[i], ksj)
+      p = jnp.where(mask, jnp.exp(_scores(qi, kj) - lsei[..., None]), 0.0)
+      dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+      ds = (p * (dp - di[..., None])).astype(qi.dtype)
+      dq = dq.at[i].add(jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32))
+      dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qi, preferred_element_type=jnp.float32)
+      return dk, dv, dq
 
-      def update(args):
-        dk, dv, dqi = args
-        p = jnp.where(mask, jnp.exp(_scores(qi, kj) - lsei[..., None]), 0.0)
-        dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-        ds = (p * (dp - di[..., None])).astype(qi.dtype)
-        dqi = dqi + jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32)
-        dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qi, preferred_element_type=jnp.float32)
-        return dk, dv, dqi
-
-      dk, dv, dqi = jax.lax.cond(mask.any(), update, lambda a: a, (dk, dv, dqi))
-      return (dk, dv), dqi
-
+    first = (j * bk) // bq if causal else 0     # query blocks before it lie wholly above the diagonal
     zeros = jnp.zeros(kj.shape, jnp.float32)
-    (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), (qb, dout, lse, delta, qp, qs, dq))
+    dk, dv, dq = jax.lax.fori_loop(first, nq, step, (zeros, zeros, dq))
     return dq, (dk, dv)
 
-  dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, kp, ks))
+  dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(qb.shape, jnp.float32),
+                              (kb, vb, kp, ks, jnp.arange(kb.shape[0])))
   return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None, None, None
 
 
