@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import head_weights
+from mtp_jax.cross_entropy import fused_ce
 from mtp_jax.model import MTPTransformer
 
 
@@ -58,22 +59,11 @@ def _ce_sums(logits, targets, mask):
 
 
 def _head_ce(model, params, h, targets, mask, chunk_size: int):
-  """Cross-entropy sums of one head's hidden states through the shared norm + unembedding."""
-  logits_fn = lambda x: model.apply({"params": params}, x, method=MTPTransformer.logits)
-  if not chunk_size:
-    return _ce_sums(logits_fn(h), targets, mask)
-  b, t, d = h.shape
-  to_chunks = lambda x: jnp.swapaxes(x.reshape(b, t // chunk_size, chunk_size, *x.shape[2:]), 0, 1)
-
-  @jax.checkpoint  # keep only each chunk's inputs; its logits are recomputed in the backward pass
-  def body(sums, chunk):
-    hc, tc, mc = chunk
-    nll, hits = _ce_sums(logits_fn(hc), tc, mc)
-    return (sums[0] + nll, sums[1] + hits), None
-
-  zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-  sums, _ = jax.lax.scan(body, zero, (to_chunks(h), to_chunks(targets), to_chunks(mask)))
-  return sums
+  """Cross-entropy sums of one head's hidden states through the shared norm + unembedding (fused:
+  cross_entropy.py keeps no logits for the backward pass)."""
+  hn = model.apply({"params": params}, h, method=lambda m, x: m.final_norm(x))
+  kernel = params["embed"]["embedding"].T if model.args.tie_embeddings else params["unembed"]["kernel"]
+  return fused_ce(hn, kernel, targets, mask, chunk_size, model.args.dtype)
 
 
 def _finish(nll, hits, counts, weights):
@@ -98,12 +88,22 @@ def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size
 
   causal = args.head_type == "causal"
 
-  @jax.checkpoint  # saved per head: the carry (causal only) and the index; z is saved once
-  def body(prev, i):
-    h = jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev)
+  def head_ce(i, h):
     targets, mask = shifted_targets(batch, seq_len, i + 1, n)
     nll, hits = _head_ce(model, params, h, targets, mask, chunk_size)
-    return (h if causal else prev), (nll, hits, jnp.sum(mask))
+    return nll, hits, jnp.sum(mask)
+
+  if n == 1:   # the lean one-head path: no scan, nothing recomputed, so n=1 costs what a plain LM does
+    nll, hits, counts = (x[None] for x in head_ce(0, run_head(0, z)))
+    return _finish(nll, hits, counts, weights)
+
+  # Only the head layer is checkpointed: the fused cross-entropy saves no logits of its own, and
+  # keeping it outside the checkpoint stops the forward's logits living beside the recomputation.
+  layer = jax.checkpoint(lambda prev, i: jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev))
+
+  def body(prev, i):
+    h = layer(prev, i)
+    return (h if causal else prev), head_ce(i, h)
 
   init = z if causal else None   # parallel and linear heads need no carry: don't save one
   _, (nll, hits, counts) = jax.lax.scan(body, init, jnp.arange(n))
