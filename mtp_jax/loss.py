@@ -58,10 +58,13 @@ def _ce_sums(logits, targets, mask):
   return jnp.sum(nll * mask), jnp.sum(hits)
 
 
-def _head_ce(model, params, h, targets, mask, chunk_size: int):
-  """Cross-entropy sums of one head's hidden states through the shared norm + unembedding (fused:
+def _final_norm(model, params, h):
+  return model.apply({"params": params}, h, method=lambda m, x: m.final_norm(x))
+
+
+def _head_ce(model, params, hn, targets, mask, chunk_size: int):
+  """Cross-entropy sums of one head's normed hidden states through the shared unembedding (fused:
   cross_entropy.py keeps no logits for the backward pass)."""
-  hn = model.apply({"params": params}, h, method=lambda m, x: m.final_norm(x))
   kernel = params["embed"]["embedding"].T if model.args.tie_embeddings else params["unembed"]["kernel"]
   return fused_ce(hn, kernel, targets, mask, chunk_size, model.args.dtype)
 
@@ -88,22 +91,25 @@ def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size
 
   causal = args.head_type == "causal"
 
-  def head_ce(i, h):
+  def head_ce(i, hn):
     targets, mask = shifted_targets(batch, seq_len, i + 1, n)
-    nll, hits = _head_ce(model, params, h, targets, mask, chunk_size)
+    nll, hits = _head_ce(model, params, hn, targets, mask, chunk_size)
     return nll, hits, jnp.sum(mask)
 
   if n == 1:   # the lean one-head path: no scan, nothing recomputed, so n=1 costs what a plain LM does
-    nll, hits, counts = (x[None] for x in head_ce(0, run_head(0, z)))
+    nll, hits, counts = (x[None] for x in head_ce(0, _final_norm(model, params, run_head(0, z))))
     return _finish(nll, hits, counts, weights)
 
-  # Only the head layer is checkpointed: the fused cross-entropy saves no logits of its own, and
-  # keeping it outside the checkpoint stops the forward's logits living beside the recomputation.
-  layer = jax.checkpoint(lambda prev, i: jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev))
+  @jax.checkpoint  # head layer + shared norm: only its inputs and the normed output are kept per head
+  def layer(prev, i):
+    h = jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev)
+    return h, _final_norm(model, params, h)
 
   def body(prev, i):
-    h = layer(prev, i)
-    return (h if causal else prev), head_ce(i, h)
+    # The fused cross-entropy sits outside the checkpoint: it saves no logits of its own, and
+    # recomputing it would redo the unembedding and let the forward's logits live beside the rerun.
+    h, hn = layer(prev, i)
+    return (h if causal else prev), head_ce(i, hn)
 
   init = z if causal else None   # parallel and linear heads need no carry: don't save one
   _, (nll, hits, counts) = jax.lax.scan(body, init, jnp.arange(n))
