@@ -5,7 +5,7 @@
 Causal self-attention with grouped-query heads (8 query heads, 4 key/value heads, head size 64,
 batch 1), for every implementation the backend has (mtp_jax/attention.py), at several lengths;
 jit(grad(sum(attention * cotangent))), median of interleaved calls. On CPU this chose the
-threshold at which `auto` switches from xla to blockwise (attention.CPU_BLOCKWISE_MIN_SCORES).
+threshold at which `auto` switches from xla to blockwise (attention.CPU_BLOCKWISE_MIN_QUERIES).
 Writes experiments/results/<out_name>.md and .json.
 """
 import os

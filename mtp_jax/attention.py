@@ -28,9 +28,10 @@ IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
 # Implementations each backend has; "auto" resolves within these (see `resolve`).
 BACKEND_IMPLS = {"cpu": ("xla", "blockwise"), "gpu": ("xla", "blockwise", "cudnn"),
                  "tpu": ("xla", "blockwise", "splash")}
-# On CPU the einsum is faster while the scores are small; blockwise above this many score entries
-# per (batch row, head). Measured by experiments/attention_speed.py (results/attention_speed.md).
-CPU_BLOCKWISE_MIN_SCORES = 1024 * 1024
+# On CPU, blockwise from this many queries up: it was faster than the einsum at every length
+# measured from 256 on (experiments/attention_speed.py, results/attention_speed.md; it skips the
+# blocks above the diagonal). Decode steps and short prompts keep the single-einsum path.
+CPU_BLOCKWISE_MIN_QUERIES = 256
 BLOCK = 512          # query and key block of the blockwise implementation
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -57,7 +58,7 @@ def resolve(impl: str, t: int, s: int, dtype, backend: str | None = None) -> str
     return "splash"
   if backend == "gpu":
     return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "blockwise"
-  return "blockwise" if t * s >= CPU_BLOCKWISE_MIN_SCORES else "xla"
+  return "blockwise" if t >= CPU_BLOCKWISE_MIN_QUERIES else "xla"
 
 
 def attend(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, impl="auto", self_attention=True):

@@ -88,8 +88,9 @@ def test_model_loss_and_grads_match_xla(make_config, monkeypatch, impl, head_typ
 
 
 def test_auto_picks_by_backend_and_size():
-  assert attention.resolve("auto", 256, 256, jnp.float32, "cpu") == "xla"
-  assert attention.resolve("auto", 4096, 4096, jnp.float32, "cpu") == "blockwise"
+  assert attention.resolve("auto", 128, 128, jnp.float32, "cpu") == "xla"
+  assert attention.resolve("auto", 4, 4096, jnp.float32, "cpu") == "xla"          # a decode step
+  assert attention.resolve("auto", 256, 256, jnp.float32, "cpu") == "blockwise"
   assert attention.resolve("auto", 256, 256, jnp.bfloat16, "gpu") == "cudnn"
   assert attention.resolve("auto", 256, 256, jnp.float32, "gpu") == "blockwise"
   assert attention.resolve("auto", 256, 256, jnp.bfloat16, "tpu") == "splash"
