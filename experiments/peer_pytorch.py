@@ -112,6 +112,7 @@ def our_config(n: int):
 def our_side(tokens, steps: int):
   """{n: (step_s, forward_s)} for n = 1 and 4, interleaved; and the n=1 params and first loss."""
   import jax.numpy as jnp
+  import numpy as np
   from mtp_jax.loss import make_loss_fn
   from mtp_jax.model import build_model, init_params
   from mtp_jax.step import init_train_state, make_optimizer, make_train_step
@@ -121,7 +122,8 @@ def our_side(tokens, steps: int):
     model, tx = build_model(c.model), make_optimizer(c.train)
     params = init_params(model, jax.random.key(0))
     loss_fn = jax.jit(make_loss_fn(model, c))
-    first[n] = (params, float(loss_fn(params, {"tokens": jnp.asarray(tokens[:, :SEQ + 1])})[0]))
+    # A host copy: the train step below donates (deletes) the device parameters.
+    first[n] = (jax.tree.map(np.asarray, params), float(loss_fn(params, {"tokens": jnp.asarray(tokens[:, :SEQ + 1])})[0]))
     step = jax.jit(make_train_step(model, c, tx), donate_argnums=0)
     batch = {"tokens": jnp.asarray(tokens[:, :SEQ + n])}
     state = init_train_state(params, tx)
