@@ -16,7 +16,9 @@ faster self-speculative decoding (experiments/results/speculative.md and specula
 
 Variants: `configs/default.py:n1` is the same model with one head (the next-token baseline);
 `configs/default.py:sp` the sentencepiece model this recipe replaced (2,048 pieces, 256 wide,
-2 trunk layers + 4 parallel transformer heads, 1,100 steps).
+2 trunk layers + 4 parallel transformer heads, 1,100 steps). `:accel` and `:sp_accel` are the
+recipes for a GPU or TPU: bfloat16 compute with float32 parameters, AdamW state and loss, and the
+backend's fused attention (`model.attention=auto`: cuDNN on GPU, splash on TPU).
 """
 from mtp_jax.config import base_config
 
@@ -41,6 +43,9 @@ def get_config(arg=None):
   c.train.eval_every = 1000
   c.train.eval_batches = 16
   c.train.checkpoint_every = 500
+  if arg and arg.endswith("accel"):   # accelerators: bf16 matmuls; params, optimizer and loss stay f32
+    c.model.update(dtype="bfloat16", param_dtype="float32", attention="auto")
+    arg = arg[:-len("accel")].rstrip("_")
   if arg == "n1":
     c.model.n_future = 1
   elif arg == "sp":
@@ -50,5 +55,5 @@ def get_config(arg=None):
     c.model.head_type = "parallel"
     c.train.steps = 1100
   elif arg:
-    raise ValueError(f"configs/default.py: unknown variant {arg!r}; known: n1, sp")
+    raise ValueError(f"configs/default.py: unknown variant {arg!r}; known: n1, sp, accel, sp_accel")
   return c

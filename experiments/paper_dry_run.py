@@ -1,12 +1,15 @@
 """Size the paper's 7B models on device meshes before paying for them: `--dry_run` on simulated devices.
 
-    python experiments/paper_dry_run.py          # ~2 min on 2 CPU cores
+    python experiments/paper_dry_run.py          # ~1 h on 2 shared CPU cores
+    python experiments/paper_dry_run.py --out_name=paper_dry_run_rows n4:8:1:8:1 bytes_n8:8:1:8:1   # chosen rows
 
 Each row is one `python -m mtp_jax.main --config=configs/paper_7b.py:VARIANT --dry_run` in its own
 process with XLA_FLAGS=--xla_force_host_platform_device_count=N (the device count is fixed per
 process), one sequence per data-parallel rank. Figures are per device, as XLA plans them for the
-sharded train step (bf16 compute, f32 parameters and AdamW state, full rematerialisation).
-Writes experiments/results/paper_dry_run.md and .json.
+sharded train step (bf16 compute, f32 parameters and AdamW state, full rematerialisation), with
+the config's `model.attention=auto`, which on these CPU devices at 4,096-8,192 positions is the
+blockwise (flash-style) attention of mtp_jax/attention.py.
+Writes experiments/results/<out_name>.md and .json.
 """
 import json
 import os
@@ -41,8 +44,13 @@ def dry_run(variant, devices, data, fsdp, tensor) -> dict:
 
 
 def main():
+  # Optional: --out_name=STEM and rows as VARIANT:DEVICES:DATA:FSDP:TENSOR (default: every row of RUNS).
+  args = sys.argv[1:]
+  out_name = next((a.split("=", 1)[1] for a in args if a.startswith("--out_name=")), "paper_dry_run")
+  picked = [a for a in args if not a.startswith("--")]
+  runs = [(v, *map(int, rest)) for v, *rest in (a.split(":") for a in picked)] if picked else RUNS
   rows = []
-  for run in RUNS:
+  for run in runs:
     rows.append(dry_run(*run))
     r = rows[-1]
     print(f"{r['variant']:<9} {r['mesh']}  params {r['params_total'] / 1e9:.2f}B  "
@@ -59,8 +67,8 @@ def main():
                  f"{r['peak_bytes_estimate'] / GIB:.1f} | {'yes' if r['peak_bytes_estimate'] < 80e9 else 'no'} |")
   lines += ["", "Each row's command (with XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES):", ""]
   lines += [f"- `XLA_FLAGS=--xla_force_host_platform_device_count={r['n_devices']} python {r['command']}`" for r in rows]
-  lines += ["", "Regenerate the table: `python experiments/paper_dry_run.py`"]
-  write_results("paper_dry_run", rows, lines)
+  lines += ["", "Regenerate the table: `python " + " ".join(["experiments/paper_dry_run.py"] + args) + "`"]
+  write_results(out_name, rows, lines)
 
 
 if __name__ == "__main__":

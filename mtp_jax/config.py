@@ -16,6 +16,7 @@ HEAD_TYPES = ("parallel", "causal", "linear", "sequential")
 LOSS_IMPLS = ("scan", "naive")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")   # mtp_jax/attention.py
 
 
 from mtp_jax.errors import UserError
@@ -49,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   # RoPE frequency scaling: type none | llama3 (Llama 3.1+, the same formula as transformers)
   m.rope_scaling = ml_collections.ConfigDict(dict(
       type="none", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=8192))
+  m.attention = "auto"         # auto | xla | blockwise | cudnn (GPU) | splash (TPU); see attention.py
 
   c.loss = l = ml_collections.ConfigDict()
   l.impl = "scan"              # scan (one head's logits alive at a time) | naive (reference)
@@ -272,9 +274,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   rs = m.rope_scaling
   need(rs.type in ("none", "llama3"), f"model.rope_scaling.type={rs.type!r}: choose none or llama3")
   if rs.type == "llama3":
-    need(rs.factor > 0 and rs.original_max_len > 0 and rs.high_freq_factor > rs.low_freq_factor > 0,
-         "model.rope_scaling: need factor > 0, original_max_len > 0 and high_freq_factor > low_freq_factor > 0")
+    for k in ("factor", "low_freq_factor", "original_max_len"):
+      need(_finite(rs[k]) and rs[k] > 0, f"model.rope_scaling.{k}={rs[k]}: must be > 0 (llama3 scaling)")
+    need(_finite(rs.high_freq_factor) and rs.high_freq_factor > rs.low_freq_factor,
+         f"model.rope_scaling.high_freq_factor={rs.high_freq_factor}: must exceed low_freq_factor="
+         f"{rs.low_freq_factor} (llama3 scaling)")
   need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+  need(m.attention in ATTENTION_IMPLS,
+       f"model.attention={m.attention!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
   need(l.impl in LOSS_IMPLS, f"loss.impl={l.impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
   need(l.chunk_size >= 0, f"loss.chunk_size={l.chunk_size}: must be >= 0 (0 = no chunking)")
   need(d.seq_len >= 1, f"data.seq_len={d.seq_len}: must be positive")

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtp_jax import attention
+
 Array = jax.Array
 # A layer's KV cache: (keys, values), each [batch, n_kv_heads, max_len, head_dim]. The trunk's and
 # the heads' caches are each stacked on a leading layer axis. `cache_index` [batch] says where each row writes next.
@@ -57,10 +59,13 @@ class ModelArgs:
   remat: str
   # Llama 3.x frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_len), or None.
   rope_scaling: Optional[tuple] = None
+  attention: str = "auto"      # attention.py: auto | xla | blockwise | cudnn | splash
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelArgs":
-    kw = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls) if f.name != "rope_scaling"}
+    # A field with a default may be missing from an older run's config.json.
+    kw = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)
+          if f.name != "rope_scaling" and (f.name in model_cfg or f.default is dataclasses.MISSING)}
     kw["dtype"], kw["param_dtype"] = _DTYPES[kw["dtype"]], _DTYPES[kw["param_dtype"]]
     rs = model_cfg.get("rope_scaling")   # absent in configs written before the field existed
     if rs and rs["type"] == "llama3":
@@ -185,19 +190,14 @@ class Attention(nn.Module):
     if cache is None or prefill:
       # Keys are this block, documents kept apart: training, and a prefill (the cache held nothing
       # before the prompt, so attending to its max_len slots would only add masked-out work).
-      k_pos = positions
-      mask = (k_pos[:, None, :] <= positions[:, :, None]) & (segment_ids[:, None, :] == segment_ids[:, :, None])
+      k_pos, segments = positions, (segment_ids, segment_ids)
     else:                  # a decode step: attend to every cached slot up to our position
       k, v = new_cache[0].astype(a.dtype), new_cache[1].astype(a.dtype)
-      k_pos = jnp.arange(k.shape[2])[None, :]
-      mask = k_pos[:, None, :] <= positions[:, :, None]              # stale slots lie past every query
+      k_pos = jnp.broadcast_to(jnp.arange(k.shape[2]), (b, k.shape[2]))   # stale slots lie past every query
+      segments = (None, None)
 
-    groups = a.n_heads // a.n_kv_heads
-    q = q.reshape(b, t, a.n_kv_heads, groups, a.head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(a.head_dim).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(a.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, a.n_heads, a.head_dim)
+    out = attention.attend(q, k, v, positions, k_pos, *segments, impl=a.attention,
+                           self_attention=cache is None or prefill)
     out = _dense(a.d_model, ("heads", "kv", "embed"), a, "o", n_in=2)(out)
     return out, new_cache
 
@@ -404,7 +404,10 @@ def init_cache(args: ModelArgs, batch: int, max_len: int, n_heads: Optional[int]
 
 
 def build_model(model_cfg) -> MTPTransformer:
-  return MTPTransformer(ModelArgs.from_config(model_cfg))
+  """The model of `config.model`; refuses an attention implementation this backend lacks, before any compile."""
+  args = ModelArgs.from_config(model_cfg)
+  attention.check_available(args.attention)
+  return MTPTransformer(args)
 
 
 def init_params(model: MTPTransformer, rng, seq_len: int = 8):

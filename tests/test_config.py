@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"n_future": 5, "n_layers": 4}, "parity"),
     ({"head_type": "tree"}, "head_type"),
     ({"remat": "some"}, "remat"),
+    ({"attention": "flash"}, "model.attention"),
 ])
 def test_bad_model_fields(make_config, change, words):
   with pytest.raises(ConfigError, match=words):
@@ -56,6 +57,7 @@ def _main(*flags):
     (["--config.train.steps=many"], "steps"),
     (["--config.mesh.data=2"], "needs 2 devices but 1"),           # mesh vs device count, before compile
     (["--config.mesh.data=-1", "--config.mesh.fsdp=3"], "do not divide"),
+    (["--config.model.attention=splash"], "not available on backend 'cpu'; it has: auto, xla, blockwise"),
 ])
 def test_cli_rejects_bad_config_in_one_line(tmp_path, flags, words):
   r = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--dry_run", *flags)

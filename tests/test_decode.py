@@ -24,11 +24,11 @@ MIXED = [[3, 17, 5], [9, 2, 30, 41, 7, 7, 12, 40, 1], [22]]   # right-padded int
 
 
 @functools.lru_cache(maxsize=None)
-def tiny(n=4, head_type="parallel", vocab=48, shared=False, seed=0):
+def tiny(n=4, head_type="parallel", vocab=48, shared=False, seed=0, attention="auto"):
   """(model, params) of a random tiny model; shared=True copies head 0 into every head, so drafts are often right."""
-  c = tiny_config(vocab_size=vocab, n_future=n, head_type=head_type, n_layers=n + 1)
+  c = tiny_config(vocab_size=vocab, n_future=n, head_type=head_type, n_layers=n + 1, attention=attention)
   if shared:
-    model, params = tiny(n, head_type, vocab, False, seed)
+    model, params = tiny(n, head_type, vocab, False, seed, attention)
     return model, {**params, **{f"heads_{i}": params["heads_0"] for i in range(1, n)}}
   model = build_model(c.model)
   return model, _random_params(model, seed)
@@ -144,6 +144,21 @@ def test_speculative_equals_greedy(n, head_type):
       first = g.tokens[0].tolist().index(eos)
       assert g2.tokens[0].tolist() == g.tokens[0, :first + 1].tolist() + [decode.PAD] * (23 - first)
   assert accepted[True] > 0, "copied heads should get some drafts accepted, or the accept path is untested"
+
+
+@pytest.mark.parametrize("attention", ["xla", "blockwise"])
+def test_speculative_equals_greedy_with_each_attention(monkeypatch, attention):
+  """Every CPU attention implementation in the prefill and the cached verify steps: blocks of 8, so the
+  16-token prefill and the decode steps over the 56-slot cache really run several blocks."""
+  from mtp_jax import attention as attention_lib
+  monkeypatch.setattr(attention_lib, "BLOCK", 8)
+  model, params = tiny(n=3, shared=True, attention=attention)
+  g = run(model, params, MIXED, "greedy")
+  s = run(model, params, MIXED, "speculative")
+  _check_same(g, s, 24)
+  ref = run(*tiny(n=3, shared=True, attention="xla"), MIXED, "greedy")
+  np.testing.assert_array_equal(g.tokens, ref.tokens)
+  assert s.accepted.sum() > 0
 
 
 def test_max_new_tokens_is_exact():

@@ -1,0 +1,72 @@
+"""Attention implementations side by side: forward + backward time and XLA's planned temporaries.
+
+    python experiments/attention_speed.py          # CPU: ~3 min on 2 cores
+
+Causal self-attention with grouped-query heads (8 query heads, 4 key/value heads, head size 64,
+batch 1), for every implementation the backend has (mtp_jax/attention.py), at several lengths;
+jit(grad(sum(attention * cotangent))), median of interleaved calls. On CPU this chose the
+threshold at which `auto` switches from xla to blockwise (attention.CPU_BLOCKWISE_MIN_QUERIES).
+Writes experiments/results/<out_name>.md and .json.
+"""
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from results_io import write_results  # noqa: E402
+from mtp_jax import attention  # noqa: E402
+
+_LENGTHS = flags.DEFINE_list("lengths", ["256", "1024", "2048", "4096"], "Sequence lengths.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per implementation and length.")
+_DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype (default: bfloat16 on accelerators, float32 on CPU).")
+_OUT = flags.DEFINE_string("out_name", "attention_speed", "Results file stem under experiments/results/.")
+
+
+def main(_):
+  backend = jax.default_backend()
+  device = f"{jax.devices()[0].device_kind} ({backend})"
+  dtype = jnp.dtype(_DTYPE.value or ("float32" if backend == "cpu" else "bfloat16"))
+  impls = attention.BACKEND_IMPLS.get(backend, ("xla", "blockwise"))
+  rows = []
+  for t in map(int, _LENGTHS.value):
+    ks = jax.random.split(jax.random.key(t), 4)
+    q = jax.random.normal(ks[0], (1, t, 8, 64), dtype)
+    k, v = (jax.random.normal(x, (1, 4, t, 64), dtype) for x in ks[1:3])
+    ct = jax.random.normal(ks[3], (1, t, 8, 64), dtype)
+    pos = jnp.broadcast_to(jnp.arange(t), (1, t))
+    seg = jnp.ones((1, t), jnp.int32)
+    fns = {}
+    for impl in impls:
+      loss = lambda q, k, v, impl=impl: jnp.sum(
+          attention.attend(q, k, v, pos, pos, seg, seg, impl=impl).astype(jnp.float32) * ct)
+      fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      temp = fn.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+      jax.block_until_ready(fn(q, k, v))
+      fns[impl] = (fn, temp, [])
+    for _ in range(_REPEATS.value):
+      for impl, (fn, _, times) in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(q, k, v))
+        times.append(time.perf_counter() - t0)
+    for impl, (fn, temp, times) in fns.items():
+      rows.append({"seq_len": t, "impl": impl, "seconds": statistics.median(times), "temp_bytes": int(temp),
+                   "auto_picks": attention.resolve("auto", t, t, dtype, backend)})
+      print(f"T={t:<5} {impl:<9} {rows[-1]['seconds'] * 1e3:8.1f} ms  temp {temp / 2**20:8.1f} MiB", flush=True)
+  lines = [f"Causal GQA self-attention (batch 1, 8 query / 4 key-value heads, head size 64, {dtype.name}), "
+           f"forward + backward, {device}; median of {_REPEATS.value} interleaved calls.", "",
+           "| T | impl | ms | temp MiB | auto picks |", "|---:|---|---:|---:|---|"]
+  lines += [f"| {r['seq_len']} | {r['impl']} | {r['seconds'] * 1e3:.1f} | {r['temp_bytes'] / 2**20:.1f} | "
+            f"{r['auto_picks']} |" for r in rows]
+  lines += ["", f"Command: `python experiments/attention_speed.py --out_name={_OUT.value}`"]
+  write_results(_OUT.value, {"device": device, "dtype": dtype.name, "rows": rows}, lines)
+
+
+if __name__ == "__main__":
+  app.run(main)

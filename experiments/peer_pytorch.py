@@ -1,0 +1,200 @@
+"""Our train step against PyTorch + Hugging Face transformers on the same tiny Llama, weights copied across.
+
+    python experiments/peer_pytorch.py                       # ~5 min on 2 CPU cores
+    python experiments/peer_pytorch.py --torch_python=/path/to/venv/bin/python
+
+The model: vocab 512, d_model 128, 4 layers, 4 query / 2 key-value heads, SwiGLU 352, batch 8 x 256.
+Ours is the n=1 model under parity (a 3-layer trunk + one head layer = 4 Llama layers) and, for the
+MTP overhead, the n=4 model of the same depth. The peer is `LlamaForCausalLM` with `torch.optim.AdamW`
+(same betas, weight decay and gradient clipping) on 2 threads, run as a subprocess of the torch
+interpreter (torch is no requirement of this project). Both start from the same weights (our pytree
+mapped one to one onto the Hugging Face names, kernels transposed), and the first step's loss is
+checked to agree. Reported: median seconds per train step and per forward (loss only), each side's
+best of two bouts; ratios ours / peer.
+Writes experiments/results/<out_name>.md and .json.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352)
+BATCH, SEQ, LR = 8, 256, 1e-3
+
+
+# ----------------------------------------------------------------------------- the torch side
+
+def torch_side(weights_path: str, tokens_path: str, steps: int) -> dict:
+  import numpy as np
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+  torch.set_num_threads(2)
+  cfg = LlamaConfig(vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["d_model"], num_hidden_layers=SHAPE["n_layers"],
+                    num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_kv_heads"],
+                    intermediate_size=SHAPE["d_ff"], rms_norm_eps=1e-5, rope_theta=10000.0,
+                    max_position_embeddings=2048, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+  model = LlamaForCausalLM(cfg)
+  w = np.load(weights_path)
+  missing, unexpected = model.load_state_dict({k: torch.from_numpy(w[k]) for k in w.files}, strict=False)
+  missing = [k for k in missing if "rotary" not in k]
+  assert not missing and not unexpected, (missing, unexpected)
+  tokens = torch.from_numpy(np.load(tokens_path)).long()
+  decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+  no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=LR, betas=(0.9, 0.95))
+
+  def step():
+    out = model(input_ids=tokens, labels=tokens)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(out.loss)
+
+  with torch.no_grad():
+    first_loss = float(model(input_ids=tokens, labels=tokens).loss)
+  step()                                    # warm-up
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  fwd = []
+  with torch.no_grad():
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      model(input_ids=tokens, labels=tokens)
+      fwd.append(time.perf_counter() - t0)
+  return {"first_loss": first_loss, "step_s": statistics.median(times), "forward_s": statistics.median(fwd),
+          "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- our side
+
+def hf_weights(params, n_kv: int):
+  """Our n=1 pytree -> Hugging Face Llama state dict (numpy), every leaf mapped by name."""
+  import numpy as np
+  p = jax.tree.map(np.asarray, params)
+  layers = [jax.tree.map(lambda x, i=i: x[i], p["trunk"]["layer"]) for i in range(p["trunk"]["layer"]["attn"]["q"]["kernel"].shape[0])]
+  layers.append(p["heads_0"])               # head 1 is the last layer
+  out = {"model.embed_tokens.weight": p["embed"]["embedding"], "model.norm.weight": p["final_norm"]["scale"],
+         "lm_head.weight": p["unembed"]["kernel"].T}
+  for i, l in enumerate(layers):
+    d = l["attn"]["q"]["kernel"].shape[0]
+    pre = f"model.layers.{i}."
+    out[pre + "self_attn.q_proj.weight"] = l["attn"]["q"]["kernel"].reshape(d, -1).T
+    out[pre + "self_attn.k_proj.weight"] = l["attn"]["k"]["kernel"].reshape(d, -1).T
+    out[pre + "self_attn.v_proj.weight"] = l["attn"]["v"]["kernel"].reshape(d, -1).T
+    out[pre + "self_attn.o_proj.weight"] = l["attn"]["o"]["kernel"].reshape(-1, d).T
+    out[pre + "input_layernorm.weight"] = l["attn_norm"]["scale"]
+    out[pre + "post_attention_layernorm.weight"] = l["mlp_norm"]["scale"]
+    out[pre + "mlp.gate_proj.weight"] = l["gate"]["kernel"].T
+    out[pre + "mlp.up_proj.weight"] = l["up"]["kernel"].T
+    out[pre + "mlp.down_proj.weight"] = l["down"]["kernel"].T
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def our_config(n: int):
+  from mtp_jax.config import base_config
+  c = base_config()
+  c.model.update(**SHAPE, n_future=n, parity=True, head_type="parallel", max_seq_len=2048)
+  c.data.seq_len = SEQ
+  c.train.update(batch_size=BATCH, learning_rate=LR, warmup_steps=0, weight_decay=0.1)
+  c.mesh.data = 1
+  return c
+
+
+def our_side(tokens, steps: int):
+  """{n: (step_s, forward_s)} for n = 1 and 4, interleaved; and the n=1 params and first loss."""
+  import jax.numpy as jnp
+  import numpy as np
+  from mtp_jax.loss import make_loss_fn
+  from mtp_jax.model import build_model, init_params
+  from mtp_jax.step import init_train_state, make_optimizer, make_train_step
+  runs, first = {}, {}
+  for n in (1, 4):
+    c = our_config(n)
+    model, tx = build_model(c.model), make_optimizer(c.train)
+    params = init_params(model, jax.random.key(0))
+    loss_fn = jax.jit(make_loss_fn(model, c))
+    # A host copy: the train step below donates (deletes) the device parameters.
+    first[n] = (jax.tree.map(np.asarray, params), float(loss_fn(params, {"tokens": jnp.asarray(tokens[:, :SEQ + 1])})[0]))
+    step = jax.jit(make_train_step(model, c, tx), donate_argnums=0)
+    batch = {"tokens": jnp.asarray(tokens[:, :SEQ + n])}
+    state = init_train_state(params, tx)
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    jax.block_until_ready(loss_fn(state.params, batch))
+    runs[n] = [step, state, batch, loss_fn, [], []]
+  for _ in range(steps):
+    for n in (1, 4):
+      step, state, batch, loss_fn, times, fwd = runs[n]
+      t0 = time.perf_counter()
+      state, m = step(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      jax.block_until_ready(loss_fn(state.params, batch))
+      fwd.append(time.perf_counter() - t0)
+      runs[n][1] = state
+  return {n: (statistics.median(r[4]), statistics.median(r[5])) for n, r in runs.items()}, first
+
+
+def main():
+  from absl import flags
+  flags.DEFINE_string("torch_python", "/work/torchvenv/bin/python", "Interpreter with torch + transformers.")
+  flags.DEFINE_integer("steps", 10, "Timed steps per bout (after one warm-up).")
+  flags.DEFINE_string("out_name", "peer_pytorch", "Results file stem under experiments/results/.")
+  flags.FLAGS(sys.argv)
+  f = flags.FLAGS
+  import numpy as np
+  from results_io import write_results
+  tokens = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (BATCH, SEQ + 4)).astype(np.int32)
+  tmp = tempfile.mkdtemp(prefix="peer_pytorch_")
+  ours, first = [], None
+  peers = []
+  for bout in range(2):                     # ours, torch, ours, torch: drift on a shared machine hits both
+    o, first = our_side(tokens, f.steps)
+    ours.append(o)
+    if bout == 0:
+      np.savez(os.path.join(tmp, "w.npz"), **hf_weights(first[1][0], SHAPE["n_kv_heads"]))
+      np.save(os.path.join(tmp, "tokens.npy"), tokens[:, :SEQ + 1])
+    r = subprocess.run([f.torch_python, os.path.abspath(__file__), "--torch_side", os.path.join(tmp, "w.npz"),
+                        os.path.join(tmp, "tokens.npy"), str(f.steps)], capture_output=True, text=True, check=True)
+    peers.append(json.loads(r.stdout.strip().splitlines()[-1]))
+  best = lambda xs, key: min(x[key] for x in xs)
+  peer = {"step_s": best(peers, "step_s"), "forward_s": best(peers, "forward_s"), "first_loss": peers[0]["first_loss"]}
+  our = {n: {"step_s": min(o[n][0] for o in ours), "forward_s": min(o[n][1] for o in ours)} for n in (1, 4)}
+  result = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})", "shape": SHAPE, "batch": BATCH,
+            "seq_len": SEQ, "ours": our, "peer": peer, "peer_versions": {"torch": peers[0]["torch"]},
+            "first_loss": {"ours_n1": first[1][1], "peer": peer["first_loss"]},
+            "ratio_step_ours_n1_over_peer": our[1]["step_s"] / peer["step_s"],
+            "ratio_forward_ours_n1_over_peer": our[1]["forward_s"] / peer["forward_s"],
+            "ratio_step_ours_n4_over_n1": our[4]["step_s"] / our[1]["step_s"]}
+  lines = [f"Train step, tiny Llama (vocab 512, d 128, 4 layers, GQA 4/2, SwiGLU 352), batch {BATCH} x {SEQ}, "
+           f"{result['device']}, same initial weights (first loss: ours {first[1][1]:.4f}, "
+           f"Hugging Face {peer['first_loss']:.4f}). Best of two bouts of {f.steps}-step medians.", "",
+           "| side | s/step | s/forward |", "|---|---:|---:|",
+           f"| ours n=1 (parity) | {our[1]['step_s']:.4f} | {our[1]['forward_s']:.4f} |",
+           f"| ours n=4 (parity) | {our[4]['step_s']:.4f} | {our[4]['forward_s']:.4f} |",
+           f"| PyTorch {peers[0]['torch']} + transformers LlamaForCausalLM, AdamW, 2 threads | "
+           f"{peer['step_s']:.4f} | {peer['forward_s']:.4f} |", "",
+           f"- ours n=1 / PyTorch, train step: {result['ratio_step_ours_n1_over_peer']:.2f}x "
+           f"(forward only: {result['ratio_forward_ours_n1_over_peer']:.2f}x)",
+           f"- ours n=4 / ours n=1, train step: {result['ratio_step_ours_n4_over_n1']:.2f}x", "",
+           f"Command: `python experiments/peer_pytorch.py --out_name={f.out_name}`"]
+  write_results(f.out_name, result, lines)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) > 1 and sys.argv[1] == "--torch_side":
+    print(json.dumps(torch_side(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+  else:
+    sys.path.insert(0, ROOT)
+    import jax  # noqa: E402
+    main()

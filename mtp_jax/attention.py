@@ -1,0 +1,266 @@
+"""Scaled dot-product attention behind one function, `attend`, with one implementation per backend.
+
+    xla        the plain einsum: the T x S scores of every head are materialised (the reference)
+    blockwise  flash-style attention in pure JAX: queries and keys in blocks, an online softmax, and
+               a custom VJP that recomputes each block's scores in the backward pass, saving only
+               the output and the log-sum-exp; O(T) memory, every backend; in self-attention
+               the blocks above the causal diagonal are skipped
+    cudnn      `jax.nn.dot_product_attention(implementation="cudnn")`, GPU, bfloat16/float16
+    splash     the TPU Pallas splash-attention kernel (training and prefill; a decode step over the
+               cache, whose mask depends on each row's position, runs blockwise)
+    auto       the best one the backend has (`resolve`)
+
+Masking is by positions and segment ids: key s is visible to query t iff k_pos[s] <= q_pos[t] and
+(when segments are given) k_seg[s] == q_seg[t]. `self_attention=True` says the keys are the
+queries' own block with positions 0..T-1 (training and a prefill), which the fused kernels need
+to use their causal masks; a decode step over the cache passes False.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.errors import UserError
+
+IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
+# Implementations each backend has; "auto" resolves within these (see `resolve`).
+BACKEND_IMPLS = {"cpu": ("xla", "blockwise"), "gpu": ("xla", "blockwise", "cudnn"),
+                 "tpu": ("xla", "blockwise", "splash")}
+# On CPU, blockwise from this many queries up: it was faster than the einsum at every length
+# measured from 256 on (experiments/attention_speed.py, results/attention_speed.md; it skips the
+# blocks above the diagonal). Decode steps and short prompts keep the single-einsum path.
+CPU_BLOCKWISE_MIN_QUERIES = 256
+BLOCK = 512          # query and key block of the blockwise implementation
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+class AttentionError(UserError):
+  """An attention implementation that this backend does not have."""
+
+
+def check_available(impl: str, backend: str | None = None) -> None:
+  """Raise AttentionError naming the implementations the backend has, unless `impl` is one (or auto)."""
+  backend = backend or jax.default_backend()
+  have = BACKEND_IMPLS.get(backend, ("xla", "blockwise"))
+  if impl != "auto" and impl not in have:
+    raise AttentionError(f"model.attention={impl!r} is not available on backend {backend!r}; "
+                         f"it has: auto, {', '.join(have)}")
+
+
+def resolve(impl: str, t: int, s: int, dtype, backend: str | None = None) -> str:
+  """The implementation `auto` stands for on this backend, at T queries x S keys in `dtype`."""
+  if impl != "auto":
+    return impl
+  backend = backend or jax.default_backend()
+  if backend == "tpu":
+    return "splash"
+  if backend == "gpu":
+    return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "blockwise"
+  return "blockwise" if t >= CPU_BLOCKWISE_MIN_QUERIES else "xla"
+
+
+def attend(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, impl="auto", self_attention=True):
+  """q [B, T, H, D]; k, v [B, KV, S, D] (KV divides H: grouped-query); positions / segments [B, T] and
+  [B, S] (segments None: not compared). Returns [B, T, H, D] in q's dtype."""
+  impl = resolve(impl, q.shape[1], k.shape[2], q.dtype)
+  if impl == "splash" and not self_attention:
+    impl = "blockwise"   # splash's masks are static; a decode step's depends on each row's position
+  return _IMPLS[impl](q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention)
+
+
+def _mask(q_pos, k_pos, q_seg, k_seg):
+  """[B, T, S] boolean: which keys each query sees."""
+  m = k_pos[:, None, :] <= q_pos[:, :, None]
+  if q_seg is not None:
+    m &= k_seg[:, None, :] == q_seg[:, :, None]
+  return m
+
+
+def _grouped(q, n_kv):
+  b, t, h, d = q.shape
+  return q.reshape(b, t, n_kv, h // n_kv, d)
+
+
+# ----------------------------------------------------------------------------- xla (the reference)
+
+def _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention):
+  b, t, h, d = q.shape
+  qg = _grouped(q, k.shape[1])
+  mask = _mask(q_pos, k_pos, q_seg, k_seg)
+  scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+# ----------------------------------------------------------------------------- blockwise
+
+def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, block=None):
+  b, t, h, d = q.shape
+  block = block or BLOCK
+  n_kv, s = k.shape[1], k.shape[2]
+  if q_seg is None:   # one segment: the comparison is then always true
+    q_seg, k_seg = jnp.zeros_like(q_pos), jnp.zeros_like(k_pos)
+  bq, bk = min(block, t), min(block, s)
+  pt, ps = -t % bq, -s % bk
+  # Padded queries see nothing (position -1); padded keys are seen by nobody (position int max).
+  pad = lambda x, n, val, axis: x if not n else jnp.pad(
+      x, [(0, n if i == axis else 0) for i in range(x.ndim)], constant_values=val)
+  qg = pad(_grouped(q * (d ** -0.5), n_kv), pt, 0, 1)
+  q_pos, q_seg = pad(q_pos, pt, -1, 1), pad(q_seg, pt, 0, 1)
+  k, v = pad(k, ps, 0, 2), pad(v, ps, 0, 2)
+  k_pos, k_seg = pad(k_pos, ps, jnp.iinfo(jnp.int32).max, 1), pad(k_seg, ps, 0, 1)
+  # Blocks on a leading axis: queries [nq, B, KV, G, bq, D], keys [nk, B, KV, bk, D].
+  nq, nk = (t + pt) // bq, (s + ps) // bk
+  qb = jnp.moveaxis(qg.reshape(b, nq, bq, n_kv, h // n_kv, d), (1, 2), (0, 4))
+  kb = jnp.moveaxis(k.reshape(b, n_kv, nk, bk, d), 2, 0)
+  vb = jnp.moveaxis(v.reshape(b, n_kv, nk, bk, d), 2, 0)
+  blocks = lambda x, n: jnp.moveaxis(x.reshape(b, n, -1), 1, 0)
+  out = _flash(qb, kb, vb, blocks(q_pos, nq), blocks(k_pos, nk), blocks(q_seg, nq), blocks(k_seg, nk), self_attention)
+  out = jnp.moveaxis(out, (0, 4), (1, 2)).reshape(b, t + pt, h, d)
+  return out[:, :t]
+
+
+def _block_mask(qp, kp, qs, ks):
+  """[B, 1, 1, bq, bk] for one (query block, key block) pair."""
+  return ((kp[:, None, :] <= qp[:, :, None]) & (ks[:, None, :] == qs[:, :, None]))[:, None, None]
+
+
+def _scores(qi, kj):
+  return jnp.einsum("bkgqd,bksd->bkgqs", qi, kj, preferred_element_type=jnp.float32)
+
+
+def _key_blocks(i, bq, bk, nk, causal):
+  """Key blocks [0, hi) that query block i can see: with positions 0..T-1 none past the diagonal."""
+  return jnp.minimum(nk, ((i + 1) * bq + bk - 1) // bk) if causal else nk
+
+
+def _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal):
+  """(out [nq, B, KV, G, bq, D] in q's dtype, lse [nq, B, KV, G, bq] float32).
+
+  The block loops are fori_loops with a traced trip count (the causal diagonal), not lax.cond:
+  a cond in a custom-VJP forward under lax.scan gets linearised by JAX, which stores every block's
+  scores and defeats the point.
+  """
+  nq, nk, bq, bk = qb.shape[0], kb.shape[0], qb.shape[-2], kb.shape[-2]
+
+  def one_query_block(args):
+    qi, qpi, qsi, i = args
+
+    def step(j, carry):
+      m, l, acc = carry
+      kj, vj = kb[j], vb[j]
+      mask = _block_mask(qpi, kp[j], qsi, ks[j])
+      s = jnp.where(mask, _scores(qi, kj), _NEG)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+      return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+    stats = qi.shape[:-1]
+    init = (jnp.full(stats, _NEG, jnp.float32), jnp.zeros(stats, jnp.float32), jnp.zeros(qi.shape, jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, _key_blocks(i, bq, bk, nk, causal), step, init)
+    l = jnp.where(l == 0, 1.0, l)     # a query that sees no key (padding) gets 0, not NaN
+    return (acc / l[..., None]).astype(qi.dtype), m + jnp.log(l)
+
+  return jax.lax.map(one_query_block, (qb, qp, qs, jnp.arange(nq)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(qb, kb, vb, qp, kp, qs, ks, causal):
+  return _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal)[0]
+
+
+def _flash_fwd(qb, kb, vb, qp, kp, qs, ks, causal):
+  out, lse = _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal)
+  return out, (qb, kb, vb, qp, kp, qs, ks, out, lse)
+
+
+def _flash_bwd(causal, res, dout):
+  """FlashAttention-2's backward: per key block, sweep the query blocks that see it, recomputing p from the lse."""
+  qb, kb, vb, qp, kp, qs, ks, out, lse = res
+  nq, bq, bk = qb.shape[0], qb.shape[-2], kb.shape[-2]
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)   # [nq, B, KV, G, bq]
+
+  def one_key_block(dq, key_block):
+    kj, vj, kpj, ksj, j = key_block
+
+    def step(i, carry):
+      dk, dv, dq = carry
+      qi, doi, lsei, di = qb[i], dout[i], lse[i], delta[i]
+      mask = _block_mask(qp[i], kpj, qs[i], ksj)
+      p = jnp.where(mask, jnp.exp(_scores(qi, kj) - lsei[..., None]), 0.0)
+      dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+      ds = (p * (dp - di[..., None])).astype(qi.dtype)
+      dq = dq.at[i].add(jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32))
+      dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qi, preferred_element_type=jnp.float32)
+      return dk, dv, dq
+
+    first = (j * bk) // bq if causal else 0     # query blocks before it lie wholly above the diagonal
+    zeros = jnp.zeros(kj.shape, jnp.float32)
+    dk, dv, dq = jax.lax.fori_loop(first, nq, step, (zeros, zeros, dq))
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(qb.shape, jnp.float32),
+                              (kb, vb, kp, ks, jnp.arange(kb.shape[0])))
+  return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- cudnn (GPU)
+
+def _cudnn(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention):
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise AttentionError(f"model.attention='cudnn' needs model.dtype bfloat16 or float16, not {q.dtype}; "
+                         f"use attention=blockwise (or auto) for float32")
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)      # cuDNN reads [B, S, KV, D]
+  if self_attention:   # the causal mask by index (positions are 0..T-1) and documents kept apart
+    mask = None if q_seg is None else (q_seg[:, :, None] == k_seg[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+  mask = _mask(q_pos, k_pos, q_seg, k_seg)[:, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+
+# ----------------------------------------------------------------------------- splash (TPU)
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(n_heads: int, t: int, s: int, interpret: bool = False):
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  mask = sa.MultiHeadMask([sa.CausalMask((t, s)) for _ in range(n_heads)])
+  bq, bk = min(BLOCK, t), min(BLOCK, s)
+  sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                        block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+  return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, interpret=False):
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  b, t, h, d = q.shape
+  if q_seg is None:
+    q_seg, k_seg = jnp.zeros_like(q_pos), jnp.zeros_like(k_pos)
+
+  def local(q, k, v, q_seg, k_seg):   # one device's rows and heads: the kernel is not partitioned by XLA
+    kernel = _splash_kernel(q.shape[2], t, k.shape[2], interpret)
+    qh = jnp.swapaxes(q * (d ** -0.5), 1, 2).astype(q.dtype)                  # [B, H, T, D]
+    one = lambda qq, kk, vv, a, c: kernel(qq, kk, vv, segment_ids=sa.SegmentIds(a, c))
+    return jnp.swapaxes(jax.vmap(one)(qh, k, v, q_seg, k_seg), 1, 2)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v, q_seg, k_seg)
+  from jax.sharding import PartitionSpec as P
+  from mtp_jax.sharding import BATCH_AXES
+  heads = "tensor" if "tensor" in mesh.axis_names else None
+  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  spec_q, spec_kv, spec_ids = P(batch, None, heads, None), P(batch, heads, None, None), P(batch, None)
+  return jax.shard_map(local, in_specs=(spec_q, spec_kv, spec_kv, spec_ids, spec_ids), out_specs=spec_q,
+                       check_vma=False)(q, k, v, q_seg, k_seg)
+
+
+_IMPLS = {"xla": _xla, "blockwise": _blockwise, "cudnn": _cudnn, "splash": _splash}

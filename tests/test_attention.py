@@ -1,0 +1,112 @@
+"""Attention implementations against the einsum reference: outputs and gradients (float32, tight),
+with packed documents, grouped-query heads, ragged blocks, cached decode steps and prefill; the
+model and its loss with each; and the clear error for an implementation the backend lacks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtp_jax import attention
+from mtp_jax.attention import AttentionError
+from mtp_jax.loss import make_loss_fn
+from mtp_jax.model import build_model, init_params
+
+CPU_IMPLS = ["xla", "blockwise"]
+
+
+def _qkv(b, t, s, h, kv, d, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(ks[0], (b, t, h, d)), jax.random.normal(ks[1], (b, kv, s, d)),
+          jax.random.normal(ks[2], (b, kv, s, d)))
+
+
+def _value_and_grads(fn, q, k, v, *rest):
+  loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, *rest)))   # a non-trivial cotangent
+  return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v), fn(q, k, v, *rest)
+
+
+def _assert_same(fn, ref, *args, atol=2e-5):
+  (l1, g1), o1 = _value_and_grads(fn, *args)
+  (l0, g0), o0 = _value_and_grads(ref, *args)
+  np.testing.assert_allclose(o1, o0, atol=atol)
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  for a, b in zip(g1, g0):
+    np.testing.assert_allclose(a, b, atol=atol)
+
+
+@pytest.mark.parametrize("block", [8, 16, 512])   # many blocks with a ragged last one, and a single block
+def test_blockwise_self_attention_matches_xla(block):
+  """Training / prefill: causal by position, packed documents (and padding segment 0), GQA 4:2."""
+  q, k, v = _qkv(2, 37, 37, 4, 2, 8)
+  pos = jnp.broadcast_to(jnp.arange(37), (2, 37))
+  seg = jnp.array([[1] * 10 + [2] * 20 + [0] * 7, [3] * 37])
+  blockwise = lambda *a: attention._blockwise(*a, True, block=block)
+  xla = lambda *a: attention._xla(*a, True)
+  _assert_same(blockwise, xla, q, k, v, pos, pos, seg, seg)
+
+
+def test_blockwise_decode_step_matches_xla():
+  """A decode step over a cache: 3 queries per row at per-row positions, 40 cached slots, no segments
+  (slots past a row's position hold stale junk and must stay invisible)."""
+  q, k, v = _qkv(2, 3, 40, 4, 1, 8, seed=1)
+  q_pos = jnp.array([[5, 6, 7], [30, 31, 32]])
+  k_pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
+  blockwise = lambda *a: attention._blockwise(*a, False, block=16)
+  xla = lambda *a: attention._xla(*a, False)
+  _assert_same(blockwise, xla, q, k, v, q_pos, k_pos, None, None)
+
+
+def test_splash_kernel_matches_xla_in_interpret_mode():
+  """The TPU splash kernel, run by Pallas's interpreter on CPU (slow, so one small shape)."""
+  q, k, v = _qkv(1, 128, 128, 4, 2, 16, seed=2)
+  pos = jnp.broadcast_to(jnp.arange(128), (1, 128))
+  seg = jnp.array([[1] * 50 + [2] * 78])
+  splash = lambda *a: attention._splash(*a, True, interpret=True)
+  xla = lambda *a: attention._xla(*a, True)
+  _assert_same(splash, xla, q, k, v, pos, pos, seg, seg)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("head_type", ["parallel", "causal"])
+def test_model_loss_and_grads_match_xla(make_config, monkeypatch, impl, head_type):
+  """The whole multi-token loss and its gradients with each implementation; small blocks so the
+  blockwise path really iterates (seq 16 in blocks of 8) over packed documents."""
+  monkeypatch.setattr(attention, "BLOCK", 8)
+  tokens = jax.random.randint(jax.random.key(3), (2, 19), 0, 64)
+  batch = {"tokens": tokens, "segment_ids": jnp.array([[1] * 7 + [2] * 12, [1] * 19])}
+
+  def loss_and_grads(attn):
+    c = make_config(n_future=3, head_type=head_type, attention=attn)
+    model = build_model(c.model)
+    params = init_params(model, jax.random.key(0))
+    return jax.value_and_grad(make_loss_fn(model, c), has_aux=True)(params, batch)
+
+  (loss, _), grads = loss_and_grads(impl)
+  (ref, _), ref_grads = loss_and_grads("xla")
+  np.testing.assert_allclose(loss, ref, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), grads, ref_grads)
+
+
+def test_auto_picks_by_backend_and_size():
+  assert attention.resolve("auto", 128, 128, jnp.float32, "cpu") == "xla"
+  assert attention.resolve("auto", 4, 4096, jnp.float32, "cpu") == "xla"          # a decode step
+  assert attention.resolve("auto", 256, 256, jnp.float32, "cpu") == "blockwise"
+  assert attention.resolve("auto", 256, 256, jnp.bfloat16, "gpu") == "cudnn"
+  assert attention.resolve("auto", 256, 256, jnp.float32, "gpu") == "blockwise"
+  assert attention.resolve("auto", 256, 256, jnp.bfloat16, "tpu") == "splash"
+  assert attention.resolve("xla", 4096, 4096, jnp.float32, "tpu") == "xla"
+
+
+@pytest.mark.parametrize("impl,backend", [("cudnn", "cpu"), ("splash", "cpu"), ("splash", "gpu"), ("cudnn", "tpu")])
+def test_missing_implementation_names_the_available_ones(impl, backend):
+  with pytest.raises(AttentionError, match=f"model.attention='{impl}' is not available on backend '{backend}'"):
+    attention.check_available(impl, backend)
+  for ok in ("auto", "xla", "blockwise"):
+    attention.check_available(ok, backend)
+
+
+def test_build_model_refuses_before_compiling(make_config):
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU backend's list")
+  with pytest.raises(AttentionError, match="it has: auto, xla, blockwise"):
+    build_model(make_config(attention="cudnn").model)
