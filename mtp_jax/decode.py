@@ -304,8 +304,8 @@ def _draft_modules(model, w: Weights, sp: SamplingParams, sampling: bool, h0, bl
     emb = model.apply({"params": w.params}, seqs[:, k + 1:k + 1 + width], method=MTPTransformer.embed_tokens)
     h, c = module.apply({"params": p}, h, emb, positions, segment_ids, c, s0, prefill)
     cache = jax.tree.map(lambda full, new: full.at[k].set(new), cache, c)
-    normed = module.apply({"params": p}, _take(h, idx), method=MTPModule.output_norm)
-    logits = model.apply({"params": w.params}, normed, method=MTPTransformer.unembed_normed).astype(jnp.float32)
+    normed = module.apply({"params": p}, _take(h, idx)[:, None], method=MTPModule.output_norm)   # [B, 1, d]
+    logits = model.apply({"params": w.params}, normed, method=MTPTransformer.unembed_normed)[:, 0].astype(jnp.float32)
     x, logq = _pick(logits, keys[k], sp, sampling)
     seqs = jnp.where(col == (idx + k + 2)[:, None], x[:, None], seqs)                   # x_{E+k+1}
     drafts.append(x)
