@@ -194,6 +194,7 @@ def test_speculative_sample_matches_sample():
   assert _chi2_pvalue(wrong, exact) < 1e-6                  # the test has power
 
 
+@pytest.mark.slow   # four toy trainings and decode benchmarks: minutes on 2 cores, over CI's budget
 def test_comparison_experiment_quick(tmp_path):
   """experiments/sequential_vs_parallel.py --quick trains the four models, decodes, writes the table and plot."""
   r = subprocess.run([sys.executable, "experiments/sequential_vs_parallel.py", "--quick", f"--root={tmp_path / 'runs'}",
