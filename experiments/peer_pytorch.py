@@ -115,7 +115,7 @@ def our_side(tokens, steps: int):
   import numpy as np
   from mtp_jax.loss import make_loss_fn
   from mtp_jax.model import build_model, init_params
-  from mtp_jax.step import init_train_state, make_optimizer, make_train_step
+  from mtp_jax.step import make_optimizer, make_train_step, new_train_state
   runs, first = {}, {}
   for n in (1, 4):
     c = our_config(n)
@@ -126,7 +126,7 @@ def our_side(tokens, steps: int):
     first[n] = (jax.tree.map(np.asarray, params), float(loss_fn(params, {"tokens": jnp.asarray(tokens[:, :SEQ + 1])})[0]))
     step = jax.jit(make_train_step(model, c, tx), donate_argnums=0)
     batch = {"tokens": jnp.asarray(tokens[:, :SEQ + n])}
-    state = init_train_state(params, tx)
+    state = new_train_state(params, tx)
     state, m = step(state, batch)
     jax.block_until_ready(m)
     jax.block_until_ready(loss_fn(state.params, batch))

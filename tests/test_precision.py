@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.model import build_model, init_params
-from mtp_jax.step import init_train_state, make_optimizer, make_train_step
+from mtp_jax.step import make_optimizer, make_train_step, new_train_state
 
 STEPS = 25
 # Stated tolerance: every step's loss within 2% of the float32 run's (bf16 has an 8-bit mantissa:
@@ -14,7 +14,7 @@ REL_TOL = 0.02
 
 def _losses(config, batches):
   model, tx = build_model(config.model), make_optimizer(config.train)
-  state = init_train_state(init_params(model, jax.random.key(0)), tx)
+  state = new_train_state(init_params(model, jax.random.key(0)), tx)
   step = jax.jit(make_train_step(model, config, tx))
   losses = []
   for batch in batches:
