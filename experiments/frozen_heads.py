@@ -162,12 +162,8 @@ def main():
     md.append(f"| {label[kind]} | {' '.join(f'{x:.3f}' for x in r['head_losses'])} | "
               f"{' '.join(f'{x:.3f}' for x in r['head_acceptance'])} | {r['tokens_per_forward']:.2f} | "
               f"{r['speedup']:.2f}x | {r['identical_to_greedy']} |")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
-  print("\n".join(md))
+  from results_io import write_results
+  write_results(name, result, md, out_dir)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ import os
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def write_results(name: str, result, markdown_lines) -> None:
+def write_results(name: str, result, markdown_lines, results_dir: str = RESULTS) -> None:
   """Write the raw figures as JSON and the table as markdown, and print the table."""
-  os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+  os.makedirs(results_dir, exist_ok=True)
+  with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
     json.dump(result, f, indent=2)
-  with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+  with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
     f.write("\n".join(markdown_lines) + "\n")
   print("\n".join(markdown_lines))
   from plots import plot   # matplotlib only when writing results
-  plot(name, result)
+  plot(name, result, results_dir)
