@@ -75,9 +75,18 @@ def _drop_closed_loop_noise() -> None:
   if getattr(previous, "_drops_closed_loop", False):
     return
 
+  def is_noise(e, depth=0):
+    # the closed loop shows up as the exception itself or in the chain of orbax's read error
+    if e is None or depth > 8:
+      return False
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return True
+    if str(e).startswith("Encountered error while reading array index"):
+      return True
+    return is_noise(e.__cause__, depth + 1) or is_noise(e.__context__, depth + 1)
+
   def hook(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+    if not is_noise(unraisable.exc_value):
       previous(unraisable)
   hook._drops_closed_loop = True
   sys.unraisablehook = hook
