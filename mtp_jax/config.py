@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = l = ml_collections.ConfigDict()
   l.impl = "scan"              # scan (one head's logits alive at a time) | naive (reference)
-  l.chunk_size = 0             # >0: cross-entropy over sequence chunks of this many positions
+  l.chunk_size = -1            # cross-entropy over sequence chunks of this many positions; 0: none;
+                               # -1: automatic (whole sequence unless a head's logits pass 64 MiB)
   l.head_weights = "uniform"   # uniform | geometric:R | comma list such as "1,0.5,0.5,0.5"
   # Sequential MTP modules (model.head_type="sequential", D = n_future - 1 modules):
   # L = L_main + lambda / D * sum_k L_k. A number, or a schedule "value@fraction,..." of train.steps,
@@ -283,10 +284,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(m.attention in ATTENTION_IMPLS,
        f"model.attention={m.attention!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
   need(l.impl in LOSS_IMPLS, f"loss.impl={l.impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
-  need(l.chunk_size >= 0, f"loss.chunk_size={l.chunk_size}: must be >= 0 (0 = no chunking)")
+  need(l.chunk_size >= -1, f"loss.chunk_size={l.chunk_size}: must be >= -1 (0 = no chunking, -1 = automatic)")
   need(d.seq_len >= 1, f"data.seq_len={d.seq_len}: must be positive")
   need(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-  if l.chunk_size:
+  if l.chunk_size > 0:
     need(d.seq_len % l.chunk_size == 0,
          f"loss.chunk_size={l.chunk_size} does not divide data.seq_len={d.seq_len}; pick a divisor")
   head_weights(l.head_weights, m.n_future)

@@ -3,10 +3,11 @@
 w comes from `config.loss_weights`: the normalised head weights (the paper's average), or for
 DeepSeek-V3's sequential modules [1, lambda/D, ...], lambda scheduled over training by the step.
 
-`impl='scan'` runs the heads in a `jax.lax.scan` whose body is `jax.checkpoint`ed: head i's layer,
-the shared norm + unembedding and its cross-entropy happen inside one body, and only the body's
-inputs are kept for the backward pass, so one head's logits exist at a time in both passes.
-`chunk_size` goes further and scans the cross-entropy over sequence chunks inside each head.
+`impl='scan'` runs the heads in a `jax.lax.scan` whose body checkpoints head i's layer, then takes
+its norm and the shared unembedding fused with the cross-entropy (cross_entropy.py: a custom VJP
+that keeps no logits for the backward pass), so one head's logits exist at a time in both passes and
+none survive between them. `chunk_size` scans the cross-entropy over sequence chunks (-1: chosen
+from the logits' size). n=1 skips the scan: it costs what a plain language model does.
 `impl='naive'` keeps every head's logits: the reference the tests and benchmarks compare against.
 
 A batch is {'tokens': int [B, L], 'segment_ids': int [B, L]} with L >= seq_len (the data pipeline
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import loss_weights
+from mtp_jax.cross_entropy import fused_ce
 from mtp_jax.model import MTPTransformer
 
 
@@ -63,39 +65,29 @@ def _ce_sums(logits, targets, mask, ok):
   return jnp.sum(nll * mask), jnp.sum(hits), hits & ok
 
 
-def _head_logits_fn(model, params, i):
-  """x [..., d] -> head i's logits for a traced head index i: its norm (one of the heads' own, for
-  sequential modules; the shared final norm otherwise) and the shared unembedding."""
-  apply = lambda method, *xs: model.apply({"params": params}, *xs, method=method)
-  if not model.args.heads.reads_ahead:
-    return lambda x: apply(MTPTransformer.logits, x)
-  norms = [functools.partial(apply, MTPTransformer.output_norm, j) for j in range(model.args.n_future)]
-  return lambda x: apply(MTPTransformer.unembed_normed, jax.lax.switch(i, norms, x))
+def _head_norm(model, params, i, h):
+  """Head i's norm before the unembedding (a traced i picks among the sequential modules' own norms)."""
+  norm = lambda j, x: model.apply({"params": params}, j, x, method=MTPTransformer.output_norm)
+  if not model.args.heads.reads_ahead or isinstance(i, int):
+    return norm(i if isinstance(i, int) else 0, h)
+  return jax.lax.switch(i, [functools.partial(norm, j) for j in range(model.args.n_future)], h)
 
 
-def _head_ce(logits_fn, h, targets, mask, chunk_size: int, ok):
-  """Cross-entropy sums of one head's hidden states through logits_fn (its norm and the unembedding),
-  and where it is right among the positions `ok` (earlier heads all right), for head_acceptance.
-
-  The norm runs inside each chunk, so the backward pass recomputes it there rather than keeping a
-  normed copy of the whole sequence."""
-  if not chunk_size:
-    return _ce_sums(logits_fn(h), targets, mask, ok)
-  b, t, d = h.shape
-  to_chunks = lambda x: jnp.swapaxes(x.reshape(b, t // chunk_size, chunk_size, *x.shape[2:]), 0, 1)
-
-  @jax.checkpoint  # keep only each chunk's inputs; its logits are recomputed in the backward pass
-  def body(sums, chunk):
-    hc, tc, mc, okc = chunk
-    nll, hits, joint = _ce_sums(logits_fn(hc), tc, mc, okc)
-    return (sums[0] + nll, sums[1] + hits), joint
-
-  zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-  sums, joint = jax.lax.scan(body, zero, (to_chunks(h), to_chunks(targets), to_chunks(mask), to_chunks(ok)))
-  return (*sums, jnp.swapaxes(joint, 0, 1).reshape(b, t))
+def _unembedding(model, params):
+  """The shared unembedding as a [d, V] kernel (the embedding's transpose when they are tied)."""
+  return params["embed"]["embedding"].T if model.args.tie_embeddings else params["unembed"]["kernel"]
 
 
-def _finish(nll, hits, counts, weights, accepted, given):
+def _head_ce(model, params, i, h, targets, mask, chunk_size: int, ok):
+  """Cross-entropy sums of head i's hidden states h, and where it is right among the positions `ok`
+  (earlier heads all right), for head_acceptance. The unembedding and cross-entropy are fused
+  (cross_entropy.py): no logits are kept for the backward pass, chunked over the sequence if asked."""
+  nll, hits = fused_ce(_head_norm(model, params, i, h), _unembedding(model, params), targets, mask,
+                       chunk_size, model.args.dtype)
+  return nll, jnp.sum(hits), hits & ok
+
+
+def _finish(nll, hits, counts, accepted, given, weights):
   """Per-head means and the weighted total (weights [n] already final: no renormalising) from per-head sums.
 
   head_acceptance[i] = accepted[i] / given[i]: how often head i's argmax is the target among the
@@ -127,20 +119,32 @@ def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size
                        method=MTPTransformer.run_head)
     return h
 
+  def head_sums(i, h, ok):
+    targets, mask = shifted_targets(batch, seq_len, i + 1, n)
+    nll, hits, joint = _head_ce(model, params, i, h, targets, mask, chunk_size, ok)
+    return joint, (nll, hits, jnp.sum(mask), jnp.sum(joint), jnp.sum(ok & mask))
+
+  ok = jnp.ones(tokens.shape, bool)
+  if n == 1:   # the lean one-head path: no scan, nothing recomputed, so n=1 costs what a plain LM does
+    _, sums = head_sums(0, run_head(0, None, None), ok)
+    return _finish(*(x[None] for x in sums), weights)
+
+  # Only the head layer is checkpointed: the fused cross-entropy keeps no logits of its own, and
+  # leaving it outside the checkpoint stops the forward's logits living beside the recomputation.
+  layer = jax.checkpoint(lambda prev, ahead, i: jax.lax.switch(
+      i, [functools.partial(run_head, j) for j in range(n)], prev, ahead))
   chained = args.heads.chained
 
-  @jax.checkpoint  # saved per head: the carry (chained heads only; ok: earlier heads right) and the index
   def body(carry, i):
     prev, ok = carry
     ahead, _ = shifted_targets(batch, seq_len, i, n)     # x_{t+i}: what sequential modules embed
-    h = jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev, ahead)
-    targets, mask = shifted_targets(batch, seq_len, i + 1, n)
-    nll, hits, joint = _head_ce(_head_logits_fn(model, params, i), h, targets, mask, chunk_size, ok)
-    return ((h if chained else prev), joint), (nll, hits, jnp.sum(mask), jnp.sum(joint), jnp.sum(ok & mask))
+    h = layer(prev, ahead, i)
+    joint, sums = head_sums(i, h, ok)
+    return ((h if chained else prev), joint), sums
 
-  init = (z if chained else None, jnp.ones(tokens.shape, bool))   # parallel / linear heads carry no h
-  _, (nll, hits, counts, accepted, given) = jax.lax.scan(body, init, jnp.arange(n))
-  return _finish(nll, hits, counts, weights, accepted, given)
+  init = (z if chained else None, ok)   # parallel / linear heads carry no h
+  _, sums = jax.lax.scan(body, init, jnp.arange(n))
+  return _finish(*sums, weights)
 
 
 def mtp_loss_naive(params, batch, model: MTPTransformer, seq_len: int, chunk_size: int = 0, weights=None):
@@ -158,7 +162,7 @@ def mtp_loss_naive(params, batch, model: MTPTransformer, seq_len: int, chunk_siz
     sums.append((nll, hits, jnp.sum(mask), jnp.sum(joint), jnp.sum(ok & mask)))
     ok = joint
   nll, hits, counts, accepted, given = (jnp.stack(x) for x in zip(*sums))
-  return _finish(nll, hits, counts, weights, accepted, given)
+  return _finish(nll, hits, counts, accepted, given, weights)
 
 
 def make_loss_fn(model: MTPTransformer, config):

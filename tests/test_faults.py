@@ -282,7 +282,7 @@ BAD = {
     "model.rope_scaling.original_max_len": (0, {"model.rope_scaling.type": "llama3"}),
     "loss.mtp_lambda": ("-1", {"model.head_type": "sequential"}), "train.trainable": "(",
     "data.prepare_shards": 0,
-    "loss.impl": "vmap", "loss.chunk_size": -1, "loss.head_weights": "1,nan,1,1",
+    "loss.impl": "vmap", "loss.chunk_size": -2, "loss.head_weights": "1,nan,1,1",
     "data.source": "ftp", "data.path": ("", {"data.source": "glob"}), "data.text_field": "",
     "data.valid_fraction": 1.0, "data.tokenizer": "", "data.seq_len": 0, "data.cache_dir": ("", {}),
     "data.max_train_bytes": -1,

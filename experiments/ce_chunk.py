@@ -1,0 +1,95 @@
+"""What the fused, chunked cross-entropy costs: train-step memory and time on configs/default.py:sp at vocab 32000.
+
+    python experiments/ce_chunk.py        # ~5 min on 2 CPU cores
+
+For n=1 and n=4 (parity, no rematerialisation), compiles the train step with the naive loss (every
+head's logits kept by autodiff: the reference), the scan loss unchunked (loss.chunk_size=0) and the
+scan loss with the automatic chunk (loss.chunk_size=-1, see cross_entropy.auto_chunk), reads XLA's
+planned temporaries, then times them interleaved (median of steps) on the same device.
+Writes experiments/results/ce_chunk.md and .json.
+"""
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from results_io import write_results  # noqa: E402
+from configs.default import get_config  # noqa: E402
+from mtp_jax import sharding  # noqa: E402
+from mtp_jax.cross_entropy import auto_chunk  # noqa: E402
+from mtp_jax.dry_run import compile_train_step, memory_report  # noqa: E402
+from mtp_jax.model import build_model, init_params  # noqa: E402
+from mtp_jax.step import new_train_state, make_optimizer, make_train_step  # noqa: E402
+
+_VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (after one warm-up).")
+_OUT = flags.DEFINE_string("out_name", "ce_chunk", "Results file stem under experiments/results/.")
+
+VARIANTS = [(1, "naive", 0), (1, "scan", 0), (1, "scan", -1), (4, "naive", 0), (4, "scan", 0), (4, "scan", -1)]
+
+
+def config(n, impl, chunk):
+  c = get_config("sp")
+  c.model.update(vocab_size=_VOCAB.value, n_future=n)
+  c.loss.impl, c.loss.chunk_size = impl, chunk
+  c.mesh.data = 1
+  return c
+
+
+def main(_):
+  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+  runs, rows = {}, []
+  for v in VARIANTS:
+    c = config(*v)
+    mesh = sharding.make_mesh(c, jax.devices()[:1])
+    temp = memory_report(compile_train_step(c, mesh)[0])["temp_bytes"]
+    model, tx = build_model(c.model), make_optimizer(c.train)
+    state = new_train_state(init_params(model, jax.random.key(0)), tx)
+    step = jax.jit(make_train_step(model, c, tx), donate_argnums=0)
+    shape = (c.train.batch_size, c.data.seq_len + v[0])
+    batch = {"tokens": jax.random.randint(jax.random.key(1), shape, 0, c.model.vocab_size),
+             "segment_ids": jnp.ones(shape, jnp.int32)}
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    runs[v] = [step, state, batch, []]
+    rows.append({"n": v[0], "impl": v[1], "chunk_size": v[2], "temp_bytes": temp})
+    print(v, f"temp {temp / 2**20:.0f} MiB", flush=True)
+  for _ in range(_STEPS.value):
+    for v in VARIANTS:
+      step, state, batch, times = runs[v]
+      t0 = time.perf_counter()
+      state, m = step(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+      runs[v][1] = state
+  for r, v in zip(rows, VARIANTS):
+    r["seconds_per_step"] = statistics.median(runs[v][3])
+  c = config(1, "scan", -1)
+  chunk = auto_chunk(c.train.batch_size, c.data.seq_len, _VOCAB.value)
+  lines = [f"Train step of configs/default.py:sp at vocab {_VOCAB.value} (batch {c.train.batch_size} x "
+           f"{c.data.seq_len}, parity, no remat), {device}: XLA's planned temporaries and the median of "
+           f"{_STEPS.value} interleaved steps. chunk -1 = automatic ({chunk} positions here).", "",
+           "| n | loss | chunk | temp MiB | s/step |", "|---:|---|---:|---:|---:|"]
+  lines += [f"| {r['n']} | {r['impl']} | {r['chunk_size']} | {r['temp_bytes'] / 2**20:.0f} | "
+            f"{r['seconds_per_step']:.3f} |" for r in rows]
+  get = lambda n, impl, ch, k: next(r[k] for r in rows if (r["n"], r["impl"], r["chunk_size"]) == (n, impl, ch))
+  ratios = {"scan n=1 temp / naive n=1 temp": get(1, "scan", 0, "temp_bytes") / get(1, "naive", 0, "temp_bytes"),
+            "scan n=4 temp / scan n=1 temp": get(4, "scan", 0, "temp_bytes") / get(1, "scan", 0, "temp_bytes"),
+            "auto-chunk n=1 time / unchunked n=1 time": get(1, "scan", -1, "seconds_per_step") / get(1, "scan", 0, "seconds_per_step"),
+            "auto-chunk n=4 time / unchunked n=4 time": get(4, "scan", -1, "seconds_per_step") / get(4, "scan", 0, "seconds_per_step"),
+            "scan n=1 time / naive n=1 time": get(1, "scan", 0, "seconds_per_step") / get(1, "naive", 0, "seconds_per_step")}
+  lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
+  lines += ["", f"Command: `python experiments/ce_chunk.py --out_name={_OUT.value}`"]
+  write_results(_OUT.value, {"device": device, "vocab": _VOCAB.value, "auto_chunk": chunk, "rows": rows,
+                             "ratios": ratios}, lines)
+
+
+if __name__ == "__main__":
+  app.run(main)
