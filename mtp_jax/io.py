@@ -69,6 +69,62 @@ def upload(local: PathLike, dst: PathLike) -> None:
     os.replace(tmp, dst)
 
 
+def stage_in(src: PathLike, what: str) -> Path:
+  """A local copy of the directory `src`: itself when local; a bucket directory is downloaded (file by
+  file, to disk: never held in memory) into a fresh directory under ~/.cache/mtp_jax/staged."""
+  if not is_remote(src):
+    return path(src)
+  import hashlib
+  import shutil
+  import tempfile
+  check_bucket(src, what)
+  fs, rel = fsspec_of(src)
+  with user_errors(f"{what}={src}"):
+    if not fs.isdir(rel):
+      raise UserError(f"{what}={src}: no such directory on the bucket")
+    root = Path(os.path.expanduser("~/.cache/mtp_jax/staged"))
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / hashlib.sha256(str(src).rstrip("/").encode()).hexdigest()[:16]
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+      for remote in fs.find(rel):
+        local = tmp / os.path.relpath(remote, rel.rstrip("/"))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, os.fspath(local))
+      if final.exists():
+        shutil.rmtree(final)
+      os.replace(tmp, final)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  return final
+
+
+def put_tree(local: PathLike, dst: PathLike, last: str | None = None) -> None:
+  """Upload the local directory `local` under the bucket directory `dst`, the file named `last` (its
+  marker of completeness, such as config.json) after every other; on failure the upload is removed."""
+  import pathlib
+  fs, rel = fsspec_of(dst)
+  local = pathlib.Path(local)
+  files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == last)
+  try:
+    for f in files:
+      fs.put_file(os.fspath(f), f"{rel.rstrip('/')}/{f.relative_to(local).as_posix()}")
+  except BaseException:
+    with contextlib.suppress(Exception):
+      fs.rm(rel, recursive=True)
+    raise
+
+
+def is_empty_dir(p: PathLike) -> bool:
+  """True when nothing is at `p` or it is a directory (or bucket prefix) holding nothing."""
+  p = path(p)
+  if is_remote(p):
+    fs, rel = fsspec_of(p)
+    return not fs.exists(rel) or (fs.isdir(rel) and not fs.find(rel))
+  return not p.exists() or (p.is_dir() and not any(p.iterdir()))
+
+
 def fsspec_of(p: PathLike):
   """(fsspec filesystem, path in it) for `p`; local paths get the local filesystem."""
   import fsspec

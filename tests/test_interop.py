@@ -18,6 +18,7 @@ import pytest
 
 from mtp_jax import interop
 from mtp_jax.generate import generate
+from mtp_jax.errors import UserError
 from mtp_jax.interop.tensors import ConvertError
 from mtp_jax.model import build_model
 
@@ -277,3 +278,25 @@ def test_runs_from_before_rope_scaling_still_load_and_resume(tmp_path):
   c.model.rope_scaling.type = "llama3"
   with pytest.raises(UserError, match="model.rope_scaling"):
     train.check_workdir(c, tmp_path)
+
+
+def test_bucket_import_export_match_local(gcs, tmp_path):
+  """--from, --workdir and --to on a bucket (the emulator) give what the local commands give, bit for bit.
+  has_pretrained is what training asks before it initialises: on a bucket it used to say no, silently."""
+  from mtp_jax import io
+  from mtp_jax.checkpoint import load_params
+  from mtp_jax.interop.workdir import has_pretrained
+  src = "gs://bkt/interop/hf_gqa_untied"
+  io.put_tree(fixture("hf_gqa_untied"), src)
+  interop.import_checkpoint(src, "gs://bkt/interop/w", n_future=2, head_init="random")
+  interop.import_checkpoint(fixture("hf_gqa_untied"), tmp_path / "w", n_future=2, head_init="random")
+  assert has_pretrained("gs://bkt/interop/w")
+  (remote, config), (local, _) = load_params("gs://bkt/interop/w"), load_params(tmp_path / "w")
+  _bit_equal(jax.device_get(remote), jax.device_get(local))
+  interop.export_workdir("gs://bkt/interop/w", "gs://bkt/interop/out")
+  _bit_equal(interop.read_checkpoint("gs://bkt/interop/out")[1], interop.read_checkpoint(
+      interop.export_workdir(tmp_path / "w", tmp_path / "out"))[1])
+  with pytest.raises(UserError, match="is not empty"):
+    interop.import_checkpoint(src, "gs://bkt/interop/w")
+  with pytest.raises(UserError, match="no such directory on the bucket"):
+    interop.read_checkpoint("gs://bkt/interop/absent")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 def read_checkpoint(src, n_future=None, head_init: str = "copy", param_dtype: str = "float32", seed: int = 0):
   """(config, numpy params, tokenizer) of a Hugging Face directory (config.json) or a Meta one (params.json)."""
+  from mtp_jax import io
   from mtp_jax.interop import hf, meta
   from mtp_jax.interop.tensors import ConvertError
-  src = Path(src)
+  src = Path(io.stage_in(src, "--from"))   # a bucket directory is downloaded to a local cache first
   if head_init not in ("copy", "random"):
     raise ConvertError(f"--head_init={head_init!r}: choose copy (heads start as head 1) or random")
   if n_future is not None and n_future < 1:

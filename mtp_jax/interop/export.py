@@ -145,16 +145,26 @@ def export(workdir, to) -> Path:
   from safetensors.numpy import save_file
   from mtp_jax import checkpoint, tokenizer as tokenizer_lib
 
-  to = Path(to).absolute()
-  if to.exists() and (not to.is_dir() or any(to.iterdir())):
+  from mtp_jax import io
+
+  remote = io.is_remote(to)
+  if remote:
+    io.check_bucket(to, "--to")
+    with io.user_errors(f"--to={to}"):
+      empty = io.is_empty_dir(to)
+  else:
+    to = Path(to).absolute()
+    empty = not to.exists() or (to.is_dir() and not any(to.iterdir()))
+  if not empty:
     raise ConvertError(f"--to={to} is not empty; export into a new directory (nothing was written)")
   config = checkpoint.read_config(workdir)
   _check_exportable(config)
   tokenizer = tokenizer_lib.load_tokenizer(workdir)
   params, config = checkpoint.load_params(workdir)
   params = jax.device_get(params)
-  to.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{to.name}.export-", dir=to.parent))
+  if not remote:
+    to.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=None if remote else to.parent))
   try:
     (tmp / "config.json").write_text(json.dumps(hf_config(config, tokenizer), indent=2))
     (tmp / "generation_config.json").write_text(json.dumps(
@@ -164,6 +174,11 @@ def export(workdir, to) -> Path:
       save_file(extra_head_tensors(params, config), str(tmp / "extra_heads.safetensors"), metadata={"format": "pt"})
       (tmp / "params.json").write_text(json.dumps(meta_params(config), indent=2))
     _write_tokenizer(tokenizer, tmp)
+    if remote:   # uploaded with config.json last, removed again if the upload fails
+      with io.user_errors(f"--to={to}"):
+        io.put_tree(tmp, to, last="config.json")
+      shutil.rmtree(tmp)
+      return io.path(to)
     if to.exists():
       to.rmdir()
     os.replace(tmp, to)

@@ -3,7 +3,9 @@
 Training finds no checkpoint there, so it starts at step 0 from W/pretrained with a fresh optimizer,
 the configured data and schedule; its own checkpoints (W/checkpoints) take over from the first save.
 `generate` and `export` read W/pretrained while no checkpoint exists. The workdir is written in a
-sibling temporary directory and renamed into place, so a failed import leaves nothing behind.
+sibling temporary directory and renamed into place, so a failed import leaves nothing behind. A
+bucket workdir (gs://) is written locally first, then uploaded with config.json last (a workdir
+without config.json is not a workdir), and the upload is removed if it fails.
 """
 from __future__ import annotations
 
@@ -14,14 +16,22 @@ from pathlib import Path
 
 import jax
 
+from mtp_jax import io
 from mtp_jax.interop.tensors import ConvertError
 
 PRETRAINED = "pretrained"
 CONFIG_FILE = "config.json"
 
 
-def check_target(workdir) -> Path:
+def check_target(workdir):
   """Refuse a workdir that holds anything (a run, another import); returns it absolute."""
+  if io.is_remote(workdir):
+    io.check_bucket(workdir, "--workdir")
+    with io.user_errors(f"--workdir={workdir}"):
+      empty = io.is_empty_dir(workdir)
+    if not empty:
+      raise ConvertError(f"--workdir={workdir} is not empty; import into a new directory (nothing was written)")
+    return io.path(workdir)
   workdir = Path(workdir).absolute()
   if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
     raise ConvertError(f"--workdir={workdir} is not empty; import into a new directory (nothing was written)")
@@ -34,14 +44,21 @@ def write_workdir(workdir, config, params, tokenizer) -> Path:
   from mtp_jax import tokenizer as tokenizer_lib
 
   workdir = check_target(workdir)
-  workdir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.import-", dir=workdir.parent))
+  remote = io.is_remote(workdir)
+  if not remote:
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.import-", dir=None if remote else workdir.parent))
   try:
     (tmp / CONFIG_FILE).write_text(config.to_json(indent=2, sort_keys=True))
     tokenizer_lib.save_to_workdir(tokenizer, tmp)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / PRETRAINED, params)
       ckptr.wait_until_finished()
+    if remote:
+      with io.user_errors(f"--workdir={workdir}"):
+        io.put_tree(tmp, workdir, last=CONFIG_FILE)
+      shutil.rmtree(tmp)
+      return workdir
     if workdir.exists():
       workdir.rmdir()        # empty (checked): rename needs the name free
     os.replace(tmp, workdir)
@@ -52,7 +69,7 @@ def write_workdir(workdir, config, params, tokenizer) -> Path:
 
 
 def has_pretrained(workdir) -> bool:
-  return (Path(workdir) / PRETRAINED).is_dir()
+  return (io.path(workdir) / PRETRAINED).is_dir()
 
 
 def load_pretrained(workdir, abstract):
@@ -62,7 +79,7 @@ def load_pretrained(workdir, abstract):
 
   if all(getattr(a, "sharding", None) is None for a in jax.tree.leaves(abstract)):
     abstract = with_shardings(abstract)
-  path = Path(workdir).absolute() / PRETRAINED
+  path = io.absolute(workdir) / PRETRAINED
   try:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(path, abstract)
