@@ -66,7 +66,7 @@ def test_splash_kernel_matches_xla_in_interpret_mode():
   _assert_same(splash, xla, q, k, v, pos, pos, seg, seg)
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("impl", [i for i in CPU_IMPLS if i != "xla"])   # each against the xla reference
 @pytest.mark.parametrize("head_type", ["parallel", "causal"])
 def test_model_loss_and_grads_match_xla(make_config, monkeypatch, impl, head_type):
   """The whole multi-token loss and its gradients with each implementation; small blocks so the
@@ -79,7 +79,7 @@ def test_model_loss_and_grads_match_xla(make_config, monkeypatch, impl, head_typ
     c = make_config(n_future=3, head_type=head_type, attention=attn)
     model = build_model(c.model)
     params = init_params(model, jax.random.key(0))
-    return jax.value_and_grad(make_loss_fn(model, c), has_aux=True)(params, batch)
+    return jax.jit(jax.value_and_grad(make_loss_fn(model, c), has_aux=True))(params, batch)
 
   (loss, _), grads = loss_and_grads(impl)
   (ref, _), ref_grads = loss_and_grads("xla")

@@ -62,11 +62,11 @@ def test_tied_embeddings_drop_unembedding(make_config):
 def _loss_and_grads(config, batch):
   model = build_model(config.model)
   params = init_params(model, jax.random.key(0))
-  (loss, _), grads = jax.value_and_grad(make_loss_fn(model, config), has_aux=True)(params, batch)
+  (loss, _), grads = jax.jit(jax.value_and_grad(make_loss_fn(model, config), has_aux=True))(params, batch)
   return loss, grads
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", pytest.param("dots", marks=pytest.mark.slow)])
 def test_remat_policies_change_nothing(make_config, policy):
   batch = {"tokens": jax.random.randint(jax.random.key(2), (2, 18), 0, 64)}
   ref_loss, ref_grads = _loss_and_grads(make_config(n_layers=5, n_future=2), batch)

@@ -142,7 +142,7 @@ def test_two_processes_train_from_shards_like_one(tmp_path):
                             text=True)
 
   procs = [start(pid, 2, tmp_path / "two", {}) for pid in (0, 1)]
-  one = start(0, 1, tmp_path / "one", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  one = start(0, 1, tmp_path / "one", {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"})
   outs = [p.communicate(timeout=240)[0] for p in procs + [one]]
   for p, out in zip(procs + [one], outs):
     assert p.returncode == 0, "\n=====\n".join(o[-2500:] for o in outs)
