@@ -4,7 +4,8 @@
     python experiments/plots.py memory     # one of them
 
 `results_io.write_results` calls `plot()` too, so a rerun of an experiment redraws its plot.
-A plotter is chosen by the file stem's prefix (memory*, speculative*, paper_dry_run*).
+A plotter is chosen by the file stem's prefix (memory*, speculative*, paper_dry_run*, marginalisation*,
+frozen_heads*).
 """
 import json
 import os
@@ -62,7 +63,36 @@ def _dry_run(result, ax):
   ax.legend()
 
 
-PLOTTERS = {"memory": _memory, "speculative": _speculative, "paper_dry_run": _dry_run}
+def _marginalisation(result, ax):
+  rows = result["rows"]
+  names = [r["predictor"].replace(" (", "\n(").replace(", top", "\ntop") for r in rows]
+  bars = ax.bar(range(len(rows)), [r["acc_t2"] for r in rows],
+                color=["tab:blue" if r["k"] else "tab:orange" for r in rows])
+  for b, r in zip(bars, rows):
+    ax.annotate(f"+{r['extra_positions']} pos." if r["k"] else "0 extra", (b.get_x() + b.get_width() / 2, b.get_height()),
+                ha="center", va="bottom", fontsize=7)
+  ax.set_xticks(range(len(rows)), names, fontsize=6)
+  ax.set_ylabel("accuracy on x(t+2)")
+  ax.set_title(f"x(t+2): marginalised n=1 (blue) vs MTP head 2 (orange), {result['positions']} positions, "
+               f"{result['window']}-token context", fontsize=8)
+
+
+def _frozen_heads(result, ax):
+  kinds = [k for k in ("frozen", "joint", "n4") if k in result]
+  width = 0.8 / len(kinds)
+  for j, k in enumerate(kinds):
+    acc = result[k]["head_acceptance"]
+    ax.bar([i + j * width for i in range(len(acc))], acc, width,
+           label=f"{k}: {result[k]['tokens_per_forward']:.2f} tok/fwd, {result[k]['speedup']:.2f}x")
+  ax.set_xticks([i + 0.4 - width / 2 for i in range(len(result[kinds[0]]["head_acceptance"]))],
+                [f"head {i + 1}" for i in range(len(result[kinds[0]]["head_acceptance"]))])
+  ax.set_ylabel("validation acceptance")
+  ax.set_title("heads on a pretrained n=1 trunk: frozen vs joint vs n=4 from scratch", fontsize=9)
+  ax.legend(fontsize=7)
+
+
+PLOTTERS = {"memory": _memory, "speculative": _speculative, "paper_dry_run": _dry_run,
+            "marginalisation": _marginalisation, "frozen_heads": _frozen_heads}
 
 
 def plotter_for(name: str):

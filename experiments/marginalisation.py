@@ -1,0 +1,166 @@
+"""Mehra et al. 2025: predict token t+2 with a next-token model by marginalising over t+1, against MTP heads.
+
+    python experiments/marginalisation.py --n1=workdirs/frozen_heads/n1 \
+        --mtp=workdirs/frozen_heads/n4,workdirs/frozen_heads/frozen,workdirs/frozen_heads/joint
+    python experiments/marginalisation.py --quick      # imports the tiny HF fixture twice (CI; measures nothing)
+
+The full run reuses the models of experiments/frozen_heads.py (run that first, ~1 h on 2 CPU cores);
+this script only evaluates: about 10 minutes on 2 CPU cores for 1,024 positions with k up to the
+whole byte vocabulary (258).
+
+Every predictor sees the same W-token context x_{t-W+1..t} (W = --window) of a validation document,
+at --positions positions drawn with a fixed seed, and is scored on x_{t+2}:
+
+- marginalised n=1 model, top-k (k in --k; `all` = the whole vocabulary):
+  p(x_{t+2}) = sum_{c in top-k of p(x_{t+1})} p(c) p(x_{t+2} | context, c) / sum_{c in top-k} p(c).
+  Cost: k extra forward positions per prediction with a KV cache (one per candidate); here each
+  candidate is its own packed (W+1)-token row, timed as such;
+- head 2 of each MTP model (`--mtp`): one forward pass, no extra positions;
+- for reference, the n=1 model's own next-token accuracy (head 1) on x_{t+1}.
+
+Reported: t+2 accuracy (argmax), t+2 negative log-likelihood (nats), extra forward positions per
+prediction, and the wall-clock seconds of each predictor over all positions (compiled beforehand). Writes
+experiments/results/marginalisation[_quick].{md,json,png}.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+
+def sample_contexts(config, tokenizer, positions: int, window: int, seed: int):
+  """(contexts [P, W], next [P], after_next [P]) from the validation documents, positions drawn at random."""
+  import ml_collections
+  from mtp_jax import data
+  streams = [np.asarray(tokenizer.encode(t), np.int32) for t in
+             data.Corpus(ml_collections.ConfigDict(config.data.to_dict())).texts("valid")]
+  starts = [(i, t) for i, s in enumerate(streams) for t in range(window - 1, len(s) - 2)]
+  if not starts:
+    raise SystemExit(f"no validation document is longer than --window={window} + 2 tokens")
+  rng = np.random.default_rng(seed)
+  picked = [starts[j] for j in rng.choice(len(starts), size=min(positions, len(starts)), replace=False)]
+  ctx = np.stack([streams[i][t - window + 1:t + 1] for i, t in picked])
+  return ctx, np.array([streams[i][t + 1] for i, t in picked]), np.array([streams[i][t + 2] for i, t in picked])
+
+
+def last_position_probs(params, config, rows: int):
+  """f(tokens [R, T]) -> each head's probabilities at the last position [n, R, V], jitted, in batches of `rows`."""
+  import jax
+  import jax.numpy as jnp
+  from mtp_jax.model import build_model
+  model = build_model(config.model)
+  step = jax.jit(lambda p, t: jax.nn.softmax(model.apply({"params": p}, t)[0][:, :, -1].astype(jnp.float32), -1))
+
+  def probs(tokens):
+    out = []
+    for i in range(0, len(tokens), rows):
+      part = tokens[i:i + rows]
+      padded = np.concatenate([part, np.repeat(part[-1:], rows - len(part), 0)]) if len(part) < rows else part
+      out.append(np.asarray(step(params, jnp.asarray(padded)))[:, :len(part)])
+    return np.concatenate(out, axis=1)
+  return probs
+
+
+def score(dist, target):
+  """(accuracy, mean nll in nats) of distributions [P, V] on targets [P]."""
+  p = dist[np.arange(len(target)), target]
+  return float(np.mean(np.argmax(dist, -1) == target)), float(np.mean(-np.log(np.maximum(p, 1e-30))))
+
+
+def marginalised(probs, ctx, p_next, k: int):
+  """p(x_{t+2}) from the top-k candidates for x_{t+1} (renormalised over them): [P, V]."""
+  top = np.argsort(-p_next, axis=-1)[:, :k]                                     # [P, k]
+  weight = np.take_along_axis(p_next, top, -1)                                  # [P, k]
+  rows = np.concatenate([np.repeat(ctx, k, 0), top.reshape(-1, 1)], axis=1)     # [P*k, W+1]
+  q = probs(rows)[0].reshape(len(ctx), k, -1)                                   # [P, k, V]
+  return np.einsum("pk,pkv->pv", weight, q) / weight.sum(-1, keepdims=True)
+
+
+def quick_workdirs(root: str):
+  """The tiny HF fixture imported as an n=1 model and, with one random extra head, as an n=2 one."""
+  from mtp_jax import interop
+  src = os.path.join(ROOT, "tests", "fixtures", "pretrained", "hf_gqa_untied")
+  n1, n2 = os.path.join(root, "n1"), os.path.join(root, "n2")
+  for w, n in ((n1, 1), (n2, 2)):
+    if not os.path.exists(w):
+      interop.import_checkpoint(src, w, n_future=n, head_init="random")
+  return n1, [n2]
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="the tiny HF fixture imported twice: checks the pipeline")
+  ap.add_argument("--n1", help="workdir of the next-token (n=1) model")
+  ap.add_argument("--mtp", default="", help="comma-separated workdirs of MTP models (head 2 is scored)")
+  ap.add_argument("--k", default="1,4,16,all", help="top-k candidates for x_{t+1}; `all` = the whole vocabulary")
+  ap.add_argument("--positions", type=int, default=None, help="scored positions (default 1024; quick: 8)")
+  ap.add_argument("--window", type=int, default=None, help="context tokens (default 64; quick: 8)")
+  ap.add_argument("--rows", type=int, default=256, help="rows per forward batch")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out_dir", default=None, help="results directory (default experiments/results)")
+  a = ap.parse_args()
+  from mtp_jax.generate import load_workdir
+  positions, window = a.positions or (8 if a.quick else 1024), a.window or (8 if a.quick else 64)
+  if a.quick:
+    n1_dir, mtp_dirs = quick_workdirs(tempfile.mkdtemp(prefix="marginalisation-"))
+  else:
+    if not a.n1:
+      ap.error("--n1=WORKDIR is required (or --quick)")
+    n1_dir, mtp_dirs = a.n1, [d for d in a.mtp.split(",") if d]
+
+  params, config, tok = load_workdir(n1_dir)
+  if config.model.n_future != 1:
+    raise SystemExit(f"--n1={n1_dir} has {config.model.n_future} heads; pass a next-token (n=1) model")
+  ctx, nxt, after = sample_contexts(config, tok, positions, window, a.seed)
+  probs = last_position_probs(params, config, a.rows)
+  probs(ctx[:1]), probs(np.concatenate([ctx[:1], nxt[:1, None]], 1))   # compile both shapes before timing
+  began = time.perf_counter()
+  p_next = probs(ctx)[0]
+  base_s = time.perf_counter() - began
+  acc1, nll1 = score(p_next, nxt)
+  rows = []
+  vocab = config.model.vocab_size
+  for k in [vocab if k == "all" else int(k) for k in a.k.split(",")]:
+    k = min(k, vocab)
+    began = time.perf_counter()
+    acc, nll = score(marginalised(probs, ctx, p_next, k), after)
+    rows.append({"predictor": f"n=1 marginalised, top-{k}" + (" (all)" if k == vocab else ""), "k": k,
+                 "acc_t2": acc, "nll_t2": nll, "extra_positions": k,
+                 "seconds": round(base_s + time.perf_counter() - began, 2)})
+  for d in mtp_dirs:
+    p, c, t = load_workdir(d)
+    if c.model.n_future < 2 or c.model.vocab_size != vocab:
+      raise SystemExit(f"--mtp={d}: needs >= 2 heads and the n=1 model's vocabulary ({vocab})")
+    head_probs = last_position_probs(p, c, a.rows)
+    head_probs(ctx[:1])                                                  # compile before timing
+    began = time.perf_counter()
+    head2 = head_probs(ctx)[1]
+    acc, nll = score(head2, after)
+    rows.append({"predictor": f"head 2 of {os.path.basename(os.path.normpath(d))} (n={c.model.n_future}, "
+                              f"{c.model.head_type})", "k": 0, "acc_t2": acc, "nll_t2": nll, "extra_positions": 0,
+                 "seconds": round(time.perf_counter() - began, 2)})
+
+  name = "marginalisation_quick" if a.quick else "marginalisation"
+  command = "python experiments/marginalisation.py " + " ".join(sys.argv[1:])
+  result = {"quick": a.quick, "n1": n1_dir, "mtp": mtp_dirs, "positions": len(ctx), "window": window,
+            "seed": a.seed, "vocab": vocab, "n1_acc_t1": acc1, "n1_nll_t1": nll1, "rows": rows, "command": command}
+  md = [f"# Predicting x_(t+2): marginalising a next-token model vs MTP heads{' (quick: not a measurement)' if a.quick else ''}",
+        "", f"Command: `{command}`", "",
+        f"{len(ctx)} validation positions (seed {a.seed}), each with the same {window}-token context for every "
+        f"predictor. The n=1 model's own next-token accuracy on x_(t+1): {acc1:.3f} (nll {nll1:.3f}).", "",
+        "| predictor | t+2 accuracy | t+2 nll (nats) | extra forward positions | seconds |", "|---|---:|---:|---:|---:|"]
+  md += [f"| {r['predictor']} | {r['acc_t2']:.3f} | {r['nll_t2']:.3f} | {r['extra_positions']} | {r['seconds']} |"
+         for r in rows]
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from results_io import write_results
+  write_results(name, result, md, a.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+
+
+if __name__ == "__main__":
+  main()
