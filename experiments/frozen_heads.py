@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 
-def recipes(quick: bool):
-  """(n=1 recipe with parallel heads, n=4 recipe) as ConfigDicts."""
+def recipes(quick: bool, steps: int = 0):
+  """(n=1 recipe with parallel heads, n=4 recipe) as ConfigDicts; steps > 0 shortens both recipes."""
   if quick:
     from configs.tiny import get_config
     n1, n4 = get_config("bytes"), get_config("bytes")
@@ -43,6 +43,10 @@ def recipes(quick: bool):
   else:
     from configs.default import get_config
     n1, n4 = get_config("n1"), get_config()
+    if steps:
+      for c in (n1, n4):
+        c.train.update(steps=steps, eval_every=min(c.train.eval_every, steps),
+                       checkpoint_every=min(c.train.checkpoint_every, steps))
   n1.model.head_type = "parallel"
   return n1, n4
 
@@ -114,6 +118,7 @@ def main():
   ap.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline, measures nothing")
   ap.add_argument("--workdir", default=None, help="where the runs go (default workdirs/frozen_heads[_quick])")
   ap.add_argument("--out_dir", default=None, help="results directory (default experiments/results)")
+  ap.add_argument("--steps", type=int, default=0, help="train.steps of the n=1 and n=4 recipes (default: theirs, 2000)")
   ap.add_argument("--head_steps", type=int, default=None, help="steps of head training (default: 1000; quick: 4)")
   ap.add_argument("--prompts", type=int, default=None, help="held-out prompts (default 16; quick: 2)")
   ap.add_argument("--max_new_tokens", type=int, default=None, help="default 128; quick: 8")
@@ -129,7 +134,7 @@ def main():
 
   from mtp_jax import interop
   from mtp_jax import tokenizer as tokenizer_lib
-  n1, n4 = recipes(q)
+  n1, n4 = recipes(q, a.steps)
   w = {k: os.path.join(root, k) for k in ("n1", "n1_hf", "frozen", "joint", "n4")}
   seconds = {"n1": train(n1, w["n1"])}
   if not os.path.exists(w["n1_hf"]):
@@ -153,7 +158,8 @@ def main():
   label = {"frozen": f"n=1 + 3 heads, frozen trunk ({head_steps} steps)",
            "joint": f"n=1 + 3 heads, joint ({head_steps} steps)", "n4": "n=4 default from scratch"}
   md = [f"# MTP heads on a pretrained trunk{' (quick: toy sizes, not a measurement)' if q else ''}", "",
-        f"Command: `python experiments/frozen_heads.py{' --quick' if q else ''}`; batch-1 decoding of "
+        f"Command: `python experiments/frozen_heads.py {' '.join(sys.argv[1:])}`; n=1 and n=4 trained "
+        f"{n1.train.steps} steps each; batch-1 decoding of "
         f"{n_prompts} held-out prompts, {max_new} new tokens, median of {repeats}.", "",
         f"n=1 baseline: valid loss {v1['head_losses'][0]:.4f} at step {v1['step']} ({seconds['n1']:.0f} s).", "",
         "| model | valid loss per head | acceptance per head | tokens/forward | speedup | same as greedy |",
