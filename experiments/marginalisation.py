@@ -5,8 +5,9 @@
     python experiments/marginalisation.py --quick      # imports the tiny HF fixture twice (CI; measures nothing)
 
 The full run reuses the models of experiments/frozen_heads.py (run that first, ~1 h on 2 CPU cores);
-this script only evaluates: about 10 minutes on 2 CPU cores for 1,024 positions with k up to the
-whole byte vocabulary (258).
+this script only evaluates. Its cost is the marginal's: k rows of W+1 tokens per position (no KV
+cache is shared between the candidates here), so k = all (258 bytes) at 256 positions and W = 32 is
+2.2M forwarded tokens, several minutes on 2 CPU cores; 1,024 positions at W = 64 took over 20.
 
 Every predictor sees the same W-token context x_{t-W+1..t} (W = --window) of a validation document,
 at --positions positions drawn with a fixed seed, and is scored on x_{t+2}:
@@ -99,14 +100,14 @@ def main():
   ap.add_argument("--n1", help="workdir of the next-token (n=1) model")
   ap.add_argument("--mtp", default="", help="comma-separated workdirs of MTP models (head 2 is scored)")
   ap.add_argument("--k", default="1,4,16,all", help="top-k candidates for x_{t+1}; `all` = the whole vocabulary")
-  ap.add_argument("--positions", type=int, default=None, help="scored positions (default 1024; quick: 8)")
-  ap.add_argument("--window", type=int, default=None, help="context tokens (default 64; quick: 8)")
+  ap.add_argument("--positions", type=int, default=None, help="scored positions (default 256; quick: 8)")
+  ap.add_argument("--window", type=int, default=None, help="context tokens (default 32; quick: 8)")
   ap.add_argument("--rows", type=int, default=256, help="rows per forward batch")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out_dir", default=None, help="results directory (default experiments/results)")
   a = ap.parse_args()
   from mtp_jax.generate import load_workdir
-  positions, window = a.positions or (8 if a.quick else 1024), a.window or (8 if a.quick else 64)
+  positions, window = a.positions or (8 if a.quick else 256), a.window or (8 if a.quick else 32)
   if a.quick:
     n1_dir, mtp_dirs = quick_workdirs(tempfile.mkdtemp(prefix="marginalisation-"))
   else:
