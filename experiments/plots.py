@@ -66,13 +66,13 @@ def _dry_run(result, ax):
 def _marginalisation(result, ax):
   rows = result["rows"]
   names = [r["predictor"].replace(" (", "\n(").replace(", top", "\ntop") for r in rows]
-  bars = ax.bar(range(len(rows)), [r["acc_t2"] for r in rows],
+  bars = ax.bar(range(len(rows)), [r["nll_t2"] for r in rows],
                 color=["tab:blue" if r["k"] else "tab:orange" for r in rows])
   for b, r in zip(bars, rows):
-    ax.annotate(f"+{r['extra_positions']} pos." if r["k"] else "0 extra", (b.get_x() + b.get_width() / 2, b.get_height()),
-                ha="center", va="bottom", fontsize=7)
+    ax.annotate(f"acc {r['acc_t2']:.3f}, " + (f"+{r['extra_positions']} pos." if r["k"] else "0 extra"),
+                (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=6)
   ax.set_xticks(range(len(rows)), names, fontsize=6)
-  ax.set_ylabel("accuracy on x(t+2)")
+  ax.set_ylabel("nll of x(t+2), nats (lower is better)")
   ax.set_title(f"x(t+2): marginalised n=1 (blue) vs MTP head 2 (orange), {result['positions']} positions, "
                f"{result['window']}-token context", fontsize=8)
 
