@@ -1,7 +1,8 @@
 """MTP heads added to a pretrained next-token model: frozen trunk (Medusa-1, Mehra et al.) vs joint training,
 against the n=4 model trained from scratch, all through the converter.
 
-    python experiments/frozen_heads.py                  # the full run (CPU: hours)
+    python experiments/frozen_heads.py                  # the full run (2 CPU cores: about 2 hours)
+    python experiments/frozen_heads.py --steps=1000 --head_steps=500   # the README's run (about 75 min)
     python experiments/frozen_heads.py --quick          # the same pipeline at toy size (seconds to minutes)
 
 1. train the n=1 default model (`configs/default.py:n1`, with parallel transformer heads: a linear
