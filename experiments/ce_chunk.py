@@ -9,24 +9,20 @@ planned temporaries, then times them interleaved (median of steps) on the same d
 Writes experiments/results/ce_chunk.md and .json.
 """
 import os
-import statistics
 import sys
-import time
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from results_io import write_results  # noqa: E402
+from step_timing import interleaved_step_seconds  # noqa: E402
 from configs.default import get_config  # noqa: E402
 from mtp_jax import sharding  # noqa: E402
 from mtp_jax.cross_entropy import auto_chunk  # noqa: E402
 from mtp_jax.dry_run import compile_train_step, memory_report  # noqa: E402
-from mtp_jax.model import build_model, init_params  # noqa: E402
-from mtp_jax.step import new_train_state, make_optimizer, make_train_step  # noqa: E402
 
 _VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (after one warm-up).")
@@ -45,32 +41,16 @@ def config(n, impl, chunk):
 
 def main(_):
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
-  runs, rows = {}, []
+  rows = []
   for v in VARIANTS:
     c = config(*v)
     mesh = sharding.make_mesh(c, jax.devices()[:1])
     temp = memory_report(compile_train_step(c, mesh)[0])["temp_bytes"]
-    model, tx = build_model(c.model), make_optimizer(c.train)
-    state = new_train_state(init_params(model, jax.random.key(0)), tx)
-    step = jax.jit(make_train_step(model, c, tx), donate_argnums=0)
-    shape = (c.train.batch_size, c.data.seq_len + v[0])
-    batch = {"tokens": jax.random.randint(jax.random.key(1), shape, 0, c.model.vocab_size),
-             "segment_ids": jnp.ones(shape, jnp.int32)}
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    runs[v] = [step, state, batch, []]
     rows.append({"n": v[0], "impl": v[1], "chunk_size": v[2], "temp_bytes": temp})
     print(v, f"temp {temp / 2**20:.0f} MiB", flush=True)
-  for _ in range(_STEPS.value):
-    for v in VARIANTS:
-      step, state, batch, times = runs[v]
-      t0 = time.perf_counter()
-      state, m = step(state, batch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-      runs[v][1] = state
+  seconds = interleaved_step_seconds({v: config(*v) for v in VARIANTS}, _STEPS.value)
   for r, v in zip(rows, VARIANTS):
-    r["seconds_per_step"] = statistics.median(runs[v][3])
+    r["seconds_per_step"] = seconds[v]
   c = config(1, "scan", -1)
   chunk = auto_chunk(c.train.batch_size, c.data.seq_len, _VOCAB.value)
   lines = [f"Train step of configs/default.py:sp at vocab {_VOCAB.value} (batch {c.train.batch_size} x "

@@ -15,7 +15,6 @@ scan carries h^(k-1) from module to module, so its memory must stay at one modul
 Writes experiments/results/<out_name>.md and .json.
 """
 import os
-import statistics
 import sys
 import time
 
@@ -24,14 +23,12 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from results_io import write_results  # noqa: E402
+from step_timing import interleaved_step_seconds  # noqa: E402
 from mtp_jax import sharding  # noqa: E402
 from mtp_jax.config import base_config  # noqa: E402
 from mtp_jax.dry_run import compile_train_step, memory_report  # noqa: E402
-from mtp_jax.model import build_model, init_params  # noqa: E402
-from mtp_jax.step import make_optimizer, new_train_state, make_train_step  # noqa: E402
 
 _VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
 _SEQ = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
@@ -68,27 +65,7 @@ def default_config(n: int):
 
 def time_ratio(config_fn, steps: int) -> dict:
   """Median seconds per train step for n=1 and n=4, measured interleaved so drift hits both."""
-  runs = {}
-  for n in (1, 4):
-    c = config_fn(n)
-    model, tx = build_model(c.model), make_optimizer(c.train)
-    state = new_train_state(init_params(model, jax.random.key(0)), tx)
-    step = jax.jit(make_train_step(model, c, tx), donate_argnums=0)
-    shape = (c.train.batch_size, c.data.seq_len + n)
-    batch = {"tokens": jax.random.randint(jax.random.key(1), shape, 0, c.model.vocab_size),
-             "segment_ids": jnp.ones(shape, jnp.int32)}
-    state, m = step(state, batch)          # compile + warm up
-    jax.block_until_ready(m)
-    runs[n] = [step, state, batch, []]
-  for _ in range(steps):
-    for n in (1, 4):
-      step, state, batch, times = runs[n]
-      t0 = time.perf_counter()
-      state, m = step(state, batch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-      runs[n][1] = state
-  med = {n: statistics.median(runs[n][3]) for n in (1, 4)}
+  med = interleaved_step_seconds({n: config_fn(n) for n in (1, 4)}, steps)
   return {"seconds_n1": med[1], "seconds_n4": med[4], "ratio_n4_over_n1": med[4] / med[1]}
 
 

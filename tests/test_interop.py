@@ -291,7 +291,7 @@ def test_bucket_import_export_match_local(gcs, tmp_path):
   interop.import_checkpoint(src, "gs://bkt/interop/w", n_future=2, head_init="random")
   interop.import_checkpoint(fixture("hf_gqa_untied"), tmp_path / "w", n_future=2, head_init="random")
   assert has_pretrained("gs://bkt/interop/w")
-  (remote, config), (local, _) = load_params("gs://bkt/interop/w"), load_params(tmp_path / "w")
+  (remote, _), (local, _) = load_params("gs://bkt/interop/w"), load_params(tmp_path / "w")
   _bit_equal(jax.device_get(remote), jax.device_get(local))
   interop.export_workdir("gs://bkt/interop/w", "gs://bkt/interop/out")
   _bit_equal(interop.read_checkpoint("gs://bkt/interop/out")[1], interop.read_checkpoint(

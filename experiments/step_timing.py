@@ -1,0 +1,34 @@
+"""Train-step time of several configs, measured side by side on one device."""
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.model import build_model, init_params
+from mtp_jax.step import make_optimizer, make_train_step, new_train_state
+
+
+def interleaved_step_seconds(configs: dict, steps: int) -> dict:
+  """{key: median seconds per train step} for {key: config}, after one compile + warm-up step each; the
+  steps are interleaved across the configs so machine drift hits all of them alike."""
+  runs = {}
+  for key, c in configs.items():
+    model, tx = build_model(c.model), make_optimizer(c.train)
+    state = new_train_state(init_params(model, jax.random.key(0)), tx)
+    step = jax.jit(make_train_step(model, c, tx), donate_argnums=0)
+    shape = (c.train.batch_size, c.data.seq_len + c.model.n_future)
+    batch = {"tokens": jax.random.randint(jax.random.key(1), shape, 0, c.model.vocab_size),
+             "segment_ids": jnp.ones(shape, jnp.int32)}
+    state, m = step(state, batch)          # compile + warm up
+    jax.block_until_ready(m)
+    runs[key] = [step, state, batch, []]
+  for _ in range(steps):
+    for run in runs.values():
+      step, state, batch, times = run
+      t0 = time.perf_counter()
+      state, m = step(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+      run[1] = state
+  return {key: statistics.median(run[3]) for key, run in runs.items()}
