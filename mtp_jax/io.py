@@ -125,6 +125,46 @@ def is_empty_dir(p: PathLike) -> bool:
   return not p.exists() or (p.is_dir() and not any(p.iterdir()))
 
 
+def require_new_dir(p: PathLike, what: str, verb: str = "write", error=UserError) -> Path:
+  """`p` made absolute, or `error` when something is already there (on a bucket: reachable, checked first)."""
+  if is_remote(p):
+    check_bucket(p, what)
+  with user_errors(f"{what}={p}"):
+    empty = is_empty_dir(p)
+  p = absolute(p)
+  if not empty:
+    raise error(f"{what}={p} is not empty; {verb} into a new directory (nothing was written)")
+  return p
+
+
+@contextlib.contextmanager
+def new_dir(dst: PathLike, what: str, last: str | None = None) -> Iterator:
+  """A local temporary directory to fill; when the block ends it becomes `dst` whole: renamed into place
+  on local disk, or uploaded to a bucket with the file named `last` after every other (a failed upload is
+  removed). On any error the temporary directory is deleted and `dst` is left as it was."""
+  import pathlib
+  import shutil
+  import tempfile
+  dst = absolute(dst)
+  remote = is_remote(dst)
+  if not remote:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.new-", dir=None if remote else os.fspath(dst.parent)))
+  try:
+    yield tmp
+    if remote:
+      with user_errors(f"{what}={dst}"):
+        put_tree(tmp, dst, last)
+      shutil.rmtree(tmp)
+    else:
+      if dst.exists():
+        dst.rmdir()        # empty (checked by the caller): rename needs the name free
+      os.replace(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def fsspec_of(p: PathLike):
   """(fsspec filesystem, path in it) for `p`; local paths get the local filesystem."""
   import fsspec

@@ -11,9 +11,6 @@ rest; `convert import --from=DIR` reads both back, bit-exactly.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -143,29 +140,15 @@ def _bytes_to_unicode() -> dict:
 def export(workdir, to) -> Path:
   """Write the Hugging Face directory `to` (new or empty) from the workdir's newest checkpoint (or import)."""
   from safetensors.numpy import save_file
-  from mtp_jax import checkpoint, tokenizer as tokenizer_lib
+  from mtp_jax import checkpoint, io, tokenizer as tokenizer_lib
 
-  from mtp_jax import io
-
-  remote = io.is_remote(to)
-  if remote:
-    io.check_bucket(to, "--to")
-    with io.user_errors(f"--to={to}"):
-      empty = io.is_empty_dir(to)
-  else:
-    to = Path(to).absolute()
-    empty = not to.exists() or (to.is_dir() and not any(to.iterdir()))
-  if not empty:
-    raise ConvertError(f"--to={to} is not empty; export into a new directory (nothing was written)")
+  to = io.require_new_dir(to, "--to", "export", ConvertError)
   config = checkpoint.read_config(workdir)
   _check_exportable(config)
   tokenizer = tokenizer_lib.load_tokenizer(workdir)
   params, config = checkpoint.load_params(workdir)
   params = jax.device_get(params)
-  if not remote:
-    to.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=None if remote else to.parent))
-  try:
+  with io.new_dir(to, "--to", last="config.json") as tmp:
     (tmp / "config.json").write_text(json.dumps(hf_config(config, tokenizer), indent=2))
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2))
@@ -174,15 +157,4 @@ def export(workdir, to) -> Path:
       save_file(extra_head_tensors(params, config), str(tmp / "extra_heads.safetensors"), metadata={"format": "pt"})
       (tmp / "params.json").write_text(json.dumps(meta_params(config), indent=2))
     _write_tokenizer(tokenizer, tmp)
-    if remote:   # uploaded with config.json last, removed again if the upload fails
-      with io.user_errors(f"--to={to}"):
-        io.put_tree(tmp, to, last="config.json")
-      shutil.rmtree(tmp)
-      return io.path(to)
-    if to.exists():
-      to.rmdir()
-    os.replace(tmp, to)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return to

@@ -9,11 +9,6 @@ without config.json is not a workdir), and the upload is removed if it fails.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import jax
 
 from mtp_jax import io
@@ -25,46 +20,21 @@ CONFIG_FILE = "config.json"
 
 def check_target(workdir):
   """Refuse a workdir that holds anything (a run, another import); returns it absolute."""
-  if io.is_remote(workdir):
-    io.check_bucket(workdir, "--workdir")
-    with io.user_errors(f"--workdir={workdir}"):
-      empty = io.is_empty_dir(workdir)
-    if not empty:
-      raise ConvertError(f"--workdir={workdir} is not empty; import into a new directory (nothing was written)")
-    return io.path(workdir)
-  workdir = Path(workdir).absolute()
-  if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
-    raise ConvertError(f"--workdir={workdir} is not empty; import into a new directory (nothing was written)")
-  return workdir
+  return io.require_new_dir(workdir, "--workdir", "import", ConvertError)
 
 
-def write_workdir(workdir, config, params, tokenizer) -> Path:
+def write_workdir(workdir, config, params, tokenizer):
   """config.json + tokenizer files + W/pretrained, all or nothing."""
   import orbax.checkpoint as ocp
   from mtp_jax import tokenizer as tokenizer_lib
 
   workdir = check_target(workdir)
-  remote = io.is_remote(workdir)
-  if not remote:
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.import-", dir=None if remote else workdir.parent))
-  try:
+  with io.new_dir(workdir, "--workdir", last=CONFIG_FILE) as tmp:
     (tmp / CONFIG_FILE).write_text(config.to_json(indent=2, sort_keys=True))
     tokenizer_lib.save_to_workdir(tokenizer, tmp)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / PRETRAINED, params)
       ckptr.wait_until_finished()
-    if remote:
-      with io.user_errors(f"--workdir={workdir}"):
-        io.put_tree(tmp, workdir, last=CONFIG_FILE)
-      shutil.rmtree(tmp)
-      return workdir
-    if workdir.exists():
-      workdir.rmdir()        # empty (checked): rename needs the name free
-    os.replace(tmp, workdir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return workdir
 
 
