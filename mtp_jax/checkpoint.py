@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging as logging_std
 import os
 import shutil
 import sys
@@ -67,26 +68,39 @@ def _write_failure(error: BaseException) -> str:
   return f"{type(error).__name__}: {_first_line(error)}"
 
 
+def _is_abandoned_read(e, depth: int = 0) -> bool:
+  """True for the errors of reads orbax abandoned after a failed restore: the closed loop itself, or
+  orbax's read error (the closed loop or the damaged bytes somewhere in its chain)."""
+  if e is None or depth > 8:
+    return False
+  if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+    return True
+  if str(e).startswith("Encountered error while reading array index"):
+    return True
+  return _is_abandoned_read(e.__cause__, depth + 1) or _is_abandoned_read(e.__context__, depth + 1)
+
+
+class _AbandonedReadFilter(logging_std.Filter):
+  """asyncio logs 'Task exception was never retrieved' for each abandoned read task it collects."""
+
+  def filter(self, record):
+    return not (record.exc_info and _is_abandoned_read(record.exc_info[1]))
+
+
 def _drop_closed_loop_noise() -> None:
   """After a failed restore, tensorstore still completes the reads orbax abandoned, on an asyncio loop
-  orbax has closed: dozens of 'Event loop is closed' tracebacks through sys.unraisablehook. They say
-  nothing (the failure was reported): drop exactly those, pass everything else on."""
+  orbax has closed: dozens of tracebacks, through sys.unraisablehook ('Event loop is closed') and through
+  the asyncio logger ('Task exception was never retrieved'). They say nothing (the failure was reported):
+  drop exactly those, pass everything else on."""
+  asyncio_log = logging_std.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_AbandonedReadFilter())
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop", False):
     return
 
-  def is_noise(e, depth=0):
-    # the closed loop shows up as the exception itself or in the chain of orbax's read error
-    if e is None or depth > 8:
-      return False
-    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-      return True
-    if str(e).startswith("Encountered error while reading array index"):
-      return True
-    return is_noise(e.__cause__, depth + 1) or is_noise(e.__context__, depth + 1)
-
   def hook(unraisable):
-    if not is_noise(unraisable.exc_value):
+    if not _is_abandoned_read(unraisable.exc_value):
       previous(unraisable)
   hook._drops_closed_loop = True
   sys.unraisablehook = hook
@@ -197,11 +211,11 @@ class Checkpointer:
     A checkpoint is good when it restores and its params / opt_state are finite. Newer bad ones are
     quarantined (skipped when read_only); if none is good, NoUsableCheckpoint, and nothing is moved."""
     bad = []
+    _drop_closed_loop_noise()   # before the first read: the abandoned reads may be collected at any time
     for step in reversed(self.steps()):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**targets))
       except Exception as e:  # any damage: unreadable metadata, truncated arrays, missing files
-        _drop_closed_loop_noise()
         bad.append((step, f"unreadable ({type(e).__name__}: {_first_line(e)})"))
         continue
       if not all_finite([restored.get(k) for k in ("params", "opt_state") if k in targets]):
