@@ -5,7 +5,7 @@
 
 `results_io.write_results` calls `plot()` too, so a rerun of an experiment redraws its plot.
 A plotter is chosen by the file stem's prefix (memory*, speculative*, paper_dry_run*, marginalisation*,
-frozen_heads*).
+frozen_heads*, induction*).
 """
 import json
 import os
@@ -91,7 +91,21 @@ def _frozen_heads(result, ax):
   ax.legend(fontsize=7)
 
 
-PLOTTERS = {"memory": _memory, "speculative": _speculative, "paper_dry_run": _dry_run,
+def _induction(result, ax):
+  for n, style in ((1, "o-"), (2, "s-")):
+    rows = sorted((r for r in result["rows"] if r["n"] == n), key=lambda r: r["params"])
+    line, = ax.plot([r["params"] for r in rows], [r["induction_accuracy"] for r in rows], style, label=f"n={n}")
+    ax.plot([r["params"] for r in rows], [r["first_mention_accuracy"] for r in rows], style[0] + ":",
+            color=line.get_color(), alpha=0.6, label=f"n={n}, first mentions (control)")
+  ax.set_xscale("log")
+  ax.set_ylim(0, 1)
+  ax.set_xlabel("parameters")
+  ax.set_ylabel("accuracy on a name's second byte")
+  ax.set_title(f"induction on generated stories, {result['steps']} steps per model", fontsize=9)
+  ax.legend(fontsize=7)
+
+
+PLOTTERS = {"memory": _memory, "induction": _induction, "speculative": _speculative, "paper_dry_run": _dry_run,
             "marginalisation": _marginalisation, "frozen_heads": _frozen_heads}
 
 

@@ -20,3 +20,32 @@ def test_marginalisation_quick(tmp_path):
     assert 0 <= row["acc_t2"] <= 1 and row["nll_t2"] > 0
   assert (tmp_path / "marginalisation_quick.png").stat().st_size > 10_000
   assert "| predictor |" in (tmp_path / "marginalisation_quick.md").read_text()
+
+
+def test_induction_quick(tmp_path):
+  r = subprocess.run([sys.executable, "experiments/induction.py", "--quick", f"--workdir={tmp_path / 'runs'}",
+                      f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                     env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((tmp_path / "induction_quick.json").read_text())
+  assert [(row["size"], row["n"]) for row in res["rows"]] == [("xs", 1), ("xs", 2)]
+  for row in res["rows"]:
+    assert row["repeat_mentions"] > 0 and row["first_mentions"] > 0 and row["steps"] == res["steps"]
+    assert 0 <= row["induction_accuracy"] <= 1 and 0 <= row["first_mention_accuracy"] <= 1
+  assert res["rows"][0]["params"] == res["rows"][1]["params"]      # parity: n=2 costs no parameters
+  assert (tmp_path / "induction_quick.png").stat().st_size > 10_000
+  assert "| size |" in (tmp_path / "induction_quick.md").read_text()
+
+
+def test_induction_stories_name_exactly_three_characters_each_mentioned_again():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import induction_stories
+  stories = induction_stories.generate(300, seed=1)
+  assert stories == induction_stories.generate(300, seed=1) and stories != induction_stories.generate(300, seed=2)
+  for text in stories:
+    found = induction_stories.mentions(text)
+    names = {name for _, name, _ in found}
+    assert len(names) == 3 and len({n[0] for n in names}) == 3, text      # a first byte picks one name
+    assert all(sum(1 for _, n, _ in found if n == name) >= 2 for name in names)
+    for offset, name, _ in found:
+      assert text.encode()[offset:offset + 2] == name.encode()
