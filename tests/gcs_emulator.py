@@ -1,5 +1,8 @@
 """A real GCS emulator (gcp-storage-emulator) on a free loopback port, for tests of gs:// paths.
 
+It runs through tests/gcs_emulator_server.py, which adds the generation headers real GCS sends on
+downloads and the emulator omits (tensorstore needs them for its second write to an OCDBT manifest).
+
     with GcsEmulator(buckets=["bkt"]) as emu:
       env = emu.env          # for subprocesses; in-process code gets it through os.environ
       ...
@@ -42,7 +45,8 @@ class GcsEmulator:
   def start(self):
     self._dir = tempfile.TemporaryDirectory(prefix="gcs-emulator-")
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={self.port}", "-q"],
+        [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator_server.py"),
+         "start", "--host=127.0.0.1", f"--port={self.port}", "-q"],
         env={**os.environ, "STORAGE_BASE": self._dir.name, "STORAGE_DIR": "store"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30

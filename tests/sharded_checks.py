@@ -66,7 +66,8 @@ def check_train_steps_match_single_device():
 
 
 def check_decode_matches_single_device():
-  """Greedy and speculative tokens on every mesh equal the single-device tokens (batch split over data)."""
+  """Greedy and speculative tokens on every mesh equal the single-device tokens (batch split over data);
+  parallel and sequential heads on all four meshes, causal heads on the one that uses every axis."""
   from mtp_jax import decode
   from mtp_jax.model import init_params
   for head_type in ("parallel", "causal", "sequential"):
@@ -81,7 +82,9 @@ def check_decode_matches_single_device():
     ref = {mode: decode.run(params, model.args, tokens, lengths, mode=mode, max_new_tokens=12)[0].tokens
            for mode in ("greedy", "speculative")}
     np.testing.assert_array_equal(ref["greedy"], ref["speculative"])
-    for name, sizes in MESHES.items():
+    # causal heads shard like parallel ones (the same head subtrees): one mesh with every axis keeps CI short
+    meshes = {"d2f2t2": MESHES["d2f2t2"]} if head_type == "causal" else MESHES
+    for name, sizes in meshes.items():
       config.mesh.update(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
       mesh = sharding.make_mesh(config)
       sharded = sharding.shard_params(params, model, mesh, config)

@@ -8,8 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from conftest import ROOT
 from mtp_jax import io
 
@@ -37,11 +35,9 @@ def _losses(workdir):
   return [(r["step"], r["loss"], r["head_losses"], r["grad_norm"]) for r in map(json.loads, lines) if "split" not in r]
 
 
-# Slow-marked: against gcp-storage-emulator, tensorstore's OCDBT writes sometimes fail with
-# "Malformed StorageGeneration" (1 of the last 2 runs here; it passed in the others), not yet
-# diagnosed (emulator or tensorstore side); CI keeps the orbax bucket round trip in test_io.py and
-# the one-line errors. Run it with `python -m pytest -m slow tests/test_bucket_run.py`.
-@pytest.mark.slow
+# It used to fail intermittently with "Malformed StorageGeneration": the emulator sent no
+# x-goog-generation header on downloads, which tensorstore needs for a second commit to an OCDBT
+# manifest (tests/gcs_emulator_server.py adds it; test_io.py checks that commit on its own).
 def test_bucket_workdir_trains_resumes_and_generates(gcs, tmp_path):
   (tmp_path / "cwd").mkdir()
   (tmp_path / "home").mkdir()

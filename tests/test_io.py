@@ -51,6 +51,18 @@ def test_orbax_round_trip_on_the_emulator(gcs):
   assert io.glob("gs://bkt/io/ckpt/3/**/manifest.ocdbt")
 
 
+def test_a_second_commit_to_an_ocdbt_manifest_on_the_emulator(gcs):
+  """Tensorstore reads the manifest's generation from the download's x-goog-generation header and
+  writes the next commit on that precondition (the emulator lacks the header; gcs_emulator_server.py
+  adds it): a reopened store must take a second write, as a checkpoint save written in two commits does."""
+  import tensorstore as ts
+  spec = {"driver": "ocdbt", "base": "gs://bkt/io/ocdbt/"}
+  ts.KvStore.open(spec).result().write("a", b"1").result()
+  again = ts.KvStore.open(spec).result()
+  again.write("b", b"2").result()
+  assert again.list().result() == [b"a", b"b"] and again.read("a").result().value == b"1"
+
+
 def test_missing_bucket_is_one_line(gcs):
   io.check_bucket("gs://bkt/run", "--workdir")
   with pytest.raises(UserError, match="the bucket 'nope' does not exist"):
