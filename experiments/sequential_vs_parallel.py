@@ -1,7 +1,10 @@
 """The paper's parallel heads against DeepSeek-V3's sequential MTP modules, at equal parameters, on the default corpus.
 
-    nice -n 10 python experiments/sequential_vs_parallel.py          # 4 runs of configs/default.py, hours on 2 CPU cores
-    python experiments/sequential_vs_parallel.py --quick             # smoke: configs/tiny.py:bytes, a few steps (CI)
+    python experiments/sequential_vs_parallel.py --steps=600         # the README's run: about 40 min on 2 CPU cores
+    python experiments/sequential_vs_parallel.py                     # the recipe's 2,000 steps: over 2 hours
+    python experiments/sequential_vs_parallel.py --quick             # smoke: configs/tiny.py:bytes, a few steps
+    python experiments/sequential_vs_parallel.py --steps=600 --out_name=head_topology \
+        --runs=parallel:4,causal:4,linear:4,sequential:4             # the paper's appendix B head designs
 
 Four models, each trained by the library's trainer from the same recipe (configs/default.py: bytes,
 the Python standard library, 12 layers of width 128, 2,000 steps, seed 0) with transformer-layer
@@ -42,7 +45,21 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the prompts per
 _OUT = flags.DEFINE_string("out_name", "", "Results stem (default: sequential_vs_parallel[_quick]).")
 _RESULTS = flags.DEFINE_string("results_dir", os.path.join(ROOT, "experiments", "results"), "Results folder.")
 
-RUNS = (("parallel", 2), ("parallel", 4), ("sequential", 2), ("sequential", 4))
+_RUNS = flags.DEFINE_list("runs", ["parallel:2", "parallel:4", "sequential:2", "sequential:4"],
+                          "head_type:n_future per model (head types: parallel, causal, linear, sequential; n >= 2).")
+HEAD_TYPES = ("parallel", "causal", "linear", "sequential")
+
+
+def parse_runs(specs) -> list:
+  """['parallel:4', ...] -> [('parallel', 4), ...]; one error line for anything else."""
+  runs = []
+  for spec in specs:
+    head_type, _, n = spec.partition(":")
+    if head_type not in HEAD_TYPES or not n.isdigit() or int(n) < 2:
+      raise SystemExit(f"error: --runs={spec!r}: write head_type:n_future with head_type one of "
+                       f"{', '.join(HEAD_TYPES)} and n_future >= 2, e.g. --runs=parallel:4,sequential:4")
+    runs.append((head_type, int(n)))
+  return runs
 
 
 def run_config(head_type: str, n: int):
@@ -62,7 +79,7 @@ def run_config(head_type: str, n: int):
 
 
 def name_of(head_type: str, n: int) -> str:
-  return f"parallel_n{n}" if head_type == "parallel" else f"sequential_D{n - 1}"
+  return f"sequential_D{n - 1}" if head_type == "sequential" else f"{head_type}_n{n}"
 
 
 def train_curve(workdir: str, tokens_per_step: int):
@@ -152,7 +169,7 @@ def main(_):
   out = _OUT.value or ("sequential_vs_parallel_quick" if _QUICK.value else "sequential_vs_parallel")
   prompts_n, prompt_len = (2, 16) if _QUICK.value else (_PROMPTS.value, _PROMPT_LEN.value)
   rows = []
-  for head_type, n in RUNS:
+  for head_type, n in parse_runs(_RUNS.value):
     name, config = name_of(head_type, n), run_config(head_type, n)
     workdir = os.path.join(_ROOT.value, name)
     t0 = time.time()
@@ -171,7 +188,8 @@ def main(_):
 
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   recipe = "configs/tiny.py:bytes (quick)" if _QUICK.value else "configs/default.py"
-  lines = [f"Parallel heads vs DeepSeek-V3 sequential modules, {device}; {recipe} with transformer heads under parity "
+  lines = [f"{' vs '.join(r['name'] for r in rows)}, {device}; {recipe} under parity (linear heads are not layers: "
+           f"they add n x d^2, see params) "
            f"(train.steps={config.train.steps}, seed {config.seed}); decoding at batch 1 over {prompts_n} held-out "
            f"prompts of {prompt_len} tokens, {_MAX_NEW.value} new tokens each, EOS off, median of {_REPEATS.value}.", "",
            "| model | params | valid next-token loss | valid loss per head | train s | greedy tok/s | "
