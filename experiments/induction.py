@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import induction_stories  # noqa: E402
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff)
-SIZES = {"xs": (32, 3, 2, 1, 96), "s": (64, 4, 4, 2, 176), "m": (128, 6, 4, 2, 352)}
+SIZES = {"xxs": (16, 3, 2, 1, 48), "xs": (32, 3, 2, 1, 96), "s": (64, 4, 4, 2, 176), "m": (128, 6, 4, 2, 352)}
 QUICK_SIZES = {"xs": (16, 3, 2, 1, 32)}
 
 
@@ -110,6 +110,7 @@ def main():
   ap.add_argument("--stories", type=int, default=None, help="stories generated (default 8000; quick: 300)")
   ap.add_argument("--eval_stories", type=int, default=400, help="held-out stories scored")
   ap.add_argument("--seed", type=int, default=0, help="corpus seed (the model seed is the config's, 0)")
+  ap.add_argument("--sizes", default="xs,s,m", help=f"comma list of model sizes among {', '.join(SIZES)}")
   a = ap.parse_args()
   q = a.quick
   steps, stories = a.steps or (6 if q else 800), a.stories or (300 if q else 8000)
@@ -123,7 +124,11 @@ def main():
   from mtp_jax.generate import load_workdir
   from mtp_jax.train import train_and_evaluate
   rows = []
-  for size_name, size in (QUICK_SIZES if q else SIZES).items():
+  unknown = [x for x in a.sizes.split(",") if x not in SIZES]
+  if unknown and not q:
+    raise SystemExit(f"error: --sizes={a.sizes}: unknown size {unknown[0]!r}; choose among {', '.join(SIZES)}")
+  sizes = QUICK_SIZES if q else {x: SIZES[x] for x in a.sizes.split(",")}
+  for size_name, size in sizes.items():
     for n in (1, 2):
       config = run_config(corpus, size, n, steps, q)
       workdir = os.path.join(root, f"{size_name}_n{n}")
