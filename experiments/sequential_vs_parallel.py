@@ -1,6 +1,6 @@
 """The paper's parallel heads against DeepSeek-V3's sequential MTP modules, at equal parameters, on the default corpus.
 
-    python experiments/sequential_vs_parallel.py --steps=600         # the README's run: about 40 min on 2 CPU cores
+    python experiments/sequential_vs_parallel.py --steps=600         # the README's run: 35 min on 2 CPU cores
     python experiments/sequential_vs_parallel.py                     # the recipe's 2,000 steps: over 2 hours
     python experiments/sequential_vs_parallel.py --quick             # smoke: configs/tiny.py:bytes, a few steps
     python experiments/sequential_vs_parallel.py --steps=600 --out_name=head_topology \
