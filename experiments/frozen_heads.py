@@ -20,7 +20,6 @@ against the n=4 model trained from scratch, all through the converter.
 Writes experiments/results/frozen_heads[_quick].json and .md (or under --out_dir).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+from run_metrics import last_valid  # noqa: E402
 
 
 def recipes(quick: bool, steps: int = 0):
@@ -60,10 +61,6 @@ def heads_config(workdir, recipe, trainable: str, steps: int):
   c.train.update(recipe.train.to_dict())
   c.train.update(trainable=trainable, steps=steps, eval_every=steps, checkpoint_every=steps)
   return c
-
-
-def last_valid(workdir) -> dict:
-  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"valid"' in l][-1]
 
 
 def held_out_prompts(config, tokenizer, n: int, length: int) -> list:

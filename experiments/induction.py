@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import induction_stories  # noqa: E402
+from run_metrics import last_valid, train_curve  # noqa: E402
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff)
 SIZES = {"xxs": (16, 3, 2, 1, 48), "xs": (32, 3, 2, 1, 96), "s": (64, 4, 4, 2, 176), "m": (128, 6, 4, 2, 352)}
@@ -101,12 +102,6 @@ def induction_accuracy(workdir: str, max_stories: int) -> dict:
           "repeat_first_byte_accuracy": float(np.mean(hits["repeat_first_byte"]))}
 
 
-def last_records(workdir: str):
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  train = [r for r in records if "split" not in r]
-  return train, [r for r in records if r.get("split") == "valid"][-1]
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="toy sizes and steps: checks the pipeline, measures nothing")
@@ -140,15 +135,13 @@ def main():
       workdir = os.path.join(root, f"{size_name}_n{n}")
       began = time.time()
       train_and_evaluate(config, workdir)
-      train, valid = last_records(workdir)
-      tokens_per_step = config.train.batch_size * config.data.seq_len
-      seconds = float(np.cumsum([(r["step"] - p["step"]) * tokens_per_step / r["tokens_per_sec"]
-                                 for p, r in zip([{"step": 0}] + train[:-1], train)])[-1])
+      valid = last_valid(workdir)
+      steps_logged, losses, seconds = train_curve(workdir, config.train.batch_size * config.data.seq_len)
       row = {"size": size_name, "n": n, "d_model": size[0], "n_layers": size[1],
              "params": param_counts(load_workdir(workdir)[0])["params_total"], "steps": valid["step"],
              "valid_next_token_loss": valid["head_losses"][0], "valid_head_losses": valid["head_losses"],
-             "train_seconds": round(seconds, 1), "wall_seconds": round(time.time() - began, 1),
-             "curve": {"steps": [r["step"] for r in train], "loss": [r["head_losses"][0] for r in train]},
+             "train_seconds": round(seconds[-1], 1), "wall_seconds": round(time.time() - began, 1),
+             "curve": {"steps": steps_logged, "loss": losses},
              **induction_accuracy(workdir, a.eval_stories)}
       rows.append(row)
       print(f"{size_name} n={n}: induction {row['induction_accuracy']:.3f} (first mentions "

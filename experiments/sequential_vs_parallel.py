@@ -35,6 +35,9 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from mtp_jax.config import HEAD_TYPES  # noqa: E402
+from run_metrics import train_curve  # noqa: E402
+
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: tiny model, a few steps, two short prompts.")
 _ROOT = flags.DEFINE_string("root", "workdirs/sequential_vs_parallel", "Where the four runs' workdirs go.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Override train.steps (0: the recipe's).")
@@ -47,7 +50,6 @@ _RESULTS = flags.DEFINE_string("results_dir", os.path.join(ROOT, "experiments", 
 
 _RUNS = flags.DEFINE_list("runs", ["parallel:2", "parallel:4", "sequential:2", "sequential:4"],
                           "head_type:n_future per model (head types: parallel, causal, linear, sequential; n >= 2).")
-HEAD_TYPES = ("parallel", "causal", "linear", "sequential")
 
 
 def parse_runs(specs) -> list:
@@ -80,20 +82,6 @@ def run_config(head_type: str, n: int):
 
 def name_of(head_type: str, n: int) -> str:
   return f"sequential_D{n - 1}" if head_type == "sequential" else f"{head_type}_n{n}"
-
-
-def train_curve(workdir: str, tokens_per_step: int):
-  """(steps, next-token train loss, cumulative train seconds) from the run's metrics.jsonl."""
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  train = [r for r in records if r.get("split") != "valid"]
-  steps, losses, seconds, t, prev = [], [], [], 0.0, 0
-  for r in train:
-    t += (r["step"] - prev) * tokens_per_step / max(r["tokens_per_sec"], 1e-9)
-    prev = r["step"]
-    steps.append(r["step"])
-    losses.append(r["head_losses"][0])
-    seconds.append(t)
-  return steps, losses, seconds
 
 
 def held_out_prompts(config, tokenizer, n: int, length: int):
@@ -188,8 +176,9 @@ def main(_):
 
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   recipe = "configs/tiny.py:bytes (quick)" if _QUICK.value else "configs/default.py"
-  lines = [f"{' vs '.join(r['name'] for r in rows)}, {device}; {recipe} under parity (linear heads are not layers: "
-           f"they add n x d^2, see params) "
+  linear_note = " (linear heads are not layers: they add n x d^2, see params)" if any(
+      r["head_type"] == "linear" for r in rows) else ""
+  lines = [f"{' vs '.join(r['name'] for r in rows)}, {device}; {recipe} under parity{linear_note} "
            f"(train.steps={config.train.steps}, seed {config.seed}); decoding at batch 1 over {prompts_n} held-out "
            f"prompts of {prompt_len} tokens, {_MAX_NEW.value} new tokens each, EOS off, median of {_REPEATS.value}.", "",
            "| model | params | valid next-token loss | valid loss per head | train s | greedy tok/s | "
