@@ -64,19 +64,20 @@ def parse_runs(specs) -> list:
   return runs
 
 
-def run_config(head_type: str, n: int):
-  if _QUICK.value:
+def run_config(head_type: str, n: int, quick: bool, steps: int = 0, variant=None):
+  """configs/default.py[:variant] (quick: configs/tiny.py) with these heads under parity; steps=0 keeps the recipe's."""
+  if quick:
     from configs.tiny import get_config
-    c = get_config("bytes")
+    c = get_config(None if variant == "sp" else "bytes")
     c.model.update(n_layers=5, max_seq_len=128)
     c.data.update(seq_len=32, max_train_bytes=100_000)
     c.train.update(steps=4, log_every=1, eval_every=4, checkpoint_every=4, eval_batches=1)
   else:
     from configs.default import get_config
-    c = get_config()
+    c = get_config(variant)
   c.model.update(head_type=head_type, n_future=n, parity=True)
-  if _STEPS.value:
-    c.train.update(steps=_STEPS.value, eval_every=min(c.train.eval_every, _STEPS.value))
+  if steps:
+    c.train.update(steps=steps, eval_every=min(c.train.eval_every, steps))
   return c
 
 
@@ -100,15 +101,16 @@ def held_out_prompts(config, tokenizer, n: int, length: int):
                    f"lower --prompt_len or --prompts")
 
 
-def decode_batch1(params, args, prompts) -> dict:
-  """Greedy vs speculative at batch 1 over the prompts: median seconds, speedup, tokens/forward, acceptance."""
+def decode_batch1(params, args, prompts, max_new: int, repeats: int) -> dict:
+  """Greedy vs speculative at batch 1 over the prompts, max_new tokens each: median of repeats of
+  seconds, speedup, tokens/forward, acceptance."""
   from mtp_jax import decode
   calls = [decode.pad_prompts([p], len(p)) for p in prompts]
-  kw = dict(max_new_tokens=_MAX_NEW.value, eos_id=-1)
+  kw = dict(max_new_tokens=max_new, eos_id=-1)
   modes = ("greedy", "speculative")
   outs = {m: [decode.run(params, args, t, l, mode=m, **kw)[0] for t, l in calls] for m in modes}   # compile
   seconds = {m: [] for m in modes}
-  for _ in range(_REPEATS.value):
+  for _ in range(repeats):
     total = dict.fromkeys(modes, 0.0)
     for i, (t, l) in enumerate(calls):
       for m in modes:                      # back to back on each prompt: drift hits both modes
@@ -122,10 +124,10 @@ def decode_batch1(params, args, prompts) -> dict:
   accepted = np.sum([o.accepted.sum(0) for o in spec], axis=0)
   med = {m: statistics.median(v) for m, v in seconds.items()}
   same = all(np.array_equal(a.tokens, b.tokens) for a, b in zip(outs["greedy"], spec))
-  return {"greedy_tok_s": len(prompts) * _MAX_NEW.value / med["greedy"],
-          "speculative_tok_s": len(prompts) * _MAX_NEW.value / med["speculative"],
+  return {"greedy_tok_s": len(prompts) * max_new / med["greedy"],
+          "speculative_tok_s": len(prompts) * max_new / med["speculative"],
           "speedup": med["greedy"] / med["speculative"],
-          "tokens_per_forward": len(prompts) * _MAX_NEW.value / forwards,
+          "tokens_per_forward": len(prompts) * max_new / forwards,
           "acceptance": [float(a) / proposed for a in accepted], "identical_to_greedy": same}
 
 
@@ -158,7 +160,7 @@ def main(_):
   prompts_n, prompt_len = (2, 16) if _QUICK.value else (_PROMPTS.value, _PROMPT_LEN.value)
   rows = []
   for head_type, n in parse_runs(_RUNS.value):
-    name, config = name_of(head_type, n), run_config(head_type, n)
+    name, config = name_of(head_type, n), run_config(head_type, n, _QUICK.value, _STEPS.value)
     workdir = os.path.join(_ROOT.value, name)
     t0 = time.time()
     final = train_and_evaluate(config, workdir)
@@ -168,7 +170,8 @@ def main(_):
     row = {"name": name, "head_type": head_type, "n_future": n, "params": param_counts(params)["params_total"],
            "valid_next_token_loss": final["head_losses"][0], "valid_head_losses": final["head_losses"],
            "train_seconds": seconds[-1], "curve": {"steps": steps, "loss": losses, "seconds": seconds},
-           **decode_batch1(params, args, held_out_prompts(config, tokenizer, prompts_n, prompt_len))}
+           **decode_batch1(params, args, held_out_prompts(config, tokenizer, prompts_n, prompt_len),
+                           _MAX_NEW.value, _REPEATS.value)}
     rows.append(row)
     print(f"{name}: valid next-token loss {row['valid_next_token_loss']:.4f}, speedup {row['speedup']:.2f}, "
           f"{row['tokens_per_forward']:.2f} tokens/forward, acceptance {row['acceptance']} "

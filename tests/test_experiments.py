@@ -1,6 +1,7 @@
 """Experiment scripts end to end at toy size (--quick), so they never rot: they run, write the table,
 the JSON and the plot, and what they report is self-consistent."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -49,3 +50,21 @@ def test_induction_stories_name_exactly_three_characters_each_mentioned_again():
     assert all(sum(1 for _, n, _ in found if n == name) >= 2 for name in names)
     for offset, name, _ in found:
       assert text.encode()[offset:offset + 2] == name.encode()
+
+
+def test_n_sweep_quick(tmp_path):
+  r = subprocess.run([sys.executable, "experiments/n_sweep.py", "--quick", f"--root={tmp_path / 'runs'}",
+                      f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                     env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((tmp_path / "n_sweep_quick.json").read_text())
+  rows = res["rows"]
+  assert [(row["recipe"], row["n"]) for row in rows] == [("bytes", 1), ("bytes", 2), ("sp", 1), ("sp", 2)]
+  for recipe in ("bytes", "sp"):
+    a, b = (row for row in rows if row["recipe"] == recipe)
+    assert a["params"] == b["params"] and a["n_layers"] == b["n_layers"]     # parity: one depth, one count
+    assert len(b["valid_head_losses"]) == 2 and b["identical_to_greedy"] and len(b["acceptance"]) == 1
+  assert rows[0]["tokens_per_byte"] == 1.0 and rows[2]["tokens_per_byte"] < 1.0     # pieces span bytes
+  assert abs(rows[0]["bits_per_byte"] * math.log(2) - rows[0]["valid_next_token_loss"]) < 1e-9
+  assert (tmp_path / "n_sweep_quick.png").stat().st_size > 10_000
+  assert "| n | params |" in (tmp_path / "n_sweep_quick.md").read_text()

@@ -1,0 +1,172 @@
+"""How many heads (Gloeckle et al. 2024, sections 3.3-3.4): n in {1, 2, 4, 8} at parameter parity, on bytes and on pieces.
+
+    python experiments/n_sweep.py --steps=600       # the README's run: 8 models, about an hour on 2 CPU cores
+    python experiments/n_sweep.py --quick           # smoke: configs/tiny.py, n in {1, 2}, a few steps
+
+Two recipes, each trained by the library's trainer from the same seed on the same batches (the
+data order depends only on the seed, so every n sees the same tokens):
+    bytes   configs/default.py     (258 ids, 12 layers of width 128)
+    sp      configs/default.py:sp  (2,048 sentencepiece pieces, width 256) with 8 layers, so that n = 8 fits
+Every model has parallel transformer heads under parity: L layers in all, the trunk's L - n plus one
+per head, so each n has n=1's parameter count (the table gives it). Reported per model: validation
+next-token loss, bits per byte and top-1 accuracy, every head's loss, the train loss at the fastest
+run's wall-clock (per-second comparison) and, at batch 1 over held-out prompts, self-speculative
+tokens per forward pass, acceptance and speedup over greedy (output checked identical). n=8 against
+n=1 on bytes is the paper's section 3.3 comparison. Rerunning resumes or re-evaluates finished runs;
+the bytes runs share workdirs with experiments/sequential_vs_parallel.py (parallel_n4 is the same
+model). Writes experiments/results/n_sweep.{md,json,png}.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+from run_metrics import train_curve  # noqa: E402
+from sequential_vs_parallel import decode_batch1, held_out_prompts, run_config  # noqa: E402
+
+RECIPES = {"bytes": None, "sp": "sp"}      # name -> configs/default.py variant
+PAPER = ("Paper (Gloeckle et al. 2024): at 7B parameters, n=4 is best with a 32k-token vocabulary (200B tokens of "
+         "code, Table 1) and n=8 with bytes (314B bytes), whose 8 heads decode 6.4x faster self-speculatively "
+         "(section 3.3); at 0.3-1B parameters MTP scores below next-token prediction (section 3.1, Figure 3).")
+
+
+def sweep_config(recipe: str, n: int, max_n: int, quick: bool, steps: int):
+  c = run_config("parallel", n, quick, steps, RECIPES[recipe])
+  c.model.n_layers = max(c.model.n_layers, max_n)    # one depth for the whole sweep: the largest n fits
+  return c
+
+
+def tokens_per_byte(config, tokenizer) -> float:
+  """Tokens per UTF-8 byte over the validation split: nats per token x this / ln 2 = bits per byte."""
+  import ml_collections
+  from mtp_jax import data
+  cfg = ml_collections.ConfigDict(config.data.to_dict())
+  cfg.max_train_bytes = 0
+  n_tokens = n_bytes = 0
+  for text in data.Corpus(cfg).texts("valid"):
+    n_tokens += len(tokenizer.encode(text))
+    n_bytes += len(text.encode("utf-8"))
+  return n_tokens / n_bytes
+
+
+def loss_at(curve: dict, seconds: float) -> float:
+  """The train next-token loss after `seconds` of training (linear between logged steps)."""
+  return float(np.interp(seconds, curve["seconds"], curve["loss"]))
+
+
+def run_one(recipe, n, max_n, a, root, prompts_n, prompt_len) -> dict:
+  from mtp_jax.dry_run import param_counts
+  from mtp_jax.generate import load_workdir
+  from mtp_jax.model import ModelArgs
+  from mtp_jax.train import train_and_evaluate
+  config = sweep_config(recipe, n, max_n, a.quick, a.steps)
+  workdir = os.path.join(root, f"parallel_n{n}" if recipe == "bytes" else f"{recipe}_L{config.model.n_layers}_n{n}")
+  began = time.time()
+  final = train_and_evaluate(config, workdir)
+  params, config, tokenizer = load_workdir(workdir)
+  steps, losses, seconds = train_curve(workdir, config.train.batch_size * config.data.seq_len)
+  tpb = tokens_per_byte(config, tokenizer)
+  row = {"recipe": recipe, "n": n, "n_layers": config.model.n_layers, "params": param_counts(params)["params_total"],
+         "steps": config.train.steps, "valid_next_token_loss": final["head_losses"][0],
+         "bits_per_byte": final["head_losses"][0] * tpb / math.log(2), "tokens_per_byte": tpb,
+         "valid_accuracy": final["head_accuracies"][0], "valid_head_losses": final["head_losses"],
+         "train_seconds": seconds[-1], "curve": {"steps": steps, "loss": losses, "seconds": seconds}}
+  if n > 1:
+    prompts = held_out_prompts(config, tokenizer, prompts_n, prompt_len)
+    row.update(decode_batch1(params, ModelArgs.from_config(config.model), prompts, a.max_new_tokens, a.repeats))
+  print(f"{recipe} n={n}: valid next-token loss {row['valid_next_token_loss']:.4f} "
+        f"({row['bits_per_byte']:.3f} bits/byte), speedup {row.get('speedup', 1.0):.2f} "
+        f"({time.time() - began:.0f}s)", flush=True)
+  return row
+
+
+def table(rows, recipe) -> list:
+  rows = [r for r in rows if r["recipe"] == recipe]
+  budget = min(r["train_seconds"] for r in rows)
+  lines = [f"**{recipe}** ({rows[0]['n_layers']} layers in every model; train loss at {budget:.0f} s = the fastest run's "
+           f"training time):", "",
+           "| n | params | valid next-token loss | bits/byte | top-1 acc | valid loss per head | train s | "
+           f"train loss at {budget:.0f} s | tokens/forward | speedup | acceptance t+2, t+3, ... | same as greedy |",
+           "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|"]
+  for r in rows:
+    spec = ("1.00 | 1.00 | | (n=1 decodes greedily)" if r["n"] == 1 else
+            f"{r['tokens_per_forward']:.2f} | {r['speedup']:.2f} | {', '.join(f'{x:.2f}' for x in r['acceptance'])} | "
+            f"{'yes' if r['identical_to_greedy'] else 'NO'}")
+    lines.append(f"| {r['n']} | {r['params']:,} | {r['valid_next_token_loss']:.4f} | {r['bits_per_byte']:.3f} | "
+                 f"{r['valid_accuracy']:.3f} | {', '.join(f'{x:.3f}' for x in r['valid_head_losses'])} | "
+                 f"{r['train_seconds']:.0f} | {loss_at(r['curve'], budget):.4f} | {spec} |")
+  return lines + [""]
+
+
+def plot(rows, recipes, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(len(recipes), 3, figsize=(15, 4 * len(recipes)), squeeze=False)
+  for ax_row, recipe in zip(axes, recipes):
+    for r in (r for r in rows if r["recipe"] == recipe):
+      label = f"n={r['n']}"
+      ax_row[0].plot(r["curve"]["steps"], r["curve"]["loss"], label=label)
+      ax_row[1].plot(r["curve"]["seconds"], r["curve"]["loss"], label=label)
+      ax_row[2].plot(range(1, r["n"] + 1), r["valid_head_losses"], marker="o", label=label)
+    ax_row[0].set(xlabel="step", ylabel="train next-token loss (nats)", title=f"{recipe}: per step")
+    ax_row[1].set(xlabel="train seconds", ylabel="train next-token loss (nats)", title=f"{recipe}: per wall-clock second")
+    ax_row[2].set(xlabel="head i (predicts t+i)", ylabel="valid loss (nats)", title=f"{recipe}: every head")
+    for ax in ax_row:
+      ax.legend()
+      ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="toy model and steps: checks the pipeline, measures nothing")
+  ap.add_argument("--steps", type=int, default=0, help="train steps per model (0: the recipe's; quick: 4)")
+  ap.add_argument("--ns", default="1,2,4,8", help="comma list of head counts (quick: 1,2)")
+  ap.add_argument("--recipes", default="bytes,sp", help=f"comma list among {', '.join(RECIPES)}")
+  ap.add_argument("--root", default=None, help="workdirs (default workdirs/sequential_vs_parallel, shared with it)")
+  ap.add_argument("--out_dir", default=os.path.join(ROOT, "experiments", "results"), help="results directory")
+  ap.add_argument("--prompts", type=int, default=8, help="held-out prompts decoded at batch 1")
+  ap.add_argument("--prompt_len", type=int, default=64, help="tokens per prompt")
+  ap.add_argument("--max_new_tokens", type=int, default=128, help="tokens generated per prompt (EOS off)")
+  ap.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts per mode")
+  a = ap.parse_args()
+  recipes = a.recipes.split(",")
+  if any(r not in RECIPES for r in recipes) or not all(x.isdigit() and int(x) >= 1 for x in a.ns.split(",")):
+    raise SystemExit(f"error: --recipes={a.recipes} --ns={a.ns}: recipes are among {', '.join(RECIPES)}, "
+                     f"ns are positive integers, e.g. --recipes=bytes,sp --ns=1,2,4,8")
+  ns = [1, 2] if a.quick else sorted({int(x) for x in a.ns.split(",")})
+  if a.quick:
+    a.steps, a.max_new_tokens, a.repeats = 4, 8, 1
+  prompts_n, prompt_len = (2, 16) if a.quick else (a.prompts, a.prompt_len)
+  name = "n_sweep_quick" if a.quick else "n_sweep"
+  root = os.path.abspath(a.root or os.path.join("workdirs", "n_sweep_quick" if a.quick else "sequential_vs_parallel"))
+
+  import jax
+  rows = [run_one(recipe, n, max(ns), a, root, prompts_n, prompt_len) for recipe in recipes for n in ns]
+  device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+  md = [f"# Heads n at parameter parity{' (quick: toy sizes, not a measurement)' if a.quick else ''}", "",
+        f"Command: `python experiments/n_sweep.py {' '.join(sys.argv[1:])}`; {device}; parallel transformer heads "
+        f"under parity, seed 0, {rows[0]['steps']} steps of the recipe's batches per model. Validation: the recipe's "
+        f"eval batches (next-token loss, top-1 accuracy; bits/byte = nats per token x tokens per byte of the "
+        f"validation text / ln 2). Decoding at batch 1 over {prompts_n} held-out prompts of {prompt_len} tokens, "
+        f"{a.max_new_tokens} new tokens each, EOS off, median of {a.repeats}.", ""]
+  for recipe in recipes:
+    md += table(rows, recipe)
+  md += [PAPER, "", f"![n sweep]({name}.png)"]
+  from results_io import write_results
+  write_results(name, {"quick": a.quick, "device": device, "ns": ns, "recipes": recipes, "rows": rows}, md, a.out_dir)
+  plot(rows, recipes, os.path.join(a.out_dir, f"{name}.png"))
+
+
+if __name__ == "__main__":
+  main()
