@@ -5,7 +5,7 @@
 
 `results_io.write_results` calls `plot()` too, so a rerun of an experiment redraws its plot.
 A plotter is chosen by the file stem's prefix (memory*, speculative*, paper_dry_run*, marginalisation*,
-frozen_heads*, induction*).
+frozen_heads*, induction*, poly_arithmetic*).
 """
 import json
 import os
@@ -105,7 +105,21 @@ def _induction(result, ax):
   ax.legend(fontsize=7)
 
 
-PLOTTERS = {"memory": _memory, "induction": _induction, "speculative": _speculative, "paper_dry_run": _dry_run,
+def _poly_arithmetic(result, ax):
+  for r in result["rows"]:
+    ks = [x["k"] for x in r["by_k"]]
+    line, = ax.plot(ks, [x["coefficient_accuracy"] for x in r["by_k"]], "o-", label=f"{r['run']} coefficients")
+    ax.plot(ks, [x["exact_match"] for x in r["by_k"]], "s--", color=line.get_color(), label=f"{r['run']} exact")
+  ax.axvspan(result["train_ops"] + 0.5, result["test_ops"] + 0.5, color="gray", alpha=0.15, label="out of domain")
+  ax.axhline(1 / 7, color="gray", lw=0.8)
+  ax.set_ylim(0, 1)
+  ax.set_xlabel("operations in the expression")
+  ax.set_ylabel("test accuracy")
+  ax.set_title(f"polynomial arithmetic in F_7[X]/(X^5), {result['steps']} steps per model", fontsize=9)
+  ax.legend(fontsize=6, ncol=2)
+
+
+PLOTTERS = {"memory": _memory, "poly_arithmetic": _poly_arithmetic, "induction": _induction, "speculative": _speculative, "paper_dry_run": _dry_run,
             "marginalisation": _marginalisation, "frozen_heads": _frozen_heads}
 
 

@@ -68,3 +68,45 @@ def test_n_sweep_quick(tmp_path):
   assert abs(rows[0]["bits_per_byte"] * math.log(2) - rows[0]["valid_next_token_loss"]) < 1e-9
   assert (tmp_path / "n_sweep_quick.png").stat().st_size > 10_000
   assert "| n | params |" in (tmp_path / "n_sweep_quick.md").read_text()
+
+
+def test_poly_ring_problems_are_what_they_say():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import random
+  import poly_ring as R
+  rng = random.Random(0)
+  polys = [tuple(rng.randrange(7) for _ in range(5)) for _ in range(20)]
+  x, one = (0, 1, 0, 0, 0), (1, 0, 0, 0, 0)
+  for a, b, c in zip(polys, polys[1:], polys[2:]):
+    assert R.mul(a, b) == R.mul(b, a) and R.mul(a, R.add(b, c)) == R.add(R.mul(a, b), R.mul(a, c))
+    assert R.compose(a, x) == a and R.compose(x, a) == a and R.add(a, R.neg(a)) == (0,) * 5
+    c0 = (0,) + c[1:]          # substituting X -> c0 is a ring map of F_7[X]/(X^5) only when c0(0) = 0
+    assert R.compose(R.compose(a, b), c0) == R.compose(a, R.compose(b, c0))
+    assert R.compose(R.mul(a, b), c0) == R.mul(R.compose(a, c0), R.compose(b, c0))
+  assert R.mul(x, (1, 1, 1, 1, 1)) == (0, 1, 1, 1, 1) and R.compose(one, a) == one   # mod X^5; constants stay
+  for k in range(0, 7):
+    for _ in range(30):
+      text, answer = R.problem(rng, k)
+      expression, _, written = text.partition("=")
+      assert written == answer and R.text_of(R.evaluate(expression)) == answer
+      assert sum(expression.count(op) for op in "-+*o") == k
+  try:
+    R.evaluate("(01234+0123)")
+  except ValueError as e:
+    assert "malformed polynomial" in str(e)
+  else:
+    raise AssertionError("a 4-digit polynomial parsed")
+
+
+def test_poly_arithmetic_quick(tmp_path):
+  r = subprocess.run([sys.executable, "experiments/poly_arithmetic.py", "--quick", f"--workdir={tmp_path / 'runs'}",
+                      f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                     env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((tmp_path / "poly_arithmetic_quick.json").read_text())
+  assert [row["n"] for row in res["rows"]] == [1, 2] and res["rows"][0]["params"] == res["rows"][1]["params"]
+  for row in res["rows"]:
+    assert [x["k"] for x in row["by_k"]] == list(range(1, res["test_ops"] + 1))
+    assert all(0 <= x["exact_match"] <= x["coefficient_accuracy"] <= 1 for x in row["by_k"])
+  assert (tmp_path / "poly_arithmetic_quick.png").stat().st_size > 10_000
+  assert "| run |" in (tmp_path / "poly_arithmetic_quick.md").read_text()
