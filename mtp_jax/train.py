@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from mtp_jax import data as data_lib
+from mtp_jax import data_record
 from mtp_jax import io
 from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
@@ -188,9 +189,14 @@ def train_and_evaluate(config, workdir) -> dict:
   workdir = check_workdir_path(workdir)
   check_workdir(config, workdir)
   data = data_lib.build(config, workdir)   # may train a tokenizer into the cache, writes nothing in workdir
+  data_now = data_record.describe(config, data)
+  moved = data_record.check(workdir, bool(step_dirs(workdir)), data_now)
+  if moved:
+    _say(moved)
   lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
   if jax.process_index() == 0:
     _write_config(config, workdir)
+    data_record.write(workdir, data_now)
     tokenizer_lib.save_to_workdir(data.tokenizer, workdir)
 
   t = config.train

@@ -179,6 +179,42 @@ def test_refuses_other_model_shape_and_writes_nothing(tmp_path, trained, cache_d
   assert snapshot(workdir) == before
 
 
+def test_refuses_to_resume_over_other_data_and_writes_nothing(tmp_path, trained, cache_dir):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  before = snapshot(workdir)
+  c = tiny(cache_dir, steps=30)
+  c.data.max_train_bytes = 150_000               # the same source, fewer of its bytes: another token stream
+  with pytest.raises(UserError, match=r"trained on other data: data.source='stdlib' gave [0-9,]+ train tokens"):
+    train.train_and_evaluate(c, workdir)
+  corpus = tmp_path / "other.jsonl"
+  corpus.write_text("".join(json.dumps({"text": f"line {i} of another corpus. " * 20}) + "\n" for i in range(300)))
+  c = tiny(cache_dir, steps=30)
+  c.data.update(source="jsonl", path=str(corpus))
+  with pytest.raises(UserError, match=r"this config's data.source='jsonl', data.path='.*other.jsonl' gives"):
+    train.train_and_evaluate(c, workdir)
+  assert snapshot(workdir) == before
+
+
+def test_a_corpus_that_moved_resumes_with_a_note(tmp_path, cache_dir, capsys):
+  """The same documents under another path (a copy to a bucket, say) are the same data."""
+  for where in ("a", "b"):
+    os.makedirs(tmp_path / where)
+    for i in range(12):
+      (tmp_path / where / f"doc{i:02d}.txt").write_text(f"document {i}: " + "some text to model. " * 400)
+  c = tiny(cache_dir, steps=10)
+  c.data.update(source="glob", path=str(tmp_path / "a" / "*.txt"), max_train_bytes=0, tokenizer="bytes")
+  c.model.vocab_size = 258
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(c, workdir)
+  c.data.path = str(tmp_path / "b" / "*.txt")
+  c.train.steps = 12
+  train.train_and_evaluate(c, workdir)
+  out = capsys.readouterr().out
+  assert "the data moved" in out and "resumed from the checkpoint of step 10" in out
+  assert json.loads((workdir / "data.json").read_text())["path"].endswith("b/*.txt")
+
+
 def test_divergence_stops_without_saving(tmp_path, cache_dir, monkeypatch):
   make = step.make_train_step
 
