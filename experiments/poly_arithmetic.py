@@ -1,6 +1,6 @@
 """Algorithmic reasoning (Gloeckle et al. 2024, section 4.2): polynomial arithmetic in F_7[X]/(X^5), n = 1 vs 2 vs 4.
 
-    python experiments/poly_arithmetic.py --steps=2000    # the README's run (time in the results file)
+    python experiments/poly_arithmetic.py --steps=1500    # the README's run (time in the results file)
     python experiments/poly_arithmetic.py --quick         # toy sizes and steps (CI): checks the pipeline, measures nothing
 
 The corpus is generated (experiments/poly_ring.py, seed 0): one problem per document,
@@ -95,7 +95,7 @@ def main():
   ap.add_argument("--quick", action="store_true", help="toy sizes and steps: checks the pipeline, measures nothing")
   ap.add_argument("--workdir", default=None, help="runs and corpus (default workdirs/poly_arithmetic[_quick])")
   ap.add_argument("--out_dir", default=os.path.join(ROOT, "experiments", "results"), help="results directory")
-  ap.add_argument("--steps", type=int, default=None, help="train steps per run (default 2000; quick: 6)")
+  ap.add_argument("--steps", type=int, default=None, help="train steps per run (default 1500; quick: 6)")
   ap.add_argument("--problems", type=int, default=None, help="training problems generated (default 400000; quick: 2000)")
   ap.add_argument("--train_ops", type=int, default=3, help="training problems have 1..train_ops operations")
   ap.add_argument("--test_ops", type=int, default=6, help="test k = 1..test_ops operations")
@@ -103,7 +103,7 @@ def main():
   ap.add_argument("--runs", default=",".join(RUNS), help=f"comma list among {', '.join(RUNS)}")
   a = ap.parse_args()
   q = a.quick
-  steps, problems, per_k = a.steps or (6 if q else 2000), a.problems or (2000 if q else 400_000), a.per_k or (64 if q else 1000)
+  steps, problems, per_k = a.steps or (6 if q else 1500), a.problems or (2000 if q else 400_000), a.per_k or (64 if q else 1000)
   runs = QUICK_RUNS if q else {}
   if not q:
     unknown = [r for r in a.runs.split(",") if r not in RUNS]
