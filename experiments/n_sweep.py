@@ -81,6 +81,7 @@ def run_one(recipe, n, max_n, a, root, prompts_n, prompt_len) -> dict:
   if n > 1:
     prompts = held_out_prompts(config, tokenizer, prompts_n, prompt_len)
     row.update(decode_batch1(params, ModelArgs.from_config(config.model), prompts, a.max_new_tokens, a.repeats))
+  row["wall_seconds"] = round(time.time() - began, 1)     # training, evaluation and decoding
   print(f"{recipe} n={n}: valid next-token loss {row['valid_next_token_loss']:.4f} "
         f"({row['bits_per_byte']:.3f} bits/byte), speedup {row.get('speedup', 1.0):.2f} "
         f"({time.time() - began:.0f}s)", flush=True)
@@ -159,7 +160,9 @@ def main():
         f"under parity, seed 0, {rows[0]['steps']} steps of the recipe's batches per model. Validation: the recipe's "
         f"eval batches (next-token loss, top-1 accuracy; bits/byte = nats per token x tokens per byte of the "
         f"validation text / ln 2). Decoding at batch 1 over {prompts_n} held-out prompts of {prompt_len} tokens, "
-        f"{a.max_new_tokens} new tokens each, EOS off, median of {a.repeats}.", ""]
+        f"{a.max_new_tokens} new tokens each, EOS off, median of {a.repeats}. Wall-clock of this invocation "
+        f"(training, evaluation and decoding of the runs it did not find finished): "
+        f"{sum(r['wall_seconds'] for r in rows) / 60:.0f} min.", ""]
   for recipe in recipes:
     md += table(rows, recipe)
   md += [PAPER, "", f"![n sweep]({name}.png)"]

@@ -132,6 +132,7 @@ def main():
            "params": param_counts(load_workdir(workdir)[0])["params_total"], "steps": valid["step"],
            "valid_next_token_loss": valid["head_losses"][0], "train_seconds": round(seconds[-1], 1),
            "by_k": test_accuracy(workdir, a.test_ops, per_k)}
+    row["wall_seconds"] = round(time.time() - began, 1)
     rows.append(row)
     print(f"{run_name}: exact match by k {[round(x['exact_match'], 3) for x in row['by_k']]} "
           f"({time.time() - began:.0f}s)", flush=True)
@@ -143,7 +144,8 @@ def main():
         f"training problems (seed 0) with 1-{a.train_ops} operations, bytes, {steps} steps of 8 x {config.data.seq_len} "
         f"bytes per run, model seed 0; parallel transformer heads under parity. Test: {per_k} fresh problems (seed 1) "
         f"per number of operations k; k > {a.train_ops} is out of domain. Cells: answer exact match (greedy, all 5 "
-        f"coefficients) / per-coefficient accuracy (chance 0.143).", "",
+        f"coefficients) / per-coefficient accuracy (chance 0.143). Wall-clock of this invocation: "
+        f"{sum(r['wall_seconds'] for r in rows) / 60:.0f} min.", "",
         "| run | d_model x layers | params | n | valid loss | train s | " + " | ".join(
             f"k={k}{'' if k <= a.train_ops else ' (ood)'}" for k in ks) + " |",
         "|---|---|---:|---:|---:|---:|" + "---:|" * len(ks)]
