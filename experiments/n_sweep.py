@@ -1,12 +1,13 @@
 """How many heads (Gloeckle et al. 2024, sections 3.3-3.4): n in {1, 2, 4, 8} at parameter parity, on bytes and on pieces.
 
-    python experiments/n_sweep.py --steps=600       # the README's run: 8 models, about an hour on 2 CPU cores
-    python experiments/n_sweep.py --quick           # smoke: configs/tiny.py, n in {1, 2}, a few steps
+    python experiments/n_sweep.py --steps=600 --sp_steps=400   # the README's run: 8 models, about an hour on 2 CPU cores
+    python experiments/n_sweep.py --quick                      # smoke: configs/tiny.py, n in {1, 4}, a few steps
 
 Two recipes, each trained by the library's trainer from the same seed on the same batches (the
 data order depends only on the seed, so every n sees the same tokens):
     bytes   configs/default.py     (258 ids, 12 layers of width 128)
-    sp      configs/default.py:sp  (2,048 sentencepiece pieces, width 256) with 8 layers, so that n = 8 fits
+    sp      configs/default.py:sp  (2,048 sentencepiece pieces, width 256) with 10 layers, so that at n = 8
+                                   the trunk keeps 2 (MIN_TRUNK; the recipe's own trunk at n = 4)
 Every model has parallel transformer heads under parity: L layers in all, the trunk's L - n plus one
 per head, so each n has n=1's parameter count (the table gives it). Reported per model: validation
 next-token loss, bits per byte and top-1 accuracy, every head's loss, the train loss at the fastest
@@ -37,9 +38,12 @@ PAPER = ("Paper (Gloeckle et al. 2024): at 7B parameters, n=4 is best with a 32k
          "(section 3.3); at 0.3-1B parameters MTP scores below next-token prediction (section 3.1, Figure 3).")
 
 
+MIN_TRUNK = 2    # layers the trunk keeps at the largest n (the sp recipe's own trunk at n = 4)
+
+
 def sweep_config(recipe: str, n: int, max_n: int, quick: bool, steps: int):
   c = run_config("parallel", n, quick, steps, RECIPES[recipe])
-  c.model.n_layers = max(c.model.n_layers, max_n)    # one depth for the whole sweep: the largest n fits
+  c.model.n_layers = max(c.model.n_layers, max_n + MIN_TRUNK)    # one depth L for the whole sweep
   return c
 
 
@@ -66,7 +70,7 @@ def run_one(recipe, n, max_n, a, root, prompts_n, prompt_len) -> dict:
   from mtp_jax.generate import load_workdir
   from mtp_jax.model import ModelArgs
   from mtp_jax.train import train_and_evaluate
-  config = sweep_config(recipe, n, max_n, a.quick, a.steps)
+  config = sweep_config(recipe, n, max_n, a.quick, a.sp_steps if recipe == "sp" and a.sp_steps else a.steps)
   workdir = os.path.join(root, f"parallel_n{n}" if recipe == "bytes" else f"{recipe}_L{config.model.n_layers}_n{n}")
   began = time.time()
   final = train_and_evaluate(config, workdir)
@@ -74,7 +78,7 @@ def run_one(recipe, n, max_n, a, root, prompts_n, prompt_len) -> dict:
   steps, losses, seconds = train_curve(workdir, config.train.batch_size * config.data.seq_len)
   tpb = tokens_per_byte(config, tokenizer)
   row = {"recipe": recipe, "n": n, "n_layers": config.model.n_layers, "params": param_counts(params)["params_total"],
-         "steps": config.train.steps, "valid_next_token_loss": final["head_losses"][0],
+         "steps": final["step"], "valid_next_token_loss": final["head_losses"][0],
          "bits_per_byte": final["head_losses"][0] * tpb / math.log(2), "tokens_per_byte": tpb,
          "valid_accuracy": final["head_accuracies"][0], "valid_head_losses": final["head_losses"],
          "train_seconds": seconds[-1], "curve": {"steps": steps, "loss": losses, "seconds": seconds}}
@@ -91,7 +95,7 @@ def run_one(recipe, n, max_n, a, root, prompts_n, prompt_len) -> dict:
 def table(rows, recipe) -> list:
   rows = [r for r in rows if r["recipe"] == recipe]
   budget = min(r["train_seconds"] for r in rows)
-  lines = [f"**{recipe}** ({rows[0]['n_layers']} layers in every model; train loss at {budget:.0f} s = the fastest run's "
+  lines = [f"**{recipe}** ({rows[0]['steps']} steps, {rows[0]['n_layers']} layers in every model; train loss at {budget:.0f} s = the fastest run's "
            f"training time):", "",
            "| n | params | valid next-token loss | bits/byte | top-1 acc | valid loss per head | train s | "
            f"train loss at {budget:.0f} s | tokens/forward | speedup | acceptance t+2, t+3, ... | same as greedy |",
@@ -132,7 +136,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="toy model and steps: checks the pipeline, measures nothing")
   ap.add_argument("--steps", type=int, default=0, help="train steps per model (0: the recipe's; quick: 4)")
-  ap.add_argument("--ns", default="1,2,4,8", help="comma list of head counts (quick: 1,2)")
+  ap.add_argument("--sp_steps", type=int, default=0, help="train steps of the sp models (0: as --steps)")
+  ap.add_argument("--ns", default="1,2,4,8", help="comma list of head counts (quick: 1,4)")
   ap.add_argument("--recipes", default="bytes,sp", help=f"comma list among {', '.join(RECIPES)}")
   ap.add_argument("--root", default=None, help="workdirs (default workdirs/sequential_vs_parallel, shared with it)")
   ap.add_argument("--out_dir", default=os.path.join(ROOT, "experiments", "results"), help="results directory")
@@ -145,7 +150,7 @@ def main():
   if any(r not in RECIPES for r in recipes) or not all(x.isdigit() and int(x) >= 1 for x in a.ns.split(",")):
     raise SystemExit(f"error: --recipes={a.recipes} --ns={a.ns}: recipes are among {', '.join(RECIPES)}, "
                      f"ns are positive integers, e.g. --recipes=bytes,sp --ns=1,2,4,8")
-  ns = [1, 2] if a.quick else sorted({int(x) for x in a.ns.split(",")})
+  ns = [1, 4] if a.quick else sorted({int(x) for x in a.ns.split(",")})
   if a.quick:
     a.steps, a.max_new_tokens, a.repeats = 4, 8, 1
   prompts_n, prompt_len = (2, 16) if a.quick else (a.prompts, a.prompt_len)
@@ -157,7 +162,7 @@ def main():
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   md = [f"# Heads n at parameter parity{' (quick: toy sizes, not a measurement)' if a.quick else ''}", "",
         f"Command: `python experiments/n_sweep.py {' '.join(sys.argv[1:])}`; {device}; parallel transformer heads "
-        f"under parity, seed 0, {rows[0]['steps']} steps of the recipe's batches per model. Validation: the recipe's "
+        f"under parity, seed 0, the recipe's batches (steps per recipe below). Validation: the recipe's "
         f"eval batches (next-token loss, top-1 accuracy; bits/byte = nats per token x tokens per byte of the "
         f"validation text / ln 2). Decoding at batch 1 over {prompts_n} held-out prompts of {prompt_len} tokens, "
         f"{a.max_new_tokens} new tokens each, EOS off, median of {a.repeats}. Wall-clock of this invocation "
