@@ -10,9 +10,9 @@ the same seed and the same tokens: n = 1, 2 and 4 at one size (parallel transfor
 parity, so all three have one parameter count), and n = 1 at about three times the parameters (the
 paper's comparison: does a bigger next-token model gain as much as extra heads?).
 
-Test: for every number of operations k from 1 to --test_ops, fresh problems (seed 1), greedy answer
-exact match (all 5 coefficients; teacher-forced argmax over the answer is exactly what greedy decoding
-would write) and the per-coefficient accuracy (chance 1/7). k <= --train_ops is in domain, above it
+Test: for every number of operations k from 1 to --test_ops, fresh problems (seed 1, none of them in
+the training corpus), answer exact match (all 5 coefficients; teacher-forced argmax over the answer is
+exactly what greedy decoding would write) and the teacher-forced per-coefficient accuracy (chance 1/7). k <= --train_ops is in domain, above it
 out of domain. The paper (Figure 8): n = 2 and n = 4 beat n = 1 at every k, in and out of domain, and
 the gain from the extra heads is larger than the gain from tripling the model. Writes
 experiments/results/poly_arithmetic[_quick].{md,json,png}; rerunning resumes or re-evaluates the runs.
@@ -62,7 +62,24 @@ def run_config(corpus: str, shape: tuple, steps: int, quick: bool):
   return c
 
 
-def test_accuracy(workdir: str, test_ops: int, per_k: int) -> list:
+def answer_hits(predicted: np.ndarray, tokens: np.ndarray, lengths) -> np.ndarray:
+  """[rows, 5]: is the argmax at each answer position the answer's coefficient? Row i is [BOS, problem...]
+  of lengths[i] tokens, the answer its last 5; position j's prediction is for token j + 1."""
+  d = poly_ring.DEG
+  return np.stack([predicted[i, n - 1 - d:n - 1] == tokens[i, n - d:n] for i, n in enumerate(lengths)])
+
+
+def fresh_problems(k: int, count: int, seen: set, seed: int = 1) -> list:
+  """`count` fresh problems with k operations, none of them in the training corpus (`seen`)."""
+  rng, out = random.Random(seed * 1000 + k), []
+  while len(out) < count:
+    text = poly_ring.problem(rng, k)[0]
+    if text not in seen:
+      out.append(text)
+  return out
+
+
+def accuracy_by_k(workdir: str, test_ops: int, per_k: int, seen: set) -> list:
   """Per k = 1..test_ops: answer exact match and per-coefficient accuracy of head 1 on fresh problems."""
   import jax
   import jax.numpy as jnp
@@ -72,10 +89,9 @@ def test_accuracy(workdir: str, test_ops: int, per_k: int) -> list:
   params, config, tok = load_workdir(workdir)
   model = build_model(config.model)
   forward = jax.jit(lambda p, t: jnp.argmax(model.apply({"params": p}, t)[0][0], -1))   # head 1: [B, T]
-  rng, out = random.Random(1), []
+  out = []
   for k in range(1, test_ops + 1):
-    problems = [poly_ring.problem(rng, k)[0] for _ in range(per_k)]
-    ids = [[tok.bos_id, *tok.encode(p)] for p in problems]
+    ids = [[tok.bos_id, *tok.encode(p)] for p in fresh_problems(k, per_k, seen)]
     width = -(-max(map(len, ids)) // 32) * 32                     # a few static shapes, not one per k
     if width > config.model.max_seq_len:
       raise SystemExit(f"error: problems with {k} operations need {width} tokens > model.max_seq_len; lower --test_ops")
@@ -84,8 +100,7 @@ def test_accuracy(workdir: str, test_ops: int, per_k: int) -> list:
       tokens[i, :len(row)] = row
     predicted = np.concatenate([np.asarray(forward(params, jnp.asarray(tokens[i:i + 64])))
                                 for i in range(0, per_k, 64)])
-    hits = np.stack([predicted[i, len(row) - 1 - poly_ring.DEG:len(row) - 1] == tokens[i, len(row) - poly_ring.DEG:len(row)]
-                     for i, row in enumerate(ids)])               # [per_k, 5]: the answer's coefficients
+    hits = answer_hits(predicted, tokens, [len(row) for row in ids])
     out.append({"k": k, "exact_match": float(hits.all(1).mean()), "coefficient_accuracy": float(hits.mean())})
   return out
 
@@ -115,6 +130,8 @@ def main():
   root = os.path.abspath(a.workdir or os.path.join("workdirs", name))
   corpus = os.path.join(root, f"problems_seed0_{problems}_ops{a.train_ops}.jsonl")
   write_corpus(corpus, problems, a.train_ops, seed=0)
+  with open(corpus) as f:
+    seen = {json.loads(line)["text"] for line in f}           # test problems are never training problems
 
   import jax
   from mtp_jax.dry_run import param_counts
@@ -131,7 +148,7 @@ def main():
     row = {"run": run_name, "n": shape[5], "d_model": shape[0], "n_layers": shape[1],
            "params": param_counts(load_workdir(workdir)[0])["params_total"], "steps": valid["step"],
            "valid_next_token_loss": valid["head_losses"][0], "train_seconds": round(seconds[-1], 1),
-           "by_k": test_accuracy(workdir, a.test_ops, per_k)}
+           "by_k": accuracy_by_k(workdir, a.test_ops, per_k, seen)}
     row["wall_seconds"] = round(time.time() - began, 1)
     rows.append(row)
     print(f"{run_name}: exact match by k {[round(x['exact_match'], 3) for x in row['by_k']]} "
@@ -141,10 +158,11 @@ def main():
   ks = range(1, a.test_ops + 1)
   md = [f"# Polynomial arithmetic in F_7[X]/(X^5){' (quick: toy sizes, not a measurement)' if q else ''}", "",
         f"Command: `python experiments/poly_arithmetic.py {' '.join(sys.argv[1:])}`; {device}; {problems} generated "
-        f"training problems (seed 0) with 1-{a.train_ops} operations, bytes, {steps} steps of 8 x {config.data.seq_len} "
-        f"bytes per run, model seed 0; parallel transformer heads under parity. Test: {per_k} fresh problems (seed 1) "
-        f"per number of operations k; k > {a.train_ops} is out of domain. Cells: answer exact match (greedy, all 5 "
-        f"coefficients) / per-coefficient accuracy (chance 0.143). Wall-clock of this invocation: "
+        f"training problems (seed 0) with 1-{a.train_ops} operations, bytes, {'/'.join(sorted({str(r['steps']) for r in rows}))} steps of 8 x {config.data.seq_len} "
+        f"bytes per run, model seed 0; parallel transformer heads under parity. Test: {per_k} fresh problems (seed 1, none "
+        f"in the training corpus) per number of operations k; k > {a.train_ops} is out of domain. Cells: answer exact "
+        f"match (all 5 coefficients: what greedy decoding would write) / per-coefficient accuracy (teacher-forced: "
+        f"each coefficient given the right ones before it; chance 0.143). Wall-clock of this invocation: "
         f"{sum(r['wall_seconds'] for r in rows) / 60:.0f} min.", "",
         "| run | d_model x layers | params | n | valid loss | train s | " + " | ".join(
             f"k={k}{'' if k <= a.train_ops else ' (ood)'}" for k in ks) + " |",

@@ -77,7 +77,10 @@ def evaluate(text: str):
     if len(digits) != DEG or not all(c in "0123456" for c in digits):
       raise ValueError(f"malformed polynomial at {i}: {text!r}")
     return tuple(map(int, digits)), i + DEG
-  value, end = parse(0)
+  try:
+    value, end = parse(0)
+  except IndexError:
+    raise ValueError(f"truncated expression: {text!r}") from None
   if end != len(text):
     raise ValueError(f"trailing characters at {end}: {text!r}")
   return value

@@ -98,6 +98,34 @@ def test_poly_ring_problems_are_what_they_say():
     assert "malformed polynomial" in str(e)
   else:
     raise AssertionError("a 4-digit polynomial parsed")
+  for bad in ("(01234+01234", "(01234/01234)", "01234)"):
+    try:
+      R.evaluate(bad)
+    except ValueError:
+      pass
+    else:
+      raise AssertionError(f"{bad!r} parsed")
+
+
+def test_poly_answer_scoring_against_an_oracle():
+  """The scorer reads the answer's 5 positions: a perfect predictor scores 1, one reading a token late 0."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import numpy as np
+  import poly_arithmetic as PA
+  rows = [[1, *b"(01234+65432)=" + b"00000"], [1, *b"-01234=" + b"06543"]]
+  tokens = np.zeros((2, 32), np.int64)
+  for i, r in enumerate(rows):
+    tokens[i, :len(r)] = r
+  lengths = [len(r) for r in rows]
+  oracle = np.roll(tokens, -1, axis=1)                  # position j predicts token j + 1 exactly
+  assert PA.answer_hits(oracle, tokens, lengths).all()
+  late = np.roll(tokens, -2, axis=1)
+  assert not PA.answer_hits(late, tokens, lengths)[1].any()
+  wrong_last = oracle.copy()
+  wrong_last[0, lengths[0] - 2] = ord("1")               # the last coefficient of row 0
+  assert PA.answer_hits(wrong_last, tokens, lengths).tolist()[0] == [True] * 4 + [False]
+  seen = set(PA.fresh_problems(1, 50, set()))
+  assert not seen & set(PA.fresh_problems(1, 50, seen))   # held out from what it is told was seen
 
 
 def test_poly_arithmetic_quick(tmp_path):
