@@ -185,7 +185,8 @@ def test_refuses_to_resume_over_other_data_and_writes_nothing(tmp_path, trained,
   before = snapshot(workdir)
   c = tiny(cache_dir, steps=30)
   c.data.max_train_bytes = 150_000               # the same source, fewer of its bytes: another token stream
-  with pytest.raises(UserError, match=r"trained on other data: data.source='stdlib' gave [0-9,]+ train tokens"):
+  with pytest.raises(UserError, match=r"trained on other data: data.source='stdlib', data.max_train_bytes=200000 gave [0-9,]+ "
+                     r"train tokens.*this config's data.source='stdlib', data.max_train_bytes=150000 gives"):
     train.train_and_evaluate(c, workdir)
   corpus = tmp_path / "other.jsonl"
   corpus.write_text("".join(json.dumps({"text": f"line {i} of another corpus. " * 20}) + "\n" for i in range(300)))
@@ -196,23 +197,32 @@ def test_refuses_to_resume_over_other_data_and_writes_nothing(tmp_path, trained,
   assert snapshot(workdir) == before
 
 
-def test_a_corpus_that_moved_resumes_with_a_note(tmp_path, cache_dir, capsys):
-  """The same documents under another path (a copy to a bucket, say) are the same data."""
-  for where in ("a", "b"):
-    os.makedirs(tmp_path / where)
-    for i in range(12):
-      (tmp_path / where / f"doc{i:02d}.txt").write_text(f"document {i}: " + "some text to model. " * 400)
+def test_the_same_data_spelled_another_way_resumes_with_a_note(tmp_path, cache_dir, capsys):
+  """Another glob for the same files gives the same token stream, so the run resumes; an edited file does not."""
+  os.makedirs(tmp_path / "a")
+  for i in range(12):
+    (tmp_path / "a" / f"doc{i:02d}.txt").write_text(f"document {i}: " + "some text to model. " * (300 + 17 * i))
   c = tiny(cache_dir, steps=10)
   c.data.update(source="glob", path=str(tmp_path / "a" / "*.txt"), max_train_bytes=0, tokenizer="bytes")
   c.model.vocab_size = 258
   workdir = tmp_path / "run"
   train.train_and_evaluate(c, workdir)
-  c.data.path = str(tmp_path / "b" / "*.txt")
+  record = json.loads((workdir / "data.json").read_text())
+  c.data.path = str(tmp_path / "a" / "doc*.txt")
   c.train.steps = 12
   train.train_and_evaluate(c, workdir)
   out = capsys.readouterr().out
-  assert "the data moved" in out and "resumed from the checkpoint of step 10" in out
-  assert json.loads((workdir / "data.json").read_text())["path"].endswith("b/*.txt")
+  assert "the data settings changed" in out and "resumed from the checkpoint of step 10" in out
+  now = json.loads((workdir / "data.json").read_text())
+  assert now["path"].endswith("doc*.txt") and now["train_digest"] == record["train_digest"]
+  for i in range(12):          # one word changed in every document: same lengths, other tokens
+    f = tmp_path / "a" / f"doc{i:02d}.txt"
+    f.write_text(f.read_text().replace("model", "mode1", 1))
+  c.train.steps = 14
+  before = snapshot(workdir)
+  with pytest.raises(UserError, match=r"the data under the same settings .* changed since the run started"):
+    train.train_and_evaluate(c, workdir)
+  assert snapshot(workdir) == before
 
 
 def test_divergence_stops_without_saving(tmp_path, cache_dir, monkeypatch):
