@@ -2,6 +2,7 @@
 
     python experiments/induction.py --steps=6000 --sizes=xxs,xs --stories=16000   # the committed results: ~30 min on 2 CPU cores
     python experiments/induction.py --steps=6000 --sizes=xxs,xs,s --stories=16000 # with the third size: about an hour more (estimated)
+    python experiments/induction.py --steps=6000 --sizes=s --stories=16000 --out_name=induction_s   # the third size alone: ~30 min
     python experiments/induction.py --quick         # toy sizes and steps (CI): checks the pipeline, measures nothing
 
 The corpus is generated (experiments/induction_stories.py, seed 0: children's stories whose three
@@ -107,6 +108,7 @@ def main():
   ap.add_argument("--quick", action="store_true", help="toy sizes and steps: checks the pipeline, measures nothing")
   ap.add_argument("--workdir", default=None, help="runs and corpus (default workdirs/induction[_quick])")
   ap.add_argument("--out_dir", default=None, help="results directory (default experiments/results)")
+  ap.add_argument("--out_name", default=None, help="results stem (default induction[_quick]); an induction* name plots")
   ap.add_argument("--steps", type=int, default=None, help="train steps per run (default 800; quick: 6)")
   ap.add_argument("--stories", type=int, default=None, help="stories generated (default 8000; quick: 300)")
   ap.add_argument("--eval_stories", type=int, default=400, help="held-out stories scored")
@@ -115,8 +117,8 @@ def main():
   a = ap.parse_args()
   q = a.quick
   steps, stories = a.steps or (6 if q else 800), a.stories or (300 if q else 8000)
-  name = "induction_quick" if q else "induction"
-  root = os.path.abspath(a.workdir or os.path.join("workdirs", name))
+  root = os.path.abspath(a.workdir or os.path.join("workdirs", "induction_quick" if q else "induction"))
+  name = a.out_name or ("induction_quick" if q else "induction")
   out_dir = a.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
   corpus = os.path.join(root, f"stories_seed{a.seed}_{stories}.jsonl")
   write_corpus(corpus, stories, a.seed)
