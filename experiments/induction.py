@@ -28,7 +28,6 @@ Writes
 experiments/results/induction[_quick].{md,json,png}; rerunning resumes or re-evaluates the runs.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,34 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import induction_stories  # noqa: E402
+from jsonl_runs import byte_config, write_texts  # noqa: E402
 from run_metrics import last_valid, train_curve  # noqa: E402
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff)
 SIZES = {"xxs": (16, 3, 2, 1, 48), "xs": (32, 3, 2, 1, 96), "s": (64, 4, 4, 2, 176), "m": (128, 6, 4, 2, 352)}
 QUICK_SIZES = {"xs": (16, 3, 2, 1, 32)}
-
-
-def write_corpus(path: str, stories: int, seed: int) -> None:
-  if os.path.exists(path):
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    for text in induction_stories.generate(stories, seed):
-      f.write(json.dumps({"text": text}) + "\n")
-  os.replace(path + ".tmp", path)
-
-
-def run_config(corpus: str, size: tuple, n: int, steps: int, quick: bool):
-  from mtp_jax.config import base_config
-  d, layers, heads, kv, ff = size
-  c = base_config()
-  c.data.update(source="jsonl", path=corpus, tokenizer="bytes", seq_len=64 if quick else 256,
-                valid_fraction=0.05)
-  c.model.update(vocab_size=258, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, d_ff=ff,
-                 max_seq_len=256, n_future=n, head_type="parallel", parity=True)
-  c.train.update(steps=steps, batch_size=8, learning_rate=3e-3, warmup_steps=max(1, steps // 20),
-                 log_every=max(1, steps // 40), eval_every=steps, checkpoint_every=steps, eval_batches=16)
-  return c
 
 
 def induction_accuracy(workdir: str, max_stories: int) -> dict:
@@ -121,7 +98,7 @@ def main():
   name = a.out_name or ("induction_quick" if q else "induction")
   out_dir = a.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
   corpus = os.path.join(root, f"stories_seed{a.seed}_{stories}.jsonl")
-  write_corpus(corpus, stories, a.seed)
+  write_texts(corpus, lambda: induction_stories.generate(stories, a.seed))
 
   from mtp_jax.dry_run import param_counts
   from mtp_jax.generate import load_workdir
@@ -133,7 +110,7 @@ def main():
   sizes = QUICK_SIZES if q else {x: SIZES[x] for x in a.sizes.split(",")}
   for size_name, size in sizes.items():
     for n in (1, 2):
-      config = run_config(corpus, size, n, steps, q)
+      config = byte_config(corpus, size, n, steps, seq_len=64 if q else 256, valid_fraction=0.05)
       workdir = os.path.join(root, f"{size_name}_n{n}")
       began = time.time()
       train_and_evaluate(config, workdir)

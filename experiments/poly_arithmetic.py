@@ -31,35 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import poly_ring  # noqa: E402
+from jsonl_runs import byte_config, write_texts  # noqa: E402
 from run_metrics import last_valid, train_curve  # noqa: E402
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff, n_future)
 RUNS = {"n1": (64, 6, 4, 2, 176, 1), "n2": (64, 6, 4, 2, 176, 2), "n4": (64, 6, 4, 2, 176, 4),
         "n1_3x": (112, 6, 4, 2, 304, 1)}
 QUICK_RUNS = {"n1": (16, 4, 2, 1, 32, 1), "n2": (16, 4, 2, 1, 32, 2)}
-
-
-def write_corpus(path: str, problems: int, max_ops: int, seed: int) -> None:
-  if os.path.exists(path):
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  rng = random.Random(seed)
-  with open(path + ".tmp", "w") as f:
-    for _ in range(problems):
-      f.write(json.dumps({"text": poly_ring.problem(rng, rng.randint(1, max_ops))[0]}) + "\n")
-  os.replace(path + ".tmp", path)
-
-
-def run_config(corpus: str, shape: tuple, steps: int, quick: bool):
-  from mtp_jax.config import base_config
-  d, layers, heads, kv, ff, n = shape
-  c = base_config()
-  c.data.update(source="jsonl", path=corpus, tokenizer="bytes", seq_len=64 if quick else 256, valid_fraction=0.02)
-  c.model.update(vocab_size=258, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, d_ff=ff,
-                 max_seq_len=256, n_future=n, head_type="parallel", parity=True)
-  c.train.update(steps=steps, batch_size=8, learning_rate=3e-3, warmup_steps=max(1, steps // 20),
-                 log_every=max(1, steps // 40), eval_every=steps, checkpoint_every=steps, eval_batches=16)
-  return c
 
 
 def answer_hits(predicted: np.ndarray, tokens: np.ndarray, lengths) -> np.ndarray:
@@ -129,7 +107,8 @@ def main():
   name = "poly_arithmetic_quick" if q else "poly_arithmetic"
   root = os.path.abspath(a.workdir or os.path.join("workdirs", name))
   corpus = os.path.join(root, f"problems_seed0_{problems}_ops{a.train_ops}.jsonl")
-  write_corpus(corpus, problems, a.train_ops, seed=0)
+  rng = random.Random(0)
+  write_texts(corpus, lambda: (poly_ring.problem(rng, rng.randint(1, a.train_ops))[0] for _ in range(problems)))
   with open(corpus) as f:
     seen = {json.loads(line)["text"] for line in f}           # test problems are never training problems
 
@@ -139,7 +118,7 @@ def main():
   from mtp_jax.train import train_and_evaluate
   rows = []
   for run_name, shape in runs.items():
-    config = run_config(corpus, shape, steps, q)
+    config = byte_config(corpus, shape[:5], shape[5], steps, seq_len=64 if q else 256, valid_fraction=0.02)
     workdir = os.path.join(root, run_name)
     began = time.time()
     train_and_evaluate(config, workdir)

@@ -9,12 +9,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_marginalisation_quick(tmp_path):
-  r = subprocess.run([sys.executable, "experiments/marginalisation.py", "--quick", "--k=1,4,all",
-                      f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+def run_quick(script: str, tmp_path, *flags: str) -> dict:
+  """Run `experiments/<script> --quick --out_dir=tmp_path *flags` from the repo root (HOME in tmp_path, so
+  nothing lands in the user's caches); assert it exits 0 and return the results JSON it wrote."""
+  r = subprocess.run([sys.executable, f"experiments/{script}", "--quick", *flags, f"--out_dir={tmp_path}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600,
                      env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)})
   assert r.returncode == 0, r.stderr[-3000:]
-  res = json.loads((tmp_path / "marginalisation_quick.json").read_text())
+  return json.loads((tmp_path / f"{script[:-3]}_quick.json").read_text())
+
+
+def test_marginalisation_quick(tmp_path):
+  res = run_quick("marginalisation.py", tmp_path, "--k=1,4,all")
   ks = [row["k"] for row in res["rows"]]
   assert ks == [1, 4, res["vocab"], 0]                    # three marginals, then head 2 of the n=2 import
   for row in res["rows"]:
@@ -24,11 +30,7 @@ def test_marginalisation_quick(tmp_path):
 
 
 def test_induction_quick(tmp_path):
-  r = subprocess.run([sys.executable, "experiments/induction.py", "--quick", f"--workdir={tmp_path / 'runs'}",
-                      f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                     env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)})
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.loads((tmp_path / "induction_quick.json").read_text())
+  res = run_quick("induction.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
   assert [(row["size"], row["n"]) for row in res["rows"]] == [("xs", 1), ("xs", 2)]
   for row in res["rows"]:
     assert row["repeat_mentions"] > 0 and row["first_mentions"] > 0 and row["steps"] == res["steps"]
@@ -53,11 +55,7 @@ def test_induction_stories_name_exactly_three_characters_each_mentioned_again():
 
 
 def test_n_sweep_quick(tmp_path):
-  r = subprocess.run([sys.executable, "experiments/n_sweep.py", "--quick", f"--root={tmp_path / 'runs'}",
-                      f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                     env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)})
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.loads((tmp_path / "n_sweep_quick.json").read_text())
+  res = run_quick("n_sweep.py", tmp_path, f"--root={tmp_path / 'runs'}")
   rows = res["rows"]
   assert [(row["recipe"], row["n"]) for row in rows] == [("bytes", 1), ("bytes", 4), ("sp", 1), ("sp", 4)]
   for recipe in ("bytes", "sp"):
@@ -129,11 +127,7 @@ def test_poly_answer_scoring_against_an_oracle():
 
 
 def test_poly_arithmetic_quick(tmp_path):
-  r = subprocess.run([sys.executable, "experiments/poly_arithmetic.py", "--quick", f"--workdir={tmp_path / 'runs'}",
-                      f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                     env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)})
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.loads((tmp_path / "poly_arithmetic_quick.json").read_text())
+  res = run_quick("poly_arithmetic.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
   assert [row["n"] for row in res["rows"]] == [1, 2] and res["rows"][0]["params"] == res["rows"][1]["params"]
   for row in res["rows"]:
     assert [x["k"] for x in row["by_k"]] == list(range(1, res["test_ops"] + 1))
