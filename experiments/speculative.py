@@ -110,6 +110,8 @@ def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int) -> 
   return {**res, "speedup": res["greedy"]["seconds"] / res["speculative"]["seconds"],
           "tokens_per_forward": float(np.sum(lengths) / np.sum(forwards)),
           "batch_forwards": {m: sum(int(o.steps) + 1 for o in outs[m]) for m in modes},
+          "row_forwards_paid": {m: sum(int(o.row_steps) for o in outs[m]) for m in modes},
+          "row_forwards_needed": int(np.sum(forwards)),
           "acceptance": [float(a) / proposed if proposed else 0.0 for a in np.sum(accepted, axis=0)],
           "identical_to_greedy": bool(np.array_equal(cat("speculative", "tokens"), cat("greedy", "tokens")))}
 
@@ -176,19 +178,23 @@ def main(_):
   lines = [f"Self-speculative greedy decoding vs greedy, {device}; {model_desc}; weights: {origin}; prompts: "
            f"{_PROMPT_LEN.value} tokens ({source}); {_MAX_NEW.value} new tokens per row, EOS off; medians of "
            f"{_REPEATS.value} interleaved runs.", "",
-           f"| batch | greedy tok/s | speculative tok/s | speedup | tokens/forward | batch forwards g/s | C | "
+           f"| batch | greedy tok/s | speculative tok/s | speedup | tokens/forward | batch forwards g/s | "
+           f"row forwards needed/paid | C | "
            f"speedup / (tokens/forward / C) | {heads} acceptance | same as greedy |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (args.n_future - 1) + "---|"]
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (args.n_future - 1) + "---|"]
   for r in rows:
     acc = " | ".join(f"{a:.2f}" for a in r["acceptance"])
     lines.append(f"| {r['batch']} | {r['greedy']['tokens_per_s']:.1f} | {r['speculative']['tokens_per_s']:.1f} | "
                  f"{r['speedup']:.2f} | {r['tokens_per_forward']:.2f} | {r['batch_forwards']['greedy']}/"
-                 f"{r['batch_forwards']['speculative']} | {r['C']:.2f} | "
+                 f"{r['batch_forwards']['speculative']} | "
+                 f"{r['row_forwards_needed'] / r['row_forwards_paid']['speculative']:.2f} | {r['C']:.2f} | "
                  f"{r['speedup'] / (r['tokens_per_forward'] / r['C']):.2f} | {acc} | "
                  f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
   lines += ["", f"Every batch size decodes the same {len(prompts)} prompts, `batch` per call. "
             "tokens/forward: all rows' tokens / all rows' forward passes (prefill included). "
             "batch forwards: forward passes the whole batch ran (a batch waits for its slowest row). "
+            "row forwards needed/paid (speculative): the rows' own forward passes over the rows x passes the batch "
+            "computed; below 1 where finished rows still rode along (the loop halves the batch once half its rows are done). "
             "C: one speculative step (a verify forward over n tokens, all heads) / one single-token greedy step, "
             "the decode loop's own steps "
             "(median of the repeats' ratios, each pair timed back to back). "

@@ -57,6 +57,16 @@ class Settings:
   mode: str
   max_new_tokens: int
   n_future: int
+  batch_shards: int = 1   # the batch's split over devices: compaction keeps every stage a multiple of it
+
+  def stages(self, batch: int) -> tuple:
+    """Batch sizes the loop runs at, in turn (see `decode`): halving while the half is >= 2 rows and
+    splits over the batch's shards. Sampling modes run at one size, so that their draws do not
+    depend on how the batch was compacted."""
+    sizes = [batch]
+    while not self.sampling and sizes[-1] // 2 >= max(2, self.batch_shards) and sizes[-1] // 2 % self.batch_shards == 0:
+      sizes.append(sizes[-1] // 2)
+    return tuple(sizes)
 
   @property
   def speculative(self) -> bool:
@@ -112,6 +122,8 @@ class DecodeOutput:
   forwards: Array    # [B] forward passes that emitted them (prefill included)
   accepted: Array    # [B, k-1] drafts accepted per draft head; each was proposed forwards-1 times
   steps: Array       # [] loop iterations (forward passes after the prefill) for the whole batch
+  row_steps: Array   # [] rows x forward passes the batch ran, the prefill's included: less than
+                     # batch x (steps + 1) where compaction dropped finished rows
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -419,13 +431,52 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, *, model: MTPTr
   lengths [B] their lengths."""
   _TRACES[0] += 1   # runs only while tracing: the tests count compilations with it
   state = prefill(model, w, settings, sp, tokens, lengths, key)
-  # Each active step emits >= 1 token per active row, so max_new_tokens bounds the loop.
-  cond = lambda s: ~jnp.all(s.done) & (s.steps < settings.max_new_tokens)
-  state = jax.lax.while_loop(cond, lambda s: step(model, w, settings, sp, s), state)
+  # Rows finish at different steps (EOS; in speculative modes each row accepts its own drafts), and a
+  # finished row would ride along to the end, paying for a forward pass of its own at every step. So
+  # the loop runs in stages of halving batch size: once at most half of a stage's rows are active,
+  # they move (cache and all) into the next stage's smaller batch. `slots` maps a stage's rows to the
+  # caller's; `done_rows` collects every row's results as its stage ends.
+  sizes = settings.stages(tokens.shape[0])
+  slots = jnp.arange(tokens.shape[0])
+  done_rows = _Results(state.tokens, state.count, state.forwards, state.accepted)
+  row_steps = jnp.int32(tokens.shape[0])
+  for size, next_size in zip(sizes, sizes[1:] + (0,)):
+    # Each active step emits >= 1 token per active row, so max_new_tokens bounds the loop.
+    cond = lambda s, nxt=next_size: (jnp.sum(~s.done) > nxt) & (s.steps < settings.max_new_tokens)
+    began = state.steps
+    state = jax.lax.while_loop(cond, lambda s: step(model, w, settings, sp, s), state)
+    row_steps += size * (state.steps - began)
+    done_rows = done_rows.record(slots, state)
+    if next_size:
+      keep = jnp.argsort(state.done, stable=True)[:next_size]   # the active rows first
+      state, slots = _select_rows(state, keep), slots[keep]
   n = settings.max_new_tokens
-  out = jnp.where(jnp.arange(n)[None, :] < state.count[:, None], state.tokens[:, :n], PAD)
-  return DecodeOutput(tokens=out, lengths=state.count, forwards=state.forwards, accepted=state.accepted,
-                      steps=state.steps)
+  out = jnp.where(jnp.arange(n)[None, :] < done_rows.count[:, None], done_rows.tokens[:, :n], PAD)
+  return DecodeOutput(tokens=out, lengths=done_rows.count, forwards=done_rows.forwards, accepted=done_rows.accepted,
+                      steps=state.steps, row_steps=row_steps)
+
+
+class _Results(NamedTuple):
+  """Every caller row's output fields, written as the stage holding the row ends."""
+  tokens: Array
+  count: Array
+  forwards: Array
+  accepted: Array
+
+  def record(self, slots, state: DecodeState) -> "_Results":
+    return _Results(*(full.at[slots].set(getattr(state, f)) for full, f in zip(self, self._fields)))
+
+
+def _select_rows(state: DecodeState, keep) -> DecodeState:
+  """The decode state of rows `keep` only: a smaller batch (caches keep their slots; stacked head caches
+  have the batch on axis 1)."""
+  rows = lambda tree, axis=0: jax.tree.map(lambda x: jnp.take(x, keep, axis=axis), tree)
+  cache = state.cache
+  return state.replace(
+      cache={"trunk": rows(cache["trunk"]), "heads": rows(cache["heads"], 1), "drafter": rows(cache["drafter"], 1)},
+      tokens=rows(state.tokens), count=rows(state.count), position=rows(state.position), drafts=rows(state.drafts),
+      draft_logq=rows(state.draft_logq), done=rows(state.done), forwards=rows(state.forwards),
+      accepted=rows(state.accepted), recent=rows(state.recent))
 
 
 def trace_count() -> int:
@@ -489,6 +540,14 @@ def pad_prompts(prompts, bucket: int) -> tuple[np.ndarray, np.ndarray]:
   return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
+def _batch_shards(tokens) -> int:
+  """Over how many devices the prompts' batch is split (1 for a host array or one device)."""
+  sharding = getattr(tokens, "sharding", None)
+  if sharding is None:
+    return 1
+  return tokens.shape[0] // sharding.shard_shape(tokens.shape)[0]
+
+
 _COMPILED: dict = {}
 
 
@@ -520,7 +579,7 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   `tokens` [B, P] / `lengths` [B] come from `pad_prompts`; validate with `check_request` first.
   wall_s is the decode alone (compile excluded), measured until the results are on the host.
   """
-  settings = Settings(mode, int(max_new_tokens), args.n_future)
+  settings = Settings(mode, int(max_new_tokens), args.n_future, batch_shards=_batch_shards(tokens))
   key = jax.random.key(seed) if key is None else key
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):   # a raw uint32 PRNGKey: one compiled signature
     key = jax.random.wrap_key_data(key)

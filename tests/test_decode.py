@@ -1,5 +1,6 @@
 """Decoding: the KV cache against the full forward, speculative == greedy token for token,
 speculative sampling == sampling in distribution, one compile per shape, and clear input errors."""
+import collections
 import functools
 import json
 import os
@@ -144,6 +145,35 @@ def test_speculative_equals_greedy(n, head_type):
       first = g.tokens[0].tolist().index(eos)
       assert g2.tokens[0].tolist() == g.tokens[0, :first + 1].tolist() + [decode.PAD] * (23 - first)
   assert accepted[True] > 0, "copied heads should get some drafts accepted, or the accept path is untested"
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "sequential"])
+def test_rows_that_finish_early_leave_the_batch(head_type):
+  """8 rows, at least half of them ending early at EOS: the loop moves the active rows into smaller
+  batches (8 -> 4 -> 2), and every row's tokens, forward passes and accepted drafts are what decoding
+  it alone gives. Sequential modules carry more per-row state (their caches and the recent window)."""
+  model, params = tiny(n=3, head_type=head_type, shared=head_type != "sequential")
+  rng = np.random.default_rng(3)
+  prompts = [list(rng.integers(1, 48, size=rng.integers(2, 10))) for _ in range(8)]
+  alone = [run(model, params, [p], "greedy") for p in prompts]
+  seen = collections.Counter(t for a in alone for t in set(a.tokens[0, :12].tolist()))
+  eos = next(t for t, rows in seen.most_common() if 4 <= rows < 8)   # ends 4-7 rows within 12 tokens
+  for mode in ("greedy", "speculative"):
+    batch = run(model, params, prompts, mode, eos_id=eos)
+    for i, p in enumerate(prompts):
+      one = run(model, params, [p], mode, eos_id=eos)
+      np.testing.assert_array_equal(batch.tokens[i], one.tokens[0], err_msg=f"{mode} row {i}")
+      assert batch.lengths[i] == one.lengths[0] and batch.forwards[i] == one.forwards[0], (mode, i)
+      np.testing.assert_array_equal(batch.accepted[i], one.accepted[0])
+    assert int(batch.row_steps) < 8 * (int(batch.steps) + 1), mode     # finished rows stopped costing passes
+  assert np.sum(batch.lengths < 24) >= 4
+
+
+def test_compaction_stages():
+  stages = lambda b, mode="speculative", shards=1: decode.Settings(mode, 8, 3, batch_shards=shards).stages(b)
+  assert stages(16) == (16, 8, 4, 2) and stages(5) == (5, 2) and stages(3) == (3,) and stages(1) == (1,)
+  assert stages(16, shards=4) == (16, 8, 4) and stages(16, shards=8) == (16, 8) and stages(12, shards=4) == (12,)
+  assert stages(16, "sample") == (16,) and stages(16, "speculative_sample") == (16,)   # draws stay layout-free
 
 
 @pytest.mark.parametrize("attention", ["xla", "blockwise"])
