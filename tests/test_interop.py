@@ -42,6 +42,19 @@ def greedy_of(config, params, prompt, n):
   return r["tokens"]
 
 
+def assert_same_greedy_up_to_ties(config, params, prompt, want):
+  """Our greedy tokens are the reference's, except where two logits tie within float32 noise (1e-4, the
+  logits tolerance): another CPU's rounding may then pick the other token and the paths part there."""
+  got = greedy_of(config, params, prompt, len(want))
+  if got == want:
+    return
+  i = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
+  row = logits_of(config, params, [list(prompt) + want[:i]])[0, 0, -1]
+  assert row[got[i]] >= row.max() - 1e-4 and row[want[i]] >= row.max() - 1e-4, (
+      f"greedy parts from the reference at step {i} ({got[i]} vs {want[i]}) where the logits do not tie: "
+      f"{row[got[i]]:.6f} vs {row[want[i]]:.6f}, max {row.max():.6f}")
+
+
 @pytest.mark.parametrize("name", HF + ["meta_mtp"])
 def test_import_matches_reference_logits_and_greedy(name):
   config, params, tok = interop.read_checkpoint(fixture(name))
@@ -50,7 +63,7 @@ def test_import_matches_reference_logits_and_greedy(name):
   assert got.shape == ref["logits"].shape      # meta_mtp: all three heads
   assert np.max(np.abs(got - ref["logits"])) <= 1e-4
   g = json.load(open(os.path.join(fixture(name), "greedy.json")))
-  assert greedy_of(config, params, g["prompt"], len(g["greedy"])) == g["greedy"]
+  assert_same_greedy_up_to_ties(config, params, g["prompt"], g["greedy"])
   assert tok.vocab_size == config.model.vocab_size
 
 
