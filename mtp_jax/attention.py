@@ -32,6 +32,7 @@ BACKEND_IMPLS = {"cpu": ("xla", "blockwise"), "gpu": ("xla", "blockwise", "cudnn
 # measured from 256 on (experiments/attention_speed.py, results/attention_speed.md; it skips the
 # blocks above the diagonal). Decode steps and short prompts keep the single-einsum path.
 CPU_BLOCKWISE_MIN_QUERIES = 256
+DECODE_MAX_QUERIES = 16   # a cached step over at most this many queries (1, or the speculative block)
 BLOCK = 512          # query and key block of the blockwise implementation
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -91,8 +92,15 @@ def _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention):
   mask = _mask(q_pos, k_pos, q_seg, k_seg)
   scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
   scores = jnp.where(mask[:, None, None], scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if not self_attention and t <= DECODE_MAX_QUERIES:
+    # A decode step over the cache. As a dot, probs @ V contracts V's slot axis, which is not its
+    # minor one, and XLA:CPU runs that as a slow strided matmul: it was 2/3 of a greedy step at batch 16
+    # (experiments/results/decode_profile.md). A multiply and a reduction over the slots fuse into one
+    # streaming pass over the cache instead; its [.., S, D] product is never materialised.
+    out = jnp.sum(probs[..., None] * v[:, :, None, None].astype(jnp.float32), axis=-2)     # [B, KV, G, T, D]
+    return jnp.moveaxis(out, 3, 1).astype(q.dtype).reshape(b, t, h, d)
+  return jnp.einsum("bkgts,bksd->btkgd", probs.astype(q.dtype), v).reshape(b, t, h, d)
 
 
 # ----------------------------------------------------------------------------- blockwise

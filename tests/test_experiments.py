@@ -134,3 +134,15 @@ def test_poly_arithmetic_quick(tmp_path):
     assert all(0 <= x["exact_match"] <= x["coefficient_accuracy"] <= 1 for x in row["by_k"])
   assert (tmp_path / "poly_arithmetic_quick.png").stat().st_size > 10_000
   assert "| run |" in (tmp_path / "poly_arithmetic_quick.md").read_text()
+
+
+def test_decode_profile_quick(tmp_path):
+  """Both probs x V paths are built, timed and profiled, and the profile shows which one each program ran."""
+  res = run_quick("decode_profile.py", tmp_path)
+  assert [(r["batch"], r["mode"]) for r in res["rows"]] == [(2, "greedy"), (2, "speculative")]
+  for r in res["rows"]:
+    einsum_ops, stream_ops = r["ops_ms"]["einsum"], r["ops_ms"]["stream"]
+    assert any("bkgts,bksd->btkgd" in op for op in einsum_ops), einsum_ops
+    assert stream_ops and not any("bkgts,bksd->btkgd" in op for op in stream_ops), stream_ops
+    assert all(t > 0 for t in r["step_ms"].values())
+  assert "| batch | mode | einsum ms/step |" in (tmp_path / "decode_profile_quick.md").read_text()
