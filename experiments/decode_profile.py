@@ -16,7 +16,6 @@ they come from (HLO metadata op_name), which names the part of the model that sp
 Writes experiments/results/<out_name>.md and .json.
 """
 import collections
-import functools
 import glob
 import gzip
 import json
@@ -142,7 +141,7 @@ def main(_):
                 f"n_layers={args.n_layers}, n_heads={args.n_heads}/{args.n_kv_heads} kv, vocab={args.vocab_size}")
   result = {"device": device, "model": model_desc, "weights": origin, "cache_slots": cache, "iters": iters,
             "repeats": repeats, "wall_s": time.time() - t_start, "rows": rows}
-  lines = [f"# A decode step's time, by operation", "",
+  lines = ["# A decode step's time, by operation", "",
            f"{device}; {model_desc}; weights: {origin}; a cache of {cache} slots ({_PROMPT_LEN.value}-token prompts, "
            f"room for {_MAX_NEW.value} new tokens); the decode loop's own step, {iters} per program, medians of "
            f"{repeats} interleaved runs. einsum: probs @ V as one dot (the path before); stream: a fused "
