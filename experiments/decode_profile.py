@@ -15,15 +15,9 @@ and each is profiled once with `jax.profiler`: the device ops' time is summed by
 they come from (HLO metadata op_name), which names the part of the model that spends it.
 Writes experiments/results/<out_name>.md and .json.
 """
-import collections
-import glob
-import gzip
-import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 import time
 
 from absl import app, flags
@@ -36,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import results_io  # noqa: E402
+from profiling import profile  # noqa: E402
 from mtp_jax import attention, decode  # noqa: E402
 from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_params  # noqa: E402
 
@@ -83,32 +78,6 @@ def step_program(params, args: ModelArgs, mode: str, batch: int, path: str, iter
   finally:
     attention.DECODE_MAX_QUERIES = saved
   return compiled, (w, state)
-
-
-def _op_names(hlo_text: str) -> dict:
-  """HLO instruction name -> the JAX operation it comes from (op_name, loop and jit prefixes dropped)."""
-  names = {}
-  for line in hlo_text.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"", line)
-    if m and " while(" not in line and " call(" not in line and " conditional(" not in line:
-      op = re.sub(r"^jit\([^)]*\)/(while/body/)?(closed_call/)?", "", m.group(2))
-      names[m.group(1)] = re.sub(r"\[[^\]]*\]", "", op)
-  return names
-
-
-def profile(compiled, inputs, iters: int) -> dict:
-  """ms per step by JAX operation, from one profiled run of the program."""
-  names = _op_names(compiled.as_text())
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      jax.block_until_ready(compiled(*inputs))
-    [trace] = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
-    events = json.load(gzip.open(trace))["traceEvents"]
-  by_op = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("name") in names:
-      by_op[names[e["name"]]] += e["dur"] / 1e3 / iters
-  return dict(by_op)
 
 
 def main(_):

@@ -145,6 +145,21 @@ def our_side(tokens, steps: int):
   return {n: (statistics.median(r[4]), statistics.median(r[5])) for n, r in runs.items()}, first
 
 
+def our_profile(tokens) -> dict:
+  """ms by JAX operation in one profiled run of our n=1 train step (experiments/profiling.py)."""
+  import jax.numpy as jnp
+  from profiling import profile
+  from mtp_jax.model import build_model, init_params
+  from mtp_jax.step import make_optimizer, make_train_step, new_train_state
+  c = our_config(1)
+  model, tx = build_model(c.model), make_optimizer(c.train)
+  state = new_train_state(init_params(model, jax.random.key(0)), tx)
+  batch = {"tokens": jnp.asarray(tokens[:, :SEQ + 1])}
+  compiled = jax.jit(make_train_step(model, c, tx)).lower(state, batch).compile()
+  jax.block_until_ready(compiled(state, batch))        # warm up
+  return profile(compiled, (state, batch), 1)
+
+
 def main():
   from absl import flags
   flags.DEFINE_string("torch_python", "/work/torchvenv/bin/python", "Interpreter with torch + transformers.")
@@ -167,6 +182,9 @@ def main():
     r = subprocess.run([f.torch_python, os.path.abspath(__file__), "--torch_side", os.path.join(tmp, "w.npz"),
                         os.path.join(tmp, "tokens.npy"), str(f.steps)], capture_output=True, text=True, check=True)
     peers.append(json.loads(r.stdout.strip().splitlines()[-1]))
+  if abs(first[1][1] - peers[0]["first_loss"]) > 1e-3:   # the same weights must give the same model
+    sys.exit(f"error: the first loss differs (ours {first[1][1]:.5f}, Hugging Face {peers[0]['first_loss']:.5f}): "
+             "the weights did not map one to one, so the two steps would not time the same model")
   best = lambda xs, key: min(x[key] for x in xs)
   peer = {"step_s": best(peers, "step_s"), "forward_s": best(peers, "forward_s"), "first_loss": peers[0]["first_loss"]}
   our = {n: {"step_s": min(o[n][0] for o in ours), "forward_s": min(o[n][1] for o in ours)} for n in (1, 4)}
@@ -188,6 +206,12 @@ def main():
            f"(forward only: {result['ratio_forward_ours_n1_over_peer']:.2f}x)",
            f"- ours n=4 / ours n=1, train step: {result['ratio_step_ours_n4_over_n1']:.2f}x", "",
            f"Command: `python experiments/peer_pytorch.py --out_name={f.out_name}`"]
+  from profiling import top
+  ops = our_profile(tokens)
+  result["ours_n1_profile_ms"] = ops
+  lines[-1:-1] = [f"Where our n=1 step's time goes (one run under jax.profiler, {sum(ops.values()):.0f} ms of device ops; "
+                  "fwd / bwd: the forward and backward pass; top 12 operations, ms):", ""]
+  lines[-1:-1] = [f"- `{op}` {ms:.1f}" for op, ms in top(ops, 12)] + [""]
   write_results(f.out_name, result, lines)
 
 

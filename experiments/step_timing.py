@@ -9,20 +9,31 @@ from mtp_jax.model import build_model, init_params
 from mtp_jax.step import make_optimizer, make_train_step, new_train_state
 
 
-def interleaved_step_seconds(configs: dict, steps: int) -> dict:
-  """{key: median seconds per train step} for {key: config}, after one compile + warm-up step each; the
-  steps are interleaved across the configs so machine drift hits all of them alike."""
+def prepare_runs(configs: dict) -> dict:
+  """{key: run} for {key: config}: each train step compiled (ahead of time) and warmed up once, with its
+  state and a random batch; `time_runs` times them."""
   runs = {}
   for key, c in configs.items():
     model, tx = build_model(c.model), make_optimizer(c.train)
     state = new_train_state(init_params(model, jax.random.key(0)), tx)
-    step = jax.jit(make_train_step(model, c, tx), donate_argnums=0)
     shape = (c.train.batch_size, c.data.seq_len + c.model.n_future)
     batch = {"tokens": jax.random.randint(jax.random.key(1), shape, 0, c.model.vocab_size),
              "segment_ids": jnp.ones(shape, jnp.int32)}
-    state, m = step(state, batch)          # compile + warm up
+    step = jax.jit(make_train_step(model, c, tx), donate_argnums=0).lower(state, batch).compile()
+    state, m = step(state, batch)          # warm up
     jax.block_until_ready(m)
     runs[key] = [step, state, batch, []]
+  return runs
+
+
+def temporaries_mib(run) -> float:
+  """A prepared run's compiled train step: its temporaries (XLA's memory analysis), MiB."""
+  return run[0].memory_analysis().temp_size_in_bytes / 2**20
+
+
+def time_runs(runs: dict, steps: int) -> dict:
+  """{key: median seconds per train step}; the steps are interleaved across the runs so machine drift
+  hits all of them alike."""
   for _ in range(steps):
     for run in runs.values():
       step, state, batch, times = run
@@ -32,3 +43,8 @@ def interleaved_step_seconds(configs: dict, steps: int) -> dict:
       times.append(time.perf_counter() - t0)
       run[1] = state
   return {key: statistics.median(run[3]) for key, run in runs.items()}
+
+
+def interleaved_step_seconds(configs: dict, steps: int) -> dict:
+  """{key: median seconds per train step} for {key: config}, after one compile + warm-up step each."""
+  return time_runs(prepare_runs(configs), steps)

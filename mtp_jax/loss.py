@@ -8,6 +8,8 @@ its norm and the shared unembedding fused with the cross-entropy (cross_entropy.
 that keeps no logits for the backward pass), so one head's logits exist at a time in both passes and
 none survive between them. `chunk_size` scans the cross-entropy over sequence chunks (-1: chosen
 from the logits' size). n=1 skips the scan: it costs what a plain language model does.
+`remat_heads=False` keeps the head layers' activations instead (experiments/step_ratio.py measures
+what that trades: at parity it saves no time on CPU and raises the step's temporaries).
 `impl='naive'` keeps every head's logits: the reference the tests and benchmarks compare against.
 
 A batch is {'tokens': int [B, L], 'segment_ids': int [B, L]} with L >= seq_len (the data pipeline
@@ -107,7 +109,8 @@ def _uniform(n):
   return jnp.full((n,), 1.0 / n, jnp.float32)
 
 
-def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size: int = 0, weights=None):
+def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size: int = 0, weights=None,
+                  remat_heads: bool = True):
   args = model.args
   n = args.n_future
   weights = _uniform(n) if weights is None else weights
@@ -131,8 +134,9 @@ def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size
 
   # Only the head layer is checkpointed: the fused cross-entropy keeps no logits of its own, and
   # leaving it outside the checkpoint stops the forward's logits living beside the recomputation.
-  layer = jax.checkpoint(lambda prev, ahead, i: jax.lax.switch(
-      i, [functools.partial(run_head, j) for j in range(n)], prev, ahead))
+  layer = lambda prev, ahead, i: jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev, ahead)
+  if remat_heads:
+    layer = jax.checkpoint(layer)
   chained = args.heads.chained
 
   def body(carry, i):

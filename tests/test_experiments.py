@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -146,3 +148,11 @@ def test_decode_profile_quick(tmp_path):
     assert stream_ops and not any("bkgts,bksd->btkgd" in op for op in stream_ops), stream_ops
     assert all(t > 0 for t in r["step_ms"].values())
   assert "| batch | mode | einsum ms/step |" in (tmp_path / "decode_profile_quick.md").read_text()
+
+
+@pytest.mark.slow   # five train steps compiled: about 75 s
+def test_step_ratio_quick(tmp_path):
+  res = run_quick("step_ratio.py", tmp_path)
+  rows = {(r["n"], r["vocab"], r["remat_heads"]): r for r in res["rows"]}
+  assert set(rows) == {(1, 2048, True), (4, 2048, True), (4, 2048, False), (1, 256, True), (4, 256, True)}
+  assert rows[(1, 256, True)]["ratio_to_n1"] == 1.0 and all(r["seconds"] > 0 and r["temp_mib"] > 0 for r in rows.values())
