@@ -1,6 +1,6 @@
 """Where a decode step's time goes, and what the streaming probs x V path of a cached step saves.
 
-    python experiments/decode_profile.py --workdir=workdirs/default       # ~4 min on 2 CPU cores
+    python experiments/decode_profile.py --workdir=workdirs/default       # ~2 min on 2 CPU cores
     python experiments/decode_profile.py --quick --out_dir=/tmp/x         # toy model, seconds (a test runs it)
 
 For batch sizes 1, 4 and 16 and both argmax modes (greedy: one token per step; speculative: a block of

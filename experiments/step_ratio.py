@@ -1,11 +1,11 @@
 """Where the n=4 / n=1 train-step time goes at parity, on configs/default.py:sp.
 
-    python experiments/step_ratio.py            # ~5 min on 2 CPU cores
+    python experiments/step_ratio.py            # ~4 min on 2 CPU cores
     python experiments/step_ratio.py --quick --out_dir=/tmp/x     # configs/tiny.py, seconds (a test runs it)
 
 Under parity n=4 has n=1's layers (3 of the trunk's become heads), so what it adds is the multi-token
 loss: 3 more unembeddings and cross-entropies (scanned, one logits buffer at a time), the switch over
-the heads, and the heads' rematerialisation. Three measurements separate the parts:
+the heads, and the heads' rematerialisation. Two measurements separate the parts:
 
 - the pair at the recipe's vocabulary (2,048) and with it cut to 256, everything else equal: at 256 the
   unembeddings cost almost nothing, so what is left of the ratio is the head machinery itself;

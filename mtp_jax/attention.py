@@ -1,6 +1,7 @@
 """Scaled dot-product attention behind one function, `attend`, with one implementation per backend.
 
-    xla        the plain einsum: the T x S scores of every head are materialised (the reference)
+    xla        the plain einsum: the T x S scores of every head are materialised (the reference); a
+               cached decode step (<= DECODE_MAX_QUERIES queries) takes probs x V as a fused multiply-reduce
     blockwise  flash-style attention in pure JAX: queries and keys in blocks, an online softmax, and
                a custom VJP that recomputes each block's scores in the backward pass, saving only
                the output and the log-sum-exp; O(T) memory, every backend; in self-attention
@@ -30,7 +31,7 @@ BACKEND_IMPLS = {"cpu": ("xla", "blockwise"), "gpu": ("xla", "blockwise", "cudnn
                  "tpu": ("xla", "blockwise", "splash")}
 # On CPU, blockwise from this many queries up: it was faster than the einsum at every length
 # measured from 256 on (experiments/attention_speed.py, results/attention_speed.md; it skips the
-# blocks above the diagonal). Decode steps and short prompts keep the single-einsum path.
+# blocks above the diagonal). Decode steps and short prompts keep the xla path.
 CPU_BLOCKWISE_MIN_QUERIES = 256
 DECODE_MAX_QUERIES = 16   # a cached step over at most this many queries (1, or the speculative block)
 BLOCK = 512          # query and key block of the blockwise implementation
@@ -95,7 +96,7 @@ def _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention):
   probs = jax.nn.softmax(scores, axis=-1)
   if not self_attention and t <= DECODE_MAX_QUERIES:
     # A decode step over the cache. As a dot, probs @ V contracts V's slot axis, which is not its
-    # minor one, and XLA:CPU runs that as a slow strided matmul: it was 2/3 of a greedy step at batch 16
+    # minor one, and XLA:CPU runs that as a slow strided matmul: over half of a greedy step at batch 16
     # (experiments/results/decode_profile.md). A multiply and a reduction over the slots fuse into one
     # streaming pass over the cache instead; its [.., S, D] product is never materialised.
     out = jnp.sum(probs[..., None] * v[:, :, None, None].astype(jnp.float32), axis=-2)     # [B, KV, G, T, D]

@@ -25,8 +25,9 @@ batched layer. Greedy and sample run (and cache) head 0 only.
 The prefill attends within the prompt only (nothing is cached before it) and writes its keys and
 values to the cache. Shapes are static: prompts are right-padded to a bucket P, the cache holds
 P + max_new_tokens + n_future slots, and rejected drafts' cache slots lie past the row's position
-(masked by the model) until the next block overwrites them. Rows that are done keep running in
-the batch, frozen, until every row is done.
+(masked by the model) until the next block overwrites them. Rows that are done stay in the batch,
+frozen, until at most half the batch is active; then the active rows move into a batch half the
+size (argmax modes; see `decode`).
 """
 from __future__ import annotations
 

@@ -155,4 +155,6 @@ def test_step_ratio_quick(tmp_path):
   res = run_quick("step_ratio.py", tmp_path)
   rows = {(r["n"], r["vocab"], r["remat_heads"]): r for r in res["rows"]}
   assert set(rows) == {(1, 2048, True), (4, 2048, True), (4, 2048, False), (1, 256, True), (4, 256, True)}
-  assert rows[(1, 256, True)]["ratio_to_n1"] == 1.0 and all(r["seconds"] > 0 and r["temp_mib"] > 0 for r in rows.values())
+  assert all(r["seconds"] > 0 and r["temp_mib"] > 0 for r in rows.values())
+  # the patched loss took effect: keeping the head layers' activations needs more temporaries
+  assert rows[(4, 2048, False)]["temp_mib"] > rows[(4, 2048, True)]["temp_mib"]

@@ -48,6 +48,7 @@ def assert_same_greedy_up_to_ties(config, params, prompt, want):
   got = greedy_of(config, params, prompt, len(want))
   if got == want:
     return
+  assert len(got) == len(want), (got, want)
   i = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
   row = logits_of(config, params, [list(prompt) + want[:i]])[0, 0, -1]
   assert row[got[i]] >= row.max() - 1e-4 and row[want[i]] >= row.max() - 1e-4, (
