@@ -56,16 +56,19 @@ def test_blockwise_decode_step_matches_xla():
   _assert_same(blockwise, xla, q, k, v, q_pos, k_pos, None, None)
 
 
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("t", [1, 4, attention.DECODE_MAX_QUERIES + 1])   # the streaming path, and the einsum past it
-def test_xla_decode_step_matches_a_numpy_reference(t):
+def test_xla_decode_step_matches_a_numpy_reference(t, dtype, atol):
   """xla's own decode-step path (probs x V as a fused multiply-reduce over the slots) against numpy,
-  with GQA 4:2 and a stale slot past every row's position holding huge values that must stay unseen."""
+  with GQA 4:2 and a stale slot past every row's position holding huge values that must stay unseen;
+  in bfloat16 against the reference computed from the same rounded inputs."""
   q, k, v = _qkv(2, t, 40, 4, 2, 8, seed=2)
   k, v = k.at[:, :, 39].set(1e4), v.at[:, :, 39].set(1e4)
+  q, k, v = (x.astype(dtype) for x in (q, k, v))
   q_pos = jnp.array([5, 20])[:, None] + jnp.arange(t)[None]
   k_pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
-  got = np.asarray(attention._xla(q, k, v, q_pos, k_pos, None, None, False))
-  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+  got = np.asarray(attention._xla(q, k, v, q_pos, k_pos, None, None, False).astype(jnp.float32))
+  qn, kn, vn = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
   want = np.zeros_like(got, np.float64)
   for b in range(2):
     for i in range(t):
@@ -75,7 +78,7 @@ def test_xla_decode_step_matches_a_numpy_reference(t):
         sc[np.arange(40) > int(q_pos[b, i])] = -np.inf
         p = np.exp(sc - sc.max())
         want[b, i, head] = (p / p.sum()) @ vv
-  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(got, want, atol=atol)
 
 
 def test_splash_kernel_matches_xla_in_interpret_mode():
