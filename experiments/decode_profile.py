@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import results_io  # noqa: E402
-from profiling import profile  # noqa: E402
+from profiling import profile, top  # noqa: E402
 from mtp_jax import attention, decode  # noqa: E402
 from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_params  # noqa: E402
 
@@ -120,18 +120,16 @@ def main(_):
   step = {(r["batch"], r["mode"]): r["step_ms"] for r in rows}
   for r in rows:
     c = step[(r["batch"], "speculative")]["stream"] / step[(r["batch"], "greedy")]["stream"]
+    c = f"{c:.2f}" if r["mode"] == "speculative" else ""
     lines.append(f"| {r['batch']} | {r['mode']} | {r['step_ms']['einsum']:.3f} | {r['step_ms']['stream']:.3f} | "
-                 f"{r['ratio']:.2f} | {c:.2f} |" if r["mode"] == "speculative" else
-                 f"| {r['batch']} | {r['mode']} | {r['step_ms']['einsum']:.3f} | {r['step_ms']['stream']:.3f} | "
-                 f"{r['ratio']:.2f} | |")
+                 f"{r['ratio']:.2f} | {c} |")
   lines += ["", f"Where the time goes (profiled, ms per step summed over the {args.n_layers} layers, top {_TOP.value} "
             "operations of each program; the rest is the other operations):", ""]
   for r in rows:
     for p in PATHS:
-      top = sorted(r["ops_ms"][p].items(), key=lambda kv: -kv[1])[:_TOP.value]
       total = sum(r["ops_ms"][p].values())
       lines.append(f"- batch {r['batch']} {r['mode']}, {p} ({total:.2f} ms profiled): "
-                   + "; ".join(f"`{op}` {v:.2f}" for op, v in top))
+                   + "; ".join(f"`{op}` {v:.2f}" for op, v in top(r["ops_ms"][p], _TOP.value)))
   flags_used = " ".join(a for a in sys.argv[1:] if not a.startswith("--out_dir"))
   lines += ["", f"Wall-clock: {result['wall_s']:.0f} s. Command: `python experiments/decode_profile.py {flags_used}`"]
   out_name = _OUT.value + ("_quick" if quick else "")
