@@ -8,11 +8,13 @@ process with XLA_FLAGS=--xla_force_host_platform_device_count=N (the device coun
 process), one sequence per data-parallel rank. Figures are per device, as XLA plans them for the
 sharded train step (bf16 compute, f32 parameters and AdamW state, full rematerialisation), with
 the config's `model.attention=auto`, which on these CPU devices at 4,096-8,192 positions is the
-blockwise (flash-style) attention of mtp_jax/attention.py.
+blockwise (flash-style) attention of mtp_jax/attention.py, and XLA:CPU's memory-minimising schedule
+(`--dry_run` picks it; experiments/scheduler_memory.py compares it with the CPU's default).
 Writes experiments/results/<out_name>.md and .json.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,16 +33,22 @@ RUNS = [
 GIB = 2 ** 30
 
 
-def dry_run(variant, devices, data, fsdp, tensor) -> dict:
+def dry_run(variant, devices, data, fsdp, tensor, xla_flags: str = "", config: str = "", extra=()) -> dict:
+  """One row's dry_run.json (+ variant, devices, command). `xla_flags` are added to the device count's;
+  `config` (default configs/paper_7b.py:VARIANT) and `extra` flags let other scripts size other recipes."""
   workdir = tempfile.mkdtemp(prefix="paper_dry_run_")
-  cmd = [sys.executable, "-m", "mtp_jax.main", f"--config=configs/paper_7b.py:{variant}", f"--workdir={workdir}",
-         "--dry_run", f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
-         f"--config.train.batch_size={data * fsdp}"]
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+  cmd = [sys.executable, "-m", "mtp_jax.main", f"--config={config or f'configs/paper_7b.py:{variant}'}",
+         f"--workdir={workdir}", "--dry_run", f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
+         f"--config.mesh.tensor={tensor}", f"--config.train.batch_size={data * fsdp}", *extra]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip(),
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  if r.returncode:
+    raise SystemExit(f"dry run failed ({' '.join(cmd[3:])}):\n{r.stderr[-3000:]}")
   with open(os.path.join(workdir, "dry_run.json")) as f:
     report = json.load(f)
-  return {**report, "variant": variant, "n_devices": devices, "command": " ".join(cmd[1:4] + cmd[5:])}
+  shutil.rmtree(workdir, ignore_errors=True)
+  return {**report, "variant": variant, "n_devices": devices, "command": " ".join(cmd[1:4] + ["--workdir=W"] + cmd[5:])}
 
 
 def main():
@@ -57,14 +65,15 @@ def main():
           f"peak {r['peak_bytes_estimate'] / GIB:.1f} GiB/device", flush=True)
   lines = ["Per-device memory of the 7B train step (GiB), from `--dry_run` on simulated CPU devices; one "
            "sequence per data-parallel rank (4096 tokens; 8192 bytes for bytes_n8).", "",
-           "| model | params | devices | mesh (data, fsdp, tensor) | params | AdamW | compiled temp | peak | fits 80 GB |",
-           "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+           "| model | params | devices | mesh (data, fsdp, tensor) | params | AdamW | compiled temp | peak | fits 80 GB "
+           "| XLA:CPU schedule |", "|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
   for r in rows:
     m = r["mesh"]
     lines.append(f"| 7B {r['variant']} | {r['params_total'] / 1e9:.2f}B | {r['n_devices']} | "
                  f"({m['data']}, {m['fsdp']}, {m['tensor']}) | {r['param_bytes_per_device'] / GIB:.1f} | "
                  f"{r['optimizer_bytes_per_device'] / GIB:.1f} | {r['temp_bytes'] / GIB:.1f} | "
-                 f"{r['peak_bytes_estimate'] / GIB:.1f} | {'yes' if r['peak_bytes_estimate'] < 80e9 else 'no'} |")
+                 f"{r['peak_bytes_estimate'] / GIB:.1f} | {'yes' if r['peak_bytes_estimate'] < 80e9 else 'no'} | "
+                 f"{r.get('cpu_schedule', 'concurrency')} |")
   lines += ["", "Each row's command (with XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES):", ""]
   lines += [f"- `XLA_FLAGS=--xla_force_host_platform_device_count={r['n_devices']} python {r['command']}`" for r in rows]
   lines += ["", "Regenerate the table: `python " + " ".join(["experiments/paper_dry_run.py"] + args) + "`"]

@@ -290,7 +290,7 @@ def _draft_modules(model, w: Weights, sp: SamplingParams, sampling: bool, h0, bl
   S0 = max(pos0 - (D-1), 0); the verified position is block index offset + a, E-1 (E: the token
   just emitted). Module k drafts x_{E+k} at E-1 from the drafts before it.
   """
-  args, (b, kk) = model.args, block.shape
+  args, kk = model.args, block.shape[1]
   n_mod = jax.tree.leaves(w.drafter)[0].shape[0]
   back, width = n_mod - 1, n_mod - 1 + kk
   s0 = jnp.maximum(pos0 - back, 0)

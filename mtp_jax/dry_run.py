@@ -2,11 +2,14 @@
 
 Users size a model against their devices before paying for them; benchmarks read the same report.
 Per-device figures are for the configured mesh (simulate devices on a CPU with
-XLA_FLAGS=--xla_force_host_platform_device_count=N).
+XLA_FLAGS=--xla_force_host_platform_device_count=N). On CPU, `python -m mtp_jax.main --dry_run`
+plans with XLA's memory-minimising schedule, as accelerators do (`plan_memory_like_an_accelerator`).
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 
 import jax
@@ -15,6 +18,32 @@ import jax.numpy as jnp
 from mtp_jax import sharding
 from mtp_jax.model import build_model
 from mtp_jax.step import make_optimizer
+
+
+# XLA:CPU's default schedule orders independent work for thread concurrency, not memory: on the 7B n4
+# step at fsdp=8 it zeroes the trunk's stacked gradient buffers before the forward pass, so 2.7 GiB of
+# them sit beside the heads' backward (experiments/results/scheduler_memory.md). GPU and TPU schedule
+# for memory; a CPU dry run sizes accelerators, so it plans with XLA:CPU's memory-minimising schedule.
+_SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def plan_memory_like_an_accelerator() -> None:
+  """Make this process's CPU compiles schedule for memory. XLA reads its flags once, when jax starts its
+  backend (a per-compile option does not reach the CPU scheduler), so this does nothing once a backend
+  is up; `cpu_schedule` then reports the default. No effect on GPU and TPU compiles; a setting already
+  in XLA_FLAGS is kept."""
+  from jax._src import xla_bridge
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _SCHEDULER_FLAG not in flags and not xla_bridge.backends_are_initialized():
+    os.environ["XLA_FLAGS"] = f"{flags} --{_SCHEDULER_FLAG}=false".strip()
+
+
+def cpu_schedule() -> str:
+  """How XLA:CPU orders this process's compiles: 'memory' or 'concurrency' (its default); '' off CPU."""
+  if jax.default_backend() != "cpu":
+    return ""
+  setting = re.search(rf"--{_SCHEDULER_FLAG}=(\S+)", os.environ.get("XLA_FLAGS", ""))
+  return "memory" if setting and setting.group(1).lower() in ("false", "0") else "concurrency"
 
 
 def param_counts(params) -> dict:
@@ -47,7 +76,8 @@ def compile_train_step(config, mesh=None, model=None, tx=None):
   """(compiled train step, abstract state, state shardings, mesh) for the configured batch and mesh.
 
   The step is jitted with the state donated and compiled ahead of time; the trainer runs this very
-  program, so `--dry_run` reports the memory of what training executes.
+  program, so `--dry_run` reports the memory of what training executes (on CPU, of its memory-minimising
+  schedule: see `plan_memory_like_an_accelerator`).
   """
   mesh = mesh or sharding.make_mesh(config)
   model, tx = model or build_model(config.model), tx or make_optimizer(config.train)
@@ -94,6 +124,8 @@ def dry_run_report(config) -> dict:
     report["compiled_flops_per_step"] = float(compiled.cost_analysis()["flops"])
   except Exception:   # not every backend reports it
     pass
+  if cpu_schedule():
+    report["cpu_schedule"] = cpu_schedule()
   report["compile_seconds"] = round(time.time() - t0, 1)
   return report
 

@@ -13,7 +13,7 @@ import json
 import logging as std_logging
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np

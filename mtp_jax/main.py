@@ -21,6 +21,9 @@ def main(argv):
   config = _CONFIG.value
   if config is None or not _WORKDIR.value:
     raise UserError("need --config=configs/<recipe>.py and --workdir=<run directory>")
+  if _DRY_RUN.value:
+    from mtp_jax.dry_run import plan_memory_like_an_accelerator
+    plan_memory_like_an_accelerator()   # before anything (validate included) starts jax's backend
   validate(config)
   from mtp_jax.train import check_workdir_path, train_and_evaluate
   workdir = check_workdir_path(_WORKDIR.value)   # before any compile; expands ~

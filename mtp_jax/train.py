@@ -200,7 +200,7 @@ def train_and_evaluate(config, workdir) -> dict:
     tokenizer_lib.save_to_workdir(data.tokenizer, workdir)
 
   t = config.train
-  seq_len, n_future = config.data.seq_len, config.model.n_future
+  seq_len = config.data.seq_len
   model = build_model(config.model)
   tx = make_optimizer(t)
   mesh = sharding.make_mesh(config)

@@ -83,3 +83,20 @@ def test_dry_run_report(make_config, tmp_path):
     assert report[key] > 0, key
   assert report["params_total"] == (report["params_trunk"] + report["params_heads"] + report["params_embedding"]
                                     + c.model.d_model)   # + the shared final norm
+
+
+def test_cli_dry_run_plans_with_the_memory_schedule(tmp_path):
+  """On CPU, `main --dry_run` plans with XLA's memory-minimising schedule (as accelerators schedule);
+  it lowers an fsdp=8 step's temporaries, and a schedule the user set in XLA_FLAGS is kept and reported."""
+  reports = {}
+  for name, flag in (("default", ""), ("user_concurrency", "--xla_cpu_enable_concurrency_optimized_scheduler=true")):
+    workdir = tmp_path / name
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {flag}")
+    r = subprocess.run([sys.executable, "-m", "mtp_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                        "--dry_run", "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.batch_size=8",
+                        "--config.model.remat=full"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports[name] = json.load(open(workdir / "dry_run.json"))
+  assert reports["default"]["cpu_schedule"] == "memory"
+  assert reports["user_concurrency"]["cpu_schedule"] == "concurrency"
+  assert reports["default"]["temp_bytes"] < reports["user_concurrency"]["temp_bytes"]

@@ -158,3 +158,17 @@ def test_step_ratio_quick(tmp_path):
   assert all(r["seconds"] > 0 and r["temp_mib"] > 0 for r in rows.values())
   # the patched loss took effect: keeping the head layers' activations needs more temporaries
   assert rows[(4, 2048, False)]["temp_mib"] > rows[(4, 2048, True)]["temp_mib"]
+
+
+@pytest.mark.slow   # two dry runs with XLA dumps, each in its own process on 8 simulated devices: 30-70 s
+def test_scheduler_memory_quick(tmp_path):
+  """Both schedules are compiled and reported; the memory schedule plans fewer temporaries, the dry run
+  says which schedule it used, and each peak lists real buffers that are live at the peak."""
+  rows = {r["schedule"]: r for r in run_quick("scheduler_memory.py", tmp_path)["rows"]}
+  assert rows["memory"]["temp_bytes"] < rows["concurrency"]["temp_bytes"]
+  assert {s: r["reported_schedule"] for s, r in rows.items()} == {"memory": "memory", "concurrency": "concurrency"}
+  for r in rows.values():
+    peak = r["peak"]
+    assert peak["buffers"] and 0 < peak["peak_temp_bytes"]
+    assert all(b["bytes"] > 0 and b["live"][0] <= peak["peak_at"] <= b["live"][1] for b in peak["buffers"])
+  assert "| buffer | shape | KiB |" in (tmp_path / "scheduler_memory_quick.md").read_text()

@@ -3,7 +3,6 @@ nothing is lost (issue 17). Signals during evaluation, NaN parameters, every che
 read-only or full checkpoint directory (real mounts: a read-only bind mount, a small tmpfs), a failed
 first start, damaged caches, and a table of bad command-line inputs."""
 import contextlib
-import json
 import os
 import shutil
 import signal
