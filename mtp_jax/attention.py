@@ -132,9 +132,13 @@ def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, block=None):
   return out[:, :t]
 
 
-def _block_mask(qp, kp, qs, ks):
-  """[B, 1, 1, bq, bk] for one (query block, key block) pair."""
-  return ((kp[:, None, :] <= qp[:, :, None]) & (ks[:, None, :] == qs[:, :, None]))[:, None, None]
+def _block_bias(qp, kp, qs, ks):
+  """[B, 1, 1, bq, bk] float32 for one (query block, key block) pair: 0 where the key is seen, the
+  float32 minimum where not. Added to the scores, it masks inside the fusion that reads them; a select
+  over the [B, KV, G, bq, bk] scores was a pass of its own on XLA:CPU, in both directions
+  (experiments/results/peer_pytorch.md)."""
+  seen = (kp[:, None, :] <= qp[:, :, None]) & (ks[:, None, :] == qs[:, :, None])
+  return jnp.where(seen, 0.0, _NEG)[:, None, None]
 
 
 def _scores(qi, kj):
@@ -161,10 +165,11 @@ def _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal):
     def step(j, carry):
       m, l, acc = carry
       kj, vj = kb[j], vb[j]
-      mask = _block_mask(qpi, kp[j], qsi, ks[j])
-      s = jnp.where(mask, _scores(qi, kj), _NEG)
+      s = _scores(qi, kj) + _block_bias(qpi, kp[j], qsi, ks[j])
       m_new = jnp.maximum(m, s.max(-1))
-      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+      # exp(s - m_new) is exactly 0 where a key is masked, unless the row has seen no key yet (m_new
+      # is then about the float32 minimum too); corr = exp(m - m_new) = 0 wipes that once it sees one.
+      p = jnp.exp(s - m_new[..., None])
       corr = jnp.exp(m - m_new)
       pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
       return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
@@ -172,7 +177,10 @@ def _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal):
     stats = qi.shape[:-1]
     init = (jnp.full(stats, _NEG, jnp.float32), jnp.zeros(stats, jnp.float32), jnp.zeros(qi.shape, jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, _key_blocks(i, bq, bk, nk, causal), step, init)
-    l = jnp.where(l == 0, 1.0, l)     # a query that sees no key (padding) gets 0, not NaN
+    # A query that sees no key at all (block padding) gets the mean of the values, as the einsum's
+    # softmax over all-masked scores does; its output is sliced away and its gradient is zero. l can
+    # only be 0 if scores of magnitude ~1e32 overflowed the bias to -inf: then 0, not NaN.
+    l = jnp.where(l == 0, 1.0, l)
     return (acc / l[..., None]).astype(qi.dtype), m + jnp.log(l)
 
   return jax.lax.map(one_query_block, (qb, qp, qs, jnp.arange(nq)))
@@ -200,8 +208,7 @@ def _flash_bwd(causal, res, dout):
     def step(i, carry):
       dk, dv, dq = carry
       qi, doi, lsei, di = qb[i], dout[i], lse[i], delta[i]
-      mask = _block_mask(qp[i], kpj, qs[i], ksj)
-      p = jnp.where(mask, jnp.exp(_scores(qi, kj) - lsei[..., None]), 0.0)
+      p = jnp.exp(_scores(qi, kj) + _block_bias(qp[i], kpj, qs[i], ksj) - lsei[..., None])
       dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
       dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
       ds = (p * (dp - di[..., None])).astype(qi.dtype)
