@@ -167,6 +167,12 @@ def main():
   flags.DEFINE_string("out_name", "peer_pytorch", "Results file stem under experiments/results/.")
   flags.FLAGS(sys.argv)
   f = flags.FLAGS
+  probe = subprocess.run([f.torch_python, "-c", "import torch, transformers"], capture_output=True, text=True) \
+      if os.path.exists(f.torch_python) else None
+  if probe is None or probe.returncode:
+    raise SystemExit(f"--torch_python={f.torch_python}: needs an interpreter with torch and transformers "
+                     f"({'not found' if probe is None else probe.stderr.strip().splitlines()[-1]}); make one with "
+                     f"`python -m venv V && V/bin/pip install torch transformers` and pass --torch_python=V/bin/python")
   import numpy as np
   from results_io import write_results
   tokens = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (BATCH, SEQ + 4)).astype(np.int32)
