@@ -42,7 +42,7 @@ def measure(variant, config, extra, schedule, dump: bool) -> dict:
            "peak_bytes_estimate": r["peak_bytes_estimate"], "reported_schedule": r.get("cpu_schedule"),
            "command": f"XLA_FLAGS='--xla_force_host_platform_device_count=8 {SCHEDULES[schedule]}' python {r['command']}"}
     if dump:
-      row["peak"] = peak_buffers(dump_dir, top=8)
+      row["peak"] = peak_buffers(dump_dir, top=14)
     return row
   finally:
     if dump_dir:
