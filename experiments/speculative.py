@@ -3,7 +3,8 @@
     python experiments/speculative.py --workdir=workdirs/default            # a trained run
     python experiments/speculative.py --config=configs/tiny.py --random_init --out_name=speculative_smoke
 
-For each batch size, over the same held-out prompts (16 by default, `batch` per call): tokens/s of
+For each batch size, over the same held-out prompts (64 by default, in one call of `batch` rows, each
+finished row taking the next prompt; --noserve: `batch` prompts per call): tokens/s of
 greedy and of speculative decoding (the same compiled loop, k=1 vs k=n tokens per forward), the
 speedup, tokens per forward pass (all rows' tokens / all rows' forward passes, prefill included),
 each draft head's acceptance, and C = time of one verify step (a forward over n tokens) / time of
@@ -38,7 +39,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Trained run to be
 _CONFIG = config_flags.DEFINE_config_file("config", None, "With --random_init: the recipe to initialise.")
 _RANDOM = flags.DEFINE_bool("random_init", False, "Random weights and random-token prompts (smoke test).")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Batch sizes (each runs over all the prompts).")
-_N_PROMPTS = flags.DEFINE_integer("prompts", 16, "Held-out prompts (a multiple of every batch size).")
+_N_PROMPTS = flags.DEFINE_integer("prompts", 64, "Held-out prompts (a multiple of every batch size).")
+_SERVE = flags.DEFINE_bool("serve", True, "Decode all prompts in one call, `batch` rows at once, a finished row "
+                           "taking the next prompt (continuous batching); --noserve: `batch` prompts per call.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens generated per row (the prompt's prefill, "
                                 "the same in both modes, weighs less the more are generated).")
@@ -89,10 +92,13 @@ def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[i
 
 
 def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int) -> dict:
-  """Greedy vs speculative over every prompt, `batch` prompts per call, runs interleaved: median
-  seconds for all prompts, tokens/s and the statistics pooled over the calls."""
-  calls = [decode.pad_prompts(prompts[i:i + batch], len(prompts[0])) for i in range(0, len(prompts), batch)]
-  kw = dict(max_new_tokens=_MAX_NEW.value, eos_id=-1)
+  """Greedy vs speculative over every prompt, `batch` rows at once, runs interleaved: median seconds for
+  all prompts, tokens/s and the statistics pooled over the calls."""
+  if _SERVE.value:   # one call: rows are refilled from the queue of prompts as they finish
+    calls, slots = [decode.pad_prompts(prompts, len(prompts[0]))], batch
+  else:
+    calls, slots = [decode.pad_prompts(prompts[i:i + batch], len(prompts[0])) for i in range(0, len(prompts), batch)], None
+  kw = dict(max_new_tokens=_MAX_NEW.value, eos_id=-1, slots=slots)
 
   modes = ("greedy", "speculative")
   outs = {m: [decode.run(params, args, t, l, mode=m, **kw)[0] for t, l in calls] for m in modes}   # compile, warm up
@@ -190,11 +196,14 @@ def main(_):
                  f"{r['row_forwards_needed'] / r['row_forwards_paid']['speculative']:.2f} | {r['C']:.2f} | "
                  f"{r['speedup'] / (r['tokens_per_forward'] / r['C']):.2f} | {acc} | "
                  f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
-  lines += ["", f"Every batch size decodes the same {len(prompts)} prompts, `batch` per call. "
+  how = ("in one call, `batch` rows at once: as a row finishes, the next prompt takes it (continuous batching)"
+         if _SERVE.value else "`batch` per call")
+  lines += ["", f"Every batch size decodes the same {len(prompts)} prompts, {how}. "
             "tokens/forward: all rows' tokens / all rows' forward passes (prefill included). "
-            "batch forwards: forward passes the whole batch ran (a batch waits for its slowest row). "
+            "batch forwards: forward passes the whole batch ran, the first prefill included (refills are one-row prefills). "
             "row forwards needed/paid (speculative): the rows' own forward passes over the rows x passes the batch "
-            "computed; below 1 where finished rows still rode along (the loop halves the batch once half its rows are done). "
+            "computed; below 1 where finished rows still rode along (once no prompt waits, the loop halves the batch "
+            "when half its rows are done). "
             "C: one speculative step (a verify forward over n tokens, all heads) / one single-token greedy step, "
             "the decode loop's own steps "
             "(median of the repeats' ratios, each pair timed back to back). "

@@ -27,7 +27,8 @@ values to the cache. Shapes are static: prompts are right-padded to a bucket P, 
 P + max_new_tokens + n_future slots, and rejected drafts' cache slots lie past the row's position
 (masked by the model) until the next block overwrites them. Rows that are done stay in the batch,
 frozen, until at most half the batch is active; then the active rows move into a batch half the
-size (argmax modes; see `decode`).
+size (argmax modes; see `decode`). Given more prompts than rows (`slots`), a finished row takes the next
+prompt instead, as serving systems do (continuous batching, `_serve_queue`), and compaction ends the last batch.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ class Settings:
   max_new_tokens: int
   n_future: int
   batch_shards: int = 1   # the batch's split over devices: compaction keeps every stage a multiple of it
+  slots: int = 0          # rows decoded at once; fewer than the prompts: finished rows take the next prompt
+                          # (argmax modes). 0: every prompt at once
 
   def stages(self, batch: int) -> tuple:
     """Batch sizes the loop runs at, in turn (see `decode`): halving while the half is >= 2 rows and
@@ -68,6 +71,10 @@ class Settings:
     while not self.sampling and sizes[-1] // 2 >= max(2, self.batch_shards) and sizes[-1] // 2 % self.batch_shards == 0:
       sizes.append(sizes[-1] // 2)
     return tuple(sizes)
+
+  def batch(self, n_prompts: int) -> int:
+    """Rows the loop decodes at once for n_prompts prompts."""
+    return min(self.slots, n_prompts) if self.slots else n_prompts
 
   @property
   def speculative(self) -> bool:
@@ -123,7 +130,7 @@ class DecodeOutput:
   forwards: Array    # [B] forward passes that emitted them (prefill included)
   accepted: Array    # [B, k-1] drafts accepted per draft head; each was proposed forwards-1 times
   steps: Array       # [] loop iterations (forward passes after the prefill) for the whole batch
-  row_steps: Array   # [] rows x forward passes the batch ran, the prefill's included: less than
+  row_steps: Array   # [] rows x forward passes the batch ran, the prefills' included: less than
                      # batch x (steps + 1) where compaction dropped finished rows
 
 
@@ -428,23 +435,29 @@ _TRACES = [0]
 
 def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, *, model: MTPTransformer,
            settings: Settings) -> DecodeOutput:
-  """The whole generation (jit this): w from `decode_weights`, tokens [B, P] right-padded prompts,
-  lengths [B] their lengths."""
+  """The whole generation (jit this): w from `decode_weights`, tokens [N, P] right-padded prompts,
+  lengths [N] their lengths. The loop decodes settings.batch(N) rows at once."""
   _TRACES[0] += 1   # runs only while tracing: the tests count compilations with it
-  state = prefill(model, w, settings, sp, tokens, lengths, key)
+  n_prompts, b = tokens.shape[0], settings.batch(tokens.shape[0])
+  state = prefill(model, w, settings, sp, tokens[:b], lengths[:b], key)
+  # `slots` maps the loop's rows to the caller's prompts; `done_rows` collects every prompt's results
+  # as its row finishes (refill) or its stage ends (compaction).
+  slots = jnp.arange(b)
+  done_rows = _Results(*(jnp.zeros((n_prompts,) + getattr(state, f).shape[1:], getattr(state, f).dtype)
+                         for f in _Results._fields))
+  row_steps = jnp.int32(b)
+  if b < n_prompts:
+    state, slots, done_rows, row_steps = _serve_queue(model, w, settings, sp, tokens, lengths, state, done_rows,
+                                                      row_steps)
   # Rows finish at different steps (EOS; in speculative modes each row accepts its own drafts), and a
   # finished row would ride along to the end, paying for a forward pass of its own at every step. So
-  # the loop runs in stages of halving batch size: once at most half of a stage's rows are active,
-  # they move (cache and all) into the next stage's smaller batch. `slots` maps a stage's rows to the
-  # caller's; `done_rows` collects every row's results as its stage ends.
-  sizes = settings.stages(tokens.shape[0])
-  slots = jnp.arange(tokens.shape[0])
-  done_rows = _Results(state.tokens, state.count, state.forwards, state.accepted)
-  row_steps = jnp.int32(tokens.shape[0])
+  # once no prompt is waiting the loop runs in stages of halving batch size: once at most half of a
+  # stage's rows are active, they move (cache and all) into the next stage's smaller batch.
+  sizes = settings.stages(b)
   for size, next_size in zip(sizes, sizes[1:] + (0,)):
     # Each active step emits >= 1 token per active row, so max_new_tokens bounds the loop.
-    cond = lambda s, nxt=next_size: (jnp.sum(~s.done) > nxt) & (s.steps < settings.max_new_tokens)
     began = state.steps
+    cond = lambda s, nxt=next_size, began=began: (jnp.sum(~s.done) > nxt) & (s.steps - began < settings.max_new_tokens)
     state = jax.lax.while_loop(cond, lambda s: step(model, w, settings, sp, s), state)
     row_steps += size * (state.steps - began)
     done_rows = done_rows.record(slots, state)
@@ -455,6 +468,36 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, *, model: MTPTr
   out = jnp.where(jnp.arange(n)[None, :] < done_rows.count[:, None], done_rows.tokens[:, :n], PAD)
   return DecodeOutput(tokens=out, lengths=done_rows.count, forwards=done_rows.forwards, accepted=done_rows.accepted,
                       steps=state.steps, row_steps=row_steps)
+
+
+def _serve_queue(model, w, settings: Settings, sp, tokens, lengths, state: DecodeState, done_rows, row_steps):
+  """Continuous batching: while prompts wait, run the batch until a row finishes, record that row and
+  prefill the next prompt into it (a one-row prefill). Rows then never ride along finished while
+  work waits, and no row waits for a slower one. Returns (state, slots, done_rows, row_steps) once
+  every prompt has had a row; the last batch finishes in `decode`'s compaction stages.
+
+  A row's tokens do not depend on which row it ran in or alongside what (argmax modes): each row
+  attends to its own cache only, so the output is what decoding every prompt alone gives.
+  """
+  n_prompts, b = tokens.shape[0], state.count.shape[0]
+
+  def serve_one(carry):
+    state, slots, done_rows, row_steps, nxt = carry
+    began = state.steps
+    # One row's generation takes <= max_new_tokens steps, so the loop ends even without a done row.
+    until_one_done = lambda s: ~jnp.any(s.done) & (s.steps - began < settings.max_new_tokens)
+    state = jax.lax.while_loop(until_one_done, lambda s: step(model, w, settings, sp, s), state)
+    r = jnp.argmax(state.done)                                           # a finished row
+    finished = _Results(*(getattr(state, f)[r][None] for f in _Results._fields))
+    done_rows = done_rows.record(slots[r][None], finished)
+    fresh = prefill(model, w, settings, sp, jax.lax.dynamic_slice_in_dim(tokens, nxt, 1),
+                    jax.lax.dynamic_slice_in_dim(lengths, nxt, 1), state.key)
+    return (_put_row(state, r, fresh), slots.at[r].set(nxt), done_rows, row_steps + b * (state.steps - began) + 1,
+            nxt + 1)
+
+  carry = (state, jnp.arange(b), done_rows, row_steps, jnp.int32(b))
+  state, slots, done_rows, row_steps, _ = jax.lax.while_loop(lambda c: c[4] < n_prompts, serve_one, carry)
+  return state, slots, done_rows, row_steps
 
 
 class _Results(NamedTuple):
@@ -478,6 +521,19 @@ def _select_rows(state: DecodeState, keep) -> DecodeState:
       tokens=rows(state.tokens), count=rows(state.count), position=rows(state.position), drafts=rows(state.drafts),
       draft_logq=rows(state.draft_logq), done=rows(state.done), forwards=rows(state.forwards),
       accepted=rows(state.accepted), recent=rows(state.recent))
+
+
+def _put_row(state: DecodeState, r, fresh: DecodeState) -> DecodeState:
+  """state with row r replaced by the one-row state `fresh` (its cache included); the batch's step
+  count and key stay."""
+  put = lambda full, one, axis=0: jax.tree.map(
+      lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), r, axis), full, one)
+  cache, new = state.cache, fresh.cache
+  return state.replace(
+      cache={"trunk": put(cache["trunk"], new["trunk"]), "heads": put(cache["heads"], new["heads"], 1),
+             "drafter": put(cache["drafter"], new["drafter"], 1)},
+      **{f: put(getattr(state, f), getattr(fresh, f)) for f in
+         ("tokens", "count", "position", "drafts", "draft_logq", "done", "forwards", "accepted", "recent")})
 
 
 def trace_count() -> int:
@@ -521,6 +577,16 @@ def check_request(args: ModelArgs, prompts, mode: str, max_new_tokens: int, temp
     bad = [t for t in p if not 0 <= int(t) < args.vocab_size]
     if bad:
       raise DecodeError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {args.vocab_size})")
+
+
+def check_slots(mode: str, slots: Optional[int], n_prompts: int) -> None:
+  if slots is None:
+    return
+  if not isinstance(slots, (int, np.integer)) or slots < 1:
+    raise DecodeError(f"slots={slots}: must be a positive integer (rows decoded at once)")
+  if slots < n_prompts and mode in ("sample", "speculative_sample"):
+    raise DecodeError(f"slots={slots} with {n_prompts} prompts: refilling rows is for the argmax modes (greedy, "
+                      f"speculative); for mode={mode} decode the prompts in batches of {slots} instead")
 
 
 def max_prompt_len(args: ModelArgs, max_new_tokens: int) -> int:
@@ -574,13 +640,16 @@ def clear_compiled() -> None:
 
 
 def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_tokens=64, seed=0, key=None,
-        temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None):
-  """Decode one padded batch: (DecodeOutput of numpy arrays, {'compile_s', 'wall_s'}).
+        temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None, slots: Optional[int] = None):
+  """Decode padded prompts: (DecodeOutput of numpy arrays, {'compile_s', 'wall_s'}).
 
-  `tokens` [B, P] / `lengths` [B] come from `pad_prompts`; validate with `check_request` first.
+  `tokens` [N, P] / `lengths` [N] come from `pad_prompts`; validate with `check_request` first.
+  slots: rows decoded at once (argmax modes; default all N): as a row finishes, the next prompt takes it.
   wall_s is the decode alone (compile excluded), measured until the results are on the host.
   """
-  settings = Settings(mode, int(max_new_tokens), args.n_future, batch_shards=_batch_shards(tokens))
+  check_slots(mode, slots, len(lengths))
+  settings = Settings(mode, int(max_new_tokens), args.n_future, batch_shards=_batch_shards(tokens),
+                      slots=0 if slots is None or slots >= len(lengths) else int(slots))
   key = jax.random.key(seed) if key is None else key
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):   # a raw uint32 PRNGKey: one compiled signature
     key = jax.random.wrap_key_data(key)

@@ -74,7 +74,8 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
   prompts: text (needs `tokenizer`, with encode/decode) or token-id lists, or one of either.
   eos_id: stop token; None = the tokenizer's EOS when it has one, -1 = never stop early.
   add_bos: start text prompts with the tokenizer's BOS, as every training document starts.
-  batch_size: prompts per compiled batch (default: all at once); the last batch is padded.
+  batch_size: rows decoded at once (default: all prompts). greedy / speculative: one call in which a
+    finished row takes the next prompt; sampling modes: batches of batch_size, the last one padded.
   prompt_bucket: pad prompts to this length (default: a power of two), fixing the compiled shape.
   """
   args = _model_args(config)
@@ -108,14 +109,18 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
                       f"and be <= {limit} (model.max_seq_len - max_new_tokens - n_future)")
 
   results = []
-  for start in range(0, len(ids), batch_size):
-    chunk = ids[start:start + batch_size]
-    padded = chunk + [chunk[0]] * (batch_size - len(chunk))   # fixed batch shape: repeat a prompt, drop it
+  # Argmax modes decode every prompt in one call of batch_size rows: a finished row takes the next
+  # prompt (continuous batching). Sampling modes run batch after batch, so draws follow the seed and batch.
+  per_call = len(ids) if mode in ("greedy", "speculative") else batch_size
+  for start in range(0, len(ids), per_call):
+    chunk = ids[start:start + per_call]
+    padded = chunk + [chunk[0]] * (min(batch_size, per_call) - len(chunk))   # fixed batch shape: repeat, drop
     tokens, lengths = decode.pad_prompts(padded, bucket)
     out, timing = decode.run(params, args, tokens, lengths, mode=mode, max_new_tokens=max_new_tokens,
                              key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature,
-                             top_k=top_k, top_p=top_p, eos_id=eos_id)
-    batch = {"batch": start // batch_size, "batch_size": batch_size, "batch_forward_passes": int(out.steps) + 1,
+                             top_k=top_k, top_p=top_p, eos_id=eos_id, slots=min(batch_size, len(padded)))
+    batch = {"batch": start // per_call, "batch_size": min(batch_size, len(padded)),
+             "batch_forward_passes": int(out.steps) + 1,
              "batch_new_tokens": int(np.sum(out.lengths[:len(chunk)])), **{f"batch_{k}": v for k, v in timing.items()}}
     for r in range(len(chunk)):
       prompt = prompts[start + r]

@@ -169,6 +169,32 @@ def test_rows_that_finish_early_leave_the_batch(head_type):
   assert np.sum(batch.lengths < 24) >= 4
 
 
+@pytest.mark.parametrize("head_type", ["parallel", "sequential"])
+def test_finished_rows_take_the_next_prompt(head_type):
+  """Continuous batching: 7 prompts through 3 rows, EOS ending some early, so rows are refilled at
+  different steps. Every prompt's tokens, forward passes and accepted drafts are what decoding it
+  alone gives, and the rows paid fewer passes than batches of 3 prompts."""
+  model, params = tiny(n=3, head_type=head_type, shared=head_type != "sequential")
+  rng = np.random.default_rng(5)
+  prompts = [list(rng.integers(1, 48, size=rng.integers(2, 10))) for _ in range(7)]
+  alone = [run(model, params, [p], "greedy") for p in prompts]
+  seen = collections.Counter(t for a in alone for t in set(a.tokens[0, :12].tolist()))
+  eos = next(t for t, rows in seen.most_common() if 3 <= rows < 7)
+  for mode in ("greedy", "speculative"):
+    served = run(model, params, prompts, mode, eos_id=eos, slots=3)
+    for i, p in enumerate(prompts):
+      one = run(model, params, [p], mode, eos_id=eos)
+      np.testing.assert_array_equal(served.tokens[i], one.tokens[0], err_msg=f"{mode} prompt {i}")
+      assert served.lengths[i] == one.lengths[0] and served.forwards[i] == one.forwards[0], (mode, i)
+      np.testing.assert_array_equal(served.accepted[i], one.accepted[0])
+    batched = [run(model, params, prompts[i:i + 3], mode, eos_id=eos) for i in range(0, 7, 3)]
+    assert int(served.row_steps) < sum(int(b.row_steps) for b in batched), mode
+  with pytest.raises(DecodeError, match="slots=0"):
+    run(model, params, prompts, "greedy", slots=0)
+  with pytest.raises(DecodeError, match="argmax modes"):
+    run(model, params, prompts, "sample", slots=3)
+
+
 def test_compaction_stages():
   stages = lambda b, mode="speculative", shards=1: decode.Settings(mode, 8, 3, batch_shards=shards).stages(b)
   assert stages(16) == (16, 8, 4, 2) and stages(5) == (5, 2) and stages(3) == (3,) and stages(1) == (1,)
