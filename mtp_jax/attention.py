@@ -34,6 +34,8 @@ BACKEND_IMPLS = {"cpu": ("xla", "blockwise"), "gpu": ("xla", "blockwise", "cudnn
 # blocks above the diagonal). Decode steps and short prompts keep the xla path.
 CPU_BLOCKWISE_MIN_QUERIES = 256
 DECODE_MAX_QUERIES = 16   # a cached step over at most this many queries (1, or the speculative block)
+STREAM_SCORES = True      # a cached step's q @ K as a multiply-reduce too (False: a dot; for A/B timing)
+CACHE_WINDOW = 64         # a cached step reads the cache in multiples of this many slots (0: all of it)
 BLOCK = 512          # query and key block of the blockwise implementation
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -89,19 +91,57 @@ def _grouped(q, n_kv):
 
 def _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention):
   b, t, h, d = q.shape
+  if not self_attention and t <= DECODE_MAX_QUERIES:
+    return _streamed(q, k, v, _mask(q_pos, k_pos, q_seg, k_seg))
   qg = _grouped(q, k.shape[1])
   mask = _mask(q_pos, k_pos, q_seg, k_seg)
   scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
   scores = jnp.where(mask[:, None, None], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1)
-  if not self_attention and t <= DECODE_MAX_QUERIES:
-    # A decode step over the cache. As a dot, probs @ V contracts V's slot axis, which is not its
-    # minor one, and XLA:CPU runs that as a slow strided matmul: over half of a greedy step at batch 16
-    # (experiments/results/decode_profile.md). A multiply and a reduction over the slots fuse into one
-    # streaming pass over the cache instead; its [.., S, D] product is never materialised.
-    out = jnp.sum(probs[..., None] * v[:, :, None, None].astype(jnp.float32), axis=-2)     # [B, KV, G, T, D]
-    return jnp.moveaxis(out, 3, 1).astype(q.dtype).reshape(b, t, h, d)
   return jnp.einsum("bkgts,bksd->btkgd", probs.astype(q.dtype), v).reshape(b, t, h, d)
+
+
+def _streamed(q, k, v, mask):
+  """A decode step over the cache, both products as fused multiply-reduces that read the cache once.
+
+  As dots, q @ K and probs @ V are batches of B x KV tiny matmuls (a few queries against the slots), and
+  XLA:CPU runs probs @ V, which contracts V's slot axis (not its minor one), as a slow strided matmul:
+  over half of a greedy step at batch 16 (experiments/results/decode_profile.md). Multiply-reduces over
+  head_dim and over the slots fuse into streaming passes instead, and a slice of the cache (the window
+  that `attend_cache` reads) fuses into them rather than being copied for a dot.
+  """
+  b, t, h, d = q.shape
+  qg = jnp.moveaxis(_grouped(q, k.shape[1]), 1, 3).astype(jnp.float32) * (d ** -0.5)     # [B, KV, G, T, D]
+  if STREAM_SCORES:
+    scores = jnp.sum(qg[..., None, :] * k[:, :, None, None].astype(jnp.float32), axis=-1)   # [B, KV, G, T, S]
+  else:
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qg.astype(q.dtype), k).astype(jnp.float32)
+  probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, _NEG), axis=-1)
+  out = jnp.sum(probs[..., None] * v[:, :, None, None].astype(jnp.float32), axis=-2)          # [B, KV, G, T, D]
+  return jnp.moveaxis(out, 3, 1).astype(q.dtype).reshape(b, t, h, d)
+
+
+def attend_cache(q, k, v, q_pos, *, impl="auto"):
+  """A decode step: queries q [B, T, H, D] at positions q_pos [B, T] against the whole cache k, v
+  [B, KV, S, D], whose slot s holds position s (slots past a row's position are stale: masked).
+
+  Only the first slots can be visible: those up to the batch's furthest query. The step reads the
+  smallest multiple of CACHE_WINDOW slots that holds them (a lax.switch over the static window
+  sizes), so its attention grows with the generation rather than costing the whole cache from the
+  first token."""
+  b, s = q.shape[0], k.shape[2]
+  sizes = (list(range(CACHE_WINDOW, s, CACHE_WINDOW)) if CACHE_WINDOW else []) + [s]
+
+  def over(w):
+    def run(q, k, v, q_pos):
+      k_pos = jnp.broadcast_to(jnp.arange(w), (b, w))
+      return attend(q, k[:, :, :w].astype(q.dtype), v[:, :, :w].astype(q.dtype), q_pos, k_pos, impl=impl,
+                    self_attention=False)
+    return run
+  if len(sizes) == 1:
+    return over(s)(q, k, v, q_pos)
+  index = jnp.minimum(jnp.max(q_pos) // CACHE_WINDOW, len(sizes) - 1)
+  return jax.lax.switch(index, [over(w) for w in sizes], q, k, v, q_pos)
 
 
 # ----------------------------------------------------------------------------- blockwise

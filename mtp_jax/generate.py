@@ -272,7 +272,8 @@ def _define_flags():
   flags.DEFINE_string("prompt_file", None, "Prompts: .jsonl with {'prompt': ...} per line, or one per line (\\n escapes).")
   flags.DEFINE_enum("mode", "greedy", decode.MODES, "Decoding mode.")
   flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt (at most).")
-  flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
+  flags.DEFINE_integer("batch_size", 8, "Rows decoded at once. greedy / speculative: a finished row takes "
+                       "the next prompt (continuous batching); sampling modes: prompts per batch.")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature (sampling modes).")
   flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off; sampling modes).")
   flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off; sampling modes).")

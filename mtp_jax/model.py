@@ -180,7 +180,7 @@ class Attention(nn.Module):
     v = _dense((a.n_kv_heads, a.head_dim), ("embed", "kv_heads", "kv"), a, "v")(x)
     q, k = rotary(q, positions, a.rope_theta, a.rope_scaling), rotary(k, positions, a.rope_theta, a.rope_scaling)
     # Keys and values head-major [B, kv_heads, S, D]: the layout both attention products read
-    # without a transpose, which matters for the cache (read whole at every decode step).
+    # without a transpose, which matters for the cache (read at every decode step).
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
     new_cache = None
@@ -190,14 +190,9 @@ class Attention(nn.Module):
     if cache is None or prefill:
       # Keys are this block, documents kept apart: training, and a prefill (the cache held nothing
       # before the prompt, so attending to its max_len slots would only add masked-out work).
-      k_pos, segments = positions, (segment_ids, segment_ids)
-    else:                  # a decode step: attend to every cached slot up to our position
-      k, v = new_cache[0].astype(a.dtype), new_cache[1].astype(a.dtype)
-      k_pos = jnp.broadcast_to(jnp.arange(k.shape[2]), (b, k.shape[2]))   # stale slots lie past every query
-      segments = (None, None)
-
-    out = attention.attend(q, k, v, positions, k_pos, *segments, impl=a.attention,
-                           self_attention=cache is None or prefill)
+      out = attention.attend(q, k, v, positions, positions, segment_ids, segment_ids, impl=a.attention)
+    else:                  # a decode step: the cached slots up to our position (stale ones lie past it)
+      out = attention.attend_cache(q, new_cache[0], new_cache[1], positions, impl=a.attention)
     out = _dense(a.d_model, ("heads", "kv", "embed"), a, "o", n_in=2)(out)
     return out, new_cache
 

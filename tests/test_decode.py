@@ -76,11 +76,14 @@ def _decoder_cached(model, params):
 
 
 @pytest.mark.parametrize("path", [_model_cached, _decoder_cached])
-@pytest.mark.parametrize("head_type", HEAD_TYPES)
-def test_cached_forward_matches_full_forward(head_type, path):
+@pytest.mark.parametrize("head_type,window", [(h, 64) for h in HEAD_TYPES] + [("parallel", 4)])
+def test_cached_forward_matches_full_forward(monkeypatch, head_type, window, path):
   """Prefill (right-padded, rows of different lengths), single steps and a multi-token block, against
   the uncached forward of the whole sequence, for every head: the model's cached forward and the
-  decode loop's own (which rearranges the weights)."""
+  decode loop's own (which rearranges the weights). window=4: a step reads the 16-slot cache in
+  windows of 4 slots (rows at different positions: the window covers the furthest)."""
+  from mtp_jax import attention as attention_lib
+  monkeypatch.setattr(attention_lib, "CACHE_WINDOW", window)
   model, params = tiny(n=3, head_type=head_type)
   seqs = jax.random.randint(jax.random.key(1), (2, 12), 0, 48)
   full, _ = model.apply({"params": params}, seqs)                         # [n, B, T, V]
@@ -205,12 +208,16 @@ def test_compaction_stages():
 @pytest.mark.parametrize("attention", ["xla", "blockwise"])
 def test_speculative_equals_greedy_with_each_attention(monkeypatch, attention):
   """Every CPU attention implementation in the prefill and the cached verify steps: blocks of 8, so the
-  16-token prefill and the decode steps over the 56-slot cache really run several blocks."""
+  16-token prefill and the decode steps over the 56-slot cache really run several blocks, and steps
+  read the cache in windows of 8 slots."""
   from mtp_jax import attention as attention_lib
   monkeypatch.setattr(attention_lib, "BLOCK", 8)
+  monkeypatch.setattr(attention_lib, "CACHE_WINDOW", 8)   # steps read the cache in windows of 8 slots
+  decode.clear_compiled()                                 # no program traced with other settings
   model, params = tiny(n=3, shared=True, attention=attention)
   g = run(model, params, MIXED, "greedy")
   s = run(model, params, MIXED, "speculative")
+  decode.clear_compiled()
   _check_same(g, s, 24)
   ref = run(*tiny(n=3, shared=True, attention="xla"), MIXED, "greedy")
   np.testing.assert_array_equal(g.tokens, ref.tokens)
@@ -333,7 +340,7 @@ def test_generate_api_and_compile_once():
   total = summarize(res)
   assert total["new_tokens"] == sum(x["stats"]["new_tokens"] for x in res) and total["tokens_per_s"] > 0
   json.dumps(res)                                          # JSONL-ready
-  # Batches of 1 (last padded) give the same greedy tokens as one batch.
+  # Two rows serving three prompts (a finished row takes the next) give the same greedy tokens as one batch.
   one = generate(params, config, MIXED, mode="greedy", max_new_tokens=6, batch_size=2)
   assert [x["tokens"] for x in one] == [x["tokens"] for x in generate(params, config, MIXED, max_new_tokens=6)]
 
