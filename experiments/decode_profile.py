@@ -1,4 +1,4 @@
-"""Where a decode step's time goes, and what the streaming probs x V path of a cached step saves.
+"""Where a decode step's time goes, and what the streamed attention of a cached step saves.
 
     python experiments/decode_profile.py --workdir=workdirs/default       # ~2 min on 2 CPU cores
     python experiments/decode_profile.py --quick --out_dir=/tmp/x         # toy model, seconds (a test runs it)
@@ -7,8 +7,11 @@ For batch sizes 1, 4 and 16 and both argmax modes (greedy: one token per step; s
 n tokens, verified), the decode loop's own step (`decode.step`, iterated `--iters` times in one
 compiled program from a prefilled state, with the cache sized as `decode.run` sizes it) is built twice:
 
-    einsum    probs @ V as one dot_general (attention.DECODE_MAX_QUERIES = 0: the path before this change)
-    stream    probs x V as a fused multiply and a reduction over the cache slots (the default)
+    einsum    q @ K and probs @ V as dot_generals over the whole cache (attention.DECODE_MAX_QUERIES = 0,
+              CACHE_WINDOW = 0: the path of two rounds ago)
+    stream    the default: both products as fused multiply-reduces over the cache window that holds the
+              batch's furthest query (the steps start at the prompts' end, where the window is small;
+              whole generations, whose window grows, are timed by experiments/decode_attention.py)
 
 The two are timed interleaved (median of `--repeats`), so load on a shared machine hits both alike,
 and each is profiled once with `jax.profiler`: the device ops' time is summed by the JAX operation
@@ -47,7 +50,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "configs/tiny.py at random init, batc
 _OUT_DIR = flags.DEFINE_string("out_dir", results_io.RESULTS, "Where the results files go.")
 _OUT = flags.DEFINE_string("out_name", "decode_profile", "Results file stem (--quick appends _quick).")
 
-PATHS = {"einsum": 0, "stream": attention.DECODE_MAX_QUERIES}
+PATHS = {"einsum": (0, 0), "stream": (attention.DECODE_MAX_QUERIES, attention.CACHE_WINDOW)}   # (max queries, window)
 
 
 def load(quick: bool):
@@ -69,14 +72,15 @@ def step_program(params, args: ModelArgs, mode: str, batch: int, path: str, iter
   rng = np.random.default_rng(batch)
   tokens = jnp.asarray(rng.integers(0, args.vocab_size, (batch, _PROMPT_LEN.value)), jnp.int32)
   lengths = jnp.full((batch,), _PROMPT_LEN.value, jnp.int32)
-  saved, attention.DECODE_MAX_QUERIES = attention.DECODE_MAX_QUERIES, PATHS[path]
+  saved = attention.DECODE_MAX_QUERIES, attention.CACHE_WINDOW
+  attention.DECODE_MAX_QUERIES, attention.CACHE_WINDOW = PATHS[path]
   try:   # read while tracing: each program keeps the path it was traced with
     w = jax.jit(lambda p: decode.decode_weights(p, args, settings.heads_run))(params)
     state = jax.jit(lambda w: decode.prefill(model, w, settings, sp, tokens, lengths, jax.random.key(0)))(w)
     loop = jax.jit(lambda w, s: jax.lax.fori_loop(0, iters, lambda i, s: decode.step(model, w, settings, sp, s), s))
     compiled = loop.lower(w, state).compile()
   finally:
-    attention.DECODE_MAX_QUERIES = saved
+    attention.DECODE_MAX_QUERIES, attention.CACHE_WINDOW = saved
   return compiled, (w, state)
 
 
@@ -113,8 +117,10 @@ def main(_):
   lines = ["# A decode step's time, by operation", "",
            f"{device}; {model_desc}; weights: {origin}; a cache of {cache} slots ({_PROMPT_LEN.value}-token prompts, "
            f"room for {_MAX_NEW.value} new tokens); the decode loop's own step, {iters} per program, medians of "
-           f"{repeats} interleaved runs. einsum: probs @ V as one dot (the path before); stream: a fused "
-           f"multiply-reduce over the slots (the default now).", "",
+           f"{repeats} interleaved runs. einsum: q @ K and probs @ V as dots over the whole cache (two rounds ago); "
+           f"stream: both as fused multiply-reduces over the window of {attention.CACHE_WINDOW}-slot multiples that "
+           f"holds the batch's furthest query (the default now; the steps start at the prompts' end, where the "
+           f"window is small: decode_attention.md times whole generations).", "",
            "| batch | mode | einsum ms/step | stream ms/step | einsum / stream | speculative / greedy step, stream |",
            "|---:|---|---:|---:|---:|---:|"]
   step = {(r["batch"], r["mode"]): r["step_ms"] for r in rows}

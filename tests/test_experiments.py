@@ -150,6 +150,16 @@ def test_decode_profile_quick(tmp_path):
   assert "| batch | mode | einsum ms/step |" in (tmp_path / "decode_profile_quick.md").read_text()
 
 
+def test_decode_attention_quick(tmp_path):
+  """The three attention paths each compile a whole decode, are timed, and their tokens compared."""
+  res = run_quick("decode_attention.py", tmp_path)
+  assert [(r["batch"], r["mode"]) for r in res["rows"]] == [(2, "greedy"), (2, "speculative")]
+  for r in res["rows"]:
+    assert set(r["ms"]) == {"dots", "stream", "window"} and all(t > 0 for t in r["ms"].values())
+    assert isinstance(r["identical"], bool)
+  assert "| batch | mode | dots ms |" in (tmp_path / "decode_attention_quick.md").read_text()
+
+
 @pytest.mark.slow   # five train steps compiled: about 75 s
 def test_step_ratio_quick(tmp_path):
   res = run_quick("step_ratio.py", tmp_path)
