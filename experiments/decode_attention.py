@@ -1,4 +1,4 @@
-"""A cached decode step's attention, three ways, timed over whole generations side by side.
+"""A cached decode step's attention, five ways, timed over whole generations side by side.
 
     python experiments/decode_attention.py --workdir=workdirs/default      # ~6 min on 2 CPU cores
     python experiments/decode_attention.py --quick --out_dir=/tmp/x        # toy model, seconds (a test runs it)
@@ -7,13 +7,15 @@ The paths (attention.py's switches, read while tracing, so each compiled program
 
     dots      q @ K and probs @ V as dot_generals over the whole cache (two rounds ago)
     stream    probs x V as a fused multiply-reduce over the whole cache (last round's default)
-    window    both products as multiply-reduces, over the first multiple of attention.CACHE_WINDOW
-              slots that holds the batch's furthest query (the default now)
+    stream_qk both products as multiply-reduces over the whole cache
+    window    stream's products over the first multiple of attention.CACHE_WINDOW slots that holds
+              the batch's furthest query (the default now)
+    window_qk stream_qk's products over that window
 
 Each program is the whole `decode.decode` loop (prefill, steps, compaction) on the same prompts, for
-batch sizes 1, 4 and 16 and both argmax modes; EOS off, so every path does the same steps. The three
+batch sizes 1, 4 and 16 and both argmax modes; EOS off, so every path does the same steps. The five
 run back to back in each repeat (median of `--repeats`), so load on a shared machine hits all alike,
-and their tokens are checked to be identical. Writes experiments/results/<out_name>.md and .json.
+and their tokens are compared. Writes experiments/results/<out_name>.md and .json.
 """
 import os
 import statistics
@@ -44,7 +46,9 @@ _OUT = flags.DEFINE_string("out_name", "decode_attention", "Results file stem (-
 
 # (DECODE_MAX_QUERIES, STREAM_SCORES, CACHE_WINDOW) for each path
 PATHS = {"dots": (0, False, 0), "stream": (attention.DECODE_MAX_QUERIES, False, 0),
-         "window": (attention.DECODE_MAX_QUERIES, True, attention.CACHE_WINDOW)}
+         "stream_qk": (attention.DECODE_MAX_QUERIES, True, 0),
+         "window": (attention.DECODE_MAX_QUERIES, False, attention.CACHE_WINDOW),
+         "window_qk": (attention.DECODE_MAX_QUERIES, True, attention.CACHE_WINDOW)}
 
 
 def load(quick: bool):
@@ -109,13 +113,17 @@ def main(_):
            f"{device}; {model_desc}; weights: {origin}; {prompt_len}-token prompts, {max_new} new tokens per row "
            f"(EOS off), a cache of {cache} slots; the whole compiled decode, medians of {repeats} interleaved runs "
            f"(ms per generation). dots: q @ K and probs @ V as dots over the whole cache; stream: probs x V as a "
-           f"multiply-reduce; window: both as multiply-reduces over windows of {attention.CACHE_WINDOW} slots.", "",
-           "| batch | mode | dots ms | stream ms | window ms | dots / window | stream / window | identical tokens |",
-           "|---:|---|---:|---:|---:|---:|---:|---|"]
+           f"multiply-reduce; stream_qk: both as multiply-reduces; window: stream over windows of "
+           f"{attention.CACHE_WINDOW} slots (the default); window_qk: stream_qk over them.", "",
+           "| batch | mode | dots ms | stream ms | stream_qk ms | window ms | window_qk ms | dots / window | "
+           "stream / stream_qk | stream / window | identical tokens |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   for r in rows:
     ms = r["ms"]
-    lines.append(f"| {r['batch']} | {r['mode']} | {ms['dots']:.0f} | {ms['stream']:.0f} | {ms['window']:.0f} | "
-                 f"{ms['dots'] / ms['window']:.2f} | {ms['stream'] / ms['window']:.2f} | "
+    lines.append(f"| {r['batch']} | {r['mode']} | {ms['dots']:.0f} | {ms['stream']:.0f} | {ms['stream_qk']:.0f} | "
+                 f"{ms['window']:.0f} | {ms['window_qk']:.0f} | {ms['dots'] / ms['window']:.2f} | "
+                 f"{ms['stream'] / ms['stream_qk']:.2f} | "
+                 f"{ms['stream'] / ms['window']:.2f} | "
                  f"{'yes' if r['identical'] else 'NO'} |")
   flags_used = " ".join(a for a in sys.argv[1:] if not a.startswith("--out_dir"))
   lines += ["", f"Wall-clock: {result['wall_s']:.0f} s. Command: `python experiments/decode_attention.py {flags_used}`"]

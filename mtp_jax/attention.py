@@ -34,7 +34,8 @@ BACKEND_IMPLS = {"cpu": ("xla", "blockwise"), "gpu": ("xla", "blockwise", "cudnn
 # blocks above the diagonal). Decode steps and short prompts keep the xla path.
 CPU_BLOCKWISE_MIN_QUERIES = 256
 DECODE_MAX_QUERIES = 16   # a cached step over at most this many queries (1, or the speculative block)
-STREAM_SCORES = True      # a cached step's q @ K as a multiply-reduce too (False: a dot; for A/B timing)
+STREAM_SCORES = False     # a cached step's q @ K as a multiply-reduce too: slower than the dot on CPU (0.78-0.95x,
+                          # experiments/results/decode_attention.md), kept for that comparison
 CACHE_WINDOW = 64         # a cached step reads the cache in multiples of this many slots (0: all of it)
 BLOCK = 512          # query and key block of the blockwise implementation
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -102,13 +103,12 @@ def _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention):
 
 
 def _streamed(q, k, v, mask):
-  """A decode step over the cache, both products as fused multiply-reduces that read the cache once.
+  """A decode step over the cache: probs x V as a fused multiply-reduce that reads V once.
 
-  As dots, q @ K and probs @ V are batches of B x KV tiny matmuls (a few queries against the slots), and
-  XLA:CPU runs probs @ V, which contracts V's slot axis (not its minor one), as a slow strided matmul:
-  over half of a greedy step at batch 16 (experiments/results/decode_profile.md). Multiply-reduces over
-  head_dim and over the slots fuse into streaming passes instead, and a slice of the cache (the window
-  that `attend_cache` reads) fuses into them rather than being copied for a dot.
+  As a dot, probs @ V is a batch of B x KV tiny matmuls that contract V's slot axis (not its minor
+  one), and XLA:CPU runs it as a slow strided matmul: over half of a greedy step at batch 16
+  (experiments/results/decode_profile.md). A multiply and a reduction over the slots fuse into one
+  streaming pass instead. q @ K, which contracts both operands' minor axes, stays a dot (STREAM_SCORES).
   """
   b, t, h, d = q.shape
   qg = jnp.moveaxis(_grouped(q, k.shape[1]), 1, 3).astype(jnp.float32) * (d ** -0.5)     # [B, KV, G, T, D]

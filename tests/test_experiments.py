@@ -151,11 +151,11 @@ def test_decode_profile_quick(tmp_path):
 
 
 def test_decode_attention_quick(tmp_path):
-  """The three attention paths each compile a whole decode, are timed, and their tokens compared."""
+  """The five attention paths each compile a whole decode, are timed, and their tokens compared."""
   res = run_quick("decode_attention.py", tmp_path)
   assert [(r["batch"], r["mode"]) for r in res["rows"]] == [(2, "greedy"), (2, "speculative")]
   for r in res["rows"]:
-    assert set(r["ms"]) == {"dots", "stream", "window"} and all(t > 0 for t in r["ms"].values())
+    assert set(r["ms"]) == {"dots", "stream", "stream_qk", "window", "window_qk"} and all(t > 0 for t in r["ms"].values())
     assert isinstance(r["identical"], bool)
   assert "| batch | mode | dots ms |" in (tmp_path / "decode_attention_quick.md").read_text()
 
