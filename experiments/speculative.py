@@ -77,18 +77,26 @@ def load_model():
 
 
 def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[int]]:
-  """`length` tokens of each of n validation documents, starting at a random line (code, not just headers)."""
-  prompts = []
-  for text in corpus.texts("valid"):
-    lines = text.splitlines(keepends=True)
-    start = sum(len(l) for l in lines[:rng.integers(0, max(1, len(lines) // 2))])
-    ids = tokenizer.encode(text[start:])[:length]
-    if len(ids) == length:
-      prompts.append(ids)
-    if len(prompts) == n:
-      return prompts
-  _fail(f"the validation split has only {len(prompts)} documents of >= {length} tokens; "
-                       f"lower --prompt_len or --batch_sizes")
+  """n prompts of `length` tokens from the validation documents, each from a random line (code, not just
+  headers): one per document in turn, and when the documents run out, another pass with new starts."""
+  texts = list(corpus.texts("valid"))
+  prompts, seen = [], set()
+  for _ in range(4 * n):                # passes; a pass that finds nothing new ends it
+    found = 0
+    for text in texts:
+      lines = text.splitlines(keepends=True)
+      start = sum(len(l) for l in lines[:rng.integers(0, max(1, len(lines) // 2))])
+      ids = tokenizer.encode(text[start:])[:length]
+      if len(ids) == length and tuple(ids) not in seen:
+        seen.add(tuple(ids))
+        prompts.append(ids)
+        found += 1
+      if len(prompts) == n:
+        return prompts
+    if not found:
+      break
+  _fail(f"the validation split gave only {len(prompts)} distinct prompts of {length} tokens; "
+        f"lower --prompt_len or --prompts")
 
 
 def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int) -> dict:

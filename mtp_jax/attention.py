@@ -34,7 +34,7 @@ BACKEND_IMPLS = {"cpu": ("xla", "blockwise"), "gpu": ("xla", "blockwise", "cudnn
 # blocks above the diagonal). Decode steps and short prompts keep the xla path.
 CPU_BLOCKWISE_MIN_QUERIES = 256
 DECODE_MAX_QUERIES = 16   # a cached step over at most this many queries (1, or the speculative block)
-STREAM_SCORES = False     # a cached step's q @ K as a multiply-reduce too: slower than the dot on CPU (0.78-0.95x,
+STREAM_SCORES = False     # a cached step's q @ K as a multiply-reduce too: slower than the dot on CPU (0.70-0.95x,
                           # experiments/results/decode_attention.md), kept for that comparison
 CACHE_WINDOW = 64         # a cached step reads the cache in multiples of this many slots (0: all of it)
 BLOCK = 512          # query and key block of the blockwise implementation
