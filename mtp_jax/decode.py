@@ -511,29 +511,29 @@ class _Results(NamedTuple):
     return _Results(*(full.at[slots].set(getattr(state, f)) for full, f in zip(self, self._fields)))
 
 
+# The batch axis of each cache (stacked head and drafter caches have their stack first) and the
+# per-row state fields; the step count and the key belong to the whole batch.
+_CACHE_BATCH_AXIS = {"trunk": 0, "heads": 1, "drafter": 1}
+_ROW_FIELDS = ("tokens", "count", "position", "drafts", "draft_logq", "done", "forwards", "accepted", "recent")
+
+
+def _map_rows(fn, state: DecodeState, *others: DecodeState) -> DecodeState:
+  """state with fn(x, *ys, axis=batch axis) applied to every per-row leaf (ys: the same leaf of `others`)."""
+  each = lambda axis, x, *ys: jax.tree.map(lambda a, *bs: fn(a, *bs, axis=axis), x, *ys)
+  cache = {k: each(axis, state.cache[k], *(o.cache[k] for o in others)) for k, axis in _CACHE_BATCH_AXIS.items()}
+  return state.replace(cache=cache, **{f: each(0, getattr(state, f), *(getattr(o, f) for o in others))
+                                       for f in _ROW_FIELDS})
+
+
 def _select_rows(state: DecodeState, keep) -> DecodeState:
-  """The decode state of rows `keep` only: a smaller batch (caches keep their slots; stacked head caches
-  have the batch on axis 1)."""
-  rows = lambda tree, axis=0: jax.tree.map(lambda x: jnp.take(x, keep, axis=axis), tree)
-  cache = state.cache
-  return state.replace(
-      cache={"trunk": rows(cache["trunk"]), "heads": rows(cache["heads"], 1), "drafter": rows(cache["drafter"], 1)},
-      tokens=rows(state.tokens), count=rows(state.count), position=rows(state.position), drafts=rows(state.drafts),
-      draft_logq=rows(state.draft_logq), done=rows(state.done), forwards=rows(state.forwards),
-      accepted=rows(state.accepted), recent=rows(state.recent))
+  """The decode state of rows `keep` only: a smaller batch (caches keep their slots)."""
+  return _map_rows(lambda x, axis: jnp.take(x, keep, axis=axis), state)
 
 
 def _put_row(state: DecodeState, r, fresh: DecodeState) -> DecodeState:
-  """state with row r replaced by the one-row state `fresh` (its cache included); the batch's step
-  count and key stay."""
-  put = lambda full, one, axis=0: jax.tree.map(
-      lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), r, axis), full, one)
-  cache, new = state.cache, fresh.cache
-  return state.replace(
-      cache={"trunk": put(cache["trunk"], new["trunk"]), "heads": put(cache["heads"], new["heads"], 1),
-             "drafter": put(cache["drafter"], new["drafter"], 1)},
-      **{f: put(getattr(state, f), getattr(fresh, f)) for f in
-         ("tokens", "count", "position", "drafts", "draft_logq", "done", "forwards", "accepted", "recent")})
+  """state with row r replaced by the one-row state `fresh` (its cache included)."""
+  return _map_rows(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), r, axis),
+                   state, fresh)
 
 
 def trace_count() -> int:

@@ -112,15 +112,15 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
   # Argmax modes decode every prompt in one call of batch_size rows: a finished row takes the next
   # prompt (continuous batching). Sampling modes run batch after batch, so draws follow the seed and batch.
   per_call = len(ids) if mode in ("greedy", "speculative") else batch_size
+  rows = min(batch_size, per_call)
   for start in range(0, len(ids), per_call):
     chunk = ids[start:start + per_call]
-    padded = chunk + [chunk[0]] * (min(batch_size, per_call) - len(chunk))   # fixed batch shape: repeat, drop
+    padded = chunk + [chunk[0]] * (rows - len(chunk))   # fixed batch shape: repeat a prompt, drop it
     tokens, lengths = decode.pad_prompts(padded, bucket)
     out, timing = decode.run(params, args, tokens, lengths, mode=mode, max_new_tokens=max_new_tokens,
                              key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature,
-                             top_k=top_k, top_p=top_p, eos_id=eos_id, slots=min(batch_size, len(padded)))
-    batch = {"batch": start // per_call, "batch_size": min(batch_size, len(padded)),
-             "batch_forward_passes": int(out.steps) + 1,
+                             top_k=top_k, top_p=top_p, eos_id=eos_id, slots=rows)
+    batch = {"batch": start // per_call, "batch_size": rows, "batch_forward_passes": int(out.steps) + 1,
              "batch_new_tokens": int(np.sum(out.lengths[:len(chunk)])), **{f"batch_{k}": v for k, v in timing.items()}}
     for r in range(len(chunk)):
       prompt = prompts[start + r]
