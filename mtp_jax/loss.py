@@ -3,11 +3,12 @@
 w comes from `config.loss_weights`: the normalised head weights (the paper's average), or for
 DeepSeek-V3's sequential modules [1, lambda/D, ...], lambda scheduled over training by the step.
 
-`impl='scan'` runs the heads in a `jax.lax.scan` whose body checkpoints head i's layer, then takes
-its norm and the shared unembedding fused with the cross-entropy (cross_entropy.py: a custom VJP
-that keeps no logits for the backward pass), so one head's logits exist at a time in both passes and
-none survive between them. `chunk_size` scans the cross-entropy over sequence chunks (-1: chosen
-from the logits' size). n=1 skips the scan: it costs what a plain language model does.
+`impl='scan'` runs the head layers (each with its norm) in a `jax.lax.scan` whose body checkpoints
+the layer, so only the heads' hidden states [n, B, T, d] are kept, never their activations. All heads'
+cross-entropies then go through one fused op (cross_entropy.py: a custom VJP that unembeds one head and
+one sequence chunk at a time and forms the gradient as it goes), so at most one chunk of one head's
+logits exists, in the forward pass only. `chunk_size` sets the chunk (-1: chosen from the logits' size).
+n=1 skips the scan: it costs what a plain language model does.
 `remat_heads=False` keeps the head layers' activations instead (experiments/step_ratio.py measures
 what that trades: at parity on CPU, 3% of the step time for 77% more temporaries).
 `impl='naive'` keeps every head's logits: the reference the tests and benchmarks compare against.
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import loss_weights
-from mtp_jax.cross_entropy import fused_ce
+from mtp_jax.cross_entropy import fused_ce_heads
 from mtp_jax.model import MTPTransformer
 
 
@@ -80,15 +81,6 @@ def _unembedding(model, params):
   return params["embed"]["embedding"].T if model.args.tie_embeddings else params["unembed"]["kernel"]
 
 
-def _head_ce(model, params, i, h, targets, mask, chunk_size: int, ok):
-  """Cross-entropy sums of head i's hidden states h, and where it is right among the positions `ok`
-  (earlier heads all right), for head_acceptance. The unembedding and cross-entropy are fused
-  (cross_entropy.py): no logits are kept for the backward pass, chunked over the sequence if asked."""
-  nll, hits = fused_ce(_head_norm(model, params, i, h), _unembedding(model, params), targets, mask,
-                       chunk_size, model.args.dtype)
-  return nll, jnp.sum(hits), hits & ok
-
-
 def _finish(nll, hits, counts, accepted, given, weights):
   """Per-head means and the weighted total (weights [n] already final: no renormalising) from per-head sums.
 
@@ -109,6 +101,14 @@ def _uniform(n):
   return jnp.full((n,), 1.0 / n, jnp.float32)
 
 
+def _acceptance_sums(hits, masks):
+  """(accepted [n], given [n]): head i's hits where heads 0..i-1 were all right, and the masked positions
+  where they were. hits and masks bool [n, B, T] (hits already masked)."""
+  joint = jnp.cumprod(hits.astype(jnp.int32), axis=0).astype(bool)        # heads 0..i all right
+  ok = jnp.concatenate([jnp.ones_like(joint[:1]), joint[:-1]])              # heads 0..i-1 all right
+  return jnp.sum(joint, axis=(1, 2)), jnp.sum(ok & masks, axis=(1, 2))
+
+
 def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size: int = 0, weights=None,
                   remat_heads: bool = True):
   args = model.args
@@ -117,38 +117,35 @@ def mtp_loss_scan(params, batch, model: MTPTransformer, seq_len: int, chunk_size
   tokens, positions, segments = model_inputs(batch, seq_len)
   z, _ = model.apply({"params": params}, tokens, positions, segments, method=MTPTransformer.run_trunk)
 
-  def run_head(i, prev, ahead):
+  def run_head(i, prev, ahead):   # head i's layer and its norm: (hidden for the next head, normed hidden)
     h, _ = model.apply({"params": params}, i, z, prev, positions, segments, ahead=ahead,
                        method=MTPTransformer.run_head)
-    return h
+    return h, _head_norm(model, params, i, h)
 
-  def head_sums(i, h, ok):
-    targets, mask = shifted_targets(batch, seq_len, i + 1, n)
-    nll, hits, joint = _head_ce(model, params, i, h, targets, mask, chunk_size, ok)
-    return joint, (nll, hits, jnp.sum(mask), jnp.sum(joint), jnp.sum(ok & mask))
-
-  ok = jnp.ones(tokens.shape, bool)
   if n == 1:   # the lean one-head path: no scan, nothing recomputed, so n=1 costs what a plain LM does
-    _, sums = head_sums(0, run_head(0, None, None), ok)
-    return _finish(*(x[None] for x in sums), weights)
+    hs = run_head(0, None, None)[1][None]
+  else:
+    # Only the head layers are checkpointed: the fused cross-entropy below keeps no logits of its own.
+    layer = lambda prev, ahead, i: jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev, ahead)
+    if remat_heads:
+      layer = jax.checkpoint(layer)
+    chained = args.heads.chained
 
-  # Only the head layer is checkpointed: the fused cross-entropy keeps no logits of its own, and
-  # leaving it outside the checkpoint stops the forward's logits living beside the recomputation.
-  layer = lambda prev, ahead, i: jax.lax.switch(i, [functools.partial(run_head, j) for j in range(n)], prev, ahead)
-  if remat_heads:
-    layer = jax.checkpoint(layer)
-  chained = args.heads.chained
+    def body(prev, i):
+      ahead, _ = shifted_targets(batch, seq_len, i, n)     # x_{t+i}: what sequential modules embed
+      h, normed = layer(prev, ahead, i)
+      return (h if chained else prev), normed
 
-  def body(carry, i):
-    prev, ok = carry
-    ahead, _ = shifted_targets(batch, seq_len, i, n)     # x_{t+i}: what sequential modules embed
-    h = layer(prev, ahead, i)
-    joint, sums = head_sums(i, h, ok)
-    return ((h if chained else prev), joint), sums
+    _, hs = jax.lax.scan(body, z if chained else None, jnp.arange(n))   # parallel / linear heads carry no h
 
-  init = (z if chained else None, ok)   # parallel / linear heads carry no h
-  _, sums = jax.lax.scan(body, init, jnp.arange(n))
-  return _finish(*sums, weights)
+  targets, masks = (jnp.stack(x) for x in zip(*(shifted_targets(batch, seq_len, i + 1, n) for i in range(n))))
+  counts = jnp.sum(masks, axis=(1, 2))
+  # All heads' cross-entropies in one fused op, one head's logits at a time (cross_entropy.py).
+  loss, nll, hits = fused_ce_heads(hs, _unembedding(model, params), targets, masks,
+                                   weights / jnp.maximum(counts, 1).astype(jnp.float32), chunk_size, args.dtype)
+  accepted, given = _acceptance_sums(hits, masks)
+  _, metrics = _finish(nll, jnp.sum(hits, axis=(1, 2)), counts, accepted, given, weights)
+  return loss, dict(metrics, loss=loss)
 
 
 def mtp_loss_naive(params, batch, model: MTPTransformer, seq_len: int, chunk_size: int = 0, weights=None):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax.cross_entropy import auto_chunk, fused_ce
+from mtp_jax.cross_entropy import auto_chunk, fused_ce, fused_ce_heads
 
 
 def _reference(h, kernel, targets, mask):
@@ -47,3 +47,30 @@ def test_fused_ce_bfloat16_tracks_float32():
   nll16, _ = fused_ce(h, kernel, targets, mask, 4, jnp.bfloat16)
   assert nll16.dtype == jnp.float32
   np.testing.assert_allclose(nll16, nll32, rtol=2e-2)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_fused_ce_heads_matches_autodiff_of_the_weighted_sum(chunk):
+  """n heads in one op: loss = sum_i coefs_i * nll_i and its gradients equal autodiff's; the per-head nll
+  are metrics, through which no gradient flows."""
+  ks = jax.random.split(jax.random.key(2), 3)
+  n = 3
+  hs, kernel = jax.random.normal(ks[0], (n, 2, 8, 16)), jax.random.normal(ks[1], (16, 40)) * 0.3
+  targets = jax.random.randint(ks[2], (n, 2, 8), 0, 40)
+  masks = jnp.arange(8)[None, None, :] < jnp.array([8, 7, 5])[:, None, None]
+  masks = jnp.broadcast_to(masks, (n, 2, 8))
+  coefs = jnp.array([0.5, 0.3, 0.2]) / jnp.sum(masks, axis=(1, 2))
+
+  def ref(hs, k):
+    nll, hits = zip(*(_reference(hs[i], k, targets[i], masks[i]) for i in range(n)))
+    return jnp.sum(coefs * jnp.stack(nll)), jnp.stack(nll), jnp.stack(hits)
+
+  fused = lambda hs, k: fused_ce_heads(hs, k, targets, masks, coefs, chunk, jnp.float32)
+  for a, b in zip(fused(hs, kernel), ref(hs, kernel)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  grads = jax.grad(lambda hs, k: fused(hs, k)[0], argnums=(0, 1))(hs, kernel)
+  ref_grads = jax.grad(lambda hs, k: ref(hs, k)[0], argnums=(0, 1))(hs, kernel)
+  for a, b in zip(grads, ref_grads):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  no_grad = jax.grad(lambda hs: jnp.sum(fused(hs, kernel)[1]))(hs)
+  np.testing.assert_array_equal(no_grad, 0.0)
