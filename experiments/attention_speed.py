@@ -26,6 +26,9 @@ from mtp_jax import attention  # noqa: E402
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "1024", "2048", "4096"], "Sequence lengths.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per implementation and length.")
 _DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype (default: bfloat16 on accelerators, float32 on CPU).")
+_BATCH = flags.DEFINE_integer("batch", 1, "Sequences per call.")
+_BLOCKS = flags.DEFINE_list("blocks", [], "Also time the blockwise implementation at these block sizes "
+                            "(rows blockwise/B; plain 'blockwise' is the backend's default, attention.block_size()).")
 _OUT = flags.DEFINE_string("out_name", "attention_speed", "Results file stem under experiments/results/.")
 
 
@@ -37,19 +40,23 @@ def main(_):
   rows = []
   for t in map(int, _LENGTHS.value):
     ks = jax.random.split(jax.random.key(t), 4)
-    q = jax.random.normal(ks[0], (1, t, 8, 64), dtype)
-    k, v = (jax.random.normal(x, (1, 4, t, 64), dtype) for x in ks[1:3])
-    ct = jax.random.normal(ks[3], (1, t, 8, 64), dtype)
-    pos = jnp.broadcast_to(jnp.arange(t), (1, t))
-    seg = jnp.ones((1, t), jnp.int32)
+    q = jax.random.normal(ks[0], (_BATCH.value, t, 8, 64), dtype)
+    k, v = (jax.random.normal(x, (_BATCH.value, 4, t, 64), dtype) for x in ks[1:3])
+    ct = jax.random.normal(ks[3], (_BATCH.value, t, 8, 64), dtype)
+    pos = jnp.broadcast_to(jnp.arange(t), (_BATCH.value, t))
+    seg = jnp.ones((_BATCH.value, t), jnp.int32)
     fns = {}
-    for impl in impls:
-      loss = lambda q, k, v, impl=impl: jnp.sum(
-          attention.attend(q, k, v, pos, pos, seg, seg, impl=impl).astype(jnp.float32) * ct)
+    variants = [(impl, impl, None) for impl in impls] + [(f"blockwise/{b}", "blockwise", int(b)) for b in _BLOCKS.value]
+    for name, impl, block in variants:
+      if block:
+        attend = lambda *a, block=block: attention._blockwise(*a, True, block=block)
+      else:
+        attend = lambda *a, impl=impl: attention.attend(*a, impl=impl)
+      loss = lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v, pos, pos, seg, seg).astype(jnp.float32) * ct)
       fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
       temp = fn.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
       jax.block_until_ready(fn(q, k, v))
-      fns[impl] = (fn, temp, [])
+      fns[name] = (fn, temp, [])
     for _ in range(_REPEATS.value):
       for impl, (fn, _, times) in fns.items():
         t0 = time.perf_counter()
@@ -59,13 +66,17 @@ def main(_):
       rows.append({"seq_len": t, "impl": impl, "seconds": statistics.median(times), "temp_bytes": int(temp),
                    "auto_picks": attention.resolve("auto", t, t, dtype, backend)})
       print(f"T={t:<5} {impl:<9} {rows[-1]['seconds'] * 1e3:8.1f} ms  temp {temp / 2**20:8.1f} MiB", flush=True)
-  lines = [f"Causal GQA self-attention (batch 1, 8 query / 4 key-value heads, head size 64, {dtype.name}), "
-           f"forward + backward, {device}; median of {_REPEATS.value} interleaved calls.", "",
+  lines = [f"Causal GQA self-attention (batch {_BATCH.value}, 8 query / 4 key-value heads, head size 64, {dtype.name}), "
+           f"forward + backward, {device}; median of {_REPEATS.value} interleaved calls; plain blockwise runs "
+           f"blocks of {attention.block_size()}, blockwise/B blocks of B.", "",
            "| T | impl | ms | temp MiB | auto picks |", "|---:|---|---:|---:|---|"]
   lines += [f"| {r['seq_len']} | {r['impl']} | {r['seconds'] * 1e3:.1f} | {r['temp_bytes'] / 2**20:.1f} | "
             f"{r['auto_picks']} |" for r in rows]
-  lines += ["", f"Command: `python experiments/attention_speed.py --out_name={_OUT.value}`"]
-  write_results(_OUT.value, {"device": device, "dtype": dtype.name, "rows": rows}, lines)
+  flags_used = (f" --batch={_BATCH.value}" if _BATCH.value != 1 else "") + \
+      (f" --blocks={','.join(_BLOCKS.value)}" if _BLOCKS.value else "") + f" --lengths={','.join(_LENGTHS.value)}"
+  lines += ["", f"Command: `python experiments/attention_speed.py{flags_used} --out_name={_OUT.value}`"]
+  write_results(_OUT.value, {"device": device, "dtype": dtype.name, "batch": _BATCH.value,
+                             "default_block": attention.block_size(), "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs per mode and batch siz
 _FWD_ITERS = flags.DEFINE_integer("forward_iters", 50, "Steps per timed call when measuring C.")
 _FWD_REPEATS = flags.DEFINE_integer("forward_repeats", 21, "Timed pairs (single, verify) when measuring C.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt selection seed.")
+_DRAFT = flags.DEFINE_integer("draft_heads", None, "Speculative block k (2..n_future; default n_future): heads 2..k draft.")
 _OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
 
 
@@ -107,14 +108,15 @@ def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int) -> 
   else:
     calls, slots = [decode.pad_prompts(prompts[i:i + batch], len(prompts[0])) for i in range(0, len(prompts), batch)], None
   kw = dict(max_new_tokens=_MAX_NEW.value, eos_id=-1, slots=slots)
+  draft = {"greedy": {}, "speculative": {"draft_heads": _DRAFT.value}}
 
   modes = ("greedy", "speculative")
-  outs = {m: [decode.run(params, args, t, l, mode=m, **kw)[0] for t, l in calls] for m in modes}   # compile, warm up
+  outs = {m: [decode.run(params, args, t, l, mode=m, **kw, **draft[m])[0] for t, l in calls] for m in modes}   # compile, warm up
   runs = {m: [0.0] * repeats for m in modes}
   for r in range(repeats):
     for i, (tokens, lengths) in enumerate(calls):   # the two modes back to back on each call: drift hits both
       for m in modes:
-        outs[m][i], timing = decode.run(params, args, tokens, lengths, mode=m, **kw)
+        outs[m][i], timing = decode.run(params, args, tokens, lengths, mode=m, **kw, **draft[m])
         runs[m][r] += timing["wall_s"]
   cat = lambda m, field: np.concatenate([getattr(o, field) for o in outs[m]])
   lengths, forwards, accepted = cat("speculative", "lengths"), cat("speculative", "forwards"), cat("speculative", "accepted")
@@ -134,7 +136,7 @@ def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
   """C: seconds of one speculative step (a cached forward over a block of n tokens with every head,
   and its verification) over one greedy step (a cached single-token forward with head 0): the decode
   loop's own step function, run `forward_iters` times from the prompts' prefill in one program."""
-  model, n, iters = MTPTransformer(args), args.n_future, _FWD_ITERS.value
+  model, n, iters = MTPTransformer(args), _DRAFT.value or args.n_future, _FWD_ITERS.value
   tokens, lengths = map(jnp.asarray, decode.pad_prompts(prompts, len(prompts[0])))
   sp = decode.SamplingParams.of()   # argmax modes: the sampling settings are unused, EOS off
 
@@ -166,6 +168,10 @@ def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
 def main(_):
   params, config, prompts, source = load_model()
   args = ModelArgs.from_config(config.model)
+  try:
+    decode.check_draft_heads(args, _DRAFT.value)
+  except decode.DecodeError as e:
+    _fail(str(e))
   if args.n_future < 2:
     _fail(f"model.n_future={args.n_future}: speculative decoding needs draft heads (n >= 2)")
   if _FWD_ITERS.value * args.n_future >= _MAX_NEW.value:   # C's steps must not finish the generation
@@ -183,7 +189,8 @@ def main(_):
           f"{row['tokens_per_forward']:.2f} tokens/forward, C={row['C']:.2f} (single {row['single_step_s'] * 1e3:.3f} ms, "
           f"verify {row['verify_step_s'] * 1e3:.3f} ms) ({time.time() - t0:.0f}s)", flush=True)
 
-  model_desc = (f"n_future={args.n_future}, head_type={args.head_type}, d_model={args.d_model}, "
+  model_desc = (f"n_future={args.n_future}{f' (draft_heads={_DRAFT.value})' if _DRAFT.value else ''}, "
+                f"head_type={args.head_type}, d_model={args.d_model}, "
                 f"n_layers={args.n_layers}, vocab={args.vocab_size}")
   origin = "random init" if _RANDOM.value else _WORKDIR.value
   result = {"device": device, "model": model_desc, "weights": origin, "prompts": source,

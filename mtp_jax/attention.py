@@ -37,7 +37,9 @@ DECODE_MAX_QUERIES = 16   # a cached step over at most this many queries (1, or 
 STREAM_SCORES = False     # a cached step's q @ K as a multiply-reduce too: slower than the dot on CPU (0.70-0.95x,
                           # experiments/results/decode_attention.md), kept for that comparison
 CACHE_WINDOW = 64         # a cached step reads the cache in multiples of this many slots (0: all of it)
-BLOCK = 512          # query and key block of the blockwise implementation
+BLOCK = 512          # query and key block of the blockwise implementation on accelerators
+CPU_BLOCK = 128      # ... and on CPU, where a block's scores should stay in the core's cache: at 512, batch 8
+                     # and 4 heads they are 32 MiB (experiments/results/attention_speed.md compares block sizes)
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -64,6 +66,11 @@ def resolve(impl: str, t: int, s: int, dtype, backend: str | None = None) -> str
   if backend == "gpu":
     return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "blockwise"
   return "blockwise" if t >= CPU_BLOCKWISE_MIN_QUERIES else "xla"
+
+
+def block_size(backend: str | None = None) -> int:
+  """The blockwise implementation's query and key block on this backend."""
+  return CPU_BLOCK if (backend or jax.default_backend()) == "cpu" else BLOCK
 
 
 def attend(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, impl="auto", self_attention=True):
@@ -148,7 +155,7 @@ def attend_cache(q, k, v, q_pos, *, impl="auto"):
 
 def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, block=None):
   b, t, h, d = q.shape
-  block = block or BLOCK
+  block = block or block_size()
   n_kv, s = k.shape[1], k.shape[2]
   if q_seg is None:   # one segment: the comparison is then always true
     q_seg, k_seg = jnp.zeros_like(q_pos), jnp.zeros_like(k_pos)

@@ -579,6 +579,15 @@ def check_request(args: ModelArgs, prompts, mode: str, max_new_tokens: int, temp
       raise DecodeError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {args.vocab_size})")
 
 
+def check_draft_heads(args: ModelArgs, draft_heads: Optional[int], mode: str = "speculative") -> None:
+  if draft_heads is not None and mode not in ("speculative", "speculative_sample"):
+    raise DecodeError(f"draft_heads={draft_heads} sets the speculative block, but mode={mode!r} drafts nothing; "
+                      f"use mode=speculative or speculative_sample, or leave draft_heads unset")
+  if draft_heads is not None and not 2 <= draft_heads <= args.n_future:
+    raise DecodeError(f"draft_heads={draft_heads}: the speculative block is 2..n_future={args.n_future} tokens "
+                      f"(this model has {args.n_future} heads); leave it unset to use them all")
+
+
 def check_slots(mode: str, slots: Optional[int], n_prompts: int) -> None:
   if slots is None:
     return
@@ -640,15 +649,20 @@ def clear_compiled() -> None:
 
 
 def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_tokens=64, seed=0, key=None,
-        temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None, slots: Optional[int] = None):
+        temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None, slots: Optional[int] = None,
+        draft_heads: Optional[int] = None):
   """Decode padded prompts: (DecodeOutput of numpy arrays, {'compile_s', 'wall_s'}).
 
   `tokens` [N, P] / `lengths` [N] come from `pad_prompts`; validate with `check_request` first.
   slots: rows decoded at once (argmax modes; default all N): as a row finishes, the next prompt takes it.
+  draft_heads: the speculative block, k = 2..n_future (default n_future): heads 2..k draft, so a verify
+  step costs k tokens' forward; where a step is bound by arithmetic (a CPU, large batches) a shorter
+  block can pay more than the last heads' rarely accepted drafts (experiments/results/speculative.md).
   wall_s is the decode alone (compile excluded), measured until the results are on the host.
   """
   check_slots(mode, slots, len(lengths))
-  settings = Settings(mode, int(max_new_tokens), args.n_future, batch_shards=_batch_shards(tokens),
+  check_draft_heads(args, draft_heads, mode)
+  settings = Settings(mode, int(max_new_tokens), draft_heads or args.n_future, batch_shards=_batch_shards(tokens),
                       slots=0 if slots is None or slots >= len(lengths) else int(slots))
   key = jax.random.key(seed) if key is None else key
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):   # a raw uint32 PRNGKey: one compiled signature

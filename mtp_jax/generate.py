@@ -67,7 +67,7 @@ def _as_prompt_list(prompts) -> list:
 def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_id: Optional[int] = None, batch_size: Optional[int] = None, add_bos: bool = True,
-             prompt_bucket: Optional[int] = None) -> list[dict]:
+             prompt_bucket: Optional[int] = None, draft_heads: Optional[int] = None) -> list[dict]:
   """Continue each prompt; returns one dict per prompt (see `_result`).
 
   params: the model's parameters; config: the training config (or its ModelArgs).
@@ -77,6 +77,7 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
   batch_size: rows decoded at once (default: all prompts). greedy / speculative: one call in which a
     finished row takes the next prompt; sampling modes: batches of batch_size, the last one padded.
   prompt_bucket: pad prompts to this length (default: a power of two), fixing the compiled shape.
+  draft_heads: speculative modes: heads 2..draft_heads draft (default all n_future); see `decode.run`.
   """
   args = _model_args(config)
   prompts = _as_prompt_list(prompts)
@@ -93,6 +94,7 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
       p = ([int(bos)] if add_bos and bos is not None and bos >= 0 else []) + list(tokenizer.encode(p))
     ids.append([int(t) for t in p])
   decode.check_request(args, ids, mode, max_new_tokens, temperature, top_k, top_p)
+  decode.check_draft_heads(args, draft_heads, mode)
   if eos_id is None:
     eos_id = tokenizer_eos_id(tokenizer) if tokenizer is not None else -1
   if not -1 <= eos_id < args.vocab_size:
@@ -119,7 +121,7 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
     tokens, lengths = decode.pad_prompts(padded, bucket)
     out, timing = decode.run(params, args, tokens, lengths, mode=mode, max_new_tokens=max_new_tokens,
                              key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature,
-                             top_k=top_k, top_p=top_p, eos_id=eos_id, slots=rows)
+                             top_k=top_k, top_p=top_p, eos_id=eos_id, slots=rows, draft_heads=draft_heads)
     batch = {"batch": start // per_call, "batch_size": rows, "batch_forward_passes": int(out.steps) + 1,
              "batch_new_tokens": int(np.sum(out.lengths[:len(chunk)])), **{f"batch_{k}": v for k, v in timing.items()}}
     for r in range(len(chunk)):
@@ -274,6 +276,8 @@ def _define_flags():
   flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt (at most).")
   flags.DEFINE_integer("batch_size", 8, "Rows decoded at once. greedy / speculative: a finished row takes "
                        "the next prompt (continuous batching); sampling modes: prompts per batch.")
+  flags.DEFINE_integer("draft_heads", None, "Speculative modes: the block k, 2..n_future (default n_future): heads "
+                       "2..k draft; fewer can be faster where a verify step is bound by arithmetic (CPU, big batches).")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature (sampling modes).")
   flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off; sampling modes).")
   flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off; sampling modes).")
@@ -296,12 +300,15 @@ def main(argv):
   if not (f.temperature > 0 and np.isfinite(f.temperature)):
     raise DecodeError(f"--temperature={f.temperature}: must be a finite number > 0")
   check_seed(f.seed)
+  if f.draft_heads is not None and f.mode not in ("speculative", "speculative_sample"):
+    raise DecodeError(f"--draft_heads={f.draft_heads} sets the speculative block, but --mode={f.mode} drafts "
+                      f"nothing; use --mode=speculative or speculative_sample, or leave --draft_heads unset")
   output = check_output(f.output) if f.output else None
   prompts = read_prompts(f.prompt, f.prompt_file)
   params, config, tokenizer = load_workdir(f.workdir)
   results = generate(params, config, prompts, tokenizer, mode=f.mode, max_new_tokens=f.max_new_tokens,
                      temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=f.eos_id,
-                     batch_size=min(f.batch_size, len(prompts)))
+                     batch_size=min(f.batch_size, len(prompts)), draft_heads=f.draft_heads)
   if output:
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as out:

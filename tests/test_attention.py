@@ -96,7 +96,7 @@ def test_splash_kernel_matches_xla_in_interpret_mode():
 def test_model_loss_and_grads_match_xla(make_config, monkeypatch, impl, head_type):
   """The whole multi-token loss and its gradients with each implementation; small blocks so the
   blockwise path really iterates (seq 16 in blocks of 8) over packed documents."""
-  monkeypatch.setattr(attention, "BLOCK", 8)
+  monkeypatch.setattr(attention, "CPU_BLOCK", 8)
   tokens = jax.random.randint(jax.random.key(3), (2, 19), 0, 64)
   batch = {"tokens": tokens, "segment_ids": jnp.array([[1] * 7 + [2] * 12, [1] * 19])}
 

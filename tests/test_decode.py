@@ -211,7 +211,7 @@ def test_speculative_equals_greedy_with_each_attention(monkeypatch, attention):
   16-token prefill and the decode steps over the 56-slot cache really run several blocks, and steps
   read the cache in windows of 8 slots."""
   from mtp_jax import attention as attention_lib
-  monkeypatch.setattr(attention_lib, "BLOCK", 8)
+  monkeypatch.setattr(attention_lib, "CPU_BLOCK", 8)
   monkeypatch.setattr(attention_lib, "CACHE_WINDOW", 8)   # steps read the cache in windows of 8 slots
   decode.clear_compiled()                                 # no program traced with other settings
   model, params = tiny(n=3, shared=True, attention=attention)
@@ -423,3 +423,24 @@ def test_cli_errors_are_one_line(args, match):
   proc = _cli(*args)
   assert proc.returncode == 2, proc.stderr
   assert match in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "linear", "sequential"])
+def test_a_shorter_speculative_block_still_equals_greedy(head_type):
+  """draft_heads=k < n: heads 2..k draft (a k-token verify step), the output is still greedy's, and each
+  row's accepted drafts fill only the first k-1 columns."""
+  shared = head_type != "sequential"      # copies of head 0 draft well; a module's parameters differ from a Block's
+  model, params = tiny(n=4, head_type=head_type, shared=shared)
+  g = run(model, params, MIXED, "greedy")
+  for k in (2, 3):
+    s = run(model, params, MIXED, "speculative", draft_heads=k)
+    _check_same(g, s, 24)
+    assert s.accepted[:, k - 1:].sum() == 0 and (s.accepted.sum() > 0 or not shared)
+    assert np.all(s.lengths <= s.forwards * k)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_draft_heads_out_of_range_is_refused(k):
+  model, params = tiny(n=4)
+  with pytest.raises(decode.DecodeError, match=f"draft_heads={k}: the speculative block is 2..n_future=4"):
+    run(model, params, MIXED, "speculative", draft_heads=k)
