@@ -40,6 +40,8 @@ def config(n, impl, chunk):
 
 
 def main(_):
+  from mtp_jax.cpu_flags import use_training_fusions
+  use_training_fusions()   # our train step as `python -m mtp_jax.main` compiles it
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
   rows = []
   for v in VARIANTS:

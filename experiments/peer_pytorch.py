@@ -161,6 +161,8 @@ def our_profile(tokens) -> dict:
 
 
 def main():
+  from mtp_jax.cpu_flags import use_training_fusions
+  use_training_fusions()   # our train step as `python -m mtp_jax.main` compiles it
   from absl import flags
   flags.DEFINE_string("torch_python", "/work/torchvenv/bin/python", "Interpreter with torch + transformers.")
   flags.DEFINE_integer("steps", 10, "Timed steps per bout (after one warm-up).")

@@ -60,6 +60,8 @@ class _HeadsNotRematerialised:
 
 
 def main(_):
+  from mtp_jax.cpu_flags import use_training_fusions
+  use_training_fusions()   # our train step as `python -m mtp_jax.main` compiles it
   quick = _QUICK.value
   vocabs = [int(v) for v in _VOCABS.value]
   steps = 3 if quick else _STEPS.value

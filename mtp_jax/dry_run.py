@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from mtp_jax import sharding
 from mtp_jax.model import build_model
 from mtp_jax.step import make_optimizer
+from mtp_jax.cpu_flags import add_xla_flag
 
 
 # XLA:CPU's default schedule orders independent work for thread concurrency, not memory: on the 7B n4
@@ -32,10 +33,7 @@ def plan_memory_like_an_accelerator() -> None:
   backend (a per-compile option does not reach the CPU scheduler), so this does nothing once a backend
   is up; `cpu_schedule` then reports the default. No effect on GPU and TPU compiles; a setting already
   in XLA_FLAGS is kept."""
-  from jax._src import xla_bridge
-  flags = os.environ.get("XLA_FLAGS", "")
-  if _SCHEDULER_FLAG not in flags and not xla_bridge.backends_are_initialized():
-    os.environ["XLA_FLAGS"] = f"{flags} --{_SCHEDULER_FLAG}=false".strip()
+  add_xla_flag(_SCHEDULER_FLAG, "false")
 
 
 def cpu_schedule() -> str:

@@ -24,6 +24,9 @@ def main(argv):
   if _DRY_RUN.value:
     from mtp_jax.dry_run import plan_memory_like_an_accelerator
     plan_memory_like_an_accelerator()   # before anything (validate included) starts jax's backend
+  else:
+    from mtp_jax.cpu_flags import use_training_fusions
+    use_training_fusions()              # likewise before the backend starts (cpu_flags.py: why, and measured)
   validate(config)
   from mtp_jax.train import check_workdir_path, train_and_evaluate
   workdir = check_workdir_path(_WORKDIR.value)   # before any compile; expands ~
