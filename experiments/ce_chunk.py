@@ -26,6 +26,8 @@ from mtp_jax.dry_run import compile_train_step, memory_report  # noqa: E402
 
 _VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (after one warm-up).")
+_TRAINER_FLAGS = flags.DEFINE_bool("trainer_flags", True, "Compile with the XLA flags the trainer sets "
+                                   "(mtp_jax/cpu_flags.py); --notrainer_flags: jaxlib's defaults.")
 _OUT = flags.DEFINE_string("out_name", "ce_chunk", "Results file stem under experiments/results/.")
 
 VARIANTS = [(1, "naive", 0), (1, "scan", 0), (1, "scan", -1), (4, "naive", 0), (4, "scan", 0), (4, "scan", -1)]
@@ -40,8 +42,9 @@ def config(n, impl, chunk):
 
 
 def main(_):
-  from mtp_jax.cpu_flags import use_training_fusions
-  use_training_fusions()   # our train step as `python -m mtp_jax.main` compiles it
+  if _TRAINER_FLAGS.value:
+    from mtp_jax.cpu_flags import use_training_fusions
+    use_training_fusions()   # our train step as `python -m mtp_jax.main` compiles it
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
   rows = []
   for v in VARIANTS:
@@ -57,7 +60,8 @@ def main(_):
   chunk = auto_chunk(c.train.batch_size, c.data.seq_len, _VOCAB.value)
   lines = [f"Train step of configs/default.py:sp at vocab {_VOCAB.value} (batch {c.train.batch_size} x "
            f"{c.data.seq_len}, parity, no remat), {device}: XLA's planned temporaries and the median of "
-           f"{_STEPS.value} interleaved steps. chunk -1 = automatic ({chunk} positions here).", "",
+           f"{_STEPS.value} interleaved steps. chunk -1 = automatic ({chunk} positions here). XLA_FLAGS: "
+           f"{os.environ.get('XLA_FLAGS') or 'none'}.", "",
            "| n | loss | chunk | temp MiB | s/step |", "|---:|---|---:|---:|---:|"]
   lines += [f"| {r['n']} | {r['impl']} | {r['chunk_size']} | {r['temp_bytes'] / 2**20:.0f} | "
             f"{r['seconds_per_step']:.3f} |" for r in rows]
@@ -68,7 +72,7 @@ def main(_):
             "auto-chunk n=4 time / unchunked n=4 time": get(4, "scan", -1, "seconds_per_step") / get(4, "scan", 0, "seconds_per_step"),
             "scan n=1 time / naive n=1 time": get(1, "scan", 0, "seconds_per_step") / get(1, "naive", 0, "seconds_per_step")}
   lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
-  lines += ["", f"Command: `python experiments/ce_chunk.py --out_name={_OUT.value}`"]
+  lines += ["", f"Command: `python experiments/ce_chunk.py {' '.join(sys.argv[1:])}`"]
   write_results(_OUT.value, {"device": device, "vocab": _VOCAB.value, "auto_chunk": chunk, "rows": rows,
                              "ratios": ratios}, lines)
 

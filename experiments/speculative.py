@@ -195,14 +195,15 @@ def main(_):
   origin = "random init" if _RANDOM.value else _WORKDIR.value
   result = {"device": device, "model": model_desc, "weights": origin, "prompts": source,
             "prompt_len": _PROMPT_LEN.value, "max_new_tokens": _MAX_NEW.value, "repeats": _REPEATS.value, "rows": rows}
-  heads = " | ".join(f"head {i + 2}" for i in range(args.n_future - 1))
+  n_draft = (_DRAFT.value or args.n_future) - 1
+  heads = " | ".join(f"head {i + 2}" for i in range(n_draft))
   lines = [f"Self-speculative greedy decoding vs greedy, {device}; {model_desc}; weights: {origin}; prompts: "
            f"{_PROMPT_LEN.value} tokens ({source}); {_MAX_NEW.value} new tokens per row, EOS off; medians of "
            f"{_REPEATS.value} interleaved runs.", "",
            f"| batch | greedy tok/s | speculative tok/s | speedup | tokens/forward | batch forwards g/s | "
            f"row forwards needed/paid | C | "
            f"speedup / (tokens/forward / C) | {heads} acceptance | same as greedy |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (args.n_future - 1) + "---|"]
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * n_draft + "---|"]
   for r in rows:
     acc = " | ".join(f"{a:.2f}" for a in r["acceptance"])
     lines.append(f"| {r['batch']} | {r['greedy']['tokens_per_s']:.1f} | {r['speculative']['tokens_per_s']:.1f} | "

@@ -33,6 +33,8 @@ from mtp_jax import loss  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per config (interleaved).")
 _VOCABS = flags.DEFINE_list("vocabs", ["2048", "256"], "Vocabulary sizes to compare the pair at (the recipe's first).")
+_TRAINER_FLAGS = flags.DEFINE_bool("trainer_flags", True, "Compile with the XLA flags the trainer sets "
+                                   "(mtp_jax/cpu_flags.py); --notrainer_flags: jaxlib's defaults.")
 _QUICK = flags.DEFINE_bool("quick", False, "configs/tiny.py, 3 steps: a smoke test.")
 _OUT_DIR = flags.DEFINE_string("out_dir", results_io.RESULTS, "Where the results files go.")
 _OUT = flags.DEFINE_string("out_name", "step_ratio", "Results file stem (--quick appends _quick).")
@@ -60,8 +62,9 @@ class _HeadsNotRematerialised:
 
 
 def main(_):
-  from mtp_jax.cpu_flags import use_training_fusions
-  use_training_fusions()   # our train step as `python -m mtp_jax.main` compiles it
+  if _TRAINER_FLAGS.value:
+    from mtp_jax.cpu_flags import use_training_fusions
+    use_training_fusions()   # our train step as `python -m mtp_jax.main` compiles it
   quick = _QUICK.value
   vocabs = [int(v) for v in _VOCABS.value]
   steps = 3 if quick else _STEPS.value
@@ -82,7 +85,9 @@ def main(_):
   recipe = "configs/tiny.py" if quick else "configs/default.py:sp"
   desc = (f"{recipe}: d_model {c.model.d_model}, {c.model.n_layers} layers, parallel heads under parity, "
           f"batch {c.train.batch_size} x {c.data.seq_len}, model.remat={c.model.remat}, loss.chunk_size={c.loss.chunk_size}")
-  result = {"device": device, "recipe": desc, "steps": steps, "wall_s": time.time() - t_start, "rows": rows}
+  import os
+  desc += f"; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or 'none'}"
+  result = {"device": device, "recipe": desc, "trainer_flags": _TRAINER_FLAGS.value, "steps": steps, "wall_s": time.time() - t_start, "rows": rows}
   lines = ["# n=4 / n=1 train-step time at parity, by part", "",
            f"{device}; {desc}; random tokens; medians of {steps} interleaved steps, all configs in one loop.", "",
            "| vocab | n | head layers | ms/step | / n=1 at this vocab | temporaries MiB |",

@@ -182,3 +182,16 @@ def test_scheduler_memory_quick(tmp_path):
     assert peak["buffers"] and 0 < peak["peak_temp_bytes"]
     assert all(b["bytes"] > 0 and b["live"][0] <= peak["peak_at"] <= b["live"][1] for b in peak["buffers"])
   assert "| buffer | shape | KiB |" in (tmp_path / "scheduler_memory_quick.md").read_text()
+
+
+@pytest.mark.slow   # four worker processes, each compiling three train steps and two decode loops: about 3 min
+def test_cpu_fusions_runs_both_settings(tmp_path):
+  r = subprocess.run([sys.executable, "experiments/cpu_fusions.py", "--steps=1", "--bouts=1", f"--out_name={tmp_path}/cf"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": ROOT})
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((tmp_path / "cf.json").read_text())
+  d, y = res["best"]["default"], res["best"]["fusions"]
+  assert set(d["train_s"]) == {"peer", "default", "default_sp"} and all(t > 0 for t in y["train_s"].values())
+  assert res["bouts"]["fusions"][0]["xla_flags"].endswith(res["flag"][1]) and not res["bouts"]["default"][0]["xla_flags"]
+  for m, loss in d["first_loss"].items():   # the flag changes how, not what
+    assert math.isclose(loss, y["first_loss"][m], rel_tol=1e-5)
