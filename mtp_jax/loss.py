@@ -10,7 +10,7 @@ one sequence chunk at a time and forms the gradient as it goes), so at most one 
 logits exists, in the forward pass only. `chunk_size` sets the chunk (-1: chosen from the logits' size).
 n=1 skips the scan: it costs what a plain language model does.
 `remat_heads=False` keeps the head layers' activations instead (experiments/step_ratio.py measures
-what that trades: at parity on CPU, 3% of the step time for 77% more temporaries).
+what that trades: at parity on CPU, about 5% of the step time for 75% more temporaries).
 `impl='naive'` keeps every head's logits: the reference the tests and benchmarks compare against.
 
 A batch is {'tokens': int [B, L], 'segment_ids': int [B, L]} with L >= seq_len (the data pipeline
