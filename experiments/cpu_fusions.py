@@ -36,7 +36,6 @@ def _config(name: str):
 def worker(steps: int) -> dict:
   """This process's figures (its XLA_FLAGS are the setting)."""
   import jax
-  import numpy as np
   from step_timing import prepare_runs, time_runs
   runs = prepare_runs({m: _config(m) for m in MODELS})
   first_loss = {}
@@ -50,25 +49,20 @@ def worker(steps: int) -> dict:
 
 def _decode_steps(batch: int = 16, iters: int = 30, repeats: int = 5) -> dict:
   """Seconds per decode-loop step, greedy and speculative, default recipe at random init."""
-  import functools
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from step_timing import decode_step_program
   from mtp_jax import decode
-  from mtp_jax.model import MTPTransformer, ModelArgs, build_model, init_params
+  from mtp_jax.model import ModelArgs, build_model, init_params
   c = _config("default")
   args = ModelArgs.from_config(c.model)
   params = init_params(build_model(c.model), jax.random.key(0))
   prompts = np.random.default_rng(0).integers(0, args.vocab_size, (batch, 64)).tolist()
   tokens, lengths = map(jnp.asarray, decode.pad_prompts(prompts, 64))
-  model, sp = MTPTransformer(args), decode.SamplingParams.of()
   out = {}
   for mode in ("greedy", "speculative"):
-    settings = decode.Settings(mode, 256, args.n_future)
-    w = jax.jit(lambda p: decode.decode_weights(p, args, settings.heads_run))(params)
-    state = jax.jit(lambda w: decode.prefill(model, w, settings, sp, tokens, lengths, jax.random.key(0)))(w)
-    loop = jax.jit(lambda w, s: jax.lax.fori_loop(0, iters, lambda i, s: decode.step(model, w, settings, sp, s), s).count)
-    f = functools.partial(loop, w, state)
+    f = decode_step_program(params, args, mode, tokens, lengths, iters, 256)
     jax.block_until_ready(f())
     times = []
     for _ in range(repeats):

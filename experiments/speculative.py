@@ -15,7 +15,6 @@ modes alike. EOS is off: every row generates exactly max_new_tokens, so both mod
 Speculative output is checked to equal greedy's.
 Writes experiments/results/<out_name>.md and .json.
 """
-import functools
 import os
 import statistics
 import sys
@@ -32,8 +31,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from results_io import write_results  # noqa: E402
+from step_timing import decode_step_program  # noqa: E402
 from mtp_jax import decode  # noqa: E402
-from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_params  # noqa: E402
+from mtp_jax.model import ModelArgs, build_model, init_params  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Trained run to benchmark.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "With --random_init: the recipe to initialise.")
@@ -136,19 +136,9 @@ def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
   """C: seconds of one speculative step (a cached forward over a block of n tokens with every head,
   and its verification) over one greedy step (a cached single-token forward with head 0): the decode
   loop's own step function, run `forward_iters` times from the prompts' prefill in one program."""
-  model, n, iters = MTPTransformer(args), _DRAFT.value or args.n_future, _FWD_ITERS.value
+  iters = _FWD_ITERS.value
   tokens, lengths = map(jnp.asarray, decode.pad_prompts(prompts, len(prompts[0])))
-  sp = decode.SamplingParams.of()   # argmax modes: the sampling settings are unused, EOS off
-
-  def make(mode: str):
-    """The compiled loop of `iters` steps, from a prefilled state (both arguments, as in decoding)."""
-    settings = decode.Settings(mode, _MAX_NEW.value, n)
-    w = jax.jit(lambda p: decode.decode_weights(p, args, settings.heads_run))(params)
-    state = jax.jit(lambda w: decode.prefill(model, w, settings, sp, tokens, lengths, jax.random.key(0)))(w)
-    # Iterate inside one program: dispatch overhead would swamp a tiny model's step.
-    loop = jax.jit(lambda w, s: jax.lax.fori_loop(0, iters, lambda i, s: decode.step(model, w, settings, sp, s), s).count)
-    return functools.partial(loop, w, state)
-
+  make = lambda mode: decode_step_program(params, args, mode, tokens, lengths, iters, _MAX_NEW.value, _DRAFT.value)
   fns = {"single": make("greedy"), "verify": make("speculative")}
   times = {k: [] for k in fns}
   for f in fns.values():

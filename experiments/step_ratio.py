@@ -85,7 +85,6 @@ def main(_):
   recipe = "configs/tiny.py" if quick else "configs/default.py:sp"
   desc = (f"{recipe}: d_model {c.model.d_model}, {c.model.n_layers} layers, parallel heads under parity, "
           f"batch {c.train.batch_size} x {c.data.seq_len}, model.remat={c.model.remat}, loss.chunk_size={c.loss.chunk_size}")
-  import os
   desc += f"; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or 'none'}"
   result = {"device": device, "recipe": desc, "trainer_flags": _TRAINER_FLAGS.value, "steps": steps, "wall_s": time.time() - t_start, "rows": rows}
   lines = ["# n=4 / n=1 train-step time at parity, by part", "",

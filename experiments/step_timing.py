@@ -1,4 +1,5 @@
-"""Train-step time of several configs, measured side by side on one device."""
+"""Train-step time of several configs, measured side by side on one device; and the decode loop's own step."""
+import functools
 import statistics
 import time
 
@@ -48,3 +49,19 @@ def time_runs(runs: dict, steps: int) -> dict:
 def interleaved_step_seconds(configs: dict, steps: int) -> dict:
   """{key: median seconds per train step} for {key: config}, after one compile + warm-up step each."""
   return time_runs(prepare_runs(configs), steps)
+
+
+def decode_step_program(params, args, mode: str, tokens, lengths, iters: int, max_new_tokens: int,
+                        n_future=None):
+  """A zero-argument callable running `iters` steps of the decode loop (`decode.step`) from the prompts'
+  prefill in one compiled program, returning the rows' token counts; time it and divide by `iters`.
+  Iterating inside one program keeps dispatch overhead from swamping a tiny model's step.
+  n_future: the speculative block (default the model's n_future)."""
+  from mtp_jax import decode
+  from mtp_jax.model import MTPTransformer
+  model, sp = MTPTransformer(args), decode.SamplingParams.of()   # argmax modes: sampling settings unused, EOS off
+  settings = decode.Settings(mode, max_new_tokens, n_future or args.n_future)
+  w = jax.jit(lambda p: decode.decode_weights(p, args, settings.heads_run))(params)
+  state = jax.jit(lambda w: decode.prefill(model, w, settings, sp, tokens, lengths, jax.random.key(0)))(w)
+  loop = jax.jit(lambda w, s: jax.lax.fori_loop(0, iters, lambda i, s: decode.step(model, w, settings, sp, s), s).count)
+  return functools.partial(loop, w, state)
