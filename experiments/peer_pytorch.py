@@ -10,7 +10,9 @@ MTP overhead, the n=4 model of the same depth. The peer is `LlamaForCausalLM` wi
 interpreter (torch is no requirement of this project). Both start from the same weights (our pytree
 mapped one to one onto the Hugging Face names, kernels transposed), and the first step's loss is
 checked to agree. Reported: median seconds per train step and per forward (loss only), each side's
-best of two bouts; ratios ours / peer.
+best of two bouts; ratios ours / peer. Then the matrix multiplies of the step's linear layers alone
+(`gemm_shapes`: each layer's forward product and its two backward ones), timed on each side as plain
+A @ B on the same shapes: how much of the gap is the GEMM library (XLA:CPU's against PyTorch's).
 Writes experiments/results/<out_name>.md and .json.
 """
 import json
@@ -24,6 +26,69 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352)
 BATCH, SEQ, LR = 8, 256, 1e-3
+
+
+# ----------------------------------------------------------------------------- the step's GEMMs
+
+def gemm_shapes() -> list:
+  """(name, M, K, N, count) of every matrix multiply a train step does in the linear layers: for each
+  projection x [T, in] @ W [in, out] (T = batch x seq tokens) the forward product, dx = dy @ W^T and
+  dW = x^T @ dy. Attention's own batched products are left out (each side computes them its own way)."""
+  t, d, f = BATCH * SEQ, SHAPE["d_model"], SHAPE["d_ff"]
+  kv = SHAPE["n_kv_heads"] * d // SHAPE["n_heads"]
+  layers = SHAPE["n_layers"]
+  linears = [("q, o", d, d, 2 * layers), ("k, v", d, kv, 2 * layers), ("gate, up", d, f, 2 * layers),
+             ("down", f, d, layers), ("unembed", d, SHAPE["vocab_size"], 1)]
+  out = []
+  for name, i, o, count in linears:
+    out += [(f"{name} forward", t, i, o, count), (f"{name} dx", t, o, i, count), (f"{name} dW", i, t, o, count)]
+  return out
+
+
+def time_gemms(matmul, make, repeats: int = 200) -> list:
+  """Median seconds of matmul(a, b) per gemm_shapes() entry; make(shape, seed) builds an operand."""
+  out = []
+  for _, m, k, n, _ in gemm_shapes():
+    a, b = make((m, k), 0), make((k, n), 1)
+    for _ in range(5):
+      matmul(a, b)
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      matmul(a, b)
+      times.append(time.perf_counter() - t0)
+    out.append(statistics.median(times))
+  return out
+
+
+def torch_gemms() -> list:
+  import torch
+  torch.set_num_threads(2)
+  return time_gemms(lambda a, b: a @ b, lambda shape, seed: torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def our_gemms() -> list:
+  matmul = jax.jit(lambda a, b: a @ b)
+  return time_gemms(lambda a, b: matmul(a, b).block_until_ready(),
+                    lambda shape, seed: jax.random.normal(jax.random.key(seed), shape))
+
+
+def gemm_lines(ours: list, peer: list, step_s: float) -> tuple:
+  """The GEMM table and its summary (result dict, markdown lines); ours/peer: seconds per gemm_shapes() entry."""
+  rows, lines = [], ["| product | M x K x N | per step | ours GFLOP/s | PyTorch GFLOP/s | ours / PyTorch time |",
+                     "|---|---|---:|---:|---:|---:|"]
+  for (name, m, k, n, count), o, p in zip(gemm_shapes(), ours, peer):
+    flop = 2 * m * k * n
+    rows.append({"product": name, "m": m, "k": k, "n": n, "count": count, "ours_s": o, "peer_s": p})
+    lines.append(f"| {name} | {m} x {k} x {n} | {count} | {flop / o / 1e9:.0f} | {flop / p / 1e9:.0f} | {o / p:.2f} |")
+  total_o = sum(r["ours_s"] * r["count"] for r in rows)
+  total_p = sum(r["peer_s"] * r["count"] for r in rows)
+  summary = {"rows": rows, "ours_total_s": total_o, "peer_total_s": total_p}
+  lines += ["", f"- The step's linear-layer GEMMs, each timed alone and summed: ours {total_o * 1e3:.1f} ms, PyTorch "
+            f"{total_p * 1e3:.1f} ms ({total_o / total_p:.2f}x); PyTorch's whole train step takes {step_s * 1e3:.1f} ms. "
+            f"Our step would match PyTorch's only if everything besides these GEMMs took "
+            f"{(step_s - total_o) * 1e3:.1f} ms, against PyTorch's {(step_s - total_p) * 1e3:.1f} ms."]
+  return summary, lines
 
 
 # ----------------------------------------------------------------------------- the torch side
@@ -220,12 +285,19 @@ def main():
   lines[-1:-1] = [f"Where our n=1 step's time goes (one run under jax.profiler, {sum(ops.values()):.0f} ms of device ops; "
                   "fwd / bwd: the forward and backward pass; top 12 operations, ms):", ""]
   lines[-1:-1] = [f"- `{op}` {ms:.1f}" for op, ms in top(ops, 12)] + [""]
+  ours_g = our_gemms()
+  r = subprocess.run([f.torch_python, os.path.abspath(__file__), "--torch_gemms"], capture_output=True, text=True, check=True)
+  result["gemms"], g_lines = gemm_lines(ours_g, json.loads(r.stdout.strip().splitlines()[-1]), peer["step_s"])
+  lines[-1:-1] = ["The linear layers' matrix multiplies alone, plain A @ B on each side (float32, 2 threads, median "
+                  "of 200 calls each):", ""] + g_lines + [""]
   write_results(f.out_name, result, lines)
 
 
 if __name__ == "__main__":
   if len(sys.argv) > 1 and sys.argv[1] == "--torch_side":
     print(json.dumps(torch_side(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+  elif len(sys.argv) > 1 and sys.argv[1] == "--torch_gemms":
+    print(json.dumps(torch_gemms()))
   else:
     sys.path.insert(0, ROOT)
     import jax  # noqa: E402

@@ -5,7 +5,8 @@
     blockwise  flash-style attention in pure JAX: queries and keys in blocks, an online softmax, and
                a custom VJP that recomputes each block's scores in the backward pass, saving only
                the output and the log-sum-exp; O(T) memory, every backend; in self-attention
-               the blocks above the causal diagonal are skipped
+               the blocks above the causal diagonal are skipped. On CPU, up to UNROLL_BLOCKS
+               (query, key) block pairs run as static code rather than in XLA loops
     cudnn      `jax.nn.dot_product_attention(implementation="cudnn")`, GPU, bfloat16/float16
     splash     the TPU Pallas splash-attention kernel (training and prefill; a decode step over the
                cache, whose mask depends on each row's position, runs blockwise)
@@ -30,9 +31,9 @@ IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
 BACKEND_IMPLS = {"cpu": ("xla", "blockwise"), "gpu": ("xla", "blockwise", "cudnn"),
                  "tpu": ("xla", "blockwise", "splash")}
 # On CPU, blockwise from this many queries up: it was faster than the einsum at every length
-# measured from 256 on (experiments/attention_speed.py, results/attention_speed.md; it skips the
-# blocks above the diagonal). Decode steps and short prompts keep the xla path.
-CPU_BLOCKWISE_MIN_QUERIES = 256
+# measured from 64 on (experiments/attention_speed.py, results/attention_cpu.md; it skips the
+# blocks above the diagonal). Decode steps (at most DECODE_MAX_QUERIES queries) keep the xla path.
+CPU_BLOCKWISE_MIN_QUERIES = 64
 DECODE_MAX_QUERIES = 16   # a cached step over at most this many queries (1, or the speculative block)
 STREAM_SCORES = False     # a cached step's q @ K as a multiply-reduce too: slower than the dot on CPU (0.70-0.95x,
                           # experiments/results/decode_attention.md), kept for that comparison
@@ -40,6 +41,9 @@ CACHE_WINDOW = 64         # a cached step reads the cache in multiples of this m
 BLOCK = 512          # query and key block of the blockwise implementation on accelerators
 CPU_BLOCK = 128      # ... and on CPU, where a block's scores should stay in the core's cache: at 512, batch 8
                      # and 4 heads they are 32 MiB (experiments/results/attention_speed.md compares block sizes)
+UNROLL_BLOCKS = 4    # on CPU, at most this many (query, key) block pairs (T <= 256 in blocks of 128) run as
+                     # static code: no XLA loop around small blocks, and independent blocks run in parallel.
+                     # 1.5x faster at T=256 (attention_cpu.md); at T=512 little faster for 3x the temporaries
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -153,7 +157,12 @@ def attend_cache(q, k, v, q_pos, *, impl="auto"):
 
 # ----------------------------------------------------------------------------- blockwise
 
-def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, block=None):
+def unrolled(nq: int, nk: int, backend: str | None = None) -> bool:
+  """Whether nq x nk blocks run as static code (CPU, few pairs) rather than in XLA loops."""
+  return (backend or jax.default_backend()) == "cpu" and nq * nk <= UNROLL_BLOCKS
+
+
+def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, block=None, unroll=None):
   b, t, h, d = q.shape
   block = block or block_size()
   n_kv, s = k.shape[1], k.shape[2]
@@ -174,7 +183,9 @@ def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, block=None):
   kb = jnp.moveaxis(k.reshape(b, n_kv, nk, bk, d), 2, 0)
   vb = jnp.moveaxis(v.reshape(b, n_kv, nk, bk, d), 2, 0)
   blocks = lambda x, n: jnp.moveaxis(x.reshape(b, n, -1), 1, 0)
-  out = _flash(qb, kb, vb, blocks(q_pos, nq), blocks(k_pos, nk), blocks(q_seg, nq), blocks(k_seg, nk), self_attention)
+  unroll = unrolled(nq, nk) if unroll is None else unroll
+  out = _flash(qb, kb, vb, blocks(q_pos, nq), blocks(k_pos, nk), blocks(q_seg, nq), blocks(k_seg, nk), self_attention,
+               unroll)
   out = jnp.moveaxis(out, (0, 4), (1, 2)).reshape(b, t + pt, h, d)
   return out[:, :t]
 
@@ -197,79 +208,106 @@ def _key_blocks(i, bq, bk, nk, causal):
   return jnp.minimum(nk, ((i + 1) * bq + bk - 1) // bk) if causal else nk
 
 
-def _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal):
+def _online_softmax_step(qi, kj, vj, bias, carry):
+  """Fold one key block into a query block's (max, sum, accumulator); carry None: the first block."""
+  s = _scores(qi, kj) + bias
+  m_new = s.max(-1) if carry is None else jnp.maximum(carry[0], s.max(-1))
+  # exp(s - m_new) is exactly 0 where a key is masked, unless the row has seen no key yet (m_new
+  # is then about the float32 minimum too); corr = exp(m - m_new) = 0 wipes that once it sees one.
+  p = jnp.exp(s - m_new[..., None])
+  pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+  if carry is None:
+    return m_new, p.sum(-1), pv
+  m, l, acc = carry
+  corr = jnp.exp(m - m_new)
+  return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+
+def _normalised(qi, m, l, acc):
+  # A query that sees no key at all (block padding) gets the mean of the values, as the einsum's
+  # softmax over all-masked scores does; its output is sliced away and its gradient is zero. l can
+  # only be 0 if scores of magnitude ~1e32 overflowed the bias to -inf: then 0, not NaN.
+  l = jnp.where(l == 0, 1.0, l)
+  return (acc / l[..., None]).astype(qi.dtype), m + jnp.log(l)
+
+
+def _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal, unroll):
   """(out [nq, B, KV, G, bq, D] in q's dtype, lse [nq, B, KV, G, bq] float32).
 
   The block loops are fori_loops with a traced trip count (the causal diagonal), not lax.cond:
   a cond in a custom-VJP forward under lax.scan gets linearised by JAX, which stores every block's
-  scores and defeats the point.
+  scores and defeats the point. unroll: Python loops over static blocks instead.
   """
   nq, nk, bq, bk = qb.shape[0], kb.shape[0], qb.shape[-2], kb.shape[-2]
+  if unroll:
+    outs = []
+    for i in range(nq):
+      carry = None
+      for j in range(min(nk, -(-(i + 1) * bq // bk)) if causal else nk):
+        carry = _online_softmax_step(qb[i], kb[j], vb[j], _block_bias(qp[i], kp[j], qs[i], ks[j]), carry)
+      outs.append(_normalised(qb[i], *carry))
+    return jnp.stack([o for o, _ in outs]), jnp.stack([lse for _, lse in outs])
 
   def one_query_block(args):
     qi, qpi, qsi, i = args
 
     def step(j, carry):
-      m, l, acc = carry
-      kj, vj = kb[j], vb[j]
-      s = _scores(qi, kj) + _block_bias(qpi, kp[j], qsi, ks[j])
-      m_new = jnp.maximum(m, s.max(-1))
-      # exp(s - m_new) is exactly 0 where a key is masked, unless the row has seen no key yet (m_new
-      # is then about the float32 minimum too); corr = exp(m - m_new) = 0 wipes that once it sees one.
-      p = jnp.exp(s - m_new[..., None])
-      corr = jnp.exp(m - m_new)
-      pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-      return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+      return _online_softmax_step(qi, kb[j], vb[j], _block_bias(qpi, kp[j], qsi, ks[j]), carry)
 
     stats = qi.shape[:-1]
     init = (jnp.full(stats, _NEG, jnp.float32), jnp.zeros(stats, jnp.float32), jnp.zeros(qi.shape, jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, _key_blocks(i, bq, bk, nk, causal), step, init)
-    # A query that sees no key at all (block padding) gets the mean of the values, as the einsum's
-    # softmax over all-masked scores does; its output is sliced away and its gradient is zero. l can
-    # only be 0 if scores of magnitude ~1e32 overflowed the bias to -inf: then 0, not NaN.
-    l = jnp.where(l == 0, 1.0, l)
-    return (acc / l[..., None]).astype(qi.dtype), m + jnp.log(l)
+    return _normalised(qi, *jax.lax.fori_loop(0, _key_blocks(i, bq, bk, nk, causal), step, init))
 
   return jax.lax.map(one_query_block, (qb, qp, qs, jnp.arange(nq)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(qb, kb, vb, qp, kp, qs, ks, causal):
-  return _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _flash(qb, kb, vb, qp, kp, qs, ks, causal, unroll):
+  return _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal, unroll)[0]
 
 
-def _flash_fwd(qb, kb, vb, qp, kp, qs, ks, causal):
-  out, lse = _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal)
+def _flash_fwd(qb, kb, vb, qp, kp, qs, ks, causal, unroll):
+  out, lse = _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal, unroll)
   return out, (qb, kb, vb, qp, kp, qs, ks, out, lse)
 
 
-def _flash_bwd(causal, res, dout):
+def _block_grads(qi, kj, vj, doi, lsei, di, bias):
+  """One (query block, key block) pair's share of (dq_i, dk_j, dv_j), p recomputed from the lse."""
+  p = jnp.exp(_scores(qi, kj) + bias - lsei[..., None])
+  dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+  dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+  ds = (p * (dp - di[..., None])).astype(qi.dtype)
+  dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32)
+  return dq, jnp.einsum("bkgqs,bkgqd->bksd", ds, qi, preferred_element_type=jnp.float32), dv
+
+
+def _flash_bwd(causal, unroll, res, dout):
   """FlashAttention-2's backward: per key block, sweep the query blocks that see it, recomputing p from the lse."""
   qb, kb, vb, qp, kp, qs, ks, out, lse = res
-  nq, bq, bk = qb.shape[0], qb.shape[-2], kb.shape[-2]
+  nq, nk, bq, bk = qb.shape[0], kb.shape[0], qb.shape[-2], kb.shape[-2]
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)   # [nq, B, KV, G, bq]
+  first = lambda j: (j * bk) // bq if causal else 0   # query blocks before it lie wholly above the diagonal
+  pair = lambda i, j: _block_grads(qb[i], kb[j], vb[j], dout[i], lse[i], delta[i],
+                                   _block_bias(qp[i], kp[j], qs[i], ks[j]))
 
-  def one_key_block(dq, key_block):
-    kj, vj, kpj, ksj, j = key_block
+  if unroll:
+    total = lambda xs, like: functools.reduce(jnp.add, xs) if xs else jnp.zeros(like.shape, jnp.float32)
+    grads = {(i, j): pair(i, j) for j in range(nk) for i in range(first(j), nq)}
+    dq = jnp.stack([total([g[0] for (i, _), g in grads.items() if i == q], qb[q]) for q in range(nq)])
+    dk = jnp.stack([total([g[1] for (_, j), g in grads.items() if j == k], kb[k]) for k in range(nk)])
+    dv = jnp.stack([total([g[2] for (_, j), g in grads.items() if j == k], vb[k]) for k in range(nk)])
+  else:
+    def one_key_block(dq, j):
+      def step(i, carry):
+        dk, dv, dq = carry
+        dqi, dkj, dvj = pair(i, j)
+        return dk + dkj, dv + dvj, dq.at[i].add(dqi)
 
-    def step(i, carry):
-      dk, dv, dq = carry
-      qi, doi, lsei, di = qb[i], dout[i], lse[i], delta[i]
-      p = jnp.exp(_scores(qi, kj) + _block_bias(qp[i], kpj, qs[i], ksj) - lsei[..., None])
-      dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-      ds = (p * (dp - di[..., None])).astype(qi.dtype)
-      dq = dq.at[i].add(jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32))
-      dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qi, preferred_element_type=jnp.float32)
-      return dk, dv, dq
+      zeros = jnp.zeros(kb.shape[1:], jnp.float32)
+      dk, dv, dq = jax.lax.fori_loop(first(j), nq, step, (zeros, zeros, dq))
+      return dq, (dk, dv)
 
-    first = (j * bk) // bq if causal else 0     # query blocks before it lie wholly above the diagonal
-    zeros = jnp.zeros(kj.shape, jnp.float32)
-    dk, dv, dq = jax.lax.fori_loop(first, nq, step, (zeros, zeros, dq))
-    return dq, (dk, dv)
-
-  dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(qb.shape, jnp.float32),
-                              (kb, vb, kp, ks, jnp.arange(kb.shape[0])))
+    dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(qb.shape, jnp.float32), jnp.arange(nk))
   return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None, None, None
 
 

@@ -34,24 +34,26 @@ def _assert_same(fn, ref, *args, atol=2e-5):
     np.testing.assert_allclose(a, b, atol=atol)
 
 
+@pytest.mark.parametrize("unroll", [False, True])   # XLA loops over the blocks, or static code
 @pytest.mark.parametrize("block", [8, 16, 512])   # many blocks with a ragged last one, and a single block
-def test_blockwise_self_attention_matches_xla(block):
+def test_blockwise_self_attention_matches_xla(block, unroll):
   """Training / prefill: causal by position, packed documents (and padding segment 0), GQA 4:2."""
   q, k, v = _qkv(2, 37, 37, 4, 2, 8)
   pos = jnp.broadcast_to(jnp.arange(37), (2, 37))
   seg = jnp.array([[1] * 10 + [2] * 20 + [0] * 7, [3] * 37])
-  blockwise = lambda *a: attention._blockwise(*a, True, block=block)
+  blockwise = lambda *a: attention._blockwise(*a, True, block=block, unroll=unroll)
   xla = lambda *a: attention._xla(*a, True)
   _assert_same(blockwise, xla, q, k, v, pos, pos, seg, seg)
 
 
-def test_blockwise_decode_step_matches_xla():
+@pytest.mark.parametrize("unroll", [False, True])
+def test_blockwise_decode_step_matches_xla(unroll):
   """A decode step over a cache: 3 queries per row at per-row positions, 40 cached slots, no segments
   (slots past a row's position hold stale junk and must stay invisible)."""
   q, k, v = _qkv(2, 3, 40, 4, 1, 8, seed=1)
   q_pos = jnp.array([[5, 6, 7], [30, 31, 32]])
   k_pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
-  blockwise = lambda *a: attention._blockwise(*a, False, block=16)
+  blockwise = lambda *a: attention._blockwise(*a, False, block=16, unroll=unroll)
   xla = lambda *a: attention._xla(*a, False)
   _assert_same(blockwise, xla, q, k, v, q_pos, k_pos, None, None)
 
@@ -91,12 +93,14 @@ def test_splash_kernel_matches_xla_in_interpret_mode():
   _assert_same(splash, xla, q, k, v, pos, pos, seg, seg)
 
 
+@pytest.mark.parametrize("unroll_blocks", [0, 16])   # blockwise in XLA loops, and as static code (3 x 3 blocks)
 @pytest.mark.parametrize("impl", [i for i in CPU_IMPLS if i != "xla"])   # each against the xla reference
 @pytest.mark.parametrize("head_type", ["parallel", "causal"])
-def test_model_loss_and_grads_match_xla(make_config, monkeypatch, impl, head_type):
+def test_model_loss_and_grads_match_xla(make_config, monkeypatch, impl, head_type, unroll_blocks):
   """The whole multi-token loss and its gradients with each implementation; small blocks so the
   blockwise path really iterates (seq 16 in blocks of 8) over packed documents."""
   monkeypatch.setattr(attention, "CPU_BLOCK", 8)
+  monkeypatch.setattr(attention, "UNROLL_BLOCKS", unroll_blocks)
   tokens = jax.random.randint(jax.random.key(3), (2, 19), 0, 64)
   batch = {"tokens": tokens, "segment_ids": jnp.array([[1] * 7 + [2] * 12, [1] * 19])}
 
@@ -113,13 +117,20 @@ def test_model_loss_and_grads_match_xla(make_config, monkeypatch, impl, head_typ
 
 
 def test_auto_picks_by_backend_and_size():
-  assert attention.resolve("auto", 128, 128, jnp.float32, "cpu") == "xla"
-  assert attention.resolve("auto", 4, 4096, jnp.float32, "cpu") == "xla"          # a decode step
+  assert attention.resolve("auto", 32, 32, jnp.float32, "cpu") == "xla"
+  assert attention.resolve("auto", attention.DECODE_MAX_QUERIES, 4096, jnp.float32, "cpu") == "xla"   # a decode step
+  assert attention.resolve("auto", 64, 64, jnp.float32, "cpu") == "blockwise"
   assert attention.resolve("auto", 256, 256, jnp.float32, "cpu") == "blockwise"
   assert attention.resolve("auto", 256, 256, jnp.bfloat16, "gpu") == "cudnn"
   assert attention.resolve("auto", 256, 256, jnp.float32, "gpu") == "blockwise"
   assert attention.resolve("auto", 256, 256, jnp.bfloat16, "tpu") == "splash"
   assert attention.resolve("xla", 4096, 4096, jnp.float32, "tpu") == "xla"
+
+
+def test_blocks_unroll_on_cpu_only_up_to_the_limit():
+  assert attention.unrolled(1, 1, "cpu") and attention.unrolled(2, 2, "cpu")       # T = 256 in blocks of 128
+  assert not attention.unrolled(4, 4, "cpu")                                        # loops beyond
+  assert not attention.unrolled(1, 1, "gpu") and not attention.unrolled(1, 1, "tpu")
 
 
 @pytest.mark.parametrize("impl,backend", [("cudnn", "cpu"), ("splash", "cpu"), ("splash", "gpu"), ("cudnn", "tpu")])

@@ -205,13 +205,14 @@ def test_compaction_stages():
   assert stages(16, "sample") == (16,) and stages(16, "speculative_sample") == (16,)   # draws stay layout-free
 
 
-@pytest.mark.parametrize("attention", ["xla", "blockwise"])
-def test_speculative_equals_greedy_with_each_attention(monkeypatch, attention):
+@pytest.mark.parametrize("attention,unroll_blocks", [("xla", 16), ("blockwise", 0), ("blockwise", 16)])
+def test_speculative_equals_greedy_with_each_attention(monkeypatch, attention, unroll_blocks):
   """Every CPU attention implementation in the prefill and the cached verify steps: blocks of 8, so the
-  16-token prefill and the decode steps over the 56-slot cache really run several blocks, and steps
-  read the cache in windows of 8 slots."""
+  16-token prefill and the decode steps over the 56-slot cache really run several blocks (in XLA loops,
+  or unrolled), and steps read the cache in windows of 8 slots."""
   from mtp_jax import attention as attention_lib
   monkeypatch.setattr(attention_lib, "CPU_BLOCK", 8)
+  monkeypatch.setattr(attention_lib, "UNROLL_BLOCKS", unroll_blocks)
   monkeypatch.setattr(attention_lib, "CACHE_WINDOW", 8)   # steps read the cache in windows of 8 slots
   decode.clear_compiled()                                 # no program traced with other settings
   model, params = tiny(n=3, shared=True, attention=attention)
