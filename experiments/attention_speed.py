@@ -28,7 +28,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per implementation an
 _DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype (default: bfloat16 on accelerators, float32 on CPU).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per call.")
 _BLOCKS = flags.DEFINE_list("blocks", [], "Also time the blockwise implementation at these block sizes "
-                            "(rows blockwise/B; plain 'blockwise' is the backend's default, attention.block_size()).")
+                            "(rows blockwise/B, in XLA loops; plain 'blockwise' is the backend's plan, attention.block_plan).")
+_STATIC = flags.DEFINE_list("static_blocks", [], "Also time blockwise at these block sizes with every block pair as "
+                            "static code (rows blockwise/B static).")
 _LOOPS = flags.DEFINE_bool("loops", False, "Also time blockwise with its blocks always in XLA loops (row "
                            "'blockwise loops'), where the CPU default runs few blocks as static code "
                            "(attention.UNROLL_BLOCKS).")
@@ -50,12 +52,15 @@ def main(_):
     seg = jnp.ones((_BATCH.value, t), jnp.int32)
     fns = {}
     variants = [(impl, impl, None) for impl in impls] + [(f"blockwise/{b}", "blockwise", int(b)) for b in _BLOCKS.value]
+    variants += [(f"blockwise/{b} static", "blockwise", f"static{b}") for b in _STATIC.value]
     variants += [("blockwise loops", "blockwise", "loops")] if _LOOPS.value else []
     for name, impl, block in variants:
-      if block == "loops":
-        attend = lambda *a: attention._blockwise(*a, True, unroll=False)
+      if str(block).startswith("static"):
+        attend = lambda *a, block=int(block[6:]): attention._blockwise(*a, True, block=block, unroll=True)
+      elif block == "loops":
+        attend = lambda *a: attention._blockwise(*a, True, block=attention.CPU_BLOCK, unroll=False)
       elif block:
-        attend = lambda *a, block=block: attention._blockwise(*a, True, block=block)
+        attend = lambda *a, block=block: attention._blockwise(*a, True, block=block, unroll=False)
       else:
         attend = lambda *a, impl=impl: attention.attend(*a, impl=impl)
       loss = lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v, pos, pos, seg, seg).astype(jnp.float32) * ct)
@@ -72,20 +77,24 @@ def main(_):
       rows.append({"seq_len": t, "impl": impl, "seconds": statistics.median(times), "temp_bytes": int(temp),
                    "auto_picks": attention.resolve("auto", t, t, dtype, backend)})
       print(f"T={t:<5} {impl:<15} {rows[-1]['seconds'] * 1e3:8.1f} ms  temp {temp / 2**20:8.1f} MiB", flush=True)
+  plan_text = (f"on CPU blocks of {attention.CPU_SHORT_BLOCK} as static code up to {attention.UNROLL_BLOCKS} block "
+               f"pairs, else blocks of {attention.CPU_BLOCK} in loops") if backend == "cpu" else \
+      f"blocks of {attention.BLOCK} in loops"
   lines = [f"Causal GQA self-attention (batch {_BATCH.value}, 8 query / 4 key-value heads, head size 64, {dtype.name}), "
            f"forward + backward, {device}; median of {_REPEATS.value} interleaved calls; plain blockwise runs "
-           f"blocks of {attention.block_size()}, blockwise/B blocks of B"
-           + (f"; on CPU up to {attention.UNROLL_BLOCKS} (query, key) block pairs run as static code, 'blockwise "
-              "loops' always in XLA loops" if _LOOPS.value else "") + ".", "",
+           f"the backend's plan (attention.block_plan: {plan_text}), blockwise/B blocks of B in XLA loops, blockwise/B static every pair of them as static code"
+           + (f", 'blockwise loops' blocks of {attention.CPU_BLOCK} in XLA loops at every length" if _LOOPS.value else "")
+           + ".", "",
            "| T | impl | ms | temp MiB | auto picks |", "|---:|---|---:|---:|---|"]
   lines += [f"| {r['seq_len']} | {r['impl']} | {r['seconds'] * 1e3:.1f} | {r['temp_bytes'] / 2**20:.1f} | "
             f"{r['auto_picks']} |" for r in rows]
   flags_used = (f" --batch={_BATCH.value}" if _BATCH.value != 1 else "") + \
       (f" --blocks={','.join(_BLOCKS.value)}" if _BLOCKS.value else "") + (" --loops" if _LOOPS.value else "") + \
+      (f" --static_blocks={','.join(_STATIC.value)}" if _STATIC.value else "") + \
       f" --lengths={','.join(_LENGTHS.value)}"
   lines += ["", f"Command: `python experiments/attention_speed.py{flags_used} --out_name={_OUT.value}`"]
   write_results(_OUT.value, {"device": device, "dtype": dtype.name, "batch": _BATCH.value,
-                             "default_block": attention.block_size(), "rows": rows}, lines)
+                             "block_plan": plan_text, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

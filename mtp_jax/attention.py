@@ -41,9 +41,10 @@ CACHE_WINDOW = 64         # a cached step reads the cache in multiples of this m
 BLOCK = 512          # query and key block of the blockwise implementation on accelerators
 CPU_BLOCK = 128      # ... and on CPU, where a block's scores should stay in the core's cache: at 512, batch 8
                      # and 4 heads they are 32 MiB (experiments/results/attention_speed.md compares block sizes)
-UNROLL_BLOCKS = 4    # on CPU, at most this many (query, key) block pairs (T <= 256 in blocks of 128) run as
-                     # static code: no XLA loop around small blocks, and independent blocks run in parallel.
-                     # 1.5x faster at T=256 (attention_cpu.md); at T=512 little faster for 3x the temporaries
+CPU_SHORT_BLOCK = 64  # ... and on CPU for short sequences: when they make at most UNROLL_BLOCKS (query, key)
+UNROLL_BLOCKS = 16    # block pairs (T <= 256), the pairs run as static code, not in XLA loops, so independent
+                      # blocks run in parallel; 1.6x faster than loops over blocks of 128 at T=256, where
+                      # unrolling blocks of 128 gained 1.4x and of 256 lost (experiments/results/attention_cpu.md)
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -72,9 +73,14 @@ def resolve(impl: str, t: int, s: int, dtype, backend: str | None = None) -> str
   return "blockwise" if t >= CPU_BLOCKWISE_MIN_QUERIES else "xla"
 
 
-def block_size(backend: str | None = None) -> int:
-  """The blockwise implementation's query and key block on this backend."""
-  return CPU_BLOCK if (backend or jax.default_backend()) == "cpu" else BLOCK
+def block_plan(t: int, s: int, backend: str | None = None) -> tuple:
+  """(block, unroll): the blockwise implementation's query and key block for T queries x S keys on this
+  backend, and whether its block pairs run as static code (CPU, short sequences) or in XLA loops."""
+  if (backend or jax.default_backend()) != "cpu":
+    return BLOCK, False
+  if -(-t // CPU_SHORT_BLOCK) * -(-s // CPU_SHORT_BLOCK) <= UNROLL_BLOCKS:
+    return CPU_SHORT_BLOCK, True
+  return CPU_BLOCK, False
 
 
 def attend(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, impl="auto", self_attention=True):
@@ -157,15 +163,13 @@ def attend_cache(q, k, v, q_pos, *, impl="auto"):
 
 # ----------------------------------------------------------------------------- blockwise
 
-def unrolled(nq: int, nk: int, backend: str | None = None) -> bool:
-  """Whether nq x nk blocks run as static code (CPU, few pairs) rather than in XLA loops."""
-  return (backend or jax.default_backend()) == "cpu" and nq * nk <= UNROLL_BLOCKS
-
-
 def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, block=None, unroll=None):
+  """block, unroll: None for the backend's plan (block_plan)."""
   b, t, h, d = q.shape
-  block = block or block_size()
   n_kv, s = k.shape[1], k.shape[2]
+  plan = block_plan(t, s)
+  block = block or plan[0]
+  unroll = plan[1] if unroll is None else unroll
   if q_seg is None:   # one segment: the comparison is then always true
     q_seg, k_seg = jnp.zeros_like(q_pos), jnp.zeros_like(k_pos)
   bq, bk = min(block, t), min(block, s)
@@ -183,7 +187,6 @@ def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, block=None, 
   kb = jnp.moveaxis(k.reshape(b, n_kv, nk, bk, d), 2, 0)
   vb = jnp.moveaxis(v.reshape(b, n_kv, nk, bk, d), 2, 0)
   blocks = lambda x, n: jnp.moveaxis(x.reshape(b, n, -1), 1, 0)
-  unroll = unrolled(nq, nk) if unroll is None else unroll
   out = _flash(qb, kb, vb, blocks(q_pos, nq), blocks(k_pos, nk), blocks(q_seg, nq), blocks(k_seg, nk), self_attention,
                unroll)
   out = jnp.moveaxis(out, (0, 4), (1, 2)).reshape(b, t + pt, h, d)

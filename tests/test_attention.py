@@ -100,6 +100,7 @@ def test_model_loss_and_grads_match_xla(make_config, monkeypatch, impl, head_typ
   """The whole multi-token loss and its gradients with each implementation; small blocks so the
   blockwise path really iterates (seq 16 in blocks of 8) over packed documents."""
   monkeypatch.setattr(attention, "CPU_BLOCK", 8)
+  monkeypatch.setattr(attention, "CPU_SHORT_BLOCK", 8)
   monkeypatch.setattr(attention, "UNROLL_BLOCKS", unroll_blocks)
   tokens = jax.random.randint(jax.random.key(3), (2, 19), 0, 64)
   batch = {"tokens": tokens, "segment_ids": jnp.array([[1] * 7 + [2] * 12, [1] * 19])}
@@ -127,10 +128,11 @@ def test_auto_picks_by_backend_and_size():
   assert attention.resolve("xla", 4096, 4096, jnp.float32, "tpu") == "xla"
 
 
-def test_blocks_unroll_on_cpu_only_up_to_the_limit():
-  assert attention.unrolled(1, 1, "cpu") and attention.unrolled(2, 2, "cpu")       # T = 256 in blocks of 128
-  assert not attention.unrolled(4, 4, "cpu")                                        # loops beyond
-  assert not attention.unrolled(1, 1, "gpu") and not attention.unrolled(1, 1, "tpu")
+def test_block_plan_unrolls_short_sequences_on_cpu_only():
+  assert attention.block_plan(64, 64, "cpu") == (attention.CPU_SHORT_BLOCK, True)
+  assert attention.block_plan(256, 256, "cpu") == (attention.CPU_SHORT_BLOCK, True)   # 4 x 4 pairs
+  assert attention.block_plan(512, 512, "cpu") == (attention.CPU_BLOCK, False)        # loops beyond
+  assert attention.block_plan(256, 256, "gpu") == attention.block_plan(256, 256, "tpu") == (attention.BLOCK, False)
 
 
 @pytest.mark.parametrize("impl,backend", [("cudnn", "cpu"), ("splash", "cpu"), ("splash", "gpu"), ("cudnn", "tpu")])

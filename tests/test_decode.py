@@ -212,6 +212,7 @@ def test_speculative_equals_greedy_with_each_attention(monkeypatch, attention, u
   or unrolled), and steps read the cache in windows of 8 slots."""
   from mtp_jax import attention as attention_lib
   monkeypatch.setattr(attention_lib, "CPU_BLOCK", 8)
+  monkeypatch.setattr(attention_lib, "CPU_SHORT_BLOCK", 8)
   monkeypatch.setattr(attention_lib, "UNROLL_BLOCKS", unroll_blocks)
   monkeypatch.setattr(attention_lib, "CACHE_WINDOW", 8)   # steps read the cache in windows of 8 slots
   decode.clear_compiled()                                 # no program traced with other settings
