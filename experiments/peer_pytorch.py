@@ -12,7 +12,9 @@ mapped one to one onto the Hugging Face names, kernels transposed), and the firs
 checked to agree. Reported: median seconds per train step and per forward (loss only), each side's
 best of two bouts; ratios ours / peer. Then the matrix multiplies of the step's linear layers alone
 (`gemm_shapes`: each layer's forward product and its two backward ones), timed on each side as plain
-A @ B on the same shapes: how much of the gap is the GEMM library (XLA:CPU's against PyTorch's).
+A @ B on the same shapes: how much of the gap is the GEMM library (XLA:CPU's against PyTorch's); and one
+layer's causal attention, forward + backward, ours (`model.attention=auto`) against PyTorch's
+`scaled_dot_product_attention`.
 Writes experiments/results/<out_name>.md and .json.
 """
 import json
@@ -59,6 +61,47 @@ def time_gemms(matmul, make, repeats: int = 200) -> list:
       times.append(time.perf_counter() - t0)
     out.append(statistics.median(times))
   return out
+
+
+def _median_seconds(fn, repeats: int = 50) -> float:
+  for _ in range(5):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _attention_shapes():
+  hd = SHAPE["d_model"] // SHAPE["n_heads"]
+  return (BATCH, SEQ, SHAPE["n_heads"], SHAPE["n_kv_heads"], hd)
+
+
+def torch_attention() -> float:
+  """Seconds for one layer's causal GQA attention, forward + backward, PyTorch's fused CPU kernel."""
+  import torch
+  import torch.nn.functional as F
+  torch.set_num_threads(2)
+  b, t, h, kv, d = _attention_shapes()
+  q, k, v = (torch.randn(b, n, t, d, requires_grad=True) for n in (h, kv, kv))
+
+  def step():
+    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+  return _median_seconds(step)
+
+
+def our_attention() -> float:
+  import jax.numpy as jnp
+  from mtp_jax import attention
+  b, t, h, kv, d = _attention_shapes()
+  ks = jax.random.split(jax.random.key(0), 3)
+  q, k, v = jax.random.normal(ks[0], (b, t, h, d)), jax.random.normal(ks[1], (b, kv, t, d)), \
+      jax.random.normal(ks[2], (b, kv, t, d))
+  pos, seg = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.ones((b, t), jnp.int32)
+  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention.attend(q, k, v, pos, pos, seg, seg)), argnums=(0, 1, 2)))
+  return _median_seconds(lambda: jax.block_until_ready(grad(q, k, v)))
 
 
 def torch_gemms() -> list:
@@ -285,11 +328,17 @@ def main():
   lines[-1:-1] = [f"Where our n=1 step's time goes (one run under jax.profiler, {sum(ops.values()):.0f} ms of device ops; "
                   "fwd / bwd: the forward and backward pass; top 12 operations, ms):", ""]
   lines[-1:-1] = [f"- `{op}` {ms:.1f}" for op, ms in top(ops, 12)] + [""]
-  ours_g = our_gemms()
+  ours_g, ours_a = our_gemms(), our_attention()
   r = subprocess.run([f.torch_python, os.path.abspath(__file__), "--torch_gemms"], capture_output=True, text=True, check=True)
-  result["gemms"], g_lines = gemm_lines(ours_g, json.loads(r.stdout.strip().splitlines()[-1]), peer["step_s"])
+  theirs = json.loads(r.stdout.strip().splitlines()[-1])
+  result["gemms"], g_lines = gemm_lines(ours_g, theirs["gemms"], peer["step_s"])
+  result["attention_s"] = {"ours": ours_a, "peer": theirs["attention_s"]}
   lines[-1:-1] = ["The linear layers' matrix multiplies alone, plain A @ B on each side (float32, 2 threads, median "
-                  "of 200 calls each):", ""] + g_lines + [""]
+                  "of 200 calls each):", ""] + g_lines + [
+      f"- One layer's causal attention (batch {BATCH} x {SEQ}, {SHAPE['n_heads']} query / {SHAPE['n_kv_heads']} "
+      f"key-value heads of {SHAPE['d_model'] // SHAPE['n_heads']}), forward + backward, median of 50: ours "
+      f"(`model.attention=auto`) {ours_a * 1e3:.2f} ms, PyTorch `scaled_dot_product_attention` "
+      f"{theirs['attention_s'] * 1e3:.2f} ms ({ours_a / theirs['attention_s']:.2f}x).", ""]
   write_results(f.out_name, result, lines)
 
 
@@ -297,7 +346,7 @@ if __name__ == "__main__":
   if len(sys.argv) > 1 and sys.argv[1] == "--torch_side":
     print(json.dumps(torch_side(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
   elif len(sys.argv) > 1 and sys.argv[1] == "--torch_gemms":
-    print(json.dumps(torch_gemms()))
+    print(json.dumps({"gemms": torch_gemms(), "attention_s": torch_attention()}))
   else:
     sys.path.insert(0, ROOT)
     import jax  # noqa: E402

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax import attention
+from mtp_jax.lean_ops import rms_norm, swiglu_project
 
 Array = jax.Array
 # A layer's KV cache: (keys, values), each [batch, n_kv_heads, max_len, head_dim]. The trunk's and
@@ -106,20 +107,26 @@ class Projection(nn.Module):
   dtype: Any
   param_dtype: Any
   init: Any = None
+  swiglu_input: bool = False   # x is (gate, up): project silu(gate) * up (lean_ops.swiglu_project)
 
   @nn.compact
   def __call__(self, x):
+    if self.swiglu_input:
+      gate, up = x
+      x = gate
     shape = x.shape[x.ndim - self.n_in:] + self.features
     in_axes = tuple(range(self.n_in))
     init = self.init or nn.initializers.lecun_normal(in_axis=in_axes, out_axis=tuple(range(self.n_in, len(shape))))
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
+    if self.swiglu_input:
+      return swiglu_project(gate.astype(self.dtype), up.astype(self.dtype), kernel.astype(self.dtype))
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), in_axes)
     return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
 
 
-def _dense(features, axes, args, name, n_in=1, init=None):
+def _dense(features, axes, args, name, n_in=1, init=None, swiglu_input=False):
   features = features if isinstance(features, tuple) else (features,)
-  return Projection(features, axes, n_in, args.dtype, args.param_dtype, init, name=name)
+  return Projection(features, axes, n_in, args.dtype, args.param_dtype, init, swiglu_input, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -130,9 +137,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                        (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    return rms_norm(x, scale, self.eps)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[tuple] = None) -> Array:
@@ -197,30 +202,6 @@ class Attention(nn.Module):
     return out, new_cache
 
 
-@jax.custom_vjp
-def swiglu(gate, up):
-  """silu(gate) * up, whose backward keeps only gate and up: autodiff saves the sigmoid and two products
-  as well, and XLA:CPU then reads four stacked [T, d_ff] buffers per layer in the backward pass."""
-  return nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-  return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(res, g):
-  gate, up = res
-  x = gate.astype(jnp.float32)
-  s = jax.nn.sigmoid(x)
-  g32 = g.astype(jnp.float32)
-  d_up = g32 * x * s
-  d_gate = g32 * up.astype(jnp.float32) * s * (1 + x * (1 - s))
-  return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
 class Block(nn.Module):
   """Pre-norm Llama layer: x + attn(norm(x)), then x + SwiGLU(norm(x))."""
   args: ModelArgs
@@ -233,10 +214,10 @@ class Block(nn.Module):
                                              positions, segment_ids, cache, cache_index, prefill)
     x = x + h
     y = RMSNorm(a.norm_eps, a.param_dtype, name="mlp_norm")(x)
-    gate = _dense(a.d_ff, ("embed", "mlp"), a, "gate")(y)
-    up = _dense(a.d_ff, ("embed", "mlp"), a, "up")(y)
-    hidden = nn.with_logical_constraint(swiglu(gate, up), ("act_batch", "act_length", "act_mlp"))
-    x = x + _dense(a.d_model, ("mlp", "embed"), a, "down")(hidden)
+    gate, up = (nn.with_logical_constraint(_dense(a.d_ff, ("embed", "mlp"), a, name)(y),
+                                           ("act_batch", "act_length", "act_mlp")) for name in ("gate", "up"))
+    # down(silu(gate) * up) as one op that keeps gate and up for its backward, not their product (lean_ops.py)
+    x = x + _dense(a.d_model, ("mlp", "embed"), a, "down", swiglu_input=True)((gate, up))
     return x, new_cache
 
 

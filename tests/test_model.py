@@ -87,14 +87,49 @@ def test_bfloat16_compute(make_config):
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(bf16_params))
 
 
+def _check_against_autodiff(ours, ref, args, rtol=1e-5, atol=1e-6):
+  """Value and gradients (w.r.t. every argument) of sum(f(*args) * g) for a fixed random cotangent g."""
+  g = jax.random.normal(jax.random.key(9), jnp.shape(ref(*args)))
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * g)
+  np.testing.assert_allclose(loss(ours)(*args), loss(ref)(*args), rtol=1e-6)
+  argnums = tuple(range(len(args)))
+  for a, b in zip(jax.grad(loss(ours), argnums)(*args), jax.grad(loss(ref), argnums)(*args)):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
 def test_swiglu_gradient_matches_autodiff():
   """The SwiGLU's hand-written backward (it keeps gate and up only) against autodiff of silu(gate) * up."""
-  import flax.linen as nn
-  from mtp_jax.model import swiglu
-  ks = jax.random.split(jax.random.key(3), 3)
-  gate, up, g = (jax.random.normal(k, (2, 5, 12)) * 3 for k in ks)
-  ref = lambda a, b: jnp.sum(nn.silu(a) * b * g)
-  ours = lambda a, b: jnp.sum(swiglu(a, b) * g)
-  np.testing.assert_allclose(ours(gate, up), ref(gate, up), rtol=1e-6)
-  for a, b in zip(jax.grad(ours, (0, 1))(gate, up), jax.grad(ref, (0, 1))(gate, up)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  from mtp_jax.lean_ops import swiglu
+  gate, up = (jax.random.normal(k, (2, 5, 12)) * 3 for k in jax.random.split(jax.random.key(3), 2))
+  _check_against_autodiff(swiglu, lambda a, b: jax.nn.silu(a) * b, (gate, up))
+
+
+def test_swiglu_project_gradient_matches_autodiff():
+  """SwiGLU then the down projection, whose backward recomputes silu(gate) * up, against autodiff."""
+  from mtp_jax.lean_ops import swiglu_project
+  ks = jax.random.split(jax.random.key(4), 3)
+  gate, up = (jax.random.normal(k, (2, 5, 12)) * 3 for k in ks[:2])
+  kernel = jax.random.normal(ks[2], (12, 7))
+  _check_against_autodiff(swiglu_project, lambda a, b, w: (jax.nn.silu(a) * b) @ w, (gate, up, kernel),
+                          atol=1e-5)
+
+
+def test_rms_norm_gradient_matches_autodiff():
+  """RMSNorm's hand-written backward (it keeps x and 1/rms, not the normalised x) against autodiff."""
+  from mtp_jax.lean_ops import rms_norm
+  x = jax.random.normal(jax.random.key(5), (2, 5, 16)) * 2 + 0.5
+  scale = jax.random.normal(jax.random.key(6), (16,))
+
+  def ref(x, scale):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5) * scale
+  _check_against_autodiff(lambda x, s: rms_norm(x, s, 1e-5), ref, (x, scale))
+
+
+def test_lean_ops_keep_bfloat16_inputs_in_bfloat16():
+  from mtp_jax.lean_ops import rms_norm, swiglu_project
+  x = jnp.ones((2, 3, 8), jnp.bfloat16)
+  gx, gs = jax.grad(lambda x, s: jnp.sum(rms_norm(x, s, 1e-5).astype(jnp.float32)), (0, 1))(x, jnp.ones(8))
+  assert rms_norm(x, jnp.ones(8), 1e-5).dtype == gx.dtype == jnp.bfloat16 and gs.dtype == jnp.float32
+  w = jnp.ones((8, 4), jnp.bfloat16)
+  grads = jax.grad(lambda a, b, w: jnp.sum(swiglu_project(a, b, w).astype(jnp.float32)), (0, 1, 2))(x, x, w)
+  assert all(g.dtype == jnp.bfloat16 for g in grads)
