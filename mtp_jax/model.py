@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax import attention
-from mtp_jax.lean_ops import rms_norm, swiglu_project
+from mtp_jax.lean_ops import rms_norm, rms_norm_lean, swiglu_project
 
 Array = jax.Array
 # A layer's KV cache: (keys, values), each [batch, n_kv_heads, max_len, head_dim]. The trunk's and
@@ -132,12 +132,13 @@ def _dense(features, axes, args, name, n_in=1, init=None, swiglu_input=False):
 class RMSNorm(nn.Module):
   eps: float
   param_dtype: Any
+  lean: bool = False   # a hand-written backward that keeps x and 1/rms (lean_ops.py): for layers not rematerialised
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                        (x.shape[-1],), self.param_dtype)
-    return rms_norm(x, scale, self.eps)
+    return (rms_norm_lean if self.lean else rms_norm)(x, scale, self.eps)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[tuple] = None) -> Array:
@@ -210,10 +211,11 @@ class Block(nn.Module):
   def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, prefill=False):
     a = self.args
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    h, new_cache = Attention(a, name="attn")(RMSNorm(a.norm_eps, a.param_dtype, name="attn_norm")(x),
+    lean = a.remat == "none"
+    h, new_cache = Attention(a, name="attn")(RMSNorm(a.norm_eps, a.param_dtype, lean, name="attn_norm")(x),
                                              positions, segment_ids, cache, cache_index, prefill)
     x = x + h
-    y = RMSNorm(a.norm_eps, a.param_dtype, name="mlp_norm")(x)
+    y = RMSNorm(a.norm_eps, a.param_dtype, lean, name="mlp_norm")(x)
     gate, up = (nn.with_logical_constraint(_dense(a.d_ff, ("embed", "mlp"), a, name)(y),
                                            ("act_batch", "act_length", "act_mlp")) for name in ("gate", "up"))
     # down(silu(gate) * up) as one op that keeps gate and up for its backward, not their product (lean_ops.py)

@@ -116,7 +116,7 @@ def test_swiglu_project_gradient_matches_autodiff():
 
 def test_rms_norm_gradient_matches_autodiff():
   """RMSNorm's hand-written backward (it keeps x and 1/rms, not the normalised x) against autodiff."""
-  from mtp_jax.lean_ops import rms_norm
+  from mtp_jax.lean_ops import rms_norm_lean as rms_norm
   x = jax.random.normal(jax.random.key(5), (2, 5, 16)) * 2 + 0.5
   scale = jax.random.normal(jax.random.key(6), (16,))
 
@@ -126,7 +126,7 @@ def test_rms_norm_gradient_matches_autodiff():
 
 
 def test_lean_ops_keep_bfloat16_inputs_in_bfloat16():
-  from mtp_jax.lean_ops import rms_norm, swiglu_project
+  from mtp_jax.lean_ops import rms_norm_lean as rms_norm, swiglu_project
   x = jnp.ones((2, 3, 8), jnp.bfloat16)
   gx, gs = jax.grad(lambda x, s: jnp.sum(rms_norm(x, s, 1e-5).astype(jnp.float32)), (0, 1))(x, jnp.ones(8))
   assert rms_norm(x, jnp.ones(8), 1e-5).dtype == gx.dtype == jnp.bfloat16 and gs.dtype == jnp.float32
