@@ -43,8 +43,8 @@ CPU_BLOCK = 128      # ... and on CPU, where a block's scores should stay in the
                      # and 4 heads they are 32 MiB (experiments/results/attention_speed.md compares block sizes)
 CPU_SHORT_BLOCK = 64  # ... and on CPU for short sequences: when they make at most UNROLL_BLOCKS (query, key)
 UNROLL_BLOCKS = 16    # block pairs (T <= 256), the pairs run as static code, not in XLA loops, so independent
-                      # blocks run in parallel; 1.6x faster than loops over blocks of 128 at T=256, where
-                      # unrolling blocks of 128 gained 1.4x and of 256 lost (experiments/results/attention_cpu.md)
+                      # blocks run side by side: at T=256, 1.77x faster than loops over blocks of 128 and
+                      # 1.18x faster than static blocks of 128 (experiments/results/attention_cpu.md)
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 

@@ -11,7 +11,8 @@ these pieces keeps buffers that are cheap to recompute from ones kept anyway:
 - `swiglu_project` (SwiGLU, then the down projection) keeps gate and up but not silu(gate) * up, the
   projection's input: the backward pass recomputes it in the elementwise pass that reads gate and up.
 
-Together they drop 3 of a Llama layer's 12 stacked activations (a third of their bytes at d_ff = 2.75 d).
+Together they drop about a quarter of the bytes a Llama layer stacks (the two norms' normalised inputs and
+the MLP's hidden activation; d_ff = 2.75 d).
 Each one's forward is the plain formula, and each gradient is checked against autodiff (tests/test_model.py).
 """
 import functools
