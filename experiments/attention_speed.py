@@ -51,16 +51,14 @@ def main(_):
     pos = jnp.broadcast_to(jnp.arange(t), (_BATCH.value, t))
     seg = jnp.ones((_BATCH.value, t), jnp.int32)
     fns = {}
-    variants = [(impl, impl, None) for impl in impls] + [(f"blockwise/{b}", "blockwise", int(b)) for b in _BLOCKS.value]
-    variants += [(f"blockwise/{b} static", "blockwise", f"static{b}") for b in _STATIC.value]
-    variants += [("blockwise loops", "blockwise", "loops")] if _LOOPS.value else []
-    for name, impl, block in variants:
-      if str(block).startswith("static"):
-        attend = lambda *a, block=int(block[6:]): attention._blockwise(*a, True, block=block, unroll=True)
-      elif block == "loops":
-        attend = lambda *a: attention._blockwise(*a, True, block=attention.CPU_BLOCK, unroll=False)
-      elif block:
-        attend = lambda *a, block=block: attention._blockwise(*a, True, block=block, unroll=False)
+    # (row name, implementation, None for the backend's plan or the blockwise (block, unroll) to force)
+    variants = [(impl, impl, None) for impl in impls] + \
+        [(f"blockwise/{b}", "blockwise", (int(b), False)) for b in _BLOCKS.value] + \
+        [(f"blockwise/{b} static", "blockwise", (int(b), True)) for b in _STATIC.value] + \
+        ([("blockwise loops", "blockwise", (attention.CPU_BLOCK, False))] if _LOOPS.value else [])
+    for name, impl, forced in variants:
+      if forced:
+        attend = lambda *a, forced=forced: attention._blockwise(*a, True, block=forced[0], unroll=forced[1])
       else:
         attend = lambda *a, impl=impl: attention.attend(*a, impl=impl)
       loss = lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v, pos, pos, seg, seg).astype(jnp.float32) * ct)

@@ -47,23 +47,8 @@ def gemm_shapes() -> list:
   return out
 
 
-def time_gemms(matmul, make, repeats: int = 200) -> list:
-  """Median seconds of matmul(a, b) per gemm_shapes() entry; make(shape, seed) builds an operand."""
-  out = []
-  for _, m, k, n, _ in gemm_shapes():
-    a, b = make((m, k), 0), make((k, n), 1)
-    for _ in range(5):
-      matmul(a, b)
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      matmul(a, b)
-      times.append(time.perf_counter() - t0)
-    out.append(statistics.median(times))
-  return out
-
-
 def _median_seconds(fn, repeats: int = 50) -> float:
+  """Median seconds of fn() over `repeats` calls, after 5 warm-up calls."""
   for _ in range(5):
     fn()
   times = []
@@ -72,6 +57,15 @@ def _median_seconds(fn, repeats: int = 50) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def time_gemms(matmul, make, repeats: int = 200) -> list:
+  """Median seconds of matmul(a, b) per gemm_shapes() entry; make(shape, seed) builds an operand."""
+  out = []
+  for _, m, k, n, _ in gemm_shapes():
+    a, b = make((m, k), 0), make((k, n), 1)
+    out.append(_median_seconds(lambda: matmul(a, b), repeats))
+  return out
 
 
 def _attention_shapes():

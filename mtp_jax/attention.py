@@ -207,8 +207,11 @@ def _scores(qi, kj):
 
 
 def _key_blocks(i, bq, bk, nk, causal):
-  """Key blocks [0, hi) that query block i can see: with positions 0..T-1 none past the diagonal."""
-  return jnp.minimum(nk, ((i + 1) * bq + bk - 1) // bk) if causal else nk
+  """Key blocks [0, hi) that query block i can see: with positions 0..T-1 none past the diagonal.
+  A Python int i (the unrolled path) gives a Python int."""
+  if not causal:
+    return nk
+  return (min if isinstance(i, int) else jnp.minimum)(nk, ((i + 1) * bq + bk - 1) // bk)
 
 
 def _online_softmax_step(qi, kj, vj, bias, carry):
@@ -246,7 +249,7 @@ def _flash_forward(qb, kb, vb, qp, kp, qs, ks, causal, unroll):
     outs = []
     for i in range(nq):
       carry = None
-      for j in range(min(nk, -(-(i + 1) * bq // bk)) if causal else nk):
+      for j in range(_key_blocks(i, bq, bk, nk, causal)):
         carry = _online_softmax_step(qb[i], kb[j], vb[j], _block_bias(qp[i], kp[j], qs[i], ks[j]), carry)
       outs.append(_normalised(qb[i], *carry))
     return jnp.stack([o for o, _ in outs]), jnp.stack([lse for _, lse in outs])
