@@ -35,6 +35,9 @@ _LOOPS = flags.DEFINE_bool("loops", False, "Also time blockwise with its blocks 
                            "'blockwise loops'), where the CPU default runs few blocks as static code "
                            "(attention.UNROLL_BLOCKS).")
 _OUT = flags.DEFINE_string("out_name", "attention_speed", "Results file stem under experiments/results/.")
+for _name in ("lengths", "blocks", "static_blocks"):
+  flags.register_validator(_name, lambda values: all(v.isdigit() and int(v) > 0 for v in values),
+                           message=f"--{_name} takes positive integers, e.g. --{_name}=64,128")
 
 
 def main(_):
