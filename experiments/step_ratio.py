@@ -12,6 +12,10 @@ the heads, and the heads' rematerialisation. Two measurements separate the parts
 - n=4 with its head layers not rematerialised (`loss.mtp_loss_scan(remat_heads=False)`): what the
   recomputation costs in time, and what it saves in memory.
 
+Each row also states its matrix-multiply work over n=1's, counted from the config (`matmul_macs`): the
+floor the time ratio would sit at if the step were all matmuls. Counted the same way for the paper's 7B
+shape (configs/paper_7b.py), where the layers dwarf the unembedding, n=4 adds a few percent.
+
 All configs' steps are timed interleaved (median of `--steps`), so drift on a shared machine hits them
 alike; temporaries are the compiled step's (XLA's memory analysis). Writes experiments/results/<out_name>.md
 and .json.
@@ -38,6 +42,36 @@ _TRAINER_FLAGS = flags.DEFINE_bool("trainer_flags", True, "Compile with the XLA 
 _QUICK = flags.DEFINE_bool("quick", False, "configs/tiny.py, 3 steps: a smoke test.")
 _OUT_DIR = flags.DEFINE_string("out_dir", results_io.RESULTS, "Where the results files go.")
 _OUT = flags.DEFINE_string("out_name", "step_ratio", "Results file stem (--quick appends _quick).")
+
+
+def matmul_macs(m, seq_len: int, remat_heads: bool = True, keys_per_query=None) -> float:
+  """Multiply-accumulates per token of one train step's matrix multiplies (forward, backward and
+  recomputation), from a model config m with transformer-layer heads.
+
+  A layer: the q, k, v, o projections, the SwiGLU's three, and attention's two products over
+  keys_per_query keys (default the causal average, (seq_len + 1) / 2; model.attention=xla scores all
+  seq_len). Backward costs two forwards. Trunk layers are recomputed once under model.remat=full,
+  and for n > 1 the head layers under the scan loss unless remat_heads=False (n=1 runs no scan). Each head
+  unembeds three times: the logits, then d_hidden and d_kernel, which the fused cross-entropy forms in its
+  forward pass and never recomputes (mtp_jax/cross_entropy.py).
+  """
+  if m.head_type not in ("parallel", "causal"):
+    raise ValueError(f"matmul_macs counts transformer-layer heads, not model.head_type={m.head_type!r}")
+  hd = m.d_model // m.n_heads
+  layer = (2 * m.d_model * m.n_heads * hd + 2 * m.d_model * m.n_kv_heads * hd + 3 * m.d_model * m.d_ff
+           + 2 * m.n_heads * hd * ((seq_len + 1) / 2 if keys_per_query is None else keys_per_query))
+  n = m.n_future
+  trunk = m.n_layers - n if m.parity else m.n_layers
+  trunk_passes = 3 + (m.remat == "full")
+  head_passes = 3 + (n > 1 and remat_heads)
+  return (trunk * trunk_passes + n * head_passes) * layer + n * 3 * m.d_model * m.vocab_size
+
+
+def paper_7b_matmul_ratio() -> float:
+  """n=4 / n=1 matmul work of the paper's 7B shape at parity (configs/paper_7b.py, its own remat)."""
+  from configs import paper_7b
+  c4, c1 = paper_7b.get_config(), paper_7b.get_config("n1")
+  return matmul_macs(c4.model, c4.data.seq_len) / matmul_macs(c1.model, c1.data.seq_len)
 
 
 def config(n: int, vocab: int, quick: bool):
@@ -77,8 +111,12 @@ def main(_):
   runs.update(prepare_runs(cases))
   temps = {k: temporaries_mib(run) for k, run in runs.items()}
   sec = time_runs(runs, steps)
+  seq = config(1, vocabs[0], quick).data.seq_len
+  macs = {k: matmul_macs(config(*k[:2], quick).model, seq, k[2]) for k in sec}
   rows = [{"n": n, "vocab": v, "remat_heads": r, "seconds": sec[(n, v, r)], "temp_mib": temps[(n, v, r)],
-           "ratio_to_n1": sec[(n, v, r)] / sec[(1, v, True)]} for (n, v, r) in sorted(sec, key=lambda k: (-k[1], k[0], not k[2]))]
+           "ratio_to_n1": sec[(n, v, r)] / sec[(1, v, True)], "matmul_macs_per_token": macs[(n, v, r)],
+           "matmul_ratio_to_n1": macs[(n, v, r)] / macs[(1, v, True)]}
+          for (n, v, r) in sorted(sec, key=lambda k: (-k[1], k[0], not k[2]))]
   for r in rows:
     print(r, flush=True)
   c = config(1, vocabs[0], quick)
@@ -86,15 +124,21 @@ def main(_):
   desc = (f"{recipe}: d_model {c.model.d_model}, {c.model.n_layers} layers, parallel heads under parity, "
           f"batch {c.train.batch_size} x {c.data.seq_len}, model.remat={c.model.remat}, loss.chunk_size={c.loss.chunk_size}")
   desc += f"; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or 'none'}"
-  result = {"device": device, "recipe": desc, "trainer_flags": _TRAINER_FLAGS.value, "steps": steps, "wall_s": time.time() - t_start, "rows": rows}
+  paper = paper_7b_matmul_ratio()
+  result = {"device": device, "recipe": desc, "trainer_flags": _TRAINER_FLAGS.value, "steps": steps,
+            "wall_s": time.time() - t_start, "rows": rows, "paper_7b_matmul_ratio_n4_over_n1": paper}
   lines = ["# n=4 / n=1 train-step time at parity, by part", "",
            f"{device}; {desc}; random tokens; medians of {steps} interleaved steps, all configs in one loop.", "",
-           "| vocab | n | head layers | ms/step | / n=1 at this vocab | temporaries MiB |",
-           "|---:|---:|---|---:|---:|---:|"]
+           "| vocab | n | head layers | ms/step | / n=1 at this vocab | matmul work / n=1 | temporaries MiB |",
+           "|---:|---:|---|---:|---:|---:|---:|"]
   for r in rows:
     heads = "rematerialised (default)" if r["remat_heads"] else "kept"
     lines.append(f"| {r['vocab']} | {r['n']} | {heads if r['n'] > 1 else '-'} | {r['seconds'] * 1e3:.1f} | "
-                 f"{r['ratio_to_n1']:.3f} | {r['temp_mib']:.0f} |")
+                 f"{r['ratio_to_n1']:.3f} | {r['matmul_ratio_to_n1']:.3f} | {r['temp_mib']:.0f} |")
+  lines += ["", "matmul work / n=1: the step's matrix-multiply work over n=1's at the same vocabulary, counted from the "
+            "config (`matmul_macs`: forward, backward, recomputation, and three unembeddings per head), the ratio a "
+            f"step made only of matmuls would show. Counted the same way, the paper's 7B shape (configs/paper_7b.py, "
+            f"n=4 against its n1 variant) adds {100 * (paper - 1):.1f}%."]
   lines += ["", f"Wall-clock: {result['wall_s']:.0f} s. Command: `python experiments/step_ratio.py "
             f"{' '.join(a for a in sys.argv[1:] if not a.startswith('--out_dir'))}`"]
   results_io.write_results(_OUT.value + ("_quick" if quick else ""), result, lines, _OUT_DIR.value)

@@ -160,6 +160,57 @@ def test_decode_attention_quick(tmp_path):
   assert "| batch | mode | dots ms |" in (tmp_path / "decode_attention_quick.md").read_text()
 
 
+def _jaxpr_macs(jaxpr) -> int:
+  """Multiply-accumulates of every dot_general a jaxpr runs: scan bodies times their length, one branch of
+  a cond (the heads' switch runs one per step), every other sub-jaxpr (remat, custom VJP, pjit) once."""
+  from jax.extend import core as jcore
+  total = 0
+  for e in jaxpr.eqns:
+    if e.primitive.name == "dot_general":
+      (lhs_contract, _), _ = e.params["dimension_numbers"]
+      shape = e.invars[0].aval.shape
+      total += math.prod(e.outvars[0].aval.shape) * math.prod(shape[i] for i in lhs_contract)
+      continue
+    assert e.primitive.name != "while", "a while loop's trip count is not in its jaxpr"
+    subs = []
+    for v in e.params.values():
+      for x in (v if isinstance(v, (tuple, list)) else (v,)):
+        if isinstance(x, (jcore.Jaxpr, jcore.ClosedJaxpr)):
+          subs.append(_jaxpr_macs(x.jaxpr if isinstance(x, jcore.ClosedJaxpr) else x))
+    if e.primitive.name == "cond":
+      total += max(subs)
+    else:
+      total += e.params.get("length", 1) * sum(subs) if e.primitive.name == "scan" else sum(subs)
+  return total
+
+
+@pytest.mark.parametrize("n,remat_heads", [(1, True), (4, True), (4, False)])
+def test_step_ratio_counts_the_matmuls_the_train_step_runs(n, remat_heads):
+  """experiments/step_ratio.py's matmul_macs equals the dot_general work in the gradient's jaxpr, for n=1,
+  n=4 with its head layers recomputed, and n=4 keeping them (xla attention, which scores every key)."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import functools
+  import jax
+  import jax.numpy as jnp
+  import step_ratio
+  from mtp_jax import loss
+  from mtp_jax.model import build_model, init_params
+  c = step_ratio.config(n, 512, quick=True)
+  c.model.attention = "xla"
+  model = build_model(c.model)
+  params = init_params(model, jax.random.key(0))
+  saved, loss.mtp_loss_scan = loss.mtp_loss_scan, functools.partial(loss.mtp_loss_scan, remat_heads=remat_heads)
+  try:
+    loss_fn = loss.make_loss_fn(model, c)
+  finally:
+    loss.mtp_loss_scan = saved
+  batch_size, seq = 2, c.data.seq_len
+  batch = {"tokens": jnp.zeros((batch_size, seq + n), jnp.int32)}
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss_fn(p, batch)[0]))(params).jaxpr
+  counted = _jaxpr_macs(jaxpr) / (batch_size * seq)
+  assert counted == step_ratio.matmul_macs(c.model, seq, remat_heads, keys_per_query=seq)
+
+
 @pytest.mark.slow   # five train steps compiled: about 75 s
 def test_step_ratio_quick(tmp_path):
   res = run_quick("step_ratio.py", tmp_path)
