@@ -1,28 +1,65 @@
 #!/usr/bin/env bash
-# On a machine with a GPU or TPU: the memory, cross-entropy, speculative-decoding and attention
-# benchmarks in one command, each writing experiments/results/<name>_<device>.{md,json} with the
-# device named in its table (the scripts print jax's device kind).
+# On a machine with a GPU or TPU: the memory, cross-entropy, attention, step-time and speculative-decoding
+# benchmarks in one command, each writing <name>_<device>.{md,json} with the device named in its table
+# (the scripts print jax's device kind).
 #
-#   bash experiments/gpu_benchmarks.sh                        # random-init speculative smoke run
+#   bash experiments/gpu_benchmarks.sh                            # speculative on random weights
 #   WORKDIR=workdirs/default bash experiments/gpu_benchmarks.sh   # speculative on a trained run
+#   SMOKE=1 bash experiments/gpu_benchmarks.sh                    # tiny sizes on any backend, ~3 min on
+#                                                                 # 2 CPU cores: checks the script itself
 #
-# Set PYTHON to the interpreter (default: python). Budget: ~10 min on one H100/H200 or TPU v5e.
+# Tables go to experiments/results/, or to $MTP_RESULTS_DIR where set. Where $OUT is set (the device
+# tool's folder of files to bring back, at most 8 of them), they are also packed into one file,
+# $OUT/gpu_tables_<device>.tar.gz. Packages the lent machine lacks travel as wheels: make them here with
+# `bash experiments/gpu_wheels.sh` and carry .whl; where the interpreter lacks them, this script installs
+# them under /tmp/site first. The image's jax (0.11.2 when last read) is newer than requirements.txt's:
+# the registry here has none that new, so the script has been run end to end on 0.10.2 only (SMOKE=1,
+# tests/test_experiments.py).
+# PYTHON sets the interpreter (default: python, else python3). Budget: ~10 min on one H100/H200 or TPU v5e.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-DEV=$($PY -c "import jax; d = jax.devices()[0]; print((d.platform + '_' + d.device_kind).lower().replace(' ', '_').replace('-', '_'))")
-echo "device: $DEV"
-$PY -c "import jax; print(jax.devices())"
-
-# Train-step memory and time of the multi-token loss (naive / scan / scan+chunk, n = 1, 2, 4, 8).
-$PY experiments/memory.py --out_name="memory_$DEV"
-# Fused cross-entropy: unchunked vs automatic chunk, n = 1 and 4, memory and step time.
-# Attention implementations side by side (every one the backend has), forward + backward.
-$PY experiments/attention_speed.py --out_name="attention_speed_$DEV"
-# Self-speculative decoding, batch 1 / 4 / 16.
-if [[ -n "${WORKDIR:-}" ]]; then
-  $PY experiments/speculative.py --workdir="$WORKDIR" --out_name="speculative_$DEV"
-else
-  $PY experiments/speculative.py --config=configs/default.py --random_init --out_name="speculative_random_$DEV"
+PY=${PYTHON:-$(command -v python || command -v python3)}
+if ! "$PY" -c "import ml_collections, grain, zstandard" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-echo "tables: experiments/results/*_$DEV.md"
+DEV=$("$PY" -c "import jax; d = jax.devices()[0]; print((d.platform + '_' + d.device_kind).lower().replace(' ', '_').replace('-', '_'))")
+"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+
+if [[ -n "${SMOKE:-}" ]]; then
+  DEV="${DEV}_smoke"
+  MEMORY=(--vocab=512 --seq_len=64 --chunk=32 --n=1,4 --sequential_d=1,2 --notiming)
+  CE=(--vocab=512 --steps=1)
+  ATTENTION=(--lengths=64,128 --repeats=1)
+  RATIO=(--quick --out_name="step_ratio_$DEV")
+  SPECULATIVE=(--config=configs/tiny.py --random_init --batch_sizes=1,2 --prompts=2 --prompt_len=8
+               --max_new_tokens=8 --repeats=1 --forward_iters=2 --forward_repeats=1)
+else
+  MEMORY=() CE=() ATTENTION=() RATIO=(--out_name="step_ratio_$DEV")
+  if [[ -n "${WORKDIR:-}" ]]; then
+    SPECULATIVE=(--workdir="$WORKDIR")
+  else
+    SPECULATIVE=(--config=configs/default.py --random_init)
+  fi
+fi
+echo "device: $DEV"
+set -x
+# Train-step memory of the multi-token loss (naive / scan / scan+chunk, n = 1, 2, 4, 8), and n4 / n1 time.
+"$PY" experiments/memory.py "${MEMORY[@]}" --out_name="memory_$DEV"
+# Fused cross-entropy on configs/default.py:sp at vocab 32000: unchunked vs automatic chunk, n = 1 and 4.
+"$PY" experiments/ce_chunk.py "${CE[@]}" --out_name="ce_chunk_$DEV"
+# Attention implementations side by side (every one the backend has), forward + backward.
+"$PY" experiments/attention_speed.py "${ATTENTION[@]}" --out_name="attention_speed_$DEV"
+# n=4 / n=1 train-step time at parity on configs/default.py:sp, by part.
+"$PY" experiments/step_ratio.py "${RATIO[@]}"
+# Self-speculative decoding, batch 1 / 4 / 16.
+"$PY" experiments/speculative.py "${SPECULATIVE[@]}" --out_name="speculative_$DEV"
+set +x
+
+RESULTS=${MTP_RESULTS_DIR:-experiments/results}
+TABLES=$(cd "$RESULTS" && ls -- *_"$DEV"*.md *_"$DEV"*.json)
+if [[ -n "${OUT:-}" ]]; then
+  tar -czf "$OUT/gpu_tables_$DEV.tar.gz" -C "$RESULTS" $TABLES
+  echo "packed: $OUT/gpu_tables_$DEV.tar.gz"
+fi
+echo "tables in $RESULTS:" $TABLES

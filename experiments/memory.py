@@ -70,6 +70,8 @@ def time_ratio(config_fn, steps: int) -> dict:
 
 
 def main(_):
+  if _CHUNK.value <= 0 or _SEQ.value % _CHUNK.value:
+    sys.exit(f"error: --chunk={_CHUNK.value} must be a positive divisor of --seq_len={_SEQ.value}")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   mesh = sharding.make_mesh(bench_config(1, "scan", 0), jax.devices()[:1])
   rows = []

@@ -1,9 +1,10 @@
 """Where experiment scripts put their figures: experiments/results/<name>.json, .md and (where a
-plotter exists, see plots.py) .png."""
+plotter exists, see plots.py) .png. MTP_RESULTS_DIR, where set, replaces experiments/results/ (a smoke run
+of experiments/gpu_benchmarks.sh writes elsewhere than the committed tables)."""
 import json
 import os
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.environ.get("MTP_RESULTS_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def write_results(name: str, result, markdown_lines, results_dir: str = RESULTS) -> None:

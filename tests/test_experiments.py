@@ -246,3 +246,28 @@ def test_cpu_fusions_runs_both_settings(tmp_path):
   assert res["bouts"]["fusions"][0]["xla_flags"].endswith(res["flag"][1]) and not res["bouts"]["default"][0]["xla_flags"]
   for m, loss in d["first_loss"].items():   # the flag changes how, not what
     assert math.isclose(loss, y["first_loss"][m], rel_tol=1e-5)
+
+
+@pytest.mark.slow   # five benchmarks at tiny sizes, each in its own process: about 4 min on 2 cores
+def test_gpu_benchmarks_script_runs_end_to_end_and_packs_its_tables(tmp_path):
+  """experiments/gpu_benchmarks.sh in SMOKE mode on this machine's backend: every benchmark writes its
+  table named for the device into MTP_RESULTS_DIR (never experiments/results/), and the one file brought
+  back from a lent machine, $OUT/gpu_tables_<device>.tar.gz, holds them all."""
+  import tarfile
+  results, out = tmp_path / "results", tmp_path / "out"
+  out.mkdir()
+  r = subprocess.run(["bash", "experiments/gpu_benchmarks.sh"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=900, env={**os.environ, "SMOKE": "1", "MTP_RESULTS_DIR": str(results),
+                                       "OUT": str(out), "PYTHON": sys.executable, "HOME": str(tmp_path)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  [packed] = out.iterdir()
+  device = packed.name[len("gpu_tables_"):-len(".tar.gz")]
+  assert device.endswith("_smoke")
+  names = set(tarfile.open(packed).getnames())
+  for stem in ("memory", "ce_chunk", "attention_speed", "speculative"):
+    assert {f"{stem}_{device}.md", f"{stem}_{device}.json"} <= names, (stem, names)
+    table = (results / f"{stem}_{device}.md").read_text()
+    assert "|" in table and "cpu" in table.lower()     # a table, naming the device it ran on
+  assert f"step_ratio_{device}_quick.md" in names
+  speculative = json.loads((results / f"speculative_{device}.json").read_text())
+  assert all(row["identical_to_greedy"] for row in speculative["rows"])
