@@ -12,8 +12,8 @@ the heads, and the heads' rematerialisation. Two measurements separate the parts
 - n=4 with its head layers not rematerialised (`loss.mtp_loss_scan(remat_heads=False)`): what the
   recomputation costs in time, and what it saves in memory.
 
-Each row also states its matrix-multiply work over n=1's, counted from the config (`matmul_macs`): the
-floor the time ratio would sit at if the step were all matmuls. Counted the same way for the paper's 7B
+Each row also states its matrix-multiply work over n=1's, counted from the config (matmul_work.py): the
+ratio the step would show if it were all matmuls. Counted the same way for the paper's 7B
 shape (configs/paper_7b.py), where the layers dwarf the unembedding, n=4 adds a few percent.
 
 All configs' steps are timed interleaved (median of `--steps`), so drift on a shared machine hits them
@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 import results_io  # noqa: E402
+from matmul_work import matmul_macs, paper_7b_matmul_ratio  # noqa: E402
 from step_timing import prepare_runs, temporaries_mib, time_runs  # noqa: E402
 from mtp_jax import loss  # noqa: E402
 
@@ -42,36 +43,6 @@ _TRAINER_FLAGS = flags.DEFINE_bool("trainer_flags", True, "Compile with the XLA 
 _QUICK = flags.DEFINE_bool("quick", False, "configs/tiny.py, 3 steps: a smoke test.")
 _OUT_DIR = flags.DEFINE_string("out_dir", results_io.RESULTS, "Where the results files go.")
 _OUT = flags.DEFINE_string("out_name", "step_ratio", "Results file stem (--quick appends _quick).")
-
-
-def matmul_macs(m, seq_len: int, remat_heads: bool = True, keys_per_query=None) -> float:
-  """Multiply-accumulates per token of one train step's matrix multiplies (forward, backward and
-  recomputation), from a model config m with transformer-layer heads.
-
-  A layer: the q, k, v, o projections, the SwiGLU's three, and attention's two products over
-  keys_per_query keys (default the causal average, (seq_len + 1) / 2; model.attention=xla scores all
-  seq_len). Backward costs two forwards. Trunk layers are recomputed once under model.remat=full,
-  and for n > 1 the head layers under the scan loss unless remat_heads=False (n=1 runs no scan). Each head
-  unembeds three times: the logits, then d_hidden and d_kernel, which the fused cross-entropy forms in its
-  forward pass and never recomputes (mtp_jax/cross_entropy.py).
-  """
-  if m.head_type not in ("parallel", "causal"):
-    raise ValueError(f"matmul_macs counts transformer-layer heads, not model.head_type={m.head_type!r}")
-  hd = m.d_model // m.n_heads
-  layer = (2 * m.d_model * m.n_heads * hd + 2 * m.d_model * m.n_kv_heads * hd + 3 * m.d_model * m.d_ff
-           + 2 * m.n_heads * hd * ((seq_len + 1) / 2 if keys_per_query is None else keys_per_query))
-  n = m.n_future
-  trunk = m.n_layers - n if m.parity else m.n_layers
-  trunk_passes = 3 + (m.remat == "full")
-  head_passes = 3 + (n > 1 and remat_heads)
-  return (trunk * trunk_passes + n * head_passes) * layer + n * 3 * m.d_model * m.vocab_size
-
-
-def paper_7b_matmul_ratio() -> float:
-  """n=4 / n=1 matmul work of the paper's 7B shape at parity (configs/paper_7b.py, its own remat)."""
-  from configs import paper_7b
-  c4, c1 = paper_7b.get_config(), paper_7b.get_config("n1")
-  return matmul_macs(c4.model, c4.data.seq_len) / matmul_macs(c1.model, c1.data.seq_len)
 
 
 def config(n: int, vocab: int, quick: bool):
@@ -136,7 +107,7 @@ def main(_):
     lines.append(f"| {r['vocab']} | {r['n']} | {heads if r['n'] > 1 else '-'} | {r['seconds'] * 1e3:.1f} | "
                  f"{r['ratio_to_n1']:.3f} | {r['matmul_ratio_to_n1']:.3f} | {r['temp_mib']:.0f} |")
   lines += ["", "matmul work / n=1: the step's matrix-multiply work over n=1's at the same vocabulary, counted from the "
-            "config (`matmul_macs`: forward, backward, recomputation, and three unembeddings per head), the ratio a "
+            "config (experiments/matmul_work.py: forward, backward, recomputation, and three unembeddings per head), the ratio a "
             f"step made only of matmuls would show. Counted the same way, the paper's 7B shape (configs/paper_7b.py, "
             f"n=4 against its n1 variant) adds {100 * (paper - 1):.1f}%."]
   lines += ["", f"Wall-clock: {result['wall_s']:.0f} s. Command: `python experiments/step_ratio.py "

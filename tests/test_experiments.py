@@ -186,13 +186,14 @@ def _jaxpr_macs(jaxpr) -> int:
 
 @pytest.mark.parametrize("n,remat_heads", [(1, True), (4, True), (4, False)])
 def test_step_ratio_counts_the_matmuls_the_train_step_runs(n, remat_heads):
-  """experiments/step_ratio.py's matmul_macs equals the dot_general work in the gradient's jaxpr, for n=1,
+  """experiments/matmul_work.py's matmul_macs equals the dot_general work in the gradient's jaxpr, for n=1,
   n=4 with its head layers recomputed, and n=4 keeping them (xla attention, which scores every key)."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import functools
   import jax
   import jax.numpy as jnp
   import step_ratio
+  from matmul_work import matmul_macs
   from mtp_jax import loss
   from mtp_jax.model import build_model, init_params
   c = step_ratio.config(n, 512, quick=True)
@@ -208,7 +209,7 @@ def test_step_ratio_counts_the_matmuls_the_train_step_runs(n, remat_heads):
   batch = {"tokens": jnp.zeros((batch_size, seq + n), jnp.int32)}
   jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss_fn(p, batch)[0]))(params).jaxpr
   counted = _jaxpr_macs(jaxpr) / (batch_size * seq)
-  assert counted == step_ratio.matmul_macs(c.model, seq, remat_heads, keys_per_query=seq)
+  assert counted == matmul_macs(c.model, seq, remat_heads, keys_per_query=seq)
 
 
 @pytest.mark.slow   # five train steps compiled: about 75 s
