@@ -258,8 +258,8 @@ def test_gpu_benchmarks_script_runs_end_to_end_and_packs_its_tables(tmp_path):
   results, out = tmp_path / "results", tmp_path / "out"
   out.mkdir()
   r = subprocess.run(["bash", "experiments/gpu_benchmarks.sh"], cwd=ROOT, capture_output=True, text=True,
-                     timeout=900, env={**os.environ, "SMOKE": "1", "MTP_RESULTS_DIR": str(results),
-                                       "OUT": str(out), "PYTHON": sys.executable, "HOME": str(tmp_path)})
+                     timeout=1800, env={**os.environ, "SMOKE": "1", "MTP_RESULTS_DIR": str(results), "OUT": str(out),
+                                        "PYTHON": sys.executable, "HOME": str(tmp_path), "BENCH_TIMEOUT": "600"})
   assert r.returncode == 0, r.stderr[-3000:]
   [packed] = out.iterdir()
   device = packed.name[len("gpu_tables_"):-len(".tar.gz")]
@@ -272,3 +272,16 @@ def test_gpu_benchmarks_script_runs_end_to_end_and_packs_its_tables(tmp_path):
   assert f"step_ratio_{device}_quick.md" in names
   speculative = json.loads((results / f"speculative_{device}.json").read_text())
   assert all(row["identical_to_greedy"] for row in speculative["rows"])
+
+
+def test_gpu_benchmarks_script_goes_on_past_a_benchmark_that_runs_out_of_time(tmp_path):
+  """With every benchmark cut off by BENCH_TIMEOUT, the script still runs all five, names each one that
+  did not finish, packs nothing and exits non-zero (a device call's minutes are not spent on silence)."""
+  out = tmp_path / "out"
+  out.mkdir()
+  r = subprocess.run(["bash", "experiments/gpu_benchmarks.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                     env={**os.environ, "SMOKE": "1", "MTP_RESULTS_DIR": str(tmp_path / "results"), "OUT": str(out),
+                          "PYTHON": sys.executable, "HOME": str(tmp_path), "BENCH_TIMEOUT": "0.5"})
+  assert r.returncode == 1
+  assert "memory ce_chunk attention_speed step_ratio speculative" in r.stderr.splitlines()[-1]
+  assert not list(out.iterdir())
