@@ -7,9 +7,9 @@ these pieces keeps buffers that are cheap to recompute from ones kept anyway:
 - `rms_norm_lean` keeps x and each row's 1/rms, not the normalised x as well. Only layers that are not
   rematerialised use it (model.RMSNorm(lean=True)): a rematerialised layer stacks nothing, and there the
   plain `rms_norm` planned less (7B dry run at fsdp=8, bfloat16: 7.5 against 7.9 GiB of temporaries);
-- `swiglu` keeps gate and up, not the sigmoid and the two products;
-- `swiglu_project` (SwiGLU, then the down projection) keeps gate and up but not silu(gate) * up, the
-  projection's input: the backward pass recomputes it in the elementwise pass that reads gate and up.
+- `swiglu_project` (SwiGLU, then the down projection) keeps gate and up, not the sigmoid, the two
+  products, or silu(gate) * up, the projection's input: the backward pass recomputes it in the
+  elementwise pass that reads gate and up.
 
 Together they drop about a quarter of the bytes a Llama layer stacks (the two norms' normalised inputs and
 the MLP's hidden activation; d_ff = 2.75 d).
@@ -64,27 +64,14 @@ def _silu_times(gate, up):
   return jax.nn.silu(gate) * up
 
 
-@jax.custom_vjp
-def swiglu(gate, up):
-  """silu(gate) * up."""
-  return _silu_times(gate, up)
-
-
-def _swiglu_fwd(gate, up):
-  return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(res, g):
-  gate, up = res
+def _swiglu_grads(gate, up, g):
+  """(d_gate, d_up) of silu(gate) * up for its cotangent g, in gate's and up's dtypes."""
   x = gate.astype(jnp.float32)
   s = jax.nn.sigmoid(x)
   g32 = g.astype(jnp.float32)
   d_up = g32 * x * s
   d_gate = g32 * up.astype(jnp.float32) * s * (1 + x * (1 - s))
   return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _project(hidden, kernel):
@@ -108,7 +95,7 @@ def _swiglu_project_bwd(res, g):
   lead = tuple(range(g.ndim - 1))
   d_kernel = jax.lax.dot_general(hidden, g, ((lead, lead), ((), ())))
   d_hidden = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-  return (*_swiglu_bwd((gate, up), d_hidden), d_kernel.astype(kernel.dtype))
+  return (*_swiglu_grads(gate, up, d_hidden), d_kernel.astype(kernel.dtype))
 
 
 swiglu_project.defvjp(_swiglu_project_fwd, _swiglu_project_bwd)
