@@ -82,15 +82,15 @@ def main(_):
   runs.update(prepare_runs(cases))
   temps = {k: temporaries_mib(run) for k, run in runs.items()}
   sec = time_runs(runs, steps)
-  seq = config(1, vocabs[0], quick).data.seq_len
-  macs = {k: matmul_macs(config(*k[:2], quick).model, seq, k[2]) for k in sec}
+  configs = {**cases, **plain}
+  macs = {k: matmul_macs(c.model, c.data.seq_len, remat_heads=k[2]) for k, c in configs.items()}
   rows = [{"n": n, "vocab": v, "remat_heads": r, "seconds": sec[(n, v, r)], "temp_mib": temps[(n, v, r)],
            "ratio_to_n1": sec[(n, v, r)] / sec[(1, v, True)], "matmul_macs_per_token": macs[(n, v, r)],
            "matmul_ratio_to_n1": macs[(n, v, r)] / macs[(1, v, True)]}
           for (n, v, r) in sorted(sec, key=lambda k: (-k[1], k[0], not k[2]))]
   for r in rows:
     print(r, flush=True)
-  c = config(1, vocabs[0], quick)
+  c = cases[1, vocabs[0], True]
   recipe = "configs/tiny.py" if quick else "configs/default.py:sp"
   desc = (f"{recipe}: d_model {c.model.d_model}, {c.model.n_layers} layers, parallel heads under parity, "
           f"batch {c.train.batch_size} x {c.data.seq_len}, model.remat={c.model.remat}, loss.chunk_size={c.loss.chunk_size}")
