@@ -23,8 +23,9 @@ if ! "$PY" -c "import ml_collections, grain, zstandard" 2> /dev/null && compgen 
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-DEV=$("$PY" -c "import jax; d = jax.devices()[0]; print((d.platform + '_' + d.device_kind).lower().replace(' ', '_').replace('-', '_'))")
-"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+# One jax start-up names the device (stdout) and logs what jax sees (stderr).
+DEV=$("$PY" -c "import sys, jax; d = jax.devices()[0]; print('jax', jax.__version__, jax.devices(), file=sys.stderr)
+print((d.platform + '_' + d.device_kind).lower().replace(' ', '_').replace('-', '_'))")
 
 if [[ -n "${SMOKE:-}" ]]; then
   DEV="${DEV}_smoke"
