@@ -5,11 +5,11 @@
 
 The paths (attention.py's switches, read while tracing, so each compiled program keeps its own):
 
-    dots      q @ K and probs @ V as dot_generals over the whole cache (two rounds ago)
-    stream    probs x V as a fused multiply-reduce over the whole cache (last round's default)
+    dots      q @ K and probs @ V as dot_generals over the whole cache
+    stream    probs x V as a fused multiply-reduce over the whole cache
     stream_qk both products as multiply-reduces over the whole cache
     window    stream's products over the first multiple of attention.CACHE_WINDOW slots that holds
-              the batch's furthest query (the default now)
+              the batch's furthest query (the default)
     window_qk stream_qk's products over that window
 
 Each program is the whole `decode.decode` loop (prefill, steps, compaction) on the same prompts, for

@@ -8,8 +8,8 @@ n tokens, verified), the decode loop's own step (`decode.step`, iterated `--iter
 compiled program from a prefilled state, with the cache sized as `decode.run` sizes it) is built twice:
 
     einsum    q @ K and probs @ V as dot_generals over the whole cache (attention.DECODE_MAX_QUERIES = 0,
-              CACHE_WINDOW = 0: the path of two rounds ago)
-    stream    the default: both products as fused multiply-reduces over the cache window that holds the
+              CACHE_WINDOW = 0)
+    stream    the default: probs x V as a fused multiply-reduce (q @ K a dot) over the cache window that holds the
               batch's furthest query (the steps start at the prompts' end, where the window is small;
               whole generations, whose window grows, are timed by experiments/decode_attention.py)
 
@@ -117,9 +117,9 @@ def main(_):
   lines = ["# A decode step's time, by operation", "",
            f"{device}; {model_desc}; weights: {origin}; a cache of {cache} slots ({_PROMPT_LEN.value}-token prompts, "
            f"room for {_MAX_NEW.value} new tokens); the decode loop's own step, {iters} per program, medians of "
-           f"{repeats} interleaved runs. einsum: q @ K and probs @ V as dots over the whole cache (two rounds ago); "
-           f"stream: both as fused multiply-reduces over the window of {attention.CACHE_WINDOW}-slot multiples that "
-           f"holds the batch's furthest query (the default now; the steps start at the prompts' end, where the "
+           f"{repeats} interleaved runs. einsum: q @ K and probs @ V as dots over the whole cache; "
+           f"stream: probs x V as a fused multiply-reduce (q @ K a dot) over the window of {attention.CACHE_WINDOW}-slot multiples that "
+           f"holds the batch's furthest query (the default; the steps start at the prompts' end, where the "
            f"window is small: decode_attention.md times whole generations).", "",
            "| batch | mode | einsum ms/step | stream ms/step | einsum / stream | speculative / greedy step, stream |",
            "|---:|---|---:|---:|---:|---:|"]
