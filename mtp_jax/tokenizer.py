@@ -77,12 +77,15 @@ class HFTokenizer:
   """
   kind = "huggingface"
 
-  def __init__(self, json_bytes: bytes, bos_id: int, eos_id: int, origin: str = ""):
+  def __init__(self, json_bytes: bytes, bos_id: int, eos_id: int, origin: str = "", add_bos: bool = True,
+               chat_template: str | None = None):
     import tokenizers
     self.proto, self.origin = json_bytes, origin
     self.tok = tokenizers.Tokenizer.from_str(json_bytes.decode("utf-8"))
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
     self.bos_id, self.eos_id = int(bos_id), int(eos_id)
+    # Whether prompts start with BOS (SmolLM2's GGUF says no), and the model's jinja chat template.
+    self.add_bos, self.chat_template = bool(add_bos), chat_template
 
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
@@ -194,7 +197,10 @@ def check_vocab(tok: Tokenizer, config) -> None:
 def save_to_workdir(tok: Tokenizer, workdir) -> None:
   """Make the run self-contained: W/tokenizer.model, or W/tokenizer.json + special_tokens.json (nothing for bytes)."""
   if isinstance(tok, HFTokenizer):
-    _atomic_write(io_lib.path(workdir) / HF_SPECIAL_FILE, json.dumps({"bos_id": tok.bos_id, "eos_id": tok.eos_id}).encode())
+    special = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "add_bos": tok.add_bos}
+    if tok.chat_template:
+      special["chat_template"] = tok.chat_template
+    _atomic_write(io_lib.path(workdir) / HF_SPECIAL_FILE, json.dumps(special).encode())
     _atomic_write(io_lib.path(workdir) / HF_WORKDIR_FILE, tok.proto)
   elif isinstance(tok, SentencePieceTokenizer):
     path = io_lib.path(workdir) / WORKDIR_MODEL
@@ -214,7 +220,8 @@ def from_workdir(workdir, kind: str) -> Tokenizer | None:
     if "bos_id" not in ids or "eos_id" not in ids:
       raise UserError(f"{workdir} holds {HF_WORKDIR_FILE} but no {HF_SPECIAL_FILE} with bos_id and eos_id; "
                       f"write it (e.g. {{\"bos_id\": 1, \"eos_id\": 2}}) or convert the model again")
-    return HFTokenizer(path.read_bytes(), ids["bos_id"], ids["eos_id"], origin=str(path))
+    return HFTokenizer(path.read_bytes(), ids["bos_id"], ids["eos_id"], origin=str(path),
+                       add_bos=ids.get("add_bos", True), chat_template=ids.get("chat_template"))
   path = io_lib.path(workdir) / WORKDIR_MODEL
   if not path.exists():
     return None

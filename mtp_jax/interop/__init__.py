@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 def read_checkpoint(src, n_future=None, head_init: str = "copy", param_dtype: str = "float32", seed: int = 0):
-  """(config, numpy params, tokenizer) of a Hugging Face directory (config.json) or a Meta one (params.json)."""
+  """(config, numpy params, tokenizer) of a Hugging Face directory (config.json), a Meta one (params.json) or a
+  llama GGUF file (*.gguf)."""
   from mtp_jax import io
   from mtp_jax.interop import hf, meta
   from mtp_jax.interop.tensors import ConvertError
@@ -22,6 +23,9 @@ def read_checkpoint(src, n_future=None, head_init: str = "copy", param_dtype: st
     raise ConvertError(f"--head_init={head_init!r}: choose copy (heads start as head 1) or random")
   if n_future is not None and n_future < 1:
     raise ConvertError(f"--n_future={n_future}: need at least 1 head")
+  if src.suffix == ".gguf":
+    from mtp_jax.interop import gguf
+    return gguf.read(src, n_future, head_init, param_dtype, seed)
   if src.is_dir() and not (src / "config.json").exists() and (src / meta.PARAMS).exists():
     return meta.read(src, n_future, head_init, param_dtype, seed)
   return hf.read(src, n_future, head_init, param_dtype, seed)

@@ -48,14 +48,14 @@ TOP_TABLE = (
 HF_LAYER_PREFIX = "model.layers."
 
 
-def _meta_to_halves(w, n_heads: int):
+def meta_to_halves(w, n_heads: int):
   """Meta's interleaved rotary rows -> rotate-half rows, per head: [H*Dh, d] -> [H*Dh, d]."""
   out_dim, d = w.shape
   dh = out_dim // n_heads
   return w.reshape(n_heads, dh // 2, 2, d).transpose(0, 2, 1, 3).reshape(out_dim, d)
 
 
-def _halves_to_meta(w, n_heads: int):
+def halves_to_meta(w, n_heads: int):
   out_dim, d = w.shape
   dh = out_dim // n_heads
   return w.reshape(n_heads, 2, dh // 2, d).transpose(0, 2, 1, 3).reshape(out_dim, d)
@@ -76,7 +76,7 @@ def to_ours(w, kind: str, dims, meta: bool):
   if kind in ("vector", "table"):
     return w
   if meta and kind in ("q", "kv_rotated"):
-    w = _meta_to_halves(w, h if kind == "q" else kv)
+    w = meta_to_halves(w, h if kind == "q" else kv)
   w = w.T
   if kind == "q":
     return w.reshape(d, h, dh)
@@ -99,5 +99,5 @@ def from_ours(x, kind: str, dims, meta: bool):
   else:
     w = x.T
   if meta and kind in ("q", "kv_rotated"):
-    w = _halves_to_meta(w, h if kind == "q" else kv)
+    w = halves_to_meta(w, h if kind == "q" else kv)
   return np.ascontiguousarray(w)
