@@ -110,16 +110,8 @@ def load(spec: str) -> ml_collections.ConfigDict:
   Names are the recipe files: configs/<name>.py of a clone, installed as `mtp_jax.recipes`. The
   result is locked like the CLI's config (a mistyped field fails) and validated.
   """
-  target, _, variant = spec.partition(":")
-  if target.endswith(".py") or "/" in target:
-    path = Path(target).expanduser()
-  else:
-    path = recipe_dir() / f"{target}.py"
-    if target not in recipe_names():
-      raise ConfigError(f"recipe {spec!r}: no recipe named {target!r}; known: {', '.join(recipe_names())}")
-  if not path.is_file():
-    raise ConfigError(f"recipe {spec!r}: no file {path}; give a configs/*.py path or a recipe name "
-                      f"({', '.join(recipe_names())})")
+  path, _, variant = recipe_file(spec).partition(":")
+  path = Path(path)
   module_spec = importlib.util.spec_from_file_location(f"mtp_jax_recipe_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -130,6 +122,70 @@ def load(spec: str) -> ml_collections.ConfigDict:
   config.lock()
   validate(config)
   return config
+
+
+def recipe_file(spec: str) -> str:
+  """The file (and variant) a recipe spec names: "tiny:bytes" -> "<recipes>/tiny.py:bytes".
+
+  A name is an installed recipe; a path (it ends in .py or holds a /) is a file. A clone's path such as
+  configs/tiny.py that does not exist where the command runs (a pip install used from another directory)
+  is the installed recipe of that name, so a clone's commands work after `pip install` too.
+  """
+  target, sep, variant = spec.partition(":")
+  known = f"known recipes: {', '.join(recipe_names())}"
+  if target.endswith(".py") or "/" in target:
+    path = Path(target).expanduser()
+    if not path.is_file() and path.parent.name == "configs" and path.stem in recipe_names():
+      path = recipe_dir() / path.name
+    if not path.is_file():
+      raise ConfigError(f"recipe {spec!r}: no file {path}; give a recipe file or a recipe name ({known})")
+  elif target in recipe_names():
+    path = recipe_dir() / f"{target}.py"
+  else:
+    raise ConfigError(f"recipe {spec!r}: no recipe named {target!r}; {known} (or give a recipe file's path)")
+  return f"{path}{sep}{variant}"
+
+
+def resolve_config_flag(argv: list[str]) -> list[str]:
+  """argv with `--config=NAME[:variant]` (or `--config NAME`) replaced by the recipe file it names, for
+  ml_collections' DEFINE_config_file, which takes only paths. Raises ConfigError for an unknown name."""
+  out, i = list(argv), 1
+  while i < len(out):
+    a = out[i]
+    if a in ("--config", "-config") and i + 1 < len(out):
+      out[i + 1] = recipe_file(out[i + 1])
+      i += 1
+    elif a.startswith(("--config=", "-config=")):
+      flag, _, value = a.partition("=")
+      out[i] = f"{flag}={recipe_file(value)}"
+    elif a == "--":
+      break
+    i += 1
+  return out
+
+
+def parse_cli_flags(argv: list[str], config_flag, known_only: bool = False) -> list[str]:
+  """absl's flag parsing for a command with a `--config` recipe flag, every mistake one UserError line.
+
+  `--config=NAME[:variant]` is resolved first (an unknown name lists the known ones); the recipe loads
+  here, not lazily later, so a missing or broken one fails now. A mistake in `--config...` names those
+  flags; any other (`--dryrun` for `--dry_run`) is absl's own line, with its suggestion.
+  """
+  from absl import flags
+  argv = resolve_config_flag(argv)
+  try:
+    rest = flags.FLAGS(argv, known_only=known_only)
+    if config_flag.value is not None:
+      config_flag.value.keys()
+    return rest
+  except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+    lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
+    detail = " ".join(lines[-3:] if isinstance(e, OSError) else lines[-1:]).strip("'\"") or type(e).__name__
+    about_config = "config" in str(getattr(e, "flagname", None) or (lines[0] if lines else ""))
+    if isinstance(e, flags.Error) and not about_config:
+      raise UserError(detail)
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith(("--config", "-config"))]
+    raise UserError(f"cannot apply {' '.join(bad) or 'the flags'}: {detail}")
 
 
 def recipe_dir() -> Path:
