@@ -52,5 +52,9 @@ def _parse(argv):
     exit_with(str(e).strip().splitlines()[0])
 
 
-if __name__ == "__main__":
+def run():
   run_cli(main, _parse)
+
+
+if __name__ == "__main__":
+  run()

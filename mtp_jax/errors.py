@@ -33,16 +33,46 @@ def describe_os_error(e: OSError) -> str:
 
 def run_cli(main, flags_parser):
   """absl's app.run, with every expected failure (UserError, OSError on a user's path) as one `error:` line
-  and exit status 2 instead of a traceback. flags_parser may raise UserError too."""
+  and exit status 2 instead of a traceback. flags_parser may raise UserError too.
+
+  Libraries' INFO lines (orbax per checkpoint, jax probing for a TPU on a CPU machine) show only when
+  --verbosity (or -v) asks for them; warnings and the command's own output always do."""
   from absl import app
+  _help_for_console_script(main)
+
+  def parse(argv):
+    rest = flags_parser(argv)
+    _quiet_unless_asked()
+    return rest
+
   try:
-    app.run(main, flags_parser=flags_parser)
+    app.run(main, flags_parser=parse)
   except UserError as e:
     exit_with(str(e))
   except OSError as e:
     if e.errno not in _ENVIRONMENT_ERRNOS:
       raise
     exit_with(describe_os_error(e))
+
+
+def _quiet_unless_asked() -> None:
+  from absl import flags, logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def _help_for_console_script(main) -> None:
+  """Run as a console script (mtp-jax-train), `__main__` is pip's stub: give --help the command's own
+  docstring and list its flags, as `python -m mtp_jax.main --help` does."""
+  import sys
+  from absl import flags
+  module, stub = sys.modules.get(main.__module__), sys.modules.get("__main__")
+  if module is None or stub is None or module is stub:
+    return
+  if not stub.__doc__:
+    stub.__doc__ = module.__doc__
+  for flag in flags.FLAGS.flags_by_module_dict().get(main.__module__, []):
+    flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
 
 
 def no_positional_args(argv) -> None:

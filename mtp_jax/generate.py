@@ -1,6 +1,6 @@
-"""Text generation: the `generate()` API for notebooks and the command line around it.
+r"""Text generation: the `generate()` API for notebooks and the command line around it.
 
-    python -m mtp_jax.generate --workdir=workdirs/default --prompt="def fib(n):" \
+    mtp-jax-generate --workdir=workdirs/default --prompt="def fib(n):" \
         --mode=speculative --max_new_tokens=128 --output=out.jsonl
 
 `generate()` batches prompts (token-id lists, or text when a tokenizer is given) into fixed

@@ -1,15 +1,17 @@
-"""Trainer entry point: `python -m mtp_jax.main --config=configs/default.py --workdir=W [--dry_run]`.
+"""Trainer entry point: `mtp-jax-train --config=default --workdir=W [--dry_run]` (or `python -m mtp_jax.main`).
 
-Override any config field with `--config.a.b=value`; pass a recipe variant with
-`--config=configs/x.py:variant`. Everything else lives in library functions a notebook can call.
+--config names an installed recipe (tiny, default, paper_7b, imported) or a recipe file such as
+configs/default.py; a variant follows a colon (`--config=default:n1`). Override any config field with
+`--config.a.b=value`. Everything else lives in library functions a notebook can call.
 """
 from absl import flags
 from ml_collections import config_flags
 
-from mtp_jax.config import validate
+from mtp_jax.config import parse_cli_flags, validate
 from mtp_jax.errors import UserError, no_positional_args, run_cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/default.py[:variant].",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe: a name such as tiny or default:n1 (the "
+                                          "installed recipes), or a file such as configs/default.py[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step on abstract shapes, report "
@@ -20,7 +22,7 @@ def main(argv):
   no_positional_args(argv)
   config = _CONFIG.value
   if config is None or not _WORKDIR.value:
-    raise UserError("need --config=configs/<recipe>.py and --workdir=<run directory>")
+    raise UserError("need --config=<recipe name or file> (e.g. --config=tiny) and --workdir=<run directory>")
   if _DRY_RUN.value:
     from mtp_jax.dry_run import plan_memory_like_an_accelerator
     plan_memory_like_an_accelerator()   # before anything (validate included) starts jax's backend
@@ -40,17 +42,8 @@ def main(argv):
 
 
 def parse_flags(argv):
-  """absl's parser, but a bad `--config...` (missing file, typo, wrong type) is one line, not a traceback."""
-  try:
-    rest = flags.FLAGS(argv)
-    if _CONFIG.value is not None:
-      _CONFIG.value.keys()  # the config file loads lazily: make a missing or broken one fail here
-    return rest
-  except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
-    lines = [l.strip() for l in str(e).replace("\\n", "\n").splitlines() if l.strip()]
-    detail = " ".join(lines[-3:] if isinstance(e, OSError) else lines[-1:]).strip("'\"")
-    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config")]
-    raise UserError(f"cannot apply {' '.join(bad) or 'the flags'}: {detail}")
+  """absl's parser with --config=NAME[:variant] resolved; every mistake in the flags is one line."""
+  return parse_cli_flags(argv, _CONFIG)
 
 
 def run():

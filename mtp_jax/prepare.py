@@ -1,6 +1,6 @@
-"""Tokenize a corpus once into sharded ArrayRecord files, with Apache Beam:
+r"""Tokenize a corpus once into sharded ArrayRecord files, with Apache Beam (`pip install 'mtp_jax[pods]'`):
 
-    python -m mtp_jax.prepare --config=configs/tiny.py --config.data.source=jsonl \
+    mtp-jax-prepare --config=tiny --config.data.source=jsonl \
         --config.data.path='gs://BUCKET/corpus/*.jsonl.zst' --output=gs://BUCKET/prepared [BEAM OPTIONS]
 
 Then train with --config.data.source=prepared --config.data.path=gs://BUCKET/prepared. Without
@@ -13,9 +13,10 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
-from mtp_jax.errors import UserError, exit_with, run_cli
+from mtp_jax.errors import UserError, run_cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (its data and tokenizer fields are used).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe name or file, e.g. tiny or configs/tiny.py (its data "
+                                          "and tokenizer fields are used).",
                                           lock_config=True)
 _OUTPUT = flags.DEFINE_string("output", None, "New directory or bucket URL for the shards.")
 
@@ -24,7 +25,7 @@ def main(argv):
   from mtp_jax.config import validate
   from mtp_jax.shards.pipeline import prepare
   if _CONFIG.value is None or not _OUTPUT.value:
-    raise UserError("need --config=configs/<recipe>.py and --output=<new directory or gs:// URL>")
+    raise UserError("need --config=<recipe name or file> and --output=<new directory or gs:// URL>")
   validate(_CONFIG.value)
   meta = prepare(_CONFIG.value, _OUTPUT.value, argv[1:])
   print(json.dumps({k: meta[k] for k in ("splits", "files", "skipped", "empty", "bad_records", "seconds")}))
@@ -32,15 +33,13 @@ def main(argv):
 
 def parse_flags(argv):
   """absl's flags first; everything it does not know is a Beam pipeline option. A bad --config... is one line."""
-  try:
-    rest = flags.FLAGS(argv, known_only=True)
-    if _CONFIG.value is not None:
-      _CONFIG.value.keys()   # the config file loads lazily: make a broken one fail here
-    return rest
-  except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
-    lines = [l.strip() for l in str(e).replace("\\n", "\n").splitlines() if l.strip()]
-    exit_with(f"cannot apply the flags: {(lines or [type(e).__name__])[-1]}")
+  from mtp_jax.config import parse_cli_flags
+  return parse_cli_flags(argv, _CONFIG, known_only=True)
+
+
+def run():
+  run_cli(main, parse_flags)
 
 
 if __name__ == "__main__":
-  run_cli(main, parse_flags)
+  run()
