@@ -26,7 +26,7 @@ import sysconfig
 from typing import Callable, Optional
 
 from mtp_jax import io
-from mtp_jax.errors import UserError
+from mtp_jax.errors import UserError, require
 
 SOURCES = ("stdlib", "glob", "jsonl", "parquet", "hf_disk")
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -165,7 +165,7 @@ def _column_docs(file: File, field: str, stats: dict, batches, names: list[str])
 
 
 def _parquet(file: File, field: str, stats: dict) -> list[Doc]:
-  import pyarrow as pa
+  pa = require("pyarrow", "pods", "data.source=parquet")
   import pyarrow.parquet as pq
   with io.user_errors(f"data.path={file.url}"), io.open_binary(file.url) as f:
     try:
@@ -178,7 +178,7 @@ def _parquet(file: File, field: str, stats: dict) -> list[Doc]:
 
 
 def _arrow_stream(file: File, field: str, stats: dict) -> list[Doc]:
-  import pyarrow as pa
+  pa = require("pyarrow", "pods", "data.source=hf_disk")
   with io.user_errors(f"data.path={file.url}"), io.open_binary(file.url) as f:
     try:
       reader = pa.ipc.open_stream(f)

@@ -75,6 +75,18 @@ def _help_for_console_script(main) -> None:
     flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
 
 
+def require(module: str, extra: str, what: str):
+  """`module`, imported; if it is not installed, a UserError naming the extra that installs it, so a missing
+  optional dependency is one line (`pip install 'mtp_jax[pods]'`), not an ImportError's traceback."""
+  import importlib
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    missing = (e.name or module).split(".")[0]
+    raise UserError(f"{what} needs {missing}, which is not installed; install it with: "
+                    f"pip install 'mtp_jax[{extra}]'") from None
+
+
 def no_positional_args(argv) -> None:
   """absl passes unparsed words through; a stray one (a typo'd flag without --) must not be ignored."""
   if len(argv) > 1:

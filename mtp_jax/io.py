@@ -15,7 +15,7 @@ from typing import Iterator
 
 from etils import epath
 
-from mtp_jax.errors import UserError
+from mtp_jax.errors import UserError, require
 
 Path = epath.Path
 PathLike = epath.PathLike
@@ -31,6 +31,8 @@ def path(p: PathLike) -> Path:
   s = os.fspath(p) if not isinstance(p, str) else p
   if s.startswith("gs:/") and not s.startswith("gs://") or s.startswith("s3:/") and not s.startswith("s3://"):
     raise UserError(f"{s!r}: a bucket URL needs two slashes (gs://BUCKET/dir)")
+  if s.startswith("gs://"):
+    require("gcsfs", "pods", f"{s}: a gs:// path")
   return epath.Path(s) if is_remote(s) else epath.Path(os.path.expanduser(s))
 
 
@@ -185,6 +187,8 @@ def glob(pattern: str) -> list[str]:
 def open_text(p: PathLike):
   """A text stream of `p`, decompressed by its suffix (.gz, .zst, .bz2, .xz), local or on a bucket."""
   import fsspec
+  if str(p).endswith(".zst"):
+    require("zstandard", "pods", f"{p}: a .zst file")
   return fsspec.open(str(path(p)), "rt", compression="infer", encoding="utf-8", errors="replace").open()
 
 
@@ -308,6 +312,7 @@ class _BucketLease:
     import json
     import socket
     import threading
+    require("google.cloud.storage", "pods", f"--workdir={workdir}: a gs:// workdir")
     from google.api_core import exceptions
     from google.cloud import storage
     self.workdir, self._exceptions = workdir, exceptions

@@ -23,6 +23,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "New directory or bucket URL for t
 
 def main(argv):
   from mtp_jax.config import validate
+  from mtp_jax.errors import require
+  require("apache_beam", "pods", "mtp-jax-prepare")
   from mtp_jax.shards.pipeline import prepare
   if _CONFIG.value is None or not _OUTPUT.value:
     raise UserError("need --config=<recipe name or file> and --output=<new directory or gs:// URL>")
