@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ruff") is None,
-                    reason="ruff is not installed (pip install -r requirements-dev.txt, or requirements.txt)")
+                    reason="ruff is not installed (it is in requirements-dev.txt)")
 def test_ruff_check_passes():
   proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format=concise", "."],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
