@@ -362,7 +362,7 @@ def _splash(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention, interpret=False
   if mesh.empty:
     return local(q, k, v, q_seg, k_seg)
   from jax.sharding import PartitionSpec as P
-  from mtp_jax.sharding import BATCH_AXES
+  from mtp_jax.config import BATCH_AXES
   heads = "tensor" if "tensor" in mesh.axis_names else None
   batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   spec_q, spec_kv, spec_ids = P(batch, None, heads, None), P(batch, heads, None, None), P(batch, None)

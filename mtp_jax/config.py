@@ -18,6 +18,19 @@ REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")   # mtp_jax/attention.py
 
+# The mesh's axes (sharding.py builds the mesh; attention.py shards its kernels over them).
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (logical name, mesh axes): the default of config.mesh.rules. Parameter names first, then activation
+# names (prefixed act_).
+DEFAULT_RULES = (
+    ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+    ("kv", None), ("layers", None), ("norm", None),
+    ("act_batch", BATCH_AXES), ("act_length", None), ("act_embed", None), ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
 
 from mtp_jax.errors import UserError
 
@@ -99,7 +112,6 @@ def base_config() -> ml_collections.ConfigDict:
   ms.fsdp = 1
   ms.tensor = 1
   # Logical axis -> mesh axes (None = replicated); see sharding.py. Override only to experiment.
-  from mtp_jax.sharding import DEFAULT_RULES
   ms.rules = DEFAULT_RULES
   return c
 

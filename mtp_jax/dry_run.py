@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax import sharding
+from mtp_jax import step as step_lib
 from mtp_jax.model import build_model
 from mtp_jax.step import make_optimizer
 from mtp_jax.cpu_flags import add_xla_flag
@@ -79,8 +80,8 @@ def compile_train_step(config, mesh=None, model=None, tx=None):
   """
   mesh = mesh or sharding.make_mesh(config)
   model, tx = model or build_model(config.model), tx or make_optimizer(config.train)
-  state, state_sh = sharding.abstract_train_state(model, tx, mesh, config)
-  step = sharding.jit_train_step(model, config, tx, mesh, state_sh)
+  state, state_sh = step_lib.abstract_train_state(model, tx, mesh, config)
+  step = step_lib.jit_train_step(model, config, tx, mesh, state_sh)
   with sharding.activate(mesh, config):
     compiled = step.lower(state, abstract_batch(config, mesh)).compile()
   return compiled, state, state_sh, mesh
@@ -114,7 +115,7 @@ def dry_run_report(config) -> dict:
     every = config.copy_and_resolve_references()
     every.train.trainable = "all"
     model = build_model(config.model)
-    full, full_sh = sharding.abstract_train_state(model, make_optimizer(every.train), mesh, config)
+    full, full_sh = step_lib.abstract_train_state(model, make_optimizer(every.train), mesh, config)
     all_bytes = sharding.bytes_per_device(full.opt_state, full_sh.opt_state)
     report["optimizer_bytes_saved_per_device"] = all_bytes - report["optimizer_bytes_per_device"]
   report.update(memory_report(compiled))

@@ -421,3 +421,10 @@ def abstract_params(model: MTPTransformer, seq_len: int = 8):
   """(ShapeDtypeStruct pytree, logical PartitionSpec pytree) without allocating any parameter."""
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"])
   return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def shard_params(params, model: MTPTransformer, mesh, config):
+  """Place parameters on the mesh as training lays them out (for decoding or evaluation on a mesh)."""
+  from mtp_jax import sharding
+  _, logical = abstract_params(model)
+  return jax.device_put(params, sharding.logical_to_shardings(logical, mesh, config))

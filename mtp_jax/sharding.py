@@ -15,18 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from mtp_jax.config import BATCH_AXES, MESH_AXES
 from mtp_jax.errors import UserError
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-# (logical name, mesh axes). Parameter names first, then activation names (prefixed act_).
-DEFAULT_RULES = (
-    ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
-    ("kv", None), ("layers", None), ("norm", None),
-    ("act_batch", BATCH_AXES), ("act_length", None), ("act_embed", None), ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-)
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
@@ -101,46 +91,6 @@ def bytes_per_device(abstract_tree, shardings) -> int:
   return total
 
 
-def _boxed_state_fn(model, tx, seq_len: int = 8):
-  import jax.numpy as jnp
-  from mtp_jax.step import TrainState
-
-  def boxed_state(rng):
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  return boxed_state
-
-
-def abstract_train_state(model, tx, mesh, config):
-  """(abstract TrainState with shardings attached, its shardings), allocating nothing.
-
-  Optimizer moments are built from the boxed (logically annotated) parameters, so they inherit
-  each parameter's logical axes and shard the same way.
-  """
-  boxed = jax.eval_shape(_boxed_state_fn(model, tx), jax.random.key(0))
-  shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, config)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
-  return abstract, shardings
-
-
-def init_train_state(model, tx, mesh, config, rng):
-  """A freshly initialised TrainState, created directly in its shardings (never whole on one device)."""
-  _, shardings = abstract_train_state(model, tx, mesh, config)
-  init = jax.jit(lambda r: nn.unbox(_boxed_state_fn(model, tx)(r)), out_shardings=shardings)
-  with activate(mesh, config):
-    return init(rng)
-
-
-def jit_train_step(model, config, tx, mesh, state_shardings):
-  """The train step jitted with the state and batch shardings (pjit's current form), state donated."""
-  from mtp_jax.step import make_train_step
-  return jax.jit(make_train_step(model, config, tx), donate_argnums=0,
-                 in_shardings=(state_shardings, batch_sharding(mesh)),
-                 out_shardings=(state_shardings, replicated(mesh)))
-
-
 def _multiprocess_environment() -> bool:
   """True when the launcher started several processes of one job (TPU pod slice, SLURM, MPI, or by hand)."""
   env = os.environ
@@ -157,10 +107,3 @@ def maybe_initialize_distributed() -> None:
     if os.environ.get("JAX_NUM_PROCESSES"):
       kw = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]), "process_id": int(os.environ["JAX_PROCESS_ID"])}
     jax.distributed.initialize(**kw)
-
-
-def shard_params(params, model, mesh, config):
-  """Place parameters on the mesh as training lays them out (for decoding or evaluation on a mesh)."""
-  from mtp_jax.model import abstract_params
-  _, logical = abstract_params(model)
-  return jax.device_put(params, logical_to_shardings(logical, mesh, config))

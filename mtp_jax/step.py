@@ -1,5 +1,8 @@
 """The optimizer, the train state and the pure train / eval steps (jit-compiled by their callers).
 
+A TrainState is built here and nowhere else: fresh in its shardings, around given or imported parameters,
+or from a restored checkpoint's parts; sharding.py only maps logical axes to the mesh.
+
 `train.trainable` freezes parameters: the optimizer is an optax `multi_transform` over a label tree
 ('train' / 'frozen'), frozen leaves get `set_to_zero` and hold no optimizer state, the loss is
 differentiated with respect to the trainable leaves only and sees the frozen ones through
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtp_jax import sharding
 from mtp_jax.config import trainable_regex
 from mtp_jax.errors import UserError
 from mtp_jax.loss import make_loss_fn
@@ -70,13 +74,61 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
 
 
 def new_train_state(params, tx) -> TrainState:
-  """A step-0 TrainState around existing parameters (sharding.init_train_state initialises them instead).
+  """A step-0 TrainState around existing parameters (`init_train_state` initialises them instead).
 
   The jitted train step donates its state: afterwards the `params` passed here are deleted (reading
   them raises 'Array has been deleted'); pass `jax.tree.map(jnp.copy, params)` to keep a copy.
   """
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+
+def resumed_train_state(step, params, opt_state) -> TrainState:
+  """The TrainState of a restored checkpoint's parts (checkpoint.py restores them into `abstract_train_state`)."""
+  return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def train_state_from_params(params, tx, state_shardings) -> TrainState:
+  """A step-0 TrainState holding `params` (e.g. imported weights, already in their shardings) and a fresh
+  optimizer state, created in `state_shardings`."""
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step)
+  return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def _boxed_state_fn(model, tx, seq_len: int = 8):
+  def boxed_state(rng):
+    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return boxed_state
+
+
+def abstract_train_state(model, tx, mesh, config):
+  """(abstract TrainState with shardings attached, its shardings), allocating nothing.
+
+  Optimizer moments are built from the boxed (logically annotated) parameters, so they inherit
+  each parameter's logical axes and shard the same way.
+  """
+  boxed = jax.eval_shape(_boxed_state_fn(model, tx), jax.random.key(0))
+  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh, config)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def init_train_state(model, tx, mesh, config, rng):
+  """A freshly initialised TrainState, created directly in its shardings (never whole on one device)."""
+  _, shardings = abstract_train_state(model, tx, mesh, config)
+  init = jax.jit(lambda r: nn.unbox(_boxed_state_fn(model, tx)(r)), out_shardings=shardings)
+  with sharding.activate(mesh, config):
+    return init(rng)
+
+
+def jit_train_step(model, config, tx, mesh, state_shardings):
+  """The train step jitted with the state and batch shardings (pjit's current form), state donated."""
+  return jax.jit(make_train_step(model, config, tx), donate_argnums=0,
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
 def make_train_step(model: MTPTransformer, config, tx=None):

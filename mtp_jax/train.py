@@ -9,6 +9,8 @@ an evaluation in progress), save a checkpoint and exit with status 0; a second s
 A NaN/inf loss, parameter or optimizer state stops the run without saving and exits with status 2;
 checkpoints are only ever written finite, so rerunning (say with a lower learning rate) resumes from
 the last good state. config.json binds the workdir to a model shape only once a checkpoint exists.
+On a bucket, a store that stops answering ends the run with one line within MTP_STORE_DEADLINE seconds (a
+signal: within seconds), naming the newest complete checkpoint (mtp_jax.deadline).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from absl import logging
 
 from mtp_jax import data as data_lib
 from mtp_jax import data_record
+from mtp_jax import deadline
 from mtp_jax import io
 from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
@@ -36,7 +39,7 @@ from mtp_jax.dry_run import compile_train_step, memory_report
 from mtp_jax.errors import UserError
 from mtp_jax.interop import workdir as imported
 from mtp_jax.model import build_model
-from mtp_jax.step import make_eval_step, make_optimizer
+from mtp_jax.step import init_train_state, make_eval_step, make_optimizer, resumed_train_state
 
 CONFIG_FILE = "config.json"
 
@@ -157,6 +160,7 @@ class _StopOnSignal:
       os.kill(os.getpid(), sig)
       return
     self.signal = signal.Signals(sig).name
+    deadline.stop_requested(self.signal)   # a store that does not answer now is not waited for
     _say(f"{self.signal}: finishing this step, saving a checkpoint, then exiting (signal again to stop now)")
 
   def __exit__(self, *exc):
@@ -183,6 +187,11 @@ def _memory_line(compiled) -> str:
 def train_and_evaluate(config, workdir) -> dict:
   """Train as config says in workdir (resuming if it holds a checkpoint); returns the final valid record."""
   validate(config)
+  with deadline.watch({"--workdir": workdir, "data.path": config.data.path}):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir) -> dict:
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
     absl_logger.addFilter(_QuietLibraries())
@@ -224,9 +233,9 @@ def train_and_evaluate(config, workdir) -> dict:
     state = imported.init_state_from_pretrained(workdir, abstract_state, state_shardings, tx)
     _say(f"starting at step 0 from the imported parameters in {workdir / imported.PRETRAINED}")
   elif restored is None:
-    state = sharding.init_train_state(model, tx, mesh, config, jax.random.fold_in(rng, 0))
+    state = init_train_state(model, tx, mesh, config, jax.random.fold_in(rng, 0))
   else:
-    state = type(abstract_state)(step=restored.meta["step"], params=restored.params, opt_state=restored.opt_state)
+    state = resumed_train_state(restored.meta["step"], restored.params, restored.opt_state)
     rng = jax.random.wrap_key_data(restored.meta["rng"])
     _say(f"resumed from the checkpoint of step {start} in {workdir}")
   if jax.process_index() == 0:
@@ -260,13 +269,15 @@ def train_and_evaluate(config, workdir) -> dict:
     else:
       last_record = _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer,
                                 unigram, tokens_per_step)
-  except BaseException:
+  except BaseException as e:
+    _raise_if_store_failed(e, ckpt)
     _close_quietly(ckpt.close, writer.close, lock and lock.close)   # the error in flight is the one to report
     raise
   try:
     ckpt.close()   # waits for the async save in flight; CheckpointWriteError if it failed
     writer.close()
-  except BaseException:
+  except BaseException as e:
+    _raise_if_store_failed(e, ckpt)
     _close_quietly(writer.close)
     raise
   finally:
@@ -277,7 +288,16 @@ def train_and_evaluate(config, workdir) -> dict:
   return last_record
 
 
+def _raise_if_store_failed(error: BaseException, ckpt: Checkpointer) -> None:
+  """A run whose object store stopped answering ends with one line naming the newest complete checkpoint,
+  and asks the store nothing more (no closing: each close would wait on it)."""
+  if deadline.given_up() or deadline.watching() and io.store_failure(error):
+    raise ckpt.abandon(error) from None
+
+
 def _close_quietly(*closers) -> None:
+  if deadline.given_up():   # every closer would wait on the store that stopped answering
+    return
   for close in closers:
     if close:
       try:

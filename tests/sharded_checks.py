@@ -10,8 +10,8 @@ import numpy as np  # noqa: E402
 
 from mtp_jax import sharding  # noqa: E402
 from mtp_jax.config import base_config  # noqa: E402
-from mtp_jax.model import build_model  # noqa: E402
-from mtp_jax.step import make_optimizer  # noqa: E402
+from mtp_jax.model import build_model, shard_params  # noqa: E402
+from mtp_jax.step import init_train_state, jit_train_step, make_optimizer  # noqa: E402
 
 MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "d2f2t2": (2, 2, 2), "tensor8": (1, 1, 8)}
 
@@ -40,8 +40,8 @@ def train(mesh_sizes, steps=3, n_future=2, head_type="parallel"):
   config = sharding_config(mesh_sizes, n_future, head_type)
   mesh = sharding.make_mesh(config, jax.devices()[:int(np.prod(mesh_sizes))])
   model, tx = build_model(config.model), make_optimizer(config.train)
-  state = sharding.init_train_state(model, tx, mesh, config, jax.random.key(0))
-  step = sharding.jit_train_step(model, config, tx, mesh, jax.tree.map(lambda x: x.sharding, state))
+  state = init_train_state(model, tx, mesh, config, jax.random.key(0))
+  step = jit_train_step(model, config, tx, mesh, jax.tree.map(lambda x: x.sharding, state))
   losses = []
   with sharding.activate(mesh, config):
     for batch in batches(config, steps):
@@ -91,7 +91,7 @@ def check_decode_matches_single_device():
     for name, sizes in meshes.items():
       config.mesh.update(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
       mesh = sharding.make_mesh(config)
-      sharded = sharding.shard_params(params, model, mesh, config)
+      sharded = shard_params(params, model, mesh, config)
       batch_sh = sharding.batch_sharding(mesh)
       rows = 8 if sizes[0] * sizes[1] > 1 else 2     # the batch splits over data x fsdp
       tokens, lengths = padded[rows]
