@@ -1,0 +1,219 @@
+"""Heads for a pretrained model, trained on its frozen trunk's cached features (Medusa-1 / Hydra style).
+
+When the trunk is frozen, every training step of the ordinary trainer (`train.trainable=heads`) runs
+the whole trunk forward again for the same windows, and that forward is most of the step: on a
+30-layer model with 3 one-layer heads it is about 29 of the 32 layers. Here the trunk runs once per
+window; its output z [T, d] (the heads' input) is cached together with the base model's own greedy
+next token at every position. The added heads then train on the cached features alone:
+
+    feats = cache_features(model, params, windows)                 # trunk + head 1, once per window
+    params, log = train_heads(model, params, feats, steps=..., batch=...)
+    accept = head_acceptance(model, params, feats_valid)          # teacher-forced, per head
+
+Targets: `target="model"` (default) trains head i to predict what greedy decoding of the base model
+would emit i tokens later (head 1's argmax at position t+i-1), which is what self-speculative decoding
+accepts: self-distillation, as in Medusa-2 and EAGLE. `target="data"` uses the corpus' tokens, as the
+MTP loss does. Only the added heads (heads 2..n) train; the trunk, head 1, the final norm and the
+unembedding stay as imported, so the model's greedy output is unchanged and every draft is verified
+by the original model. Gradients flow to the head layers only (no optimizer state, no kernel
+gradient for the frozen unembedding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtp_jax.errors import UserError
+from mtp_jax.model import MTPTransformer
+
+
+@dataclasses.dataclass
+class Features:
+  """Cached trunk outputs of token windows: z [N, T, d] (bfloat16), greedy [N, T] and tokens [N, T] (int32)."""
+  z: np.ndarray
+  greedy: np.ndarray     # head 1's argmax at each position: the base model's next token there
+  tokens: np.ndarray
+
+  def __len__(self):
+    return len(self.tokens)
+
+
+def windows_of(docs_ids, seq_len: int, eos_id: int, max_windows: Optional[int] = None) -> np.ndarray:
+  """Token id lists -> [N, seq_len] windows of one stream (documents joined by EOS), the tail dropped."""
+  stream = []
+  for ids in docs_ids:
+    stream.extend(ids)
+    stream.append(eos_id)
+    if max_windows and len(stream) >= max_windows * seq_len:
+      break
+  n = len(stream) // seq_len
+  if max_windows:
+    n = min(n, max_windows)
+  if n == 0:
+    raise UserError(f"the text holds fewer than seq_len={seq_len} tokens: no window to train on")
+  return np.asarray(stream[:n * seq_len], np.int32).reshape(n, seq_len)
+
+
+def _positions(tokens):
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), jnp.ones_like(tokens)
+
+
+def cache_features(model: MTPTransformer, params, windows: np.ndarray, batch: int = 8, log=print) -> Features:
+  """Run the trunk and head 1 once over every window; keep z, head 1's argmax and the tokens."""
+  @jax.jit
+  def features(params, tokens):
+    pos, seg = _positions(tokens)
+    z, _ = model.apply({"params": params}, tokens, pos, seg, method=MTPTransformer.run_trunk)
+    h, _ = model.apply({"params": params}, 0, z, None, pos, seg, method=MTPTransformer.run_head)
+    logits = model.apply({"params": params}, h, 0, method=MTPTransformer.logits)
+    return z.astype(jnp.bfloat16), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  n = len(windows)
+  zs, gs = [], []
+  start = time.perf_counter()
+  for i in range(0, n, batch):
+    chunk = windows[i:i + batch]
+    if len(chunk) < batch:   # one compiled shape: pad the last batch by repeating its first window
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
+    z, g = features(params, jnp.asarray(chunk))
+    zs.append(np.asarray(z)[:min(batch, n - i)])
+    gs.append(np.asarray(g)[:min(batch, n - i)])
+    if log and (i // batch) % 20 == 0:
+      done = min(i + batch, n)
+      log(f"features: {done}/{n} windows, {done * windows.shape[1] / (time.perf_counter() - start):.0f} tokens/s")
+  return Features(np.concatenate(zs), np.concatenate(gs), np.asarray(windows, np.int32))
+
+
+def head_targets(feats_greedy, tokens, i: int, target: str):
+  """(targets, mask) [B, T] of head i (0-based, i >= 1): the token i+1 positions ahead of each position.
+
+  model: head 1's argmax at t+i (what greedy decoding emits there); data: the corpus token x[t+i+1].
+  """
+  t = tokens.shape[1]
+  if target == "model":
+    src, shift = feats_greedy, i
+  elif target == "data":
+    src, shift = tokens, i + 1
+  else:
+    raise UserError(f"target={target!r}: choose model (the base model's greedy tokens) or data (the corpus)")
+  rolled = jnp.roll(src, -shift, axis=1)
+  mask = jnp.arange(t)[None, :] < t - shift
+  return jnp.where(mask, rolled, 0), jnp.broadcast_to(mask, src.shape)
+
+
+def _added(params, n_future: int) -> dict:
+  return {f"heads_{i}": params[f"heads_{i}"] for i in range(1, n_future)}
+
+
+def make_loss(model: MTPTransformer, target: str = "model"):
+  """loss(head_params, frozen_params, z, greedy, tokens) -> (mean CE over added heads, per-head metrics)."""
+  n = model.args.n_future
+
+  def head_ce(head_params, frozen, z, targets, mask, i):
+    params = dict(frozen, **{f"heads_{i}": head_params})
+    pos, seg = _positions(targets)
+    h, _ = model.apply({"params": params}, i, z.astype(model.args.dtype), None, pos, seg,
+                       method=MTPTransformer.run_head)
+    logits = model.apply({"params": params}, h, i, method=MTPTransformer.logits).astype(jnp.float32)
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    hits = (jnp.argmax(logits, -1) == targets) & mask
+    count = jnp.maximum(jnp.sum(mask), 1)
+    return jnp.sum(nll * mask) / count, (jnp.sum(hits) / count, hits)
+
+  head_ce = jax.checkpoint(head_ce, static_argnums=(5,))   # one head's logits alive at a time
+
+  def loss(added, frozen, z, greedy, tokens):
+    frozen = jax.lax.stop_gradient(frozen)
+    losses, accs = [], []
+    for i in range(1, n):   # n is small and static; each head's logits are recomputed in its backward
+      targets, mask = head_targets(greedy, tokens, i, target)
+      l, (acc, _) = head_ce(added[f"heads_{i}"], frozen, z, targets, mask, i)
+      losses.append(l)
+      accs.append(acc)
+    losses = jnp.stack(losses)
+    return jnp.mean(losses), {"head_losses": losses, "head_accuracies": jnp.stack(accs)}
+
+  return loss
+
+
+def train_heads(model: MTPTransformer, params, feats: Features, *, steps: int, batch: int = 8, lr: float = 1e-3,
+                warmup: int = 20, target: str = "model", seed: int = 0, log=print, log_every: int = 20):
+  """Adam on heads 2..n over the cached features; returns (params with the trained heads, log rows)."""
+  n = model.args.n_future
+  if n < 2:
+    raise UserError("the model has one head: import it with --n_future >= 2 to add heads to train")
+  if batch > len(feats):
+    raise UserError(f"batch={batch} is more than the {len(feats)} cached windows")
+  added = _added(params, n)
+  frozen = {k: v for k, v in params.items() if k not in added}
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1),
+                   weight_decay=0.0)
+  opt_state = tx.init(added)
+  loss_fn = make_loss(model, target)
+
+  @jax.jit
+  def step(added, opt_state, z, greedy, tokens):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(added, frozen, z, greedy, tokens)
+    updates, opt_state = tx.update(grads, opt_state, added)
+    return optax.apply_updates(added, updates), opt_state, dict(metrics, loss=loss)
+
+  rng = np.random.default_rng(seed)
+  rows, start, tokens_seen = [], time.perf_counter(), 0
+  order = rng.permutation(len(feats))
+  cursor = 0
+  for s in range(1, steps + 1):
+    if cursor + batch > len(order):
+      order, cursor = rng.permutation(len(feats)), 0
+    idx = np.sort(order[cursor:cursor + batch])
+    cursor += batch
+    added, opt_state, m = step(added, opt_state, feats.z[idx], feats.greedy[idx], feats.tokens[idx])
+    tokens_seen += batch * feats.tokens.shape[1]
+    if s % log_every == 0 or s == steps:
+      m = jax.device_get(m)
+      row = {"step": s, "loss": float(m["loss"]), "head_accuracies": [round(float(a), 4) for a in m["head_accuracies"]],
+             "tokens_per_s": tokens_seen / (time.perf_counter() - start), "elapsed_s": time.perf_counter() - start}
+      rows.append(row)
+      if log:
+        log(f"heads step {s}/{steps}: loss {row['loss']:.3f}, accuracy per head {row['head_accuracies']}, "
+            f"{row['tokens_per_s']:.0f} tokens/s")
+  return dict(frozen, **added), rows
+
+
+def head_acceptance(model: MTPTransformer, params, feats: Features, batch: int = 8) -> dict:
+  """Teacher-forced acceptance on cached features: head i's argmax equal to greedy's token i positions
+  ahead, overall (accuracy) and given heads 2..i-1 were all right (what a speculative chain keeps)."""
+  n = model.args.n_future
+
+  @jax.jit
+  def hits(params, z, greedy, tokens):
+    out = []
+    for i in range(1, n):
+      targets, mask = head_targets(greedy, tokens, i, "model")
+      pos, seg = _positions(tokens)
+      h, _ = model.apply({"params": params}, i, z.astype(model.args.dtype), None, pos, seg,
+                         method=MTPTransformer.run_head)
+      pred = jnp.argmax(model.apply({"params": params}, h, i, method=MTPTransformer.logits), -1)
+      # Only positions where every head can be scored, so the chain's conditional rates share positions.
+      common = jnp.arange(tokens.shape[1])[None, :] < tokens.shape[1] - (n - 1)
+      out.append((pred == targets) & mask & common)
+    return jnp.stack(out)
+
+  all_hits = []
+  for i in range(0, len(feats) - batch + 1, batch):
+    sl = slice(i, i + batch)
+    all_hits.append(np.asarray(hits(params, feats.z[sl], feats.greedy[sl], feats.tokens[sl])))
+  h = np.concatenate(all_hits, axis=1)                      # [n-1, N, T]
+  t = feats.tokens.shape[1]
+  positions = h.shape[1] * (t - (n - 1))
+  chain = np.cumprod(h, axis=0)
+  given = np.concatenate([[positions], chain[:-1].sum(axis=(1, 2))])
+  return {"positions": int(positions),
+          "accuracy": [float(x) for x in h.sum(axis=(1, 2)) / positions],
+          "chain_acceptance": [float(a / max(g, 1)) for a, g in zip(chain.sum(axis=(1, 2)), given)],
+          "expected_tokens_per_forward": float(1 + chain.sum() / positions)}
