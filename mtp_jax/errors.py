@@ -16,13 +16,26 @@ class UserError(Exception):
   """Bad input from the user; the message names the problem and the fix."""
 
 
-def exit_with(message: str):
-  """End a command-line program the way every user mistake ends: one `error:` line, status 2."""
+_in_cli = False
+
+
+def in_cli() -> bool:
+  """Whether run_cli is running this process's command (a library call may not end the process)."""
+  return _in_cli
+
+
+def exit_with(message: str, now: bool = False):
+  """End a command-line program the way every user mistake ends: one `error:` line, status 2. `now`: at
+  once, without joining other threads (those still waiting on an object store that stopped answering)."""
+  import os
   import sys
   from absl import logging
   logging.flush()
   message = " ".join(str(message).split())   # one line, whatever the message held
   print(f"error: {message}", file=sys.stderr, flush=True)
+  if now:
+    sys.stdout.flush()
+    os._exit(2)
   sys.exit(2)
 
 
@@ -41,14 +54,20 @@ def run_cli(main, flags_parser):
   _help_for_console_script(main)
 
   def parse(argv):
-    rest = flags_parser(argv)
+    try:
+      rest = flags_parser(argv)
+    except SystemExit as e:   # absl ends --help with status 1; asking for help is not a failure
+      asked = {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"} & set(argv[1:])
+      raise SystemExit(0 if asked and e.code == 1 else e.code)
     _quiet_unless_asked()
     return rest
 
+  global _in_cli
+  _in_cli = True
   try:
     app.run(main, flags_parser=parse)
   except UserError as e:
-    exit_with(str(e))
+    exit_with(str(e), now=getattr(e, "abandons_io", False))
   except OSError as e:
     if e.errno not in _ENVIRONMENT_ERRNOS:
       raise
