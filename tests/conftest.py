@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs built in code, so tests never depend on recipe files changing."""
 import os
+import platform
 import sys
 
 import pytest
@@ -14,6 +15,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mtp_jax.config import base_config  # noqa: E402
+
+
+def cpu_model() -> str:
+  """The CPU's name as /proc/cpuinfo gives it (platform.processor() elsewhere), for the report header."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def pytest_report_header(config):
+  """Float32 results differ in their last bits between CPUs (tests/tolerances.py): name the one this ran on."""
+  return f"cpu: {cpu_model()}, {os.cpu_count()} cores"
 
 
 def tiny_config(**model):
