@@ -12,7 +12,6 @@ written (read-only or full disk) fails at once with one error; the earlier check
 from __future__ import annotations
 
 import errno
-import json
 import logging as logging_std
 import os
 import shutil
@@ -22,15 +21,15 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
 from mtp_jax import io
+from mtp_jax import workdir as workdir_lib
 from mtp_jax.errors import UserError
 
-CHECKPOINTS = "checkpoints"
-CORRUPT = "checkpoints_corrupt"
+CHECKPOINTS = workdir_lib.CHECKPOINTS
+CORRUPT = workdir_lib.CORRUPT
 
 
 class CheckpointWriteError(UserError):
@@ -262,52 +261,18 @@ class Checkpointer:
     self.manager.close()
 
 
-def read_config(workdir) -> ml_collections.ConfigDict:
-  """W/config.json as a ConfigDict, with every field of base_config() present (UserError otherwise)."""
-  from mtp_jax.config import base_config
-  path = io.path(workdir) / "config.json"
-  if not path.exists():
-    raise UserError(f"{workdir} has no config.json: not a training run directory (train with "
-                    f"python -m mtp_jax.main --config=... --workdir={workdir})")
+def load_pretrained(workdir, abstract):
+  """The parameters `convert import` wrote in W/pretrained, restored into `abstract` (ShapeDtypeStructs, with
+  shardings if given)."""
+  if all(getattr(a, "sharding", None) is None for a in jax.tree.leaves(abstract)):
+    abstract = with_shardings(abstract)
+  path = io.absolute(workdir) / workdir_lib.PRETRAINED
   try:
-    saved = json.loads(path.read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise UserError(f"{path} is damaged (not JSON: {e}); restore it, or rerun the training command that made "
-                    f"this run (it rewrites config.json)")
-  # The shape fields must be there (they cannot be guessed); any other missing field takes its default.
-  need = [f"model.{k}" for k in base_config().model] + ["data.tokenizer", "data.seq_len"]
-  missing = [k for k in need if not _has(saved, k)]
-  if missing:
-    raise UserError(f"{path} lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: damaged or "
-                    f"written by another version; restore it, or rerun the training command that made this run")
-  config = base_config()
-  try:
-    config.update_from_flattened_dict({k: _get(saved, k) for k in _flat_keys(config.to_dict()) if _has(saved, k)})
-  except (TypeError, ValueError, KeyError) as e:
-    raise UserError(f"{path} is damaged ({_first_line(e)}); restore it, or rerun the training command that made "
-                    f"this run")
-  return config
-
-
-def _flat_keys(d: dict, prefix: str = "") -> list[str]:
-  out = []
-  for k, v in d.items():
-    out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
-  return out
-
-
-def _has(d, dotted: str) -> bool:
-  for part in dotted.split("."):
-    if not isinstance(d, dict) or part not in d:
-      return False
-    d = d[part]
-  return True
-
-
-def _get(d, dotted: str):
-  for part in dotted.split("."):
-    d = d[part]
-  return d
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(path, abstract)
+  except Exception as e:
+    raise UserError(f"{path} is unreadable or does not match {workdir_lib.CONFIG_FILE} "
+                    f"({type(e).__name__}: {_first_line(e)[:160] if str(e) else ''}); import again")
 
 
 def load_params(workdir):
@@ -315,13 +280,12 @@ def load_params(workdir):
   of W/pretrained when `convert import` wrote the workdir and no training has saved yet."""
   from mtp_jax.model import abstract_params, build_model   # model code only where it is needed
 
-  config = read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   abstract, _ = abstract_params(build_model(config.model))
   ckpt = Checkpointer(workdir, read_only=True) if (io.path(workdir) / CHECKPOINTS).is_dir() else None
   if ckpt is None or not ckpt.steps():
-    from mtp_jax.interop import workdir as imported
-    if imported.has_pretrained(workdir):   # an imported model not trained yet (convert import)
-      return imported.load_pretrained(workdir, abstract), config
+    if workdir_lib.has_pretrained(workdir):   # an imported model not trained yet (convert import)
+      return load_pretrained(workdir, abstract), config
     raise UserError(f"{workdir} has no checkpoint yet; train first (python -m mtp_jax.main "
                     f"--config=... --workdir={workdir}) or pass another workdir")
   try:

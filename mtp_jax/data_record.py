@@ -12,9 +12,10 @@ import json
 import numpy as np
 
 from mtp_jax import io
+from mtp_jax import workdir as workdir_lib
 from mtp_jax.errors import UserError
 
-FILE = "data.json"
+FILE = workdir_lib.DATA_RECORD
 SETTINGS = ("source", "path", "text_field", "valid_fraction", "max_train_bytes")
 IDENTITY = ("train_tokens", "valid_tokens", "train_documents", "valid_documents", "train_digest", "valid_digest")
 _SAMPLES, _SAMPLE_LEN, _CHUNK = 64, 64, 1 << 26
@@ -72,8 +73,8 @@ def check(workdir: io.Path, trained: bool, now: dict) -> str | None:
            f"{_sizes(then)}, and now gives {_sizes(now)}" if same_settings else
            f"{_where(then, now)} gave {_sizes(then)}; this config's {_where(now, then)} gives {_sizes(now)}")
     raise UserError(f"{workdir} trained on other data: {why}. Its checkpoint's data position would continue over "
-                    f"other text. Resume with the run's own data (settings in {workdir / 'config.json'}), or train "
-                    f"on this data in a new --workdir")
+                    f"other text. Resume with the run's own data (settings in {workdir_lib.config_path(workdir)}), "
+                    f"or train on this data in a new --workdir")
   if not same_settings:
     return (f"the data settings changed ({_where(then, now)} -> {_where(now, then)}) but give the same tokens; "
             f"resuming over them")

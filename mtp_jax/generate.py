@@ -193,11 +193,12 @@ def load_workdir(workdir: str):
     raise DecodeError(f"--workdir={workdir} is a file, not a training run directory")
   if not root.is_dir():
     raise DecodeError(f"--workdir={workdir}: no such directory")
-  if not (root / "config.json").exists():
-    raise DecodeError(f"--workdir={workdir} has no config.json: not a training run directory")
-  ckpt_dir = root / "checkpoints"
+  from mtp_jax import workdir as workdir_lib
+  if not workdir_lib.is_run(root):
+    raise DecodeError(f"--workdir={workdir} has no {workdir_lib.CONFIG_FILE}: not a training run directory")
+  ckpt_dir = root / workdir_lib.CHECKPOINTS
   has_ckpt = ckpt_dir.is_dir() and any(d.name.isdigit() for d in ckpt_dir.iterdir())
-  if not has_ckpt and not (root / "pretrained").is_dir():   # pretrained: convert import
+  if not has_ckpt and not workdir_lib.has_pretrained(root):   # pretrained: convert import
     raise DecodeError(f"--workdir={workdir} has no checkpoint in {ckpt_dir}: train first "
                       f"(python -m mtp_jax.main --config=... --workdir={workdir})")
   from mtp_jax import checkpoint, tokenizer as tokenizer_lib   # orbax and sentencepiece only when loading a run

@@ -18,8 +18,9 @@ import jax
 import numpy as np
 
 from mtp_jax import io
+from mtp_jax import workdir as workdir_lib
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = workdir_lib.METRICS
 
 
 def _floats(x) -> list[float]:

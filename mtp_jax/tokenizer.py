@@ -18,9 +18,10 @@ import sentencepiece as spm
 from absl import logging
 
 from mtp_jax import io as io_lib
+from mtp_jax import workdir as workdir_lib
 from mtp_jax.errors import UserError
 
-WORKDIR_MODEL = "tokenizer.model"
+WORKDIR_MODEL = workdir_lib.TOKENIZER_MODEL
 # Bump when the trainer settings below change, so cached models trained otherwise are not reused.
 _SP_VERSION = 1
 _SP_SENTENCES = 200_000   # chunks sampled for training: keeps training well under a minute on 2 cores
@@ -98,7 +99,7 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | SentencePieceTokenizer | HFTokenizer
-HF_WORKDIR_FILE, HF_SPECIAL_FILE = "tokenizer.json", "special_tokens.json"
+HF_WORKDIR_FILE, HF_SPECIAL_FILE = workdir_lib.HF_TOKENIZER, workdir_lib.HF_SPECIAL_TOKENS
 
 
 def identity(tok: Tokenizer) -> str:
@@ -240,19 +241,19 @@ def load_tokenizer(source) -> Tokenizer:
   """
   if isinstance(source, (str, os.PathLike)):
     workdir = io_lib.path(source)
-    cfg_path = workdir / "config.json"
+    saved = workdir_lib.read_json(workdir)
     kind = "sentencepiece"
-    if cfg_path.exists():
+    if saved is not None:
       try:
-        kind = json.loads(cfg_path.read_text())["data"]["tokenizer"]
-      except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{cfg_path} is damaged ({type(e).__name__}: {e}); restore it, or rerun the training "
-                        f"command that made this run")
+        kind = saved["data"]["tokenizer"]
+      except (KeyError, TypeError) as e:
+        raise UserError(f"{workdir_lib.config_path(workdir)} is damaged ({type(e).__name__}: {e}); restore it, or "
+                        f"rerun the training command that made this run")
     tok = from_workdir(workdir, kind)
     if tok is None:
       if kind not in ("bytes", "sentencepiece", "huggingface"):
         return _load_model_file(kind)
-      raise UserError(f"{workdir} has no {WORKDIR_MODEL} (and no config.json naming a tokenizer); "
+      raise UserError(f"{workdir} has no {WORKDIR_MODEL} (and no {workdir_lib.CONFIG_FILE} naming a tokenizer); "
                       f"pass the workdir of a training run")
     return tok
   return for_config(source)

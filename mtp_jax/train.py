@@ -29,16 +29,15 @@ from mtp_jax import data_record
 from mtp_jax import io
 from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
+from mtp_jax import workdir as workdir_lib
 from mtp_jax import tokenizer as tokenizer_lib
-from mtp_jax.checkpoint import Checkpointer, all_finite, step_dirs, with_shardings
+from mtp_jax.checkpoint import Checkpointer, all_finite, load_pretrained, step_dirs, with_shardings
 from mtp_jax.config import base_config, loss_weights, validate
 from mtp_jax.dry_run import compile_train_step, memory_report
 from mtp_jax.errors import UserError
-from mtp_jax.interop import workdir as imported
 from mtp_jax.model import build_model
-from mtp_jax.step import init_train_state, make_eval_step, make_optimizer, resumed_train_state
-
-CONFIG_FILE = "config.json"
+from mtp_jax.step import (init_train_state, make_eval_step, make_optimizer, resumed_train_state,
+                          train_state_from_params)
 
 
 class TrainingDiverged(UserError):
@@ -86,13 +85,13 @@ def check_workdir(config, workdir: io.Path) -> None:
   Only a workdir with a checkpoint, or with imported weights, has a shape: the config.json of a start
   that failed before its first checkpoint (a mesh error, a loss NaN at step 1) is provisional and gets
   overwritten."""
-  path = workdir / CONFIG_FILE
+  path = workdir_lib.config_path(workdir)
   trained = bool(step_dirs(workdir))
-  if not trained and not imported.has_pretrained(workdir):
+  if not trained and not workdir_lib.has_pretrained(workdir):
     return
   if not path.exists():
-    raise UserError(f"{workdir} holds checkpoints but no {CONFIG_FILE}, so their shapes cannot be checked; "
-                    f"use a new --workdir (or restore {path})")
+    raise UserError(f"{workdir} holds checkpoints but no {workdir_lib.CONFIG_FILE}, so their shapes cannot be "
+                    f"checked; use a new --workdir (or restore {path})")
   try:
     old = _shape_fields(json.loads(path.read_text()))
   except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -115,10 +114,6 @@ def _lock_workdir(workdir: io.Path):
     return io.lock_workdir(workdir)
   except OSError as e:
     raise UserError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); give a writable --workdir")
-
-
-def _write_config(config, workdir: io.Path) -> None:
-  io.write_text(workdir / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -195,7 +190,7 @@ def train_and_evaluate(config, workdir) -> dict:
     _say(moved)
   lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
   if jax.process_index() == 0:
-    _write_config(config, workdir)
+    workdir_lib.write_config(config, workdir)
     data_record.write(workdir, data_now)
     tokenizer_lib.save_to_workdir(data.tokenizer, workdir)
 
@@ -220,9 +215,9 @@ def train_and_evaluate(config, workdir) -> dict:
   except BaseException:   # e.g. no usable checkpoint: stop before metrics.jsonl is touched
     _close_quietly(ckpt.close)
     raise
-  if restored is None and imported.has_pretrained(workdir):   # convert import wrote W/pretrained
-    state = imported.init_state_from_pretrained(workdir, abstract_state, state_shardings, tx)
-    _say(f"starting at step 0 from the imported parameters in {workdir / imported.PRETRAINED}")
+  if restored is None and workdir_lib.has_pretrained(workdir):   # convert import wrote W/pretrained
+    state = train_state_from_params(load_pretrained(workdir, abstract_state.params), tx, state_shardings)
+    _say(f"starting at step 0 from the imported parameters in {workdir / workdir_lib.PRETRAINED}")
   elif restored is None:
     state = init_train_state(model, tx, mesh, config, jax.random.fold_in(rng, 0))
   else:

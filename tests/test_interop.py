@@ -299,7 +299,7 @@ def test_bucket_import_export_match_local(gcs, tmp_path):
   has_pretrained is what training asks before it initialises: on a bucket it used to say no, silently."""
   from mtp_jax import io
   from mtp_jax.checkpoint import load_params
-  from mtp_jax.interop.workdir import has_pretrained
+  from mtp_jax.workdir import has_pretrained
   src = "gs://bkt/interop/hf_gqa_untied"
   io.put_tree(fixture("hf_gqa_untied"), src)
   interop.import_checkpoint(src, "gs://bkt/interop/w", n_future=2, head_init="random")

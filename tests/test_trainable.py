@@ -139,7 +139,7 @@ def test_imported_model_trains_heads_on_a_frozen_trunk(tmp_path):
   valid = [json.loads(l) for l in open(w / "metrics.jsonl") if '"valid"' in l][-1]
   assert len(valid["head_acceptance"]) == 3 and valid["step"] == 4
   from mtp_jax.checkpoint import load_params
-  from mtp_jax.interop.workdir import load_pretrained
+  from mtp_jax.checkpoint import load_pretrained
   trained, config = load_params(w)
   imported = load_pretrained(w, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trained))
   for k in ("trunk", "heads_0", "embed", "unembed", "final_norm"):

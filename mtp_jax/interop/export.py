@@ -141,9 +141,10 @@ def export(workdir, to) -> Path:
   """Write the Hugging Face directory `to` (new or empty) from the workdir's newest checkpoint (or import)."""
   from safetensors.numpy import save_file
   from mtp_jax import checkpoint, io, tokenizer as tokenizer_lib
+  from mtp_jax import workdir as workdir_lib
 
   to = io.require_new_dir(to, "--to", "export", ConvertError)
-  config = checkpoint.read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   _check_exportable(config)
   tokenizer = tokenizer_lib.load_tokenizer(workdir)
   params, config = checkpoint.load_params(workdir)
