@@ -9,6 +9,7 @@ Beam options the local DirectRunner runs several worker processes; `--runner=Dat
 on a cluster. The pipeline lives in mtp_jax/shards/pipeline.py.
 """
 import json
+import logging as std_logging
 
 from absl import flags
 from ml_collections import config_flags
@@ -24,6 +25,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "New directory or bucket URL for t
 def main(argv):
   from mtp_jax.config import validate
   from mtp_jax.errors import require
+  if not flags.FLAGS["verbosity"].present:
+    from absl import logging
+    logging.get_absl_handler().addFilter(_QuietBeam())
   require("apache_beam", "pods", "mtp-jax-prepare")
   from mtp_jax.shards.pipeline import prepare
   if _CONFIG.value is None or not _OUTPUT.value:
@@ -31,6 +35,14 @@ def main(argv):
   validate(_CONFIG.value)
   meta = prepare(_CONFIG.value, _OUTPUT.value, argv[1:])
   print(json.dumps({k: meta[k] for k in ("splits", "files", "skipped", "empty", "bad_records", "seconds")}))
+
+
+class _QuietBeam(std_logging.Filter):
+  """Beam warns, at import and per run, about clients a local pipeline does not use (BigQuery's apitools,
+  ...); its errors, and everything with --verbosity, still show."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.ERROR or "/apache_beam/" not in record.pathname
 
 
 def parse_flags(argv):
