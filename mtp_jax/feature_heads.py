@@ -112,28 +112,37 @@ def _added(params, n_future: int) -> dict:
 
 
 def make_loss(model: MTPTransformer, target: str = "model"):
-  """loss(head_params, frozen_params, z, greedy, tokens) -> (mean CE over added heads, per-head metrics)."""
+  """loss(head_params, frozen_params, z, greedy, tokens, picks) -> (mean CE over added heads, per-head metrics).
+
+  picks [B, K] or None: the positions whose cross-entropy counts. The unembedding (d x V) costs each
+  head several times its own layer, so scoring K of T positions (drawn afresh each step) cuts that
+  cost by T/K while the head layer still runs, and learns, over the whole window: an unbiased, noisier
+  estimate of the same loss.
+  """
   n = model.args.n_future
 
-  def head_ce(head_params, frozen, z, targets, mask, i):
+  def head_ce(head_params, frozen, z, targets, mask, picks, i):
     params = dict(frozen, **{f"heads_{i}": head_params})
     pos, seg = _positions(targets)
     h, _ = model.apply({"params": params}, i, z.astype(model.args.dtype), None, pos, seg,
                        method=MTPTransformer.run_head)
+    if picks is not None:
+      take = lambda x: jnp.take_along_axis(x, picks.reshape(picks.shape + (1,) * (x.ndim - 2)), axis=1)
+      h, targets, mask = take(h), take(targets), take(mask)
     logits = model.apply({"params": params}, h, i, method=MTPTransformer.logits).astype(jnp.float32)
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
     hits = (jnp.argmax(logits, -1) == targets) & mask
     count = jnp.maximum(jnp.sum(mask), 1)
     return jnp.sum(nll * mask) / count, (jnp.sum(hits) / count, hits)
 
-  head_ce = jax.checkpoint(head_ce, static_argnums=(5,))   # one head's logits alive at a time
+  head_ce = jax.checkpoint(head_ce, static_argnums=(6,))   # one head's logits alive at a time
 
-  def loss(added, frozen, z, greedy, tokens):
+  def loss(added, frozen, z, greedy, tokens, picks=None):
     frozen = jax.lax.stop_gradient(frozen)
     losses, accs = [], []
     for i in range(1, n):   # n is small and static; each head's logits are recomputed in its backward
       targets, mask = head_targets(greedy, tokens, i, target)
-      l, (acc, _) = head_ce(added[f"heads_{i}"], frozen, z, targets, mask, i)
+      l, (acc, _) = head_ce(added[f"heads_{i}"], frozen, z, targets, mask, picks, i)
       losses.append(l)
       accs.append(acc)
     losses = jnp.stack(losses)
@@ -143,8 +152,12 @@ def make_loss(model: MTPTransformer, target: str = "model"):
 
 
 def train_heads(model: MTPTransformer, params, feats: Features, *, steps: int, batch: int = 8, lr: float = 1e-3,
-                warmup: int = 20, target: str = "model", seed: int = 0, log=print, log_every: int = 20):
-  """Adam on heads 2..n over the cached features; returns (params with the trained heads, log rows)."""
+                warmup: int = 20, target: str = "model", ce_positions: int = 0, seed: int = 0, log=print,
+                log_every: int = 20):
+  """Adam on heads 2..n over the cached features; returns (params with the trained heads, log rows).
+
+  ce_positions: score the cross-entropy at this many random positions per window (0: all of them).
+  """
   n = model.args.n_future
   if n < 2:
     raise UserError("the model has one head: import it with --n_future >= 2 to add heads to train")
@@ -157,9 +170,13 @@ def train_heads(model: MTPTransformer, params, feats: Features, *, steps: int, b
   opt_state = tx.init(added)
   loss_fn = make_loss(model, target)
 
+  seq_len = feats.tokens.shape[1]
+  if not 0 <= ce_positions <= seq_len:
+    raise UserError(f"ce_positions={ce_positions}: choose 1..{seq_len} positions per window, or 0 for all")
+
   @jax.jit
-  def step(added, opt_state, z, greedy, tokens):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(added, frozen, z, greedy, tokens)
+  def step(added, opt_state, z, greedy, tokens, picks):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(added, frozen, z, greedy, tokens, picks)
     updates, opt_state = tx.update(grads, opt_state, added)
     return optax.apply_updates(added, updates), opt_state, dict(metrics, loss=loss)
 
@@ -172,7 +189,10 @@ def train_heads(model: MTPTransformer, params, feats: Features, *, steps: int, b
       order, cursor = rng.permutation(len(feats)), 0
     idx = np.sort(order[cursor:cursor + batch])
     cursor += batch
-    added, opt_state, m = step(added, opt_state, feats.z[idx], feats.greedy[idx], feats.tokens[idx])
+    picks = None
+    if ce_positions and ce_positions < seq_len:
+      picks = np.sort(np.argsort(rng.random((batch, seq_len)), axis=1)[:, :ce_positions], axis=1).astype(np.int32)
+    added, opt_state, m = step(added, opt_state, feats.z[idx], feats.greedy[idx], feats.tokens[idx], picks)
     tokens_seen += batch * feats.tokens.shape[1]
     if s % log_every == 0 or s == steps:
       m = jax.device_get(m)

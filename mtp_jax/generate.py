@@ -66,14 +66,15 @@ def _as_prompt_list(prompts) -> list:
 
 def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_id: Optional[int] = None, batch_size: Optional[int] = None, add_bos: bool = True,
+             eos_id: Optional[int] = None, batch_size: Optional[int] = None, add_bos: Optional[bool] = None,
              prompt_bucket: Optional[int] = None, draft_heads: Optional[int] = None) -> list[dict]:
   """Continue each prompt; returns one dict per prompt (see `_result`).
 
   params: the model's parameters; config: the training config (or its ModelArgs).
   prompts: text (needs `tokenizer`, with encode/decode) or token-id lists, or one of either.
   eos_id: stop token; None = the tokenizer's EOS when it has one, -1 = never stop early.
-  add_bos: start text prompts with the tokenizer's BOS, as every training document starts.
+  add_bos: start text prompts with the tokenizer's BOS, as every training document starts (default: the
+    tokenizer's own policy, e.g. False for SmolLM2's GGUF; True where it states none).
   batch_size: rows decoded at once (default: all prompts). greedy / speculative: one call in which a
     finished row takes the next prompt; sampling modes: batches of batch_size, the last one padded.
   prompt_bucket: pad prompts to this length (default: a power of two), fixing the compiled shape.
@@ -83,6 +84,8 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
   prompts = _as_prompt_list(prompts)
   if tokenizer is not None:
     check_tokenizer(tokenizer, args.vocab_size)
+  if add_bos is None:
+    add_bos = bool(getattr(tokenizer, "add_bos", True))
   ids = []
   for i, p in enumerate(prompts):
     if isinstance(p, str):
@@ -285,6 +288,9 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("eos_id", None, "Stop token id (default: the tokenizer's EOS; -1: none).")
   flags.DEFINE_string("output", None, "Write one JSON object per prompt to this .jsonl file.")
+  flags.DEFINE_bool("chat", False, "Wrap each prompt as a user message in the model's chat template and stop at "
+                    "its end-of-turn token (imported chat models).")
+  flags.DEFINE_string("system", None, "--chat: a system message before each prompt (default: the template's own).")
 
 
 def main(argv):
@@ -307,9 +313,17 @@ def main(argv):
   output = check_output(f.output) if f.output else None
   prompts = read_prompts(f.prompt, f.prompt_file)
   params, config, tokenizer = load_workdir(f.workdir)
+  eos_id, add_bos, shown = f.eos_id, None, prompts
+  if f.chat:   # the template writes any BOS itself, and the reply ends with the end-of-turn token
+    from mtp_jax import chat
+    prompts = [chat.render(tokenizer, p, f.system) for p in prompts]
+    eos_id = chat.end_of_turn_id(tokenizer) if eos_id is None else eos_id
+    add_bos = False
   results = generate(params, config, prompts, tokenizer, mode=f.mode, max_new_tokens=f.max_new_tokens,
-                     temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=f.eos_id,
-                     batch_size=min(f.batch_size, len(prompts)), draft_heads=f.draft_heads)
+                     temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=eos_id,
+                     batch_size=min(f.batch_size, len(prompts)), draft_heads=f.draft_heads, add_bos=add_bos)
+  for r, p in zip(results, shown):
+    r["prompt"] = p
   if output:
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as out:

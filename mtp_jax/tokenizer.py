@@ -19,6 +19,7 @@ from absl import logging
 
 from mtp_jax import io as io_lib
 from mtp_jax import workdir as workdir_lib
+from mtp_jax.corpora import Corpus
 from mtp_jax.errors import UserError
 
 WORKDIR_MODEL = workdir_lib.TOKENIZER_MODEL
@@ -79,7 +80,7 @@ class HFTokenizer:
   kind = "huggingface"
 
   def __init__(self, json_bytes: bytes, bos_id: int, eos_id: int, origin: str = "", add_bos: bool = True,
-               chat_template: str | None = None):
+               chat_template: str | None = None, eot_id: int | None = None):
     import tokenizers
     self.proto, self.origin = json_bytes, origin
     self.tok = tokenizers.Tokenizer.from_str(json_bytes.decode("utf-8"))
@@ -87,6 +88,7 @@ class HFTokenizer:
     self.bos_id, self.eos_id = int(bos_id), int(eos_id)
     # Whether prompts start with BOS (SmolLM2's GGUF says no), and the model's jinja chat template.
     self.add_bos, self.chat_template = bool(add_bos), chat_template
+    self.eot_id = None if eot_id is None else int(eot_id)   # the chat template's end-of-turn token, if named
 
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
@@ -201,6 +203,8 @@ def save_to_workdir(tok: Tokenizer, workdir) -> None:
     special = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "add_bos": tok.add_bos}
     if tok.chat_template:
       special["chat_template"] = tok.chat_template
+    if tok.eot_id is not None:
+      special["eot_id"] = tok.eot_id
     _atomic_write(io_lib.path(workdir) / HF_SPECIAL_FILE, json.dumps(special).encode())
     _atomic_write(io_lib.path(workdir) / HF_WORKDIR_FILE, tok.proto)
   elif isinstance(tok, SentencePieceTokenizer):
@@ -222,7 +226,8 @@ def from_workdir(workdir, kind: str) -> Tokenizer | None:
       raise UserError(f"{workdir} holds {HF_WORKDIR_FILE} but no {HF_SPECIAL_FILE} with bos_id and eos_id; "
                       f"write it (e.g. {{\"bos_id\": 1, \"eos_id\": 2}}) or convert the model again")
     return HFTokenizer(path.read_bytes(), ids["bos_id"], ids["eos_id"], origin=str(path),
-                       add_bos=ids.get("add_bos", True), chat_template=ids.get("chat_template"))
+                       add_bos=ids.get("add_bos", True), chat_template=ids.get("chat_template"),
+                       eot_id=ids.get("eot_id"))
   path = io_lib.path(workdir) / WORKDIR_MODEL
   if not path.exists():
     return None
@@ -259,6 +264,19 @@ def load_tokenizer(source) -> Tokenizer:
   return for_config(source)
 
 
+def build_tokenizer(config, corpus: Corpus | None = None, workdir=None):
+  """The run's tokenizer: the workdir's own copy when resuming, else as config.data.tokenizer says."""
+  if workdir is not None:
+    tok = from_workdir(workdir, config.data.tokenizer)
+    if tok is not None:
+      check_vocab(tok, config)
+      return tok
+  if config.data.tokenizer == "sentencepiece":
+    corpus = corpus or Corpus(config.data)
+    return for_config(config, lambda: corpus.texts("train"), corpus.fingerprint)
+  return for_config(config)
+
+
 def for_config(config, texts_fn=None, corpus_fingerprint: str = "") -> Tokenizer:
   """The tokenizer config.data.tokenizer names; 'sentencepiece' trains (or reuses) one on the training split."""
   name = config.data.tokenizer
@@ -269,9 +287,8 @@ def for_config(config, texts_fn=None, corpus_fingerprint: str = "") -> Tokenizer
                     "and this workdir has none; import a model there first (python -m mtp_jax.convert import "
                     "--from=DIR --workdir=W)")
   elif name == "sentencepiece":
-    if texts_fn is None:  # called without a corpus: let the data module list it
-      from mtp_jax import data
-      return data.build_tokenizer(config)
+    if texts_fn is None:  # called without a corpus: list it
+      return build_tokenizer(config)
     tok = cached_sentencepiece(texts_fn, corpus_fingerprint, config.model.vocab_size, cache_dir(config))
   else:
     tok = _load_model_file(os.path.expanduser(name))

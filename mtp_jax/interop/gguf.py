@@ -230,7 +230,8 @@ def read_tokenizer(reader, arch: Arch, where: str):
     raise ConvertError(f"{where}: the metadata names no tokenizer.ggml.bos_token_id / eos_token_id")
   out = tokenizer_lib.HFTokenizer(tok.to_str().encode("utf-8"), arch.bos_id, arch.eos_id, origin=where,
                                   add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
-                                  chat_template=_field(reader, "tokenizer.chat_template"))
+                                  chat_template=_field(reader, "tokenizer.chat_template"),
+                                  eot_id=_field(reader, "tokenizer.ggml.eot_token_id"))
   check_vocab(out, arch, where)
   return out
 

