@@ -1,6 +1,6 @@
 """Pretrained models in and out: Hugging Face Llama-family and Meta MTP checkpoints <-> mtp_jax workdirs.
 
-    import_checkpoint(src, workdir, n_future=None, head_init="copy")   HF dir or Meta dir -> workdir
+    import_checkpoint(src, workdir, n_future=None, head_init="copy")   HF dir, Hub id, Meta dir, .gguf -> workdir
     read_checkpoint(src, ...) -> (config, params, tokenizer)           the same, in memory
     export_workdir(workdir, to)                                        workdir -> HF dir (+ Meta extra_heads)
 
@@ -18,6 +18,8 @@ def read_checkpoint(src, n_future=None, head_init: str = "copy", param_dtype: st
   from mtp_jax import io
   from mtp_jax.interop import hf, meta
   from mtp_jax.interop.tensors import ConvertError
+  from mtp_jax.interop import hub
+  src = hub.resolve(src)                   # a Hub id (org/name) is downloaded to huggingface_hub's cache first
   src = Path(io.stage_in(src, "--from"))   # a bucket directory is downloaded to a local cache first
   if head_init not in ("copy", "random"):
     raise ConvertError(f"--head_init={head_init!r}: choose copy (heads start as head 1) or random")
