@@ -1,6 +1,6 @@
 """Pretrained models in and out of mtp_jax.
 
-    python -m mtp_jax.convert import --from=HF_OR_META_DIR --workdir=W [--n_future=N] [--head_init=copy|random]
+    mtp-jax-convert import --from=HF_DIR|ORG/NAME|META_DIR --workdir=W [--n_future=N] [--head_init=copy|random]
     python -m mtp_jax.main --config=configs/imported.py:W --workdir=W ...   # fine-tune it from step 0
     python -m mtp_jax.generate --workdir=W --prompt=...                    # or decode it as it is
     python -m mtp_jax.convert export --workdir=W --to=DIR                  # back to Hugging Face
@@ -11,8 +11,10 @@ from absl import flags
 
 from mtp_jax.errors import UserError, exit_with, run_cli
 
-flags.DEFINE_string("from", None, "import: a Hugging Face model directory (config.json, *.safetensors, tokenizer) "
-                    "or a Meta MTP directory (params.json, consolidated.pth|.safetensors, tokenizer.model).")
+flags.DEFINE_string("from", None, "import: a Hugging Face model directory (config.json, *.safetensors, tokenizer), "
+                    "a Hub id such as HuggingFaceTB/SmolLM2-135M (fetched into the Hugging Face cache; "
+                    "HF_HUB_OFFLINE=1 reads only the cache) or a Meta MTP directory (params.json, "
+                    "consolidated.pth|.safetensors, tokenizer.model).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "import: the new workdir; export: the workdir to export.")
 _TO = flags.DEFINE_string("to", None, "export: the new Hugging Face directory.")
 _N_FUTURE = flags.DEFINE_integer("n_future", None, "import: heads in all (default: those in the checkpoint); "

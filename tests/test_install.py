@@ -140,7 +140,8 @@ def test_prepare_with_the_pods_extra(with_pods):
     (corpus / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n" * 20)
   r = run(with_pods, "mtp-jax-prepare", "--config=tiny:bytes", "--config.data.source=glob",
           f"--config.data.path={corpus}/*.txt", "--config.data.prepare_shards=2", "--config.data.max_train_bytes=0",
-          "--config.data.valid_fraction=0.25", "--output=prepared", "--direct_num_workers=1", "--direct_running_mode=in_memory")
+          "--config.data.valid_fraction=0.25", "--output=prepared", "--direct_num_workers=1",
+          "--direct_running_mode=in_memory")
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   assert "apitools" not in r.stderr, r.stderr[-2000:]   # Beam's import-time warnings need --verbosity
   summary = json.loads(r.stdout.strip().splitlines()[-1])
