@@ -12,8 +12,13 @@ Sources (config.data.source), each local or on a bucket (gs://, through io.py):
            `train` split): its Arrow files read with pyarrow alone, column data.text_field.
 
 A corpus is a list of files; `file_docs` gives the documents of one file, so the single-process
-path (data.py) and the Beam pipeline (prepare.py, one file per work item) list the same documents
-under the same names.
+path (Corpus, read by data.py) and the Beam pipeline (prepare.py, one file per work item) list the
+same documents under the same names.
+
+Train/valid split by whole document: a document is held out when a hash of its name falls below
+data.valid_fraction (stable across runs and machines). Unreadable or non-UTF-8 files (and bad JSONL
+lines / rows) are skipped and counted. data.max_train_bytes > 0 caps the training text (and the
+validation text in proportion) for quick tests.
 """
 from __future__ import annotations
 
@@ -204,3 +209,85 @@ def listing(data_cfg, files: list[File]) -> list:
   """What keys the token cache: names, sizes and versions of the files (not contents)."""
   fields = [data_cfg.text_field] if data_cfg.source in ("jsonl", "parquet", "hf_disk") else []
   return fields + [(f.name, f.size, f.version) for f in files]
+
+
+_FORMAT_VERSION = 2   # part of Corpus.fingerprint: bump when the split or the text a document gives changes
+
+
+def _part(doc: Doc, lo: float, hi: float, suffix: str) -> Doc:
+  """The characters of `doc` from fraction lo to hi."""
+  def read():
+    text = doc.read()
+    return None if text is None else text[int(lo * len(text)):int(hi * len(text))]
+  return Doc(doc.name + suffix, read, doc.size, doc.mtime_ns)
+
+
+def split_documents(docs: list[Doc], valid_fraction: float) -> tuple[list[Doc], list[Doc]]:
+  """Whole documents to train or valid by a hash of their name; neither split is left empty."""
+  docs = sorted(docs, key=lambda d: d.name)
+  if len(docs) == 1:  # one document: hold out its tail instead
+    return [_part(docs[0], 0, 1 - valid_fraction, "")], [_part(docs[0], 1 - valid_fraction, 1, "#tail")]
+  by_hash = sorted(docs, key=lambda d: hash_fraction(d.name))
+  valid = {d.name for d in docs if hash_fraction(d.name) < valid_fraction} or {by_hash[0].name}
+  if len(valid) == len(docs):
+    valid.discard(by_hash[-1].name)
+  return [d for d in docs if d.name not in valid], [d for d in docs if d.name in valid]
+
+
+class Corpus:
+  """The listed documents of both splits, read lazily; counts what it skips."""
+
+  def __init__(self, data_cfg):
+    self.cfg = data_cfg
+    self.stats = {}
+    files = list_files(data_cfg)
+    docs = [d for f in files for d in file_docs(data_cfg, f, self.stats)]
+    if not docs and self.stats.get("bad_lines"):
+      raise UserError(f"data.path={data_cfg.path!r}: none of its {self.stats['bad_lines']} records has a string "
+                      f"field {data_cfg.text_field!r}; set data.text_field to the field holding the text")
+    if not docs:
+      raise UserError(f"data.source={data_cfg.source!r} found no documents; check data.path")
+    self.splits = dict(zip(("train", "valid"), split_documents(docs, data_cfg.valid_fraction)))
+    cap = data_cfg.max_train_bytes
+    self.caps = {"train": cap, "valid": max(1, int(cap * data_cfg.valid_fraction / (1 - data_cfg.valid_fraction)))
+                 if cap else 0}
+    # Names, sizes and versions of the files (not contents): cheap to compute, and any edit changes them.
+    key = [_FORMAT_VERSION, data_cfg.source, data_cfg.valid_fraction, cap, listing(data_cfg, files)]
+    self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+  def texts(self, split: str):
+    """The split's non-empty texts in order, capped; skipped (unreadable / non-UTF-8) ones are counted."""
+    left = self.caps[split] or float("inf")
+    used = skipped = empty = 0
+    for d in self.splits[split]:
+      if left <= 0:
+        break
+      text = d.read()
+      if text is None:
+        skipped += 1
+        continue
+      if not text:
+        empty += 1
+        continue
+      raw = text.encode("utf-8")
+      if len(raw) > left:
+        text = raw[:int(left)].decode("utf-8", errors="ignore")
+      left -= len(raw)
+      used += 1
+      yield text
+    self.stats.update({f"{split}_used": used, f"{split}_skipped": skipped, f"{split}_empty": empty})
+
+  def require_text(self):
+    """Fail early, before any tokenizer training, when the training split has no text at all."""
+    if next(iter(self.texts("train")), None) is None:
+      where = f" ({self.cfg.path})" if self.cfg.path else ""
+      raise UserError(f"no text in the training split of data.source={self.cfg.source!r}{where}: "
+                      f"{self.describe('train')}; point data.path at non-empty UTF-8 text")
+
+  def describe(self, split: str) -> str:
+    skipped, empty = self.stats.get(f"{split}_skipped", 0), self.stats.get(f"{split}_empty", 0)
+    bad = self.stats.get("bad_lines", 0)
+    used = self.stats.get(f"{split}_used", 0)
+    return (f"{used} of {len(self.splits[split])} documents ({skipped} skipped: unreadable or not UTF-8; "
+            f"{empty} empty{'; the rest past data.max_train_bytes' if self.caps[split] else ''})"
+            + (f", {bad} bad JSONL lines in the file" if bad else ""))

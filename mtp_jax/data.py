@@ -1,13 +1,8 @@
 """Corpus -> tokenizer -> cached token files -> grain windows -> batches.
 
-Where documents come from (config.data.source: stdlib, glob, jsonl, parquet, hf_disk; local or on a
-bucket) is corpora.py; data.source=prepared reads the token shards `python -m mtp_jax.prepare`
-wrote (prepared.py). Unreadable or non-UTF-8 files (and bad JSONL lines / rows) are skipped and
-counted in the log.
-
-Train/valid split by whole document: a document is held out when a hash of its name falls below
-data.valid_fraction (stable across runs and machines). data.max_train_bytes > 0 caps the training
-text (and the validation text in proportion) for quick tests.
+The corpus (config.data.source: stdlib, glob, jsonl, parquet, hf_disk; local or on a bucket) and its
+train/valid split are corpora.py's, the tokenizer is built in tokenizer.py; data.source=prepared reads
+the token shards `python -m mtp_jax.prepare` wrote (shards/source.py).
 
 Each split is tokenized once into a cache (cache_dir/tokens-<key>/): one flat token file where every
 document is BOS + tokens + EOS, plus the offsets where documents start. Windows of
@@ -31,91 +26,10 @@ import grain
 import jax
 import numpy as np
 
-from mtp_jax import corpora
 from mtp_jax import tokenizer as tokenizer_lib
-from mtp_jax.corpora import Doc
+from mtp_jax.corpora import Corpus
 from mtp_jax.errors import UserError
-
-_FORMAT_VERSION = 2
-
-
-def _part(doc: Doc, lo: float, hi: float, suffix: str) -> Doc:
-  """The characters of `doc` from fraction lo to hi."""
-  def read():
-    text = doc.read()
-    return None if text is None else text[int(lo * len(text)):int(hi * len(text))]
-  return Doc(doc.name + suffix, read, doc.size, doc.mtime_ns)
-
-
-def split_documents(docs: list[Doc], valid_fraction: float) -> tuple[list[Doc], list[Doc]]:
-  """Whole documents to train or valid by a hash of their name; neither split is left empty."""
-  docs = sorted(docs, key=lambda d: d.name)
-  if len(docs) == 1:  # one document: hold out its tail instead
-    return [_part(docs[0], 0, 1 - valid_fraction, "")], [_part(docs[0], 1 - valid_fraction, 1, "#tail")]
-  by_hash = sorted(docs, key=lambda d: corpora.hash_fraction(d.name))
-  valid = {d.name for d in docs if corpora.hash_fraction(d.name) < valid_fraction} or {by_hash[0].name}
-  if len(valid) == len(docs):
-    valid.discard(by_hash[-1].name)
-  return [d for d in docs if d.name not in valid], [d for d in docs if d.name in valid]
-
-
-class Corpus:
-  """The listed documents of both splits, read lazily; counts what it skips."""
-
-  def __init__(self, data_cfg):
-    self.cfg = data_cfg
-    self.stats = {}
-    files = corpora.list_files(data_cfg)
-    docs = [d for f in files for d in corpora.file_docs(data_cfg, f, self.stats)]
-    if not docs and self.stats.get("bad_lines"):
-      raise UserError(f"data.path={data_cfg.path!r}: none of its {self.stats['bad_lines']} records has a string "
-                      f"field {data_cfg.text_field!r}; set data.text_field to the field holding the text")
-    if not docs:
-      raise UserError(f"data.source={data_cfg.source!r} found no documents; check data.path")
-    self.splits = dict(zip(("train", "valid"), split_documents(docs, data_cfg.valid_fraction)))
-    cap = data_cfg.max_train_bytes
-    self.caps = {"train": cap, "valid": max(1, int(cap * data_cfg.valid_fraction / (1 - data_cfg.valid_fraction)))
-                 if cap else 0}
-    # Names, sizes and versions of the files (not contents): cheap to compute, and any edit changes them.
-    key = [_FORMAT_VERSION, data_cfg.source, data_cfg.valid_fraction, cap, corpora.listing(data_cfg, files)]
-    self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-
-  def texts(self, split: str):
-    """The split's non-empty texts in order, capped; skipped (unreadable / non-UTF-8) ones are counted."""
-    left = self.caps[split] or float("inf")
-    used = skipped = empty = 0
-    for d in self.splits[split]:
-      if left <= 0:
-        break
-      text = d.read()
-      if text is None:
-        skipped += 1
-        continue
-      if not text:
-        empty += 1
-        continue
-      raw = text.encode("utf-8")
-      if len(raw) > left:
-        text = raw[:int(left)].decode("utf-8", errors="ignore")
-      left -= len(raw)
-      used += 1
-      yield text
-    self.stats.update({f"{split}_used": used, f"{split}_skipped": skipped, f"{split}_empty": empty})
-
-  def require_text(self):
-    """Fail early, before any tokenizer training, when the training split has no text at all."""
-    if next(iter(self.texts("train")), None) is None:
-      where = f" ({self.cfg.path})" if self.cfg.path else ""
-      raise UserError(f"no text in the training split of data.source={self.cfg.source!r}{where}: "
-                      f"{self.describe('train')}; point data.path at non-empty UTF-8 text")
-
-  def describe(self, split: str) -> str:
-    skipped, empty = self.stats.get(f"{split}_skipped", 0), self.stats.get(f"{split}_empty", 0)
-    bad = self.stats.get("bad_lines", 0)
-    used = self.stats.get(f"{split}_used", 0)
-    return (f"{used} of {len(self.splits[split])} documents ({skipped} skipped: unreadable or not UTF-8; "
-            f"{empty} empty{'; the rest past data.max_train_bytes' if self.caps[split] else ''})"
-            + (f", {bad} bad JSONL lines in the file" if bad else ""))
+from mtp_jax.tokenizer import build_tokenizer
 
 
 @dataclasses.dataclass
@@ -212,19 +126,6 @@ def _say(msg: str):
     print(msg, flush=True)
 
 
-def build_tokenizer(config, corpus: Optional[Corpus] = None, workdir=None):
-  """The run's tokenizer: the workdir's own copy when resuming, else as config.data.tokenizer says."""
-  if workdir is not None:
-    tok = tokenizer_lib.from_workdir(workdir, config.data.tokenizer)
-    if tok is not None:
-      tokenizer_lib.check_vocab(tok, config)
-      return tok
-  if config.data.tokenizer == "sentencepiece":
-    corpus = corpus or Corpus(config.data)
-    return tokenizer_lib.for_config(config, lambda: corpus.texts("train"), corpus.fingerprint)
-  return tokenizer_lib.for_config(config)
-
-
 # ----- windows and batches -----
 
 def num_windows(split: TokenSplit, seq_len: int) -> int:
@@ -317,7 +218,8 @@ def build(config, workdir=None) -> Data:
   """Corpus, tokenizer (the workdir's copy when resuming) and both token splits."""
   if config.data.source == "prepared":   # shards written by `python -m mtp_jax.prepare`
     from mtp_jax.shards.source import open_prepared
-    tok, splits, counts = open_prepared(config, workdir)
+    tok, prepared, counts = open_prepared(config, workdir)
+    splits = {k: TokenSplit(tokens, tokens.offsets[:-1]) for k, tokens in prepared.items()}
     splits["train"].counts = counts
   else:
     corpus = Corpus(config.data)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.tiny import get_config
-from mtp_jax import data
+from mtp_jax import corpora, data
 from mtp_jax.errors import UserError
 from mtp_jax.loss import shifted_targets
 
@@ -111,14 +111,14 @@ def test_valid_batches_fixed_and_padded(tmp_path):
 
 
 def test_split_is_by_whole_document_and_never_empty(tmp_path):
-  docs = [data.Doc(f"f{i}.py", lambda: "x") for i in range(200)]
-  train, valid = data.split_documents(docs, 0.1)
+  docs = [corpora.Doc(f"f{i}.py", lambda: "x") for i in range(200)]
+  train, valid = corpora.split_documents(docs, 0.1)
   assert 5 < len(valid) < 40 and len(train) + len(valid) == 200
-  assert data.split_documents(list(reversed(docs)), 0.1)[1] == valid
-  train, valid = data.split_documents(docs[:2], 0.01)
+  assert corpora.split_documents(list(reversed(docs)), 0.1)[1] == valid
+  train, valid = corpora.split_documents(docs[:2], 0.01)
   assert len(train) == len(valid) == 1
-  (one,) = [data.Doc("only", lambda: "abcdefghij")]
-  train, valid = data.split_documents([one], 0.2)
+  (one,) = [corpora.Doc("only", lambda: "abcdefghij")]
+  train, valid = corpora.split_documents([one], 0.2)
   assert train[0].read() + valid[0].read() == "abcdefghij" and valid[0].read() == "ij"
 
 

@@ -95,9 +95,8 @@ def _tokenizer(directory: io.Path, meta: dict, config, workdir):
 
 
 def open_prepared(config, workdir=None):
-  """(tokenizer, {'train': TokenSplit, 'valid': TokenSplit}, train token counts) of data.path."""
+  """(tokenizer, {'train': PreparedTokens, 'valid': PreparedTokens}, train token counts) of data.path."""
   import grain
-  from mtp_jax.data import TokenSplit
   output = config.data.path
   out = io.path(output)
   io.check_bucket(out, "data.path")
@@ -125,7 +124,6 @@ def open_prepared(config, workdir=None):
       raise UserError(f"data.path={output}: the {split} shards hold {len(source)} records but their lengths "
                       f"files {sum(len(l) for l in lengths)}; run prepare again into a new --output")
     lengths = np.concatenate(lengths)
-    tokens = PreparedTokens(source, lengths, output)
-    splits[split] = TokenSplit(tokens, tokens.offsets[:-1])
+    splits[split] = PreparedTokens(source, lengths, output)
   counts = fmt.load_npy(local / fmt.TRAIN_COUNTS)
   return tok, splits, counts
