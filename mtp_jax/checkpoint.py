@@ -8,9 +8,13 @@ W/checkpoints_corrupt/<step> with a warning and the previous one is used instead
 NaN/inf parameters or optimizer state (never saved by this trainer, but older runs did). When no
 checkpoint is usable, nothing is moved and restoring stops with one error. A save that cannot be
 written (read-only or full disk) fails at once with one error; the earlier checkpoints stay intact.
+On a bucket whose store stops answering (mtp_jax.deadline), a save in flight is abandoned (orbax commits a
+step only once all of it is written) and the error names the newest checkpoint this process knows complete,
+without asking the store again; a store failure while restoring moves nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging as logging_std
 import os
@@ -24,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mtp_jax import io
+from mtp_jax import deadline, io
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.errors import UserError
 
@@ -132,8 +136,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=not read_only,
                                            cleanup_tmp_directories=not read_only)
+    if io.is_remote(self.workdir):
+      deadline.bound_tensorstore_retries()
     self.manager = ocp.CheckpointManager(self.workdir / CHECKPOINTS, options=options)
     self._in_flight, self._broken = None, False
+    self._complete, self._wanted = None, None   # the newest step known committed; the last step asked for
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -153,6 +160,7 @@ class Checkpointer:
 
     Refuses NaN/inf state, and checks first that the directory takes the write: orbax creates the step
     directory in a background thread, and a failure there leaves its other threads waiting 300 s."""
+    self._wanted = step
     self.wait_until_finished()   # orbax waits for the previous save anyway; first, so its space counts
     if not all_finite((state.params, state.opt_state)):
       raise NoUsableCheckpoint(f"refusing to save step {step}: its parameters or optimizer state hold NaN/inf")
@@ -190,6 +198,11 @@ class Checkpointer:
   def _failed(self, step, error: BaseException):
     """Drop the partial step directory and stop with one line; committed checkpoints are never touched."""
     self._broken = True
+    if isinstance(error, deadline.StoreUnavailable) or deadline.given_up():
+      raise self.abandon(error) from None
+    if io.is_remote(self.workdir):   # the store is not listed again: it may be what failed
+      raise self.abandon(error, f"cannot write the checkpoint of step {step} in {self.workdir / CHECKPOINTS} "
+                                f"({io.store_failure(error) or _write_failure(error)})") from None
     root = self.workdir / CHECKPOINTS
     for tmp in root.glob(f"{step}.orbax-checkpoint-tmp*") if root.is_dir() else []:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -215,6 +228,7 @@ class Checkpointer:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**targets))
       except Exception as e:  # any damage: unreadable metadata, truncated arrays, missing files
+        self._raise_if_store_failed(step, e)
         bad.append((step, f"unreadable ({type(e).__name__}: {_first_line(e)})"))
         continue
       if not all_finite([restored.get(k) for k in ("params", "opt_state") if k in targets]):
@@ -222,6 +236,7 @@ class Checkpointer:
         continue
       for s, why in bad:
         self._quarantine(s, why)
+      self._complete = step
       return step, restored
     if bad:
       root = self.workdir / CHECKPOINTS
@@ -229,6 +244,44 @@ class Checkpointer:
           f"no usable checkpoint in {root} ({'; '.join(f'step {s}: {why}' for s, why in bad)}); nothing was "
           f"changed. Restore them from a copy, or move {root} away to start again from step 0")
     return 0, None
+
+  def _raise_if_store_failed(self, step: int, error: BaseException) -> None:
+    """A read that failed because the store did not answer says nothing about the checkpoint: never
+    quarantine for it."""
+    if isinstance(error, deadline.StoreUnavailable):
+      raise error
+    failure = io.store_failure(error) if io.is_remote(self.workdir) else None
+    if failure or deadline.silent_for() > 0:
+      raise deadline.StoreUnavailable(
+          f"cannot read the checkpoint of step {step} in {self.workdir / CHECKPOINTS}: "
+          f"{failure or 'the object store does not answer'}; nothing was changed. Rerun the same command once "
+          f"the store answers") from None
+
+  def abandon(self, error: BaseException, head: str | None = None) -> deadline.StoreUnavailable:
+    """The error that ends a run whose store failed: `head` (or the error's own line), the saves abandoned,
+    and the newest checkpoint this process knows complete; the store is not asked (it may not answer)."""
+    if getattr(error, "from_abandon", False):
+      return error
+    self._broken = True
+    flight = self._in_flight
+    if flight is not None and flight != self._complete:
+      with contextlib.suppress(Exception):
+        if not self.manager.is_saving_in_progress():
+          self.manager.check_for_errors()
+          self._complete = flight
+    if head is None:
+      head = str(error) if isinstance(error, UserError) else (
+          f"{self.workdir}: {io.store_failure(error) or f'{type(error).__name__}: {_first_line(error)}'}")
+    lost = sorted({s for s in (flight, self._wanted) if s is not None and s > (self._complete or 0)})
+    done = self._complete
+    out = deadline.StoreUnavailable(
+        f"{head}; "
+        + (f"the save of step{'s' * (len(lost) > 1)} {', '.join(map(str, lost))} did not finish and was "
+           f"abandoned; " if lost else "")
+        + (f"the checkpoint of step {done} is complete" if done else "no checkpoint of this run is complete yet")
+        + f". Rerun the same command once the store answers to {f'resume from step {done}' if done else 'start'}")
+    out.from_abandon = True
+    return out
 
   def _quarantine(self, step: int, why: str) -> None:
     """why: 'unreadable (...)' or 'unusable (...)'."""
@@ -253,9 +306,11 @@ class Checkpointer:
       self.manager.wait_until_finished()
     except Exception as e:
       self._failed(self._in_flight, e)
+    if self._in_flight is not None:
+      self._complete = self._in_flight
 
   def close(self) -> None:
-    if self._broken:   # its failure was reported; orbax would only repeat it
+    if self._broken or deadline.given_up():   # its failure was reported; orbax would only repeat it
       return
     self.wait_until_finished()
     self.manager.close()

@@ -4,7 +4,8 @@
 (s3fs, when installed) go through fsspec. Writes are whole: on local disk a temporary file renamed
 into place, on a bucket one object upload (GCS makes an object visible only once it is complete),
 so a reader never sees half a file either way. Bucket failures (unreachable endpoint, missing
-bucket, no credentials) become one-line UserErrors through `user_errors`.
+bucket, no credentials) become one-line UserErrors through `user_errors`; a store that does not answer at all
+is found by mtp_jax.deadline's probes in seconds (gcsfs alone retries each call for about 35 s).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Iterator
 
 from etils import epath
 
+from mtp_jax import deadline
 from mtp_jax.errors import UserError, require
 
 Path = epath.Path
@@ -216,6 +218,18 @@ def _describe(e: BaseException) -> str | None:
   return None
 
 
+def store_failure(e: BaseException) -> str | None:
+  """`e` (or an exception it was raised from) as a bucket failure in words; None when it is none."""
+  for _ in range(8):
+    if e is None:
+      return None
+    message = _describe(e)
+    if message is not None:
+      return message
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def _imported(module: str) -> bool:
   import sys
   return module in sys.modules
@@ -248,6 +262,7 @@ def check_bucket(p: PathLike, what: str) -> None:
   """Fail early, with one line, when `p` is on a bucket that is missing or cannot be reached."""
   if not is_remote(p):
     return
+  deadline.check_reachable(p, what)   # seconds, not gcsfs's retries, for a store that does not answer at all
   fs, rel = fsspec_of(p)
   bucket = rel.split("/", 1)[0]
   with user_errors(f"{what}={p}"):
@@ -363,6 +378,8 @@ class _BucketLease:
 
   def close(self):
     self._stop.set()
+    if deadline.given_up():   # the store stopped answering: the lease goes stale on its own
+      return
     self._thread.join()
     try:
       self.blob.delete(if_generation_match=self.generation)

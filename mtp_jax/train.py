@@ -9,6 +9,8 @@ an evaluation in progress), save a checkpoint and exit with status 0; a second s
 A NaN/inf loss, parameter or optimizer state stops the run without saving and exits with status 2;
 checkpoints are only ever written finite, so rerunning (say with a lower learning rate) resumes from
 the last good state. config.json binds the workdir to a model shape only once a checkpoint exists.
+On a bucket, a store that stops answering ends the run with one line within MTP_STORE_DEADLINE seconds (a
+signal: within seconds), naming the newest complete checkpoint (mtp_jax.deadline).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from absl import logging
 
 from mtp_jax import data as data_lib
 from mtp_jax import data_record
+from mtp_jax import deadline
 from mtp_jax import io
 from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
@@ -152,6 +155,7 @@ class _StopOnSignal:
       os.kill(os.getpid(), sig)
       return
     self.signal = signal.Signals(sig).name
+    deadline.stop_requested(self.signal)   # a store that does not answer now is not waited for
     _say(f"{self.signal}: finishing this step, saving a checkpoint, then exiting (signal again to stop now)")
 
   def __exit__(self, *exc):
@@ -178,6 +182,11 @@ def _memory_line(compiled) -> str:
 def train_and_evaluate(config, workdir) -> dict:
   """Train as config says in workdir (resuming if it holds a checkpoint); returns the final valid record."""
   validate(config)
+  with deadline.watch({"--workdir": workdir, "data.path": config.data.path}):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir) -> dict:
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
     absl_logger.addFilter(_QuietLibraries())
@@ -255,13 +264,15 @@ def train_and_evaluate(config, workdir) -> dict:
     else:
       last_record = _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer,
                                 unigram, tokens_per_step)
-  except BaseException:
+  except BaseException as e:
+    _raise_if_store_failed(e, ckpt)
     _close_quietly(ckpt.close, writer.close, lock and lock.close)   # the error in flight is the one to report
     raise
   try:
     ckpt.close()   # waits for the async save in flight; CheckpointWriteError if it failed
     writer.close()
-  except BaseException:
+  except BaseException as e:
+    _raise_if_store_failed(e, ckpt)
     _close_quietly(writer.close)
     raise
   finally:
@@ -272,7 +283,16 @@ def train_and_evaluate(config, workdir) -> dict:
   return last_record
 
 
+def _raise_if_store_failed(error: BaseException, ckpt: Checkpointer) -> None:
+  """A run whose object store stopped answering ends with one line naming the newest complete checkpoint,
+  and asks the store nothing more (no closing: each close would wait on it)."""
+  if deadline.given_up() or deadline.watching() and io.store_failure(error):
+    raise ckpt.abandon(error) from None
+
+
 def _close_quietly(*closers) -> None:
+  if deadline.given_up():   # every closer would wait on the store that stopped answering
+    return
   for close in closers:
     if close:
       try:

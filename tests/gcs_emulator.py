@@ -44,6 +44,16 @@ class GcsEmulator:
 
   def start(self):
     self._dir = tempfile.TemporaryDirectory(prefix="gcs-emulator-")
+    self._launch()
+    for b in self.buckets:
+      self.create_bucket(b)
+    for k, v in self.env.items():
+      self._saved[k] = os.environ.get(k)
+      os.environ[k] = v
+    self._clear_clients()
+    return self
+
+  def _launch(self):
     self.proc = subprocess.Popen(
         [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator_server.py"),
          "start", "--host=127.0.0.1", f"--port={self.port}", "-q"],
@@ -58,13 +68,21 @@ class GcsEmulator:
         if self.proc.poll() is not None or time.time() > deadline:
           raise RuntimeError("gcp-storage-emulator did not start")
         time.sleep(0.1)
-    for b in self.buckets:
-      self.create_bucket(b)
-    for k, v in self.env.items():
-      self._saved[k] = os.environ.get(k)
-      os.environ[k] = v
-    self._clear_clients()
-    return self
+
+  def halt(self):
+    """The store goes away (its process is killed; nothing listens on the port) but keeps its objects."""
+    self.proc.kill()
+    self.proc.wait(timeout=10)
+    self.proc = None
+
+  def restart(self):
+    """The store comes back on the same port with the objects it held."""
+    self._launch()
+
+  @property
+  def files(self) -> str:
+    """The directory the emulator keeps its objects in, one file per object (for watching a save land)."""
+    return os.path.join(self._dir.name, "store")
 
   def create_bucket(self, name: str):
     import json
