@@ -72,6 +72,25 @@ def test_n_sweep_quick(tmp_path):
   assert "| n | params |" in (tmp_path / "n_sweep_quick.md").read_text()
 
 
+def test_mtp_cost_vs_length_quick(tmp_path):
+  res = run_quick("mtp_cost_vs_length.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
+  assert res["ns"] == [1, 2] and res["seeds"] == [0, 1] and res["lengths"] == [4, 8]
+  assert sorted((r["n"], r["seed"]) for r in res["runs"]) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+  assert len({r["params"] for r in res["runs"]}) == 1                 # parity: one count for every n
+  an = res["analysis"]
+  assert an["seeds_complete"] == [0, 1] and [row["steps"] for row in an["per_length"]] == [4, 8]
+  for row in an["per_length"]:                                         # gaps are paired by seed
+    loss = {n: {s: r["valid_next_token_loss"][str(row["steps"])] for r in res["runs"] for s in [r["seed"]] if r["n"] == n}
+            for n in (1, 2)}
+    assert row["gap_n2"]["per_seed"] == pytest.approx([loss[2][s] - loss[1][s] for s in (0, 1)])
+    assert row["n1"]["ci95"] > 0
+  trend = an["trend"]["n2"]
+  assert len(trend["b_per_seed"]) == 2 and trend["b_mean"] == pytest.approx(sum(trend["b_per_seed"]) / 2)
+  assert res["flops_per_step"]["2"] > res["flops_per_step"]["1"]
+  assert (tmp_path / "mtp_cost_vs_length_quick.png").stat().st_size > 10_000
+  assert "| steps | n=1 loss |" in (tmp_path / "mtp_cost_vs_length_quick.md").read_text()
+
+
 def test_poly_ring_problems_are_what_they_say():
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import random
