@@ -14,6 +14,7 @@ signal: within seconds), naming the newest complete checkpoint (mtp_jax.deadline
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as std_logging
 import os
@@ -36,9 +37,10 @@ from mtp_jax import workdir as workdir_lib
 from mtp_jax import tokenizer as tokenizer_lib
 from mtp_jax.checkpoint import Checkpointer, all_finite, load_pretrained, step_dirs, with_shardings
 from mtp_jax.config import base_config, loss_weights, validate
-from mtp_jax.dry_run import compile_train_step, memory_report
+from mtp_jax.dry_run import compile_train_step, memory_report, model_flops_per_token, peak_flops_per_device
 from mtp_jax.errors import UserError
 from mtp_jax.model import build_model
+from mtp_jax.profiler import StepProfiler
 from mtp_jax.step import (init_train_state, make_eval_step, make_optimizer, resumed_train_state,
                           train_state_from_params)
 
@@ -253,7 +255,8 @@ def _train_and_evaluate(config, workdir) -> dict:
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     return jax.device_get(sums)
 
-  writer = metrics_lib.MetricsWriter(workdir, t.steps)
+  writer = metrics_lib.MetricsWriter(workdir, t.steps, model_flops_per_token(config, abstract_state.params, model),
+                                     _peak_flops())
   tokens_per_step = t.batch_size * seq_len
   last_record = None
   try:
@@ -309,6 +312,7 @@ def _train_loop(config, state, rng, start, compiled, to_device, train_iter, eval
   last_log = (start, time.time())
   paused = 0.0                 # seconds spent in eval and checkpointing, kept out of tokens/s
   valid_record = None
+  profile = StepProfiler(t.profile_steps, ckpt.workdir, start)
 
   def report(p):
     nonlocal last_log, paused
@@ -320,9 +324,14 @@ def _train_loop(config, state, rng, start, compiled, to_device, train_iter, eval
     writer.train(step, metrics, tokens_per_step / per_step, per_step)
     last_log, paused = (step, now), 0.0
 
-  with _StopOnSignal() as stop:
+  with _StopOnSignal() as stop, contextlib.closing(profile):
     for step in range(start + 1, t.steps + 1):
+      profile.before(step)
       state, metrics = compiled(state, to_device(next(train_iter)))
+      began = time.time()
+      if traced := profile.after(step, (state, metrics)):   # waits for the step: not training time
+        _say(traced)
+        paused += time.time() - began
       bad = _first_bad_step(bad, metrics["loss"], np.int32(step))
       if pending is not None:
         report(pending)        # step-1 is done or nearly: reading it leaves `step` queued on the device
@@ -356,6 +365,12 @@ def _train_loop(config, state, rng, start, compiled, to_device, train_iter, eval
              f"rerun the same command to resume")
         return None
   return valid_record
+
+
+def _peak_flops():
+  """Peak FLOP/s of all devices together (dry_run.PEAK_FLOPS), or None where a device's is unknown (CPUs)."""
+  peaks = [peak_flops_per_device(d.device_kind) for d in jax.devices()]
+  return None if None in peaks else sum(peaks)
 
 
 def _save_due(step: int, t, stop) -> bool:
