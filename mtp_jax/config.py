@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Medusa-1) | a regex matched against whole parameter paths such as "heads_[1-9].*|final_norm/.*".
   # Frozen parameters hold no optimizer state.
   t.trainable = "all"
+  # "a:b": a jax.profiler trace of steps a..b (inclusive) in W/plugins/profile, for TensorBoard's profile tab or
+  # Perfetto; "" = none. Start a few steps in, past compilation and warm-up.
+  t.profile_steps = ""
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1                 # -1 = all devices left over by the other axes
@@ -256,6 +259,22 @@ def trainable_regex(spec: str) -> str:
   return spec
 
 
+def profile_range(spec: str) -> tuple[int, int] | None:
+  """Parse `train.profile_steps` ("a:b", 1 <= a <= b) into (a, b); None for ""."""
+  spec = str(spec).strip()
+  if not spec:
+    return None
+  first, sep, last = spec.partition(":")
+  try:
+    a, b = int(first), int(last if sep else first)
+  except ValueError:
+    a = b = 0
+  if not 1 <= a <= b:
+    raise ConfigError(f"train.profile_steps={spec!r}: give first:last steps, 1 <= first <= last, such as 10:15 "
+                      f"(or '' for no profile)")
+  return a, b
+
+
 def mtp_lambda_schedule(spec: str) -> tuple[list[float], list[float]]:
   """Parse `loss.mtp_lambda` into (values, start fractions of train.steps); the first start is 0."""
   spec = str(spec).strip()
@@ -380,6 +399,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
     need(t[k] >= 1, f"train.{k}={t[k]}: must be >= 1")
   trainable_regex(t.trainable)
+  profile_range(t.profile_steps)
   need(t.trainable != "heads" or m.n_future >= 2,
        "train.trainable=heads trains heads 2..n but model.n_future=1; add heads (model.n_future) or use "
        "train.trainable=all")

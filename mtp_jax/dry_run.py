@@ -65,6 +65,31 @@ def flops_per_token(config, counts: dict) -> float:
   return 6.0 * matmul + 12.0 * attn_layers * config.data.seq_len * m.d_model
 
 
+def model_flops_per_token(config, params, model) -> float:
+  """`flops_per_token` of a model whose (possibly abstract) parameters are `params`."""
+  counts = param_counts(params)
+  args = model.args
+  counts["n_attention_layers"] = args.n_trunk_layers + (args.n_future if args.heads_have_cache else 0)
+  return flops_per_token(config, counts)
+
+
+# Peak dense bfloat16 matmul FLOP/s of one JAX device, by device_kind (vendors' data sheets; a TPU v2/v3
+# device is one core, later TPUs one chip). MFU divides the model FLOPs a step does by these, as MaxText
+# reports it; a float32 model on GPUs runs its matmuls in TF32 or slower, so its MFU reads low. CPUs have no
+# entry: the trainer reports the model FLOP/s it achieves instead.
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("V100", 125e12),
+    ("T4", 65e12), ("TPU v2", 22.5e12), ("TPU v3", 61.5e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+)
+
+
+def peak_flops_per_device(device_kind: str):
+  """The device's peak bfloat16 FLOP/s from PEAK_FLOPS (the first entry its name contains), or None."""
+  return next((peak for name, peak in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
+
+
 def abstract_batch(config, mesh):
   shape = (config.train.batch_size, config.data.seq_len + config.model.n_future)
   spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
@@ -103,6 +128,9 @@ def dry_run_report(config) -> dict:
   report = param_counts(state.params)
   report["n_attention_layers"] = args.n_trunk_layers + (args.n_future if args.heads_have_cache else 0)
   report["flops_per_token"] = flops_per_token(config, report)
+  peak = peak_flops_per_device(jax.devices()[0].device_kind)
+  if peak:
+    report["peak_flops_per_device"] = peak
   report["tokens_per_step"] = config.train.batch_size * config.data.seq_len
   report["mesh"] = dict(mesh.shape)
   report["devices"] = f"{mesh.size} x {jax.devices()[0].device_kind}"

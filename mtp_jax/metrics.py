@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 
 import jax
 import numpy as np
@@ -54,10 +55,21 @@ def in_notebook() -> bool:
   return type(shell).__name__ in ("ZMQInteractiveShell", "Shell")   # Jupyter's; Colab's google.colab._shell.Shell
 
 
-class MetricsWriter:
+def _clock(t: float) -> str:
+  """The wall-clock time of a console line (the date is in metrics.jsonl's "time")."""
+  return time.strftime("%H:%M:%S", time.localtime(t))
 
-  def __init__(self, workdir, total_steps: int):
+
+class MetricsWriter:
+  """flops_per_token: the model FLOPs of one trained token (dry_run.flops_per_token); peak_flops: the peak
+  FLOP/s of all devices together (dry_run.PEAK_FLOPS), None where unknown (CPUs). With them each train
+  record holds the model FLOP/s achieved ("flops_per_sec") and the model FLOPs utilisation ("mfu"), and every
+  record the wall-clock time it was written ("time", Unix seconds)."""
+
+  def __init__(self, workdir, total_steps: int, flops_per_token: float | None = None,
+               peak_flops: float | None = None):
     self.total = total_steps
+    self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
     self.active = jax.process_index() == 0
     self.file = self.tb = self.bar = None
     if self.active and in_notebook():
@@ -78,7 +90,7 @@ class MetricsWriter:
       if isinstance(value, list):
         for i, v in enumerate(value):
           self.tb.add_scalar(f"{prefix}/{key}/head{i + 1}", v, record["step"])
-      elif isinstance(value, (int, float)) and key != "step":
+      elif isinstance(value, (int, float)) and key not in ("step", "time"):
         self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
 
   def train(self, step: int, metrics: dict, tokens_per_sec: float, seconds_per_step: float) -> dict:
@@ -86,28 +98,38 @@ class MetricsWriter:
     record = {"step": step, "loss": float(metrics["loss"]), "head_losses": _floats(metrics["head_losses"]),
               "head_accuracies": _floats(metrics["head_accuracies"]),
               "head_acceptance": _floats(metrics["head_acceptance"]), "lr": float(metrics["lr"]),
-              "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": round(tokens_per_sec, 1)}
+              "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": round(tokens_per_sec, 1),
+              "time": round(time.time(), 3)}
+    if self.flops_per_token:
+      record["flops_per_sec"] = float(f"{tokens_per_sec * self.flops_per_token:.4g}")
+      if self.peak_flops:
+        record["mfu"] = round(record["flops_per_sec"] / self.peak_flops, 4)
     self._write(record, "train")
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
-      self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+      self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
+                           **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
     elif self.active:
       heads = " ".join(f"{v:.3f}" for v in record["head_losses"])
       accept = "" if len(record["head_acceptance"]) < 2 else \
           "  accept [" + " ".join(f"{v:.2f}" for v in record["head_acceptance"][1:]) + "]"
-      print(f"step {step:>{len(str(self.total))}}/{self.total}  loss {record['loss']:.4f}  heads [{heads}]{accept}  "
-            f"lr {record['lr']:.2e}  gnorm {record['grad_norm']:.3f}  {tokens_per_sec:,.0f} tok/s  "
-            f"ETA {_duration((self.total - step) * seconds_per_step)}", flush=True)
+      flops = record.get("flops_per_sec")
+      use = f"  MFU {record['mfu']:.1%}" if "mfu" in record else (
+          "" if flops is None else f"  {flops / 1e12:.3g} TFLOP/s" if flops >= 1e12 else f"  {flops / 1e9:.3g} GFLOP/s")
+      print(f"{_clock(record['time'])}  step {step:>{len(str(self.total))}}/{self.total}  loss {record['loss']:.4f}  "
+            f"heads [{heads}]{accept}  lr {record['lr']:.2e}  gnorm {record['grad_norm']:.3f}  "
+            f"{tokens_per_sec:,.0f} tok/s{use}  ETA {_duration((self.total - step) * seconds_per_step)}", flush=True)
     return record
 
   def valid(self, record: dict) -> None:
+    record.setdefault("time", round(time.time(), 3))
     self._write(record, "valid")
     if self.active:
       heads = " ".join(f"{v:.3f}" for v in record["head_losses"])
       acc = " ".join(f"{v:.3f}" for v in record["head_accuracies"])
       accept = " ".join(f"{v:.3f}" for v in record["head_acceptance"])
-      print(f"valid at step {record['step']}: loss {record['loss']:.4f}  heads [{heads}]  accuracy [{acc}]  "
-            f"acceptance [{accept}]", flush=True)
+      print(f"{_clock(record['time'])}  valid at step {record['step']}: loss {record['loss']:.4f}  heads [{heads}]  "
+            f"accuracy [{acc}]  acceptance [{accept}]", flush=True)
 
   def close(self):
     if self.bar is not None:

@@ -288,7 +288,7 @@ BAD = {
     "train.steps": 0, "train.batch_size": 0, "train.learning_rate": float("nan"), "train.warmup_steps": -1,
     "train.min_lr_ratio": -0.1, "train.weight_decay": -0.1, "train.b1": 1.0, "train.b2": -0.5,
     "train.grad_clip": -1.0, "train.log_every": 0, "train.eval_every": 0, "train.eval_batches": 0,
-    "train.checkpoint_every": 0, "train.keep_checkpoints": 0,
+    "train.checkpoint_every": 0, "train.keep_checkpoints": 0, "train.profile_steps": "5:2",
     "mesh.data": 0, "mesh.fsdp": -2, "mesh.tensor": 0, "mesh.rules": ((("vocab", "tensr"),), {}),
 }
 CACHE_DIR_IS_A_FILE = "data.cache_dir"
