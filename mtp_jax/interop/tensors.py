@@ -51,10 +51,12 @@ class TensorFiles:
     by_file = {}
     for k in keys:
       by_file.setdefault(self.where[k], []).append(k)
-    for path, ks in by_file.items():
-      with safe_open(str(path), framework="numpy") as f:
-        for k in ks:
-          yield k, f.get_tensor(k).astype(dtype)
+    with _progress(sum(len(ks) for ks in by_file.values())) as bar:
+      for path, ks in by_file.items():
+        with safe_open(str(path), framework="numpy") as f:
+          for k in ks:
+            yield k, f.get_tensor(k).astype(dtype)
+            bar.update()
 
 
 class TorchFile:
@@ -82,8 +84,17 @@ class TorchFile:
 
   def items(self, keys, dtype):
     import torch
-    for k in keys:
-      yield k, self.state[k].to(torch.float32).numpy().astype(dtype)
+    keys = list(keys)
+    with _progress(len(keys)) as bar:
+      for k in keys:
+        yield k, self.state[k].to(torch.float32).numpy().astype(dtype)
+        bar.update()
+
+
+def _progress(total: int):
+  """A progress bar of tensors converted, on a terminal only (tqdm's disable=None); logs and tests get none."""
+  from tqdm.auto import tqdm
+  return tqdm(total=total, unit="tensor", desc="convert", disable=None, leave=False)
 
 
 def safetensors_in(directory: Path, single: str, index: str) -> TensorFiles:

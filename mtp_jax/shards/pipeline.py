@@ -9,12 +9,20 @@ Any Beam runner: the local DirectRunner with several worker processes by default
 --temp_location=gs://...`). Workers write each shard to a local temporary file and upload it
 whole (the ArrayRecord writer writes local files only). Documents are tokenized exactly as the
 single-process cache does: BOS + tokenizer.encode(text) + EOS, empty and unreadable ones skipped.
+
+A file that cannot be read (truncated, no text column) is noted by the worker under --output/.failed
+rather than raised there (a worker's error is a traceback per retry); the run then ends with one error
+naming it. A run that fails in any way removes what it wrote: --output was empty when it began, and is so
+again, so the same command can simply be rerun.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 from io import BytesIO as _BytesIO
 
@@ -28,6 +36,7 @@ from mtp_jax.errors import UserError
 from mtp_jax.shards import format as fmt
 
 _NAMESPACE = "mtp_jax.prepare"
+_FAILED = ".failed"   # under --output while the pipeline runs: one file per corpus file that could not be read
 
 
 def _make_tokenizer(kind: str, proto: bytes):
@@ -37,8 +46,8 @@ def _make_tokenizer(kind: str, proto: bytes):
 class _Tokenize(beam.DoFn):
   """One corpus file in, ((split, shard), (name, record)) per non-empty readable document out."""
 
-  def __init__(self, data_cfg: dict, kind: str, proto: bytes, shards: int):
-    self.data_cfg, self.kind, self.proto, self.shards = data_cfg, kind, proto, shards
+  def __init__(self, data_cfg: dict, kind: str, proto: bytes, shards: int, output: str):
+    self.data_cfg, self.kind, self.proto, self.shards, self.output = data_cfg, kind, proto, shards, output
 
   def setup(self):
     import ml_collections
@@ -50,7 +59,13 @@ class _Tokenize(beam.DoFn):
 
   def process(self, file: corpora.File):
     stats = {}
-    for doc in corpora.file_docs(self.cfg, file, stats):
+    try:
+      docs = corpora.file_docs(self.cfg, file, stats)
+    except UserError as e:
+      note = io.path(self.output) / _FAILED / f"{hashlib.sha1(file.url.encode()).hexdigest()[:16]}.txt"
+      io.write_text(note, str(e))
+      return
+    for doc in docs:
       text = doc.read()
       if text is None:
         self.skipped.inc()
@@ -118,6 +133,33 @@ def _tokenizer(config, files):
   return tok
 
 
+class _ShardProgress:
+  """A progress bar (on a terminal) of the shards written so far, polled from this process while the workers
+  run: every runner writes into the same --output, and a shard's lengths file appears last."""
+
+  def __init__(self, out, total: int):
+    from tqdm.auto import tqdm
+    self.out = out
+    self.bar = tqdm(total=total, unit="shard", desc="prepare: shards written (at most)", disable=None)
+    self.done = threading.Event()
+    self.thread = threading.Thread(target=self._poll, daemon=True)
+    self.thread.start()
+
+  def _poll(self):
+    while not self.done.wait(2.0):
+      try:
+        self.bar.update(len(list(self.out.glob("*.lengths.npy"))) - self.bar.n)
+      except Exception:   # a listing that fails now is retried; the pipeline reports real failures
+        pass
+
+  def close(self):
+    self.done.set()
+    self.thread.join()
+    if not self.bar.disable:
+      self.bar.update(len(list(self.out.glob("*.lengths.npy"))) - self.bar.n)
+    self.bar.close()
+
+
 def _pipeline(beam_args: list[str]) -> beam.Pipeline:
   """The runner the options name; by default the DirectRunner's batch engine (FnApiRunner) with several
   worker processes, called directly: DirectRunner itself first tries to download the Prism runner."""
@@ -153,11 +195,34 @@ def prepare(config, output: str, beam_args=()) -> dict:
   _ = (pipeline
        | "Files" >> beam.Create(files)
        | "Spread" >> beam.Reshuffle()
-       | "Tokenize" >> beam.ParDo(_Tokenize(config.data.to_dict(), kind, proto, shards))
+       | "Tokenize" >> beam.ParDo(_Tokenize(config.data.to_dict(), kind, proto, shards, str(out)))
        | "ByShard" >> beam.GroupByKey()
        | "Write" >> beam.ParDo(_WriteShard(str(out), shards, tok.vocab_size)))
-  result = pipeline.run()
-  result.wait_until_finish()
+  try:
+    return _run(pipeline, config, out, files, tok, kind, proto, shards, start)
+  except BaseException:
+    _clear(out)
+    raise
+
+
+def _clear(out) -> None:
+  """Remove what the run wrote under `out` (it was empty or absent when the run began)."""
+  with contextlib.suppress(Exception):
+    for child in list(out.iterdir()) if out.exists() else []:
+      child.rmtree() if child.is_dir() else child.unlink()
+
+
+def _run(pipeline, config, out, files, tok, kind, proto, shards, start) -> dict:
+  progress = _ShardProgress(out, 2 * shards)   # shards per split, some perhaps empty
+  try:
+    result = pipeline.run()
+    result.wait_until_finish()
+  finally:
+    progress.close()
+  failed = sorted((out / _FAILED).iterdir()) if (out / _FAILED).exists() else []
+  if failed:
+    more = f" (and {len(failed) - 1} more files)" if len(failed) > 1 else ""
+    raise UserError(f"{failed[0].read_text()}{more}; nothing was left in --output={out}")
   counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
 
   meta = {"format": fmt.FORMAT, "about": "python -m mtp_jax.prepare",
@@ -171,7 +236,8 @@ def prepare(config, output: str, beam_args=()) -> dict:
     names = [n for n in names if (out / fmt.lengths_name(n)).exists()]
     if not names:
       raise UserError(f"the {split} split of data.source={config.data.source!r} came out empty "
-                      f"({len(files)} files); add data or change data.valid_fraction")
+                      f"({len(files)} files); add data or change data.valid_fraction (nothing was left in "
+                      f"--output={out})")
     lengths = [fmt.load_npy(out / fmt.lengths_name(n)) for n in names]
     meta["splits"][split] = {"shards": names, "docs": int(sum(len(l) for l in lengths)),
                              "tokens": int(sum(l.sum() for l in lengths))}
