@@ -335,6 +335,7 @@ def load_params(workdir):
   of W/pretrained when `convert import` wrote the workdir and no training has saved yet."""
   from mtp_jax.model import abstract_params, build_model   # model code only where it is needed
 
+  io.check_bucket(workdir, "--workdir")   # a store that does not answer: one line in seconds
   config = workdir_lib.read_config(workdir)
   abstract, _ = abstract_params(build_model(config.model))
   ckpt = Checkpointer(workdir, read_only=True) if (io.path(workdir) / CHECKPOINTS).is_dir() else None
