@@ -16,8 +16,9 @@ path (Corpus, read by data.py) and the Beam pipeline (prepare.py, one file per w
 same documents under the same names.
 
 Train/valid split by whole document: a document is held out when a hash of its name falls below
-data.valid_fraction (stable across runs and machines). Unreadable or non-UTF-8 files (and bad JSONL
-lines / rows) are skipped and counted. data.max_train_bytes > 0 caps the training text (and the
+data.valid_fraction (stable across runs and machines). Unreadable or non-UTF-8 files, and records whose
+text is not UTF-8, are skipped and counted as such (bad JSONL lines / rows too, apart); a file that cannot
+be read to its end (a truncated .gz) stops the run with one error naming it. data.max_train_bytes > 0 caps the training text (and the
 validation text in proportion) for quick tests.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from typing import Callable, Optional
 
@@ -34,6 +36,9 @@ from mtp_jax import io
 from mtp_jax.errors import UserError, require
 
 SOURCES = ("stdlib", "glob", "jsonl", "parquet", "hf_disk")
+# Lone surrogates: the bytes of a line that are not UTF-8 (io.open_text decodes them so), or a JSON escape
+# such as "\udc80" that is no character. Such text is skipped and counted, never read as U+FFFD.
+_NOT_TEXT = re.compile("[\ud800-\udfff]")
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -94,6 +99,15 @@ def _matches(pattern: str, kind: str) -> list[str]:
   with io.user_errors(f"data.path={pattern}"):
     paths = io.glob(pattern)
   if not paths and not any(c in pattern for c in "*?["):
+    with io.user_errors(f"data.path={pattern}"):
+      folder = io.path(pattern).is_dir()
+      empty = folder and io.is_empty_dir(pattern)
+    if empty:
+      raise UserError(f"data.path={pattern!r} is an empty directory; put the corpus's files in it, or give "
+                      f"another {kind or 'file'} or a glob")
+    if folder:
+      raise UserError(f"data.path={pattern!r} is a directory; give a glob of its files, e.g. "
+                      f"{os.path.join(pattern, '*')} ({os.path.join(pattern, '**', '*')} recurses)")
     raise UserError(f"data.path={pattern!r}: no such file; give an existing {kind or 'file'} or a glob")
   if not paths:
     raise UserError(f"data.path={pattern!r} matches no files; check the pattern (use ** to recurse into folders)")
@@ -150,8 +164,26 @@ def _jsonl(file: File, field: str, stats: dict) -> list[Doc]:
       except (ValueError, KeyError, TypeError, IndexError):
         stats["bad_lines"] = stats.get("bad_lines", 0) + 1
         continue
-      docs.append(Doc(f"{file.name}:{i + 1}", (lambda t: lambda: t)(text), len(text)))
+      docs.append(_record(f"{file.name}:{i + 1}", text))
   return docs
+
+
+def _record(name: str, text: str) -> Doc:
+  """A record's document; one whose text is not UTF-8 reads as None, so it is skipped and counted like an
+  unreadable file."""
+  if _NOT_TEXT.search(text):
+    return Doc(name, lambda: None, len(text))
+  return Doc(name, lambda: text, len(text))
+
+
+def _strings(column) -> list:
+  """A column's values; a string column holding bytes that are not UTF-8 is decoded value by value, those
+  values as text with lone surrogates (skipped later), as io.open_text reads a JSONL line."""
+  try:
+    return column.to_pylist()
+  except UnicodeDecodeError:
+    import pyarrow as pa
+    return [v if v is None else v.decode("utf-8", "surrogateescape") for v in column.cast(pa.binary()).to_pylist()]
 
 
 def _column_docs(file: File, field: str, stats: dict, batches, names: list[str]) -> list[Doc]:
@@ -160,12 +192,12 @@ def _column_docs(file: File, field: str, stats: dict, batches, names: list[str])
                     f"set data.text_field to the column holding the text")
   docs, row = [], 0
   for batch in batches:
-    for text in batch.column(field).to_pylist():
+    for text in _strings(batch.column(field)):
       row += 1
       if not isinstance(text, str):
         stats["bad_lines"] = stats.get("bad_lines", 0) + 1
         continue
-      docs.append(Doc(f"{file.name}:{row}", (lambda t: lambda: t)(text), len(text)))
+      docs.append(_record(f"{file.name}:{row}", text))
   return docs
 
 
@@ -193,16 +225,21 @@ def _arrow_stream(file: File, field: str, stats: dict) -> list[Doc]:
 
 
 def file_docs(data_cfg, file: File, stats: dict) -> list[Doc]:
-  """The documents inside `file`; bad records are counted in stats['bad_lines']."""
+  """The documents inside `file`; bad records are counted in stats['bad_lines'], records whose text is not
+  UTF-8 read as None. A file that cannot be read to its end is one UserError naming it."""
   source = data_cfg.source
   if source in ("stdlib", "glob"):
     read = functools.partial(_read_remote if io.is_remote(file.url) else _read_local, file.url)
     return [Doc(file.name, read, file.size, int(file.version) if file.version.isdigit() else 0)]
-  if source == "jsonl":
-    return _jsonl(file, data_cfg.text_field, stats)
-  if source == "parquet":
-    return _parquet(file, data_cfg.text_field, stats)
-  return _arrow_stream(file, data_cfg.text_field, stats)
+  reader = {"jsonl": _jsonl, "parquet": _parquet}.get(source, _arrow_stream)
+  try:
+    return reader(file, data_cfg.text_field, stats)
+  except UserError:
+    raise
+  except Exception as e:  # EOFError of a truncated .gz, zlib / lzma / zstd / Arrow errors of damaged bytes, ...
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    raise UserError(f"data.path: {file.url} cannot be read to its end ({type(e).__name__}: {first}); it is "
+                    f"truncated or damaged: write or download it again, or leave it out of data.path") from None
 
 
 def listing(data_cfg, files: list[File]) -> list:
@@ -212,6 +249,7 @@ def listing(data_cfg, files: list[File]) -> list:
 
 
 _FORMAT_VERSION = 2   # part of Corpus.fingerprint: bump when the split or the text a document gives changes
+_RECORD_FORMAT_VERSION = 3   # jsonl / parquet / hf_disk: a record that is not UTF-8 is skipped (was U+FFFD text)
 
 
 def _part(doc: Doc, lo: float, hi: float, suffix: str) -> Doc:
@@ -252,7 +290,8 @@ class Corpus:
     self.caps = {"train": cap, "valid": max(1, int(cap * data_cfg.valid_fraction / (1 - data_cfg.valid_fraction)))
                  if cap else 0}
     # Names, sizes and versions of the files (not contents): cheap to compute, and any edit changes them.
-    key = [_FORMAT_VERSION, data_cfg.source, data_cfg.valid_fraction, cap, listing(data_cfg, files)]
+    version = _FORMAT_VERSION if data_cfg.source in ("stdlib", "glob") else _RECORD_FORMAT_VERSION
+    key = [version, data_cfg.source, data_cfg.valid_fraction, cap, listing(data_cfg, files)]
     self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
   def texts(self, split: str):

@@ -187,11 +187,13 @@ def glob(pattern: str) -> list[str]:
 
 
 def open_text(p: PathLike):
-  """A text stream of `p`, decompressed by its suffix (.gz, .zst, .bz2, .xz), local or on a bucket."""
+  """A text stream of `p`, decompressed by its suffix (.gz, .zst, .bz2, .xz), local or on a bucket. Bytes
+  that are not UTF-8 arrive as lone surrogates (U+DC80..U+DCFF), never as U+FFFD: a reader can tell them
+  from text, and skip what holds them."""
   import fsspec
   if str(p).endswith(".zst"):
     require("zstandard", "pods", f"{p}: a .zst file")
-  return fsspec.open(str(path(p)), "rt", compression="infer", encoding="utf-8", errors="replace").open()
+  return fsspec.open(str(path(p)), "rt", compression="infer", encoding="utf-8", errors="surrogateescape").open()
 
 
 def open_binary(p: PathLike):

@@ -87,6 +87,27 @@ def resumed_train_state(step, params, opt_state) -> TrainState:
   return TrainState(step=step, params=params, opt_state=opt_state)
 
 
+_FROZEN_WRAPPER = ".inner_states['train'].inner_state"   # multi_transform's branch of the trainable leaves
+
+
+def carry_opt_state(old, new):
+  """`new` (a fresh optimizer state for this run's train.trainable) with every leaf that `old` (a checkpoint's
+  state under another train.trainable) holds at the same place: the step counts, so the schedule goes on,
+  and the AdamW moments of parameters that trained then and still do. Returns (state, the parameter paths
+  whose moments start at zero, those whose moments were dropped)."""
+  key = lambda path: jax.tree_util.keystr(path).replace(_FROZEN_WRAPPER, "", 1)
+  olds = {key(p): x for p, x in jax.tree_util.tree_leaves_with_path(old)}
+  news = {key(p) for p, _ in jax.tree_util.tree_leaves_with_path(new)}
+  moments = lambda keys: {k.split(".mu", 1)[1] for k in keys if ".mu[" in k}
+
+  def take(path, x):
+    was = olds.get(key(path))
+    return x if was is None or was.shape != x.shape else jax.device_put(was, x.sharding)
+
+  return (jax.tree_util.tree_map_with_path(take, new), sorted(moments(news) - moments(olds)),
+          sorted(moments(olds) - moments(news)))
+
+
 def train_state_from_params(params, tx, state_shardings) -> TrainState:
   """A step-0 TrainState holding `params` (e.g. imported weights, already in their shardings) and a fresh
   optimizer state, created in `state_shardings`."""

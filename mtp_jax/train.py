@@ -24,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -41,8 +42,8 @@ from mtp_jax.dry_run import compile_train_step, memory_report, model_flops_per_t
 from mtp_jax.errors import UserError
 from mtp_jax.model import build_model
 from mtp_jax.profiler import StepProfiler
-from mtp_jax.step import (init_train_state, make_eval_step, make_optimizer, resumed_train_state,
-                          train_state_from_params)
+from mtp_jax.step import (abstract_train_state, carry_opt_state, init_train_state, make_eval_step, make_optimizer,
+                          resumed_train_state, train_state_from_params)
 
 
 class TrainingDiverged(UserError):
@@ -104,9 +105,13 @@ def check_workdir(config, workdir: io.Path) -> None:
                     f"restore it, or use a new --workdir")
   old.setdefault("model.rope_scaling", base_config().model.rope_scaling.to_dict())   # runs from before the field
   new = _shape_fields(config.to_dict())
-  if not trained:   # an import that has not trained yet: only the weights' shapes bind
-    new = {k: v for k, v in new.items() if k.startswith("model.")}
+  if not trained:   # an import that has not trained yet: the weights' shapes bind, and the tokenizer they read
+    new = {k: v for k, v in new.items() if k.startswith("model.") or k == "data.tokenizer"}
   diffs = [f"{k}={old.get(k)!r} there vs {new[k]!r} now" for k in new if old.get(k) != new[k]]
+  if diffs and not trained:
+    raise UserError(f"{workdir} holds an imported model that this config does not fit ({'; '.join(diffs)}): the "
+                    f"imported weights only make sense with their own shapes and tokenizer; drop these overrides "
+                    f"(configs/imported.py:{workdir} sets them), or import into a new --workdir")
   if diffs:
     raise UserError(f"{workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir, "
                     f"or the run's own values to resume it")
@@ -200,8 +205,11 @@ def _train_and_evaluate(config, workdir) -> dict:
   if moved:
     _say(moved)
   lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
-  if jax.process_index() == 0:
+  resuming = bool(step_dirs(workdir))
+  saved = workdir_lib.read_json(workdir) if resuming else None
+  if jax.process_index() == 0 and not resuming:   # a resume rewrites it once its checkpoint has restored
     workdir_lib.write_config(config, workdir)
+  if jax.process_index() == 0:
     data_record.write(workdir, data_now)
     tokenizer_lib.save_to_workdir(data.tokenizer, workdir)
 
@@ -221,18 +229,35 @@ def _train_and_evaluate(config, workdir) -> dict:
 
   train_iter = iter(data_lib.train_dataset(data.train, config))
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
+  # The checkpoints' optimizer state has the shape of the train.trainable they were saved with.
+  was_trainable = ((saved or {}).get("train") or {}).get("trainable", "all") if resuming else t.trainable
+  restore_state = abstract_state
+  if was_trainable != t.trainable:
+    old_train = ml_collections.ConfigDict(t.to_dict())
+    old_train.trainable = was_trainable
+    restore_state, _ = abstract_train_state(model, make_optimizer(old_train), mesh, config)
   try:
-    start, restored = ckpt.restore_latest(**ckpt.train_targets(abstract_state, abstract_rng, train_iter))
+    start, restored = ckpt.restore_latest(**ckpt.train_targets(restore_state, abstract_rng, train_iter))
   except BaseException:   # e.g. no usable checkpoint: stop before metrics.jsonl is touched
     _close_quietly(ckpt.close)
     raise
+  if jax.process_index() == 0 and resuming:
+    workdir_lib.write_config(config, workdir)
   if restored is None and workdir_lib.has_pretrained(workdir):   # convert import wrote W/pretrained
     state = train_state_from_params(load_pretrained(workdir, abstract_state.params), tx, state_shardings)
     _say(f"starting at step 0 from the imported parameters in {workdir / workdir_lib.PRETRAINED}")
   elif restored is None:
     state = init_train_state(model, tx, mesh, config, jax.random.fold_in(rng, 0))
   else:
-    state = resumed_train_state(restored.meta["step"], restored.params, restored.opt_state)
+    opt_state = restored.opt_state
+    if was_trainable != t.trainable:
+      fresh_opt = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(restored.params)
+      opt_state, fresh, dropped = carry_opt_state(restored.opt_state, fresh_opt)
+      changes = [f"{len(fresh)} newly trainable parameter arrays start with zero AdamW moments"] * bool(fresh) + \
+          [f"{len(dropped)} newly frozen ones drop theirs"] * bool(dropped)
+      _say(f"train.trainable={t.trainable!r} now, {was_trainable!r} when the checkpoint of step {start} was saved: "
+           f"parameters, step, RNG, schedule and data position are restored; {', '.join(changes) or 'nothing else'}")
+    state = resumed_train_state(restored.meta["step"], restored.params, opt_state)
     rng = jax.random.wrap_key_data(restored.meta["rng"])
     _say(f"resumed from the checkpoint of step {start} in {workdir}")
   if jax.process_index() == 0:

@@ -427,6 +427,8 @@ TABLE = [
     ("generate: config.json lacks fields", "generate", ["--workdir={lacks_fields}", "--prompt=a"], "lacks model."),
     ("generate: workdir is a file", "generate", ["--workdir={root}/a_file", "--prompt=a"], "is a file"),
     ("generate: only NaN checkpoints", "generate", ["--workdir={all_nan}", "--prompt=a"], "no usable checkpoint"),
+    ("generate: every checkpoint damaged", "generate", ["--workdir={all_damaged}", "--prompt=a"],
+     "no usable checkpoint"),
     ("generate: damaged tokenizer.model", "generate", ["--workdir={bad_tokenizer}", "--prompt=a"],
      "tokenizer.model (the run's copy"),
     ("prompt_file is a directory", "generate", ["--workdir={good}", "--prompt_file={root}/prompts_dir.jsonl"],
@@ -469,6 +471,9 @@ def test_cli_bad_input_is_one_error_line(bad_places, cache_dir, name, cli, argv,
   errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and words in errors[0], out
   assert "Traceback" not in out and "Event loop is closed" not in out
+  if cli == "generate":   # nothing said twice (orbax's warnings were, once per read attempt)
+    said = [l for l in out.splitlines() if l.strip()]
+    assert len(said) == len(set(said)), out
   assert not (bad_places["root"] / "ro" / "run").exists()
 
 
@@ -523,3 +528,217 @@ def test_abandoned_read_tasks_are_not_logged_but_other_task_errors_are(caplog):
     gc.collect()
   logged = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio" and r.exc_info]
   assert [m for m in logged if m in messages] == ["a real bug"]
+
+
+# ----------------------------------------------------------------------------- imported weights, prepare, records
+
+PRETRAINED = os.path.join(ROOT, "tests", "fixtures", "pretrained")
+
+
+def _source_copy(root, name, fixture="hf_gqa_untied", **config_fields):
+  import json
+  d = root / name
+  shutil.copytree(os.path.join(PRETRAINED, fixture), d)
+  if config_fields:
+    c = json.loads((d / "config.json").read_text())
+    c.update(config_fields)
+    (d / "config.json").write_text(json.dumps(c))
+  return d
+
+
+def _poison(path, key, value):
+  """One element (or, value=nan, the whole tensor) of a safetensors file's tensor `key` set to `value`."""
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(path))
+  if np.isnan(value):
+    tensors[key] = np.full_like(tensors[key], value)
+  else:
+    tensors[key].flat[0] = value
+  save_file(tensors, str(path))
+
+
+def _jsonl_lines(n=40):
+  import json
+  return [json.dumps({"text": f"record {i}: " + "some words of text " * 8}).encode() for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def bad_sources(tmp_path_factory):
+  """Checkpoints, workdirs and corpora for SOURCE_TABLE (built once)."""
+  import gzip
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from mtp_jax.workdir import config_json
+  from tests.conftest import tiny_config
+  root = tmp_path_factory.mktemp("sources")
+  p = {"root": root}
+  p["bad_generation"] = _source_copy(root, "bad_generation")
+  (p["bad_generation"] / "generation_config.json").write_text('{"bos_token_id": 1,')
+  p["no_heads"] = _source_copy(root, "no_heads", num_attention_heads=0)
+  p["deeper"] = _source_copy(root, "deeper", num_hidden_layers=2)       # the weights hold 3 layers
+  p["nan"] = _source_copy(root, "nan")
+  _poison(p["nan"] / "model.safetensors", "model.layers.1.mlp.up_proj.weight", np.nan)
+  p["meta_inf"] = _source_copy(root, "meta_inf", "meta_mtp")
+  _poison(p["meta_inf"] / "consolidated.safetensors", "extra_heads.0.feed_forward.w1.weight", np.inf)
+  p["sequential"] = root / "sequential"
+  p["sequential"].mkdir()
+  (p["sequential"] / "config.json").write_text(config_json(tiny_config(head_type="sequential", n_future=2)))
+  whole = gzip.compress(b"\n".join(_jsonl_lines() * 20) + b"\n")
+  (root / "truncated.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+  pq.write_table(pa.table({"body": ["a document " * 20] * 8}), str(root / "no_text.parquet"))
+  (root / "one_record.jsonl").write_bytes(_jsonl_lines(1)[0] + b"\n")
+  (root / "empty_dir").mkdir()
+  return p
+
+
+_PREPARE = ["--config.data.max_train_bytes=0", "--output={root}/prepared"]   # after --config=configs/tiny.py:bytes
+# (name, CLI, argv from the places, words the one error line must hold). {x} is bad_sources[x].
+SOURCE_TABLE = [
+    ("convert: damaged generation_config.json", "convert", ["import", "--from={bad_generation}", "--workdir={root}/w"],
+     "generation_config.json is not JSON"),
+    ("convert: num_attention_heads 0", "convert", ["import", "--from={no_heads}", "--workdir={root}/w"],
+     "num_attention_heads=0 must be a positive integer"),
+    ("convert: more layers than num_hidden_layers", "convert", ["import", "--from={deeper}", "--workdir={root}/w"],
+     "hold 3 model.layers.* (model.layers.0..2) but config.json's num_hidden_layers=2"),
+    ("convert: a NaN tensor", "convert", ["import", "--from={nan}", "--workdir={root}/w"],
+     "tensor model.layers.1.mlp.up_proj.weight (our trunk/layer/up/kernel[1]) holds 6144 NaN/inf values"),
+    ("convert: an inf in a Meta extra head", "convert", ["import", "--from={meta_inf}", "--workdir={root}/w"],
+     "tensor extra_heads.0.feed_forward.w1.weight (our heads_1/gate/kernel) holds 1 NaN/inf value"),
+    ("convert: export of sequential heads", "convert", ["export", "--workdir={sequential}", "--to={root}/hf"],
+     "sequential heads do not export"),
+    ("prepare: truncated .jsonl.gz", "prepare",
+     ["--config=configs/tiny.py:bytes", "--config.data.source=jsonl", "--config.data.path={root}/truncated.jsonl.gz", *_PREPARE],
+     "truncated.jsonl.gz cannot be read to its end (EOFError"),
+    ("prepare: Parquet without the text column", "prepare",
+     ["--config=configs/tiny.py:bytes", "--config.data.source=parquet", "--config.data.path={root}/no_text.parquet", *_PREPARE], "has no column 'text'"),
+    ("prepare: a split comes out empty", "prepare",
+     ["--config=configs/tiny.py:bytes", "--config.data.source=jsonl", "--config.data.path={root}/one_record.jsonl", *_PREPARE],
+     "came out empty (1 files); add data or change data.valid_fraction (nothing was left in --output"),
+    ("main: truncated .jsonl.gz", "main",
+     ["--workdir={root}/run", "--config.data.source=jsonl", "--config.data.path={root}/truncated.jsonl.gz"],
+     "truncated.jsonl.gz cannot be read to its end (EOFError"),
+    ("main: data.path an empty directory", "main",
+     ["--workdir={root}/run", "--config.data.source=jsonl", "--config.data.path={root}/empty_dir"],
+     "is an empty directory"),
+]
+
+
+@pytest.mark.parametrize("name, cli, argv, words", SOURCE_TABLE, ids=[row[0] for row in SOURCE_TABLE])
+def test_new_paths_bad_input_is_one_error_line(bad_sources, cache_dir, name, cli, argv, words):
+  """The converter, prepare and the record sources: one `error:` line, exit 2, nothing written (the
+  workdir, the export and the prepare output are absent or empty afterwards)."""
+  argv = [a.format(**bad_sources) for a in argv]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  if cli == "main":
+    r = run_main(argv[0].split("=", 1)[1], cache_dir, *argv[1:])
+  else:
+    r = subprocess.run([sys.executable, "-m", f"mtp_jax.{cli}", *argv], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  out = r.stdout + r.stderr
+  assert r.returncode == 2, out
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and words in errors[0], out
+  assert "Traceback" not in out, out
+  root = bad_sources["root"]
+  for place in ("w", "hf", "run", "prepared"):
+    assert not (root / place).exists() or not any((root / place).iterdir()), place
+
+
+def test_every_importer_is_checked_where_the_workdir_is_written(tmp_path):
+  """write_workdir, which every importer calls, refuses non-finite parameters by our path: nothing written."""
+  from mtp_jax.interop import workdir as import_workdir
+  from mtp_jax.interop.tensors import ConvertError
+  from tests.conftest import tiny_config
+  params = {"embed": {"embedding": np.ones((4, 2), np.float32)}, "final_norm": {"scale": np.array([1, np.inf])}}
+  with pytest.raises(ConvertError, match=r"parameter final_norm/scale holds 1 NaN/inf value .*nothing was written"):
+    import_workdir.write_workdir(tmp_path / "w", tiny_config(), params, None)
+  assert not (tmp_path / "w").exists() and os.listdir(tmp_path) == []
+
+
+def test_imported_workdir_refuses_another_tokenizer(tmp_path, cache_dir):
+  """data.tokenizer=sentencepiece on an import with a Hugging Face tokenizer would train a new, unrelated
+  tokenizer and fine-tune the imported embeddings on its ids: refused before anything is written."""
+  from configs.imported import get_config as imported_config
+  from mtp_jax import interop
+  from tests.test_train import snapshot
+  w = tmp_path / "w"
+  interop.import_checkpoint(os.path.join(PRETRAINED, "hf_gqa_untied"), w)
+  before = snapshot(w)
+  for field, value in (("tokenizer", "sentencepiece"), ("tokenizer", "bytes")):
+    c = imported_config(str(w))
+    c.data.update({field: value, "cache_dir": cache_dir, "max_train_bytes": 200_000})
+    with pytest.raises(UserError, match=rf"imported model .*data\.tokenizer='huggingface' there vs {value!r} now"):
+      train.train_and_evaluate(c, w)
+    assert snapshot(w) == before          # config.json as it was, no tokenizer.model left behind
+
+
+def test_trainable_heads_run_resumes_with_trainable_all(tmp_path, cache_dir, capsys):
+  """A train.trainable=heads checkpoint resumed with trainable=all: parameters, step, schedule and data
+  position come back, the newly trainable arrays start with zero moments (said in one line)."""
+  import json
+  train.train_and_evaluate(tiny(cache_dir, steps=4, checkpoint_every=4, trainable="heads"), tmp_path)
+  capsys.readouterr()
+  c = tiny(cache_dir, steps=8, checkpoint_every=4, trainable="all")
+  train.train_and_evaluate(c, tmp_path)
+  out = capsys.readouterr().out
+  assert "train.trainable='all' now, 'heads' when the checkpoint of step 4 was saved" in out, out
+  assert "newly trainable parameter arrays start with zero AdamW moments" in out
+  assert "resumed from the checkpoint of step 4" in out
+  assert json.loads((tmp_path / "config.json").read_text())["train"]["trainable"] == "all"
+  assert [r["step"] for r in records(tmp_path)] == list(range(1, 9))
+  assert Checkpointer(tmp_path, read_only=True).steps()[-1] == 8
+
+
+def test_carried_optimizer_state_keeps_counts_and_moments_of_what_still_trains(make_config):
+  """heads -> all: the counts (Adam's and the schedule's) and the heads' moments carry over, the rest start
+  at zero; all -> heads: the frozen leaves' moments are dropped."""
+  c = make_config(n_future=2)
+  params = {"trunk": {"w": jnp.ones((3, 2))}, "heads_1": {"w": jnp.ones((2, 2))}}
+  c.train.trainable = "heads"
+  heads = step.make_optimizer(c.train).init(params)
+  heads = jax.tree.map(lambda x: x + 5 if x.ndim == 0 else x + 0.5, heads)     # as after some steps
+  c.train.trainable = "all"
+  fresh = step.make_optimizer(c.train).init(params)
+  carried, started, dropped = step.carry_opt_state(heads, fresh)
+  leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(carried)}
+  assert [int(x) for k, x in leaves.items() if k.endswith("count")] == [5, 5]
+  assert np.all(leaves["[1][0].mu['heads_1']['w']"] == 0.5) and np.all(leaves["[1][0].mu['trunk']['w']"] == 0)
+  assert started == ["['trunk']['w']"] and dropped == []
+  back, started, dropped = step.carry_opt_state(carried, heads)
+  assert started == [] and dropped == ["['trunk']['w']"]
+
+
+def test_jsonl_record_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+  """A record whose bytes are not UTF-8 (or whose JSON escapes are no characters) is skipped and counted
+  with the unreadable documents, never read as U+FFFD; .gz included."""
+  import gzip
+  from mtp_jax.corpora import Corpus
+  lines = _jsonl_lines(30)
+  lines[3] = b'{"text": "caf\xe9 in latin-1"}'
+  lines[7] = b'{"text": "a lone \\udc80 surrogate"}'
+  for name, blob in (("a.jsonl", b"\n".join(lines) + b"\n"), ("a.jsonl.gz", gzip.compress(b"\n".join(lines)))):
+    (tmp_path / name).write_bytes(blob)
+    c = base_config()
+    c.data.update(source="jsonl", path=str(tmp_path / name), max_train_bytes=0)
+    corpus = Corpus(c.data)
+    texts = list(corpus.texts("train")) + list(corpus.texts("valid"))
+    assert len(texts) == 28 and not any("\ufffd" in t or "caf" in t or "lone" in t for t in texts)
+    skipped = corpus.stats["train_skipped"] + corpus.stats["valid_skipped"]
+    assert skipped == 2 and "skipped: unreadable or not UTF-8" in corpus.describe("train")
+
+
+def test_prepare_failure_leaves_the_output_empty_and_a_rerun_works(bad_sources, tmp_path):
+  """A split that comes out empty: nothing is left in --output, and the same --output then takes a good run."""
+  from configs.tiny import get_config
+  from mtp_jax.shards.pipeline import prepare
+  c = get_config("bytes")
+  c.data.update(source="jsonl", path=str(bad_sources["root"] / "one_record.jsonl"), max_train_bytes=0)
+  c.data.prepare_shards = 2
+  out = tmp_path / "prepared"
+  with pytest.raises(UserError, match="came out empty"):
+    prepare(c, str(out), ["--direct_running_mode=in_memory"])
+  assert not out.exists() or not any(out.iterdir())
+  (tmp_path / "corpus.jsonl").write_bytes(b"\n".join(_jsonl_lines(40)) + b"\n")
+  c.data.path, c.data.valid_fraction = str(tmp_path / "corpus.jsonl"), 0.3
+  meta = prepare(c, str(out), ["--direct_running_mode=in_memory"])
+  assert meta["splits"]["train"]["docs"] + meta["splits"]["valid"]["docs"] == 40

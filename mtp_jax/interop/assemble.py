@@ -120,15 +120,51 @@ def get_path(tree: dict, path: str):
   return tree
 
 
+def check_depth(sources, arch: Arch, meta: bool, layers_field: str, heads_field: str) -> None:
+  """Refuse weights with more layers (or extra heads) than the config says, naming the config's field."""
+  for prefix, have, field in (("layers." if meta else mapping.HF_LAYER_PREFIX, arch.n_layers, layers_field),
+                              ("extra_heads.", arch.n_extra_heads, heads_field)):
+    found = [int(i) for src in sources for k in src.keys() if k.startswith(prefix)
+             for i in [k[len(prefix):].split(".")[0]] if i.isdigit()]
+    if found and max(found) >= have:
+      raise ConvertError(f"the weights hold {max(found) + 1} {prefix}* ({prefix}0..{max(found)}) but {field} "
+                         f"implies {have}: the config does not describe these weights (use the config that came "
+                         f"with them)")
+
+
+def _our_path(dest, path: str) -> str:
+  if dest and dest[0] == "trunk":
+    return f"trunk/layer/{path}[{dest[1]}]"
+  return f"{dest[0]}/{path}" if dest else path
+
+
+def _refuse_nonfinite(what: str, w, hint: str = "") -> None:
+  bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+  if bad:
+    raise ConvertError(f"{what} holds {bad} NaN/inf value{'s' if bad > 1 else ''} (of {np.size(w)}): the "
+                       f"checkpoint is damaged{hint}; nothing was written (download or export it again)")
+
+
+def check_finite(params: dict) -> None:
+  """Refuse a parameter tree with a NaN or inf anywhere, naming the first such leaf by our path."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    _refuse_nonfinite("parameter " + "/".join(str(getattr(p, "key", p)) for p in path), np.asarray(leaf))
+
+
 def build_params(arch: Arch, config, sources, meta: bool, head_init: str = "copy", seed: int = 0,
-                 ignorable=lambda k: False) -> dict:
-  """Our parameter tree (numpy, config.model.param_dtype) from the checkpoint's tensors, file by file."""
+                 ignorable=lambda k: False, layers_field: str = "the config's layer count",
+                 heads_field: str = "the config's head count") -> dict:
+  """Our parameter tree (numpy, config.model.param_dtype) from the checkpoint's tensors, file by file; a
+  tensor holding NaN/inf is refused by its checkpoint key and our path."""
   from mtp_jax.model import abstract_params, build_model
 
   expected = expected_keys(arch, meta)
+  check_depth(sources, arch, meta, layers_field, heads_field)
   check_keys(sources, expected, ignorable)
   check_shapes(sources, expected, arch.dims)
   dtype = numpy_dtype(config.model.param_dtype)
+  overflow = (" or its values overflow float16 (import with --param_dtype=bfloat16)"
+              if config.model.param_dtype == "float16" else "")   # checked after the cast
   model = build_model(config.model)
   abstract, _ = abstract_params(model)
   params = jax.tree.map(lambda a: np.empty(a.shape, dtype), abstract)
@@ -137,6 +173,7 @@ def build_params(arch: Arch, config, sources, meta: bool, head_init: str = "copy
     keys = [k for k in src.keys() if k in expected]
     for key, w in src.items(keys, dtype):
       dest, path, kind, meta_order = expected[key]
+      _refuse_nonfinite(f"tensor {key} (our {_our_path(dest, path)})", w, overflow)
       leaf = mapping.to_ours(w, kind, arch.dims, meta_order)
       target = get_path(params["trunk"]["layer"], path)[dest[1]] if dest and dest[0] == "trunk" else (
           get_path(params[dest[0]], path) if dest else get_path(params, path))

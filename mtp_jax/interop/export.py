@@ -83,6 +83,11 @@ def _check_exportable(config) -> None:
   if m.head_type == "linear":
     raise ConvertError("model.head_type=linear: a linear head is not a Llama layer, so the next-token model has no "
                        "Hugging Face form; export models with parallel transformer heads")
+  if m.head_type == "sequential":
+    raise ConvertError("model.head_type=sequential: heads 2..n are DeepSeek-style MTP modules (eh_proj, enorm, hnorm), "
+                       "which neither a Hugging Face Llama nor Meta's extra_heads layout can hold, so sequential heads "
+                       "do not export; decode this workdir with python -m mtp_jax.generate, or export a model "
+                       "trained with parallel heads")
   if m.head_type == "causal" and m.n_future > 1:
     raise ConvertError("model.head_type=causal: heads 2..n read the previous head, which Meta's extra_heads layout "
                        "cannot say; export models with parallel heads")

@@ -20,6 +20,8 @@ EXTRA_HEADS = "extra_heads.safetensors"
 _MUST_BE = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "sliding_window": None,
             "use_sliding_window": False, "partial_rotary_factor": 1.0, "quantization_config": None}
 _ARCHITECTURES = ("LlamaForCausalLM",)
+_POSITIVE = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+             "intermediate_size", "head_dim", "max_position_embeddings")
 
 
 def _rope(cfg: dict, where: str):
@@ -60,10 +62,7 @@ def read_config(directory: Path) -> Arch:
   if not where.exists():
     raise ConvertError(f"{directory} has no config.json: not a Hugging Face model directory (give the folder "
                        f"save_pretrained wrote, with config.json and *.safetensors)")
-  try:
-    cfg = json.loads(where.read_text())
-  except ValueError as e:
-    raise ConvertError(f"{where} is not JSON ({e})")
+  cfg = _json_object(where, "download it again")
   if cfg.get("model_type") != "llama":
     raise ConvertError(f"{where}: model_type={cfg.get('model_type')!r} is not supported; mtp_jax converts "
                        f"Llama-architecture models (model_type 'llama')")
@@ -73,6 +72,10 @@ def read_config(directory: Path) -> Arch:
   for field, want in _MUST_BE.items():
     if cfg.get(field, want) != want:
       raise ConvertError(f"{where}: {field}={cfg[field]!r} cannot be represented (mtp_jax needs {want!r})")
+  for field in _POSITIVE:
+    v = cfg.get(field)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+      raise ConvertError(f"{where}: {field}={v!r} must be a positive integer")
   try:
     d, h = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or d // h
@@ -90,13 +93,26 @@ def read_config(directory: Path) -> Arch:
     raise ConvertError(f"{where} lacks the field {e.args[0]}")
   gen = directory / "generation_config.json"
   if gen.exists():   # generation_config.json states the ids generation uses; prefer it
-    g = json.loads(gen.read_text())
+    g = _json_object(gen, "delete it to use config.json's bos_token_id / eos_token_id")
     arch.bos_id = _first_id(g.get("bos_token_id", arch.bos_id))
     arch.eos_id = _first_id(g.get("eos_token_id", arch.eos_id))
   extra = directory / "params.json"
   if (directory / EXTRA_HEADS).exists() and extra.exists():
-    arch.n_extra_heads = int(json.loads(extra.read_text()).get("n_future_tokens", 1)) - 1
+    n = _json_object(extra, "export the model again").get("n_future_tokens", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+      raise ConvertError(f"{extra}: n_future_tokens={n!r} must be a positive integer")
+    arch.n_extra_heads = n - 1
   return arch
+
+
+def _json_object(path: Path, fix: str) -> dict:
+  try:
+    value = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConvertError(f"{path} is not JSON ({e}); {fix}")
+  if not isinstance(value, dict):
+    raise ConvertError(f"{path} is not a JSON object; {fix}")
+  return value
 
 
 def load_tokenizer(directory: Path, arch: Arch):
@@ -148,5 +164,6 @@ def read(directory, n_future: Optional[int] = None, head_init: str = "copy", par
   if tok.kind == "huggingface":
     config.data.tokenizer = "huggingface"
   params = build_params(arch, config, sources, meta=False, head_init=head_init, seed=seed,
-                        ignorable=_ignorable(arch))
+                        ignorable=_ignorable(arch), layers_field=f"config.json's num_hidden_layers={arch.n_layers}",
+                        heads_field=f"params.json's n_future_tokens={n_ckpt}")
   return config, params, tok

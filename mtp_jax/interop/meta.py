@@ -26,6 +26,16 @@ def ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> 
 
 
 def arch_from_params(p: dict, where: str, vocab_size: Optional[int] = None) -> Arch:
+  if not isinstance(p, dict):
+    raise ConvertError(f"{where} is not a JSON object")
+  for field in ("dim", "n_heads", "n_kv_heads", "n_layers", "n_future_tokens", "hidden_dim", "multiple_of",
+                "max_seq_len"):
+    v = p.get(field)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+      raise ConvertError(f"{where}: {field}={v!r} must be a positive integer")
+  if int(p.get("n_future_tokens", 1)) > int(p.get("n_layers", 1)):
+    raise ConvertError(f"{where}: n_future_tokens={p['n_future_tokens']} exceeds n_layers={p['n_layers']} (the "
+                       f"total depth, head layers included)")
   try:
     dim, n_heads = int(p["dim"]), int(p["n_heads"])
     n_future = int(p.get("n_future_tokens", 1))
@@ -79,5 +89,7 @@ def read(directory, n_future: Optional[int] = None, head_init: str = "copy", par
     raise ConvertError(f"{sp} is not a sentencepiece model (Llama 3's tiktoken files are not supported)")
   check_vocab(tok, arch, str(sp))
   config = model_config(arch, n_future, param_dtype)
-  params = build_params(arch, config, [src], meta=True, head_init=head_init, seed=seed)
+  layers = f"params.json's n_layers={p['n_layers']} with n_future_tokens={n_ckpt}"
+  params = build_params(arch, config, [src], meta=True, head_init=head_init, seed=seed, layers_field=layers,
+                        heads_field=f"params.json's n_future_tokens={n_ckpt}")
   return config, params, tok

@@ -21,11 +21,14 @@ def check_target(workdir):
 
 
 def write_workdir(workdir, config, params, tokenizer):
-  """config.json + tokenizer files + W/pretrained, all or nothing."""
+  """config.json + tokenizer files + W/pretrained, all or nothing; parameters holding NaN/inf are refused by
+  name before anything is written (every importer comes through here)."""
   import orbax.checkpoint as ocp
   from mtp_jax import tokenizer as tokenizer_lib
+  from mtp_jax.interop.assemble import check_finite
 
   workdir = check_target(workdir)
+  check_finite(params)
   with io.new_dir(workdir, "--workdir", last=CONFIG_FILE) as tmp:
     (tmp / CONFIG_FILE).write_text(config_json(config))
     tokenizer_lib.save_to_workdir(tokenizer, tmp)
