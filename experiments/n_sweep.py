@@ -1,6 +1,7 @@
 """How many heads (Gloeckle et al. 2024, sections 3.3-3.4): n in {1, 2, 4, 8} at parameter parity, on bytes and on pieces.
 
     python experiments/n_sweep.py --steps=600 --sp_steps=400   # the README's run: 8 models, about an hour on 2 CPU cores
+    python experiments/n_sweep.py --recipes=bytes --ns=1,2,4 --seeds=0,1,2 --steps=600   # 3 seeds: mean and 95% interval
     python experiments/n_sweep.py --quick                      # smoke: configs/tiny.py, n in {1, 4}, a few steps
 
 Two recipes, each trained by the library's trainer from the same seed on the same batches (the
@@ -15,7 +16,12 @@ run's wall-clock (per-second comparison) and, at batch 1 over held-out prompts, 
 tokens per forward pass, acceptance and speedup over greedy (output checked identical). n=8 against
 n=1 on bytes is the paper's section 3.3 comparison. Rerunning resumes or re-evaluates finished runs;
 the bytes runs share workdirs with experiments/sequential_vs_parallel.py (parallel_n4 is the same
-model). Writes experiments/results/n_sweep.{md,json,png}.
+model). With --seeds, every n trains once per seed (the seed sets the initialisation and the data order; all
+n of one seed read the same batches) and a summary table gives, per n, the mean next-token loss with its 95%
+t-interval over seeds and the paired difference from n=1 with its interval; "reproduced" only where that
+interval excludes zero in the paper's direction at this size (n > 1 scores worse than n=1, Figure 3), else
+"not separable at this budget". Decoding is measured on the first seed's models only. Writes
+experiments/results/n_sweep.{md,json,png} (n_sweep_seeds.* with more than one seed).
 """
 import argparse
 import math
@@ -41,8 +47,27 @@ PAPER = ("Paper (Gloeckle et al. 2024): at 7B parameters, n=4 is best with a 32k
 MIN_TRUNK = 2    # layers the trunk keeps at the largest n (the sp recipe's own trunk at n = 4)
 
 
-def sweep_config(recipe: str, n: int, max_n: int, quick: bool, steps: int):
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(xs) -> tuple:
+  """(mean, half-width of the 95% t-interval over xs; nan for one value)."""
+  xs = np.asarray(xs, float)
+  if len(xs) < 2:
+    return float(xs.mean()), float("nan")
+  return float(xs.mean()), float(T975.get(len(xs) - 1, 1.96) * xs.std(ddof=1) / math.sqrt(len(xs)))
+
+
+def verdict(mean: float, half: float) -> str:
+  """The paper's direction at this size: n > 1 scores a worse (higher) next-token loss than n=1."""
+  if math.isnan(half) or abs(mean) <= half:
+    return "not separable at this budget"
+  return "reproduced (n=1 better)" if mean > 0 else "not reproduced: n>1 better"
+
+
+def sweep_config(recipe: str, n: int, max_n: int, quick: bool, steps: int, seed: int = 0):
   c = run_config("parallel", n, quick, steps, RECIPES[recipe])
+  c.seed = seed
   c.model.n_layers = max(c.model.n_layers, max_n + MIN_TRUNK)    # one depth L for the whole sweep
   return c
 
@@ -65,31 +90,66 @@ def loss_at(curve: dict, seconds: float) -> float:
   return float(np.interp(seconds, curve["seconds"], curve["loss"]))
 
 
-def run_one(recipe, n, max_n, a, root, prompts_n, prompt_len) -> dict:
+def run_one(recipe, n, max_n, a, root, prompts_n, prompt_len, seed=0, decode=True) -> dict:
   from mtp_jax.dry_run import param_counts
   from mtp_jax.generate import load_workdir
   from mtp_jax.model import ModelArgs
   from mtp_jax.train import train_and_evaluate
-  config = sweep_config(recipe, n, max_n, a.quick, a.sp_steps if recipe == "sp" and a.sp_steps else a.steps)
-  workdir = os.path.join(root, f"parallel_n{n}" if recipe == "bytes" else f"{recipe}_L{config.model.n_layers}_n{n}")
+  config = sweep_config(recipe, n, max_n, a.quick, a.sp_steps if recipe == "sp" and a.sp_steps else a.steps, seed)
+  workdir = os.path.join(root, (f"parallel_n{n}" if recipe == "bytes" else f"{recipe}_L{config.model.n_layers}_n{n}")
+                         + (f"_seed{seed}" if seed else ""))
   began = time.time()
   final = train_and_evaluate(config, workdir)
   params, config, tokenizer = load_workdir(workdir)
   steps, losses, seconds = train_curve(workdir, config.train.batch_size * config.data.seq_len)
   tpb = tokens_per_byte(config, tokenizer)
-  row = {"recipe": recipe, "n": n, "n_layers": config.model.n_layers, "params": param_counts(params)["params_total"],
+  row = {"recipe": recipe, "n": n, "seed": seed, "n_layers": config.model.n_layers, "params": param_counts(params)["params_total"],
          "steps": final["step"], "valid_next_token_loss": final["head_losses"][0],
          "bits_per_byte": final["head_losses"][0] * tpb / math.log(2), "tokens_per_byte": tpb,
          "valid_accuracy": final["head_accuracies"][0], "valid_head_losses": final["head_losses"],
          "train_seconds": seconds[-1], "curve": {"steps": steps, "loss": losses, "seconds": seconds}}
-  if n > 1:
+  if n > 1 and decode:
     prompts = held_out_prompts(config, tokenizer, prompts_n, prompt_len)
     row.update(decode_batch1(params, ModelArgs.from_config(config.model), prompts, a.max_new_tokens, a.repeats))
   row["wall_seconds"] = round(time.time() - began, 1)     # training, evaluation and decoding
-  print(f"{recipe} n={n}: valid next-token loss {row['valid_next_token_loss']:.4f} "
+  print(f"{recipe} n={n} seed={seed}: valid next-token loss {row['valid_next_token_loss']:.4f} "
         f"({row['bits_per_byte']:.3f} bits/byte), speedup {row.get('speedup', 1.0):.2f} "
         f"({time.time() - began:.0f}s)", flush=True)
   return row
+
+
+def summary(rows, recipe, ns, seeds) -> list:
+  """Per n: the next-token loss over seeds and its paired difference from n=1 (same seed, same batches)."""
+  by = {(r["n"], r["seed"]): r["valid_next_token_loss"] for r in rows if r["recipe"] == recipe}
+  done = [s for s in seeds if all((n, s) in by for n in ns)]
+  out = []
+  for n in ns:
+    vals = [by[(n, s)] for s in done]
+    m, h = interval(vals)
+    row = {"recipe": recipe, "n": n, "seeds": done, "per_seed": vals, "mean": m, "ci95": h}
+    if n != 1 and 1 in ns:
+      d = [by[(n, s)] - by[(1, s)] for s in done]
+      dm, dh = interval(d)
+      row.update(diff_per_seed=d, diff_mean=dm, diff_ci95=dh, verdict=verdict(dm, dh))
+    out.append(row)
+  return out
+
+
+def summary_table(summ, steps) -> list:
+  pm = lambda m, h: f"{m:.4f}" if math.isnan(h) else f"{m:.4f} ± {h:.4f}"
+  lines = [f"**{summ[0]['recipe']}**, {steps} steps, seeds {', '.join(map(str, summ[0]['seeds']))} (mean ± 95% t-interval "
+           "over seeds; the difference is paired by seed: the same batches for every n):", "",
+           "| n | valid next-token loss | per seed | n - (n=1) | per seed | paper at this size | verdict |",
+           "|---:|---:|---|---:|---|---|---|"]
+  for r in summ:
+    per = ", ".join(f"{x:.4f}" for x in r["per_seed"])
+    if r["n"] == 1:
+      lines.append(f"| 1 | {pm(r['mean'], r['ci95'])} | {per} | (control) | | | |")
+    else:
+      lines.append(f"| {r['n']} | {pm(r['mean'], r['ci95'])} | {per} | {r['diff_mean']:+.4f}"
+                   + ("" if math.isnan(r["diff_ci95"]) else f" ± {r['diff_ci95']:.4f}")
+                   + f" | {', '.join(f'{x:+.4f}' for x in r['diff_per_seed'])} | n=1 better below 1B (Fig. 3) | {r['verdict']} |")
+  return lines + [""]
 
 
 def table(rows, recipe) -> list:
@@ -101,7 +161,7 @@ def table(rows, recipe) -> list:
            f"train loss at {budget:.0f} s | tokens/forward | speedup | acceptance t+2, t+3, ... | same as greedy |",
            "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|"]
   for r in rows:
-    spec = ("1.00 | 1.00 | | (n=1 decodes greedily)" if r["n"] == 1 else
+    spec = ("1.00 | 1.00 | | (n=1 decodes greedily)" if r["n"] == 1 else "| | | (not decoded)" if "speedup" not in r else
             f"{r['tokens_per_forward']:.2f} | {r['speedup']:.2f} | {', '.join(f'{x:.2f}' for x in r['acceptance'])} | "
             f"{'yes' if r['identical_to_greedy'] else 'NO'}")
     lines.append(f"| {r['n']} | {r['params']:,} | {r['valid_next_token_loss']:.4f} | {r['bits_per_byte']:.3f} | "
@@ -117,7 +177,7 @@ def plot(rows, recipes, path):
   fig, axes = plt.subplots(len(recipes), 3, figsize=(15, 4 * len(recipes)), squeeze=False)
   for ax_row, recipe in zip(axes, recipes):
     for r in (r for r in rows if r["recipe"] == recipe):
-      label = f"n={r['n']}"
+      label = f"n={r['n']}" + (f" seed {r['seed']}" if r.get("seed") else "")
       ax_row[0].plot(r["curve"]["steps"], r["curve"]["loss"], label=label)
       ax_row[1].plot(r["curve"]["seconds"], r["curve"]["loss"], label=label)
       ax_row[2].plot(range(1, r["n"] + 1), r["valid_head_losses"], marker="o", label=label)
@@ -145,34 +205,43 @@ def main():
   ap.add_argument("--prompt_len", type=int, default=64, help="tokens per prompt")
   ap.add_argument("--max_new_tokens", type=int, default=128, help="tokens generated per prompt (EOS off)")
   ap.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts per mode")
+  ap.add_argument("--seeds", default="0", help="comma list of seeds (init and data order); decoding uses the first")
   a = ap.parse_args()
   recipes = a.recipes.split(",")
   if any(r not in RECIPES for r in recipes) or not all(x.isdigit() and int(x) >= 1 for x in a.ns.split(",")):
     raise SystemExit(f"error: --recipes={a.recipes} --ns={a.ns}: recipes are among {', '.join(RECIPES)}, "
                      f"ns are positive integers, e.g. --recipes=bytes,sp --ns=1,2,4,8")
   ns = [1, 4] if a.quick else sorted({int(x) for x in a.ns.split(",")})
+  seeds = [int(x) for x in a.seeds.split(",")]
   if a.quick:
     a.steps, a.max_new_tokens, a.repeats = 4, 8, 1
   prompts_n, prompt_len = (2, 16) if a.quick else (a.prompts, a.prompt_len)
-  name = "n_sweep_quick" if a.quick else "n_sweep"
+  name = ("n_sweep_seeds" if len(seeds) > 1 else "n_sweep") + ("_quick" if a.quick else "")
   root = os.path.abspath(a.root or os.path.join("workdirs", "n_sweep_quick" if a.quick else "sequential_vs_parallel"))
 
   import jax
-  rows = [run_one(recipe, n, max(ns), a, root, prompts_n, prompt_len) for recipe in recipes for n in ns]
+  rows = [run_one(recipe, n, max(ns), a, root, prompts_n, prompt_len, seed, decode=seed == seeds[0])
+          for seed in seeds for recipe in recipes for n in ns]      # seed-major: a stopped sweep keeps whole seeds
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   md = [f"# Heads n at parameter parity{' (quick: toy sizes, not a measurement)' if a.quick else ''}", "",
         f"Command: `python experiments/n_sweep.py {' '.join(sys.argv[1:])}`; {device}; parallel transformer heads "
-        f"under parity, seed 0, the recipe's batches (steps per recipe below). Validation: the recipe's "
+        f"under parity, seeds {', '.join(map(str, seeds))}, the recipe's batches (steps per recipe below). Validation: the recipe's "
         f"eval batches (next-token loss, top-1 accuracy; bits/byte = nats per token x tokens per byte of the "
         f"validation text / ln 2). Decoding at batch 1 over {prompts_n} held-out prompts of {prompt_len} tokens, "
         f"{a.max_new_tokens} new tokens each, EOS off, median of {a.repeats}. Wall-clock of this invocation "
         f"(training, evaluation and decoding of the runs it did not find finished): "
         f"{sum(r['wall_seconds'] for r in rows) / 60:.0f} min.", ""]
+  summaries = []
   for recipe in recipes:
-    md += table(rows, recipe)
+    if len(seeds) > 1:
+      summ = summary(rows, recipe, ns, seeds)
+      summaries += summ
+      md += summary_table(summ, rows[[r["recipe"] for r in rows].index(recipe)]["steps"])
+    md += table([r for r in rows if r["seed"] == seeds[0]], recipe)
   md += [PAPER, "", f"![n sweep]({name}.png)"]
   from results_io import write_results
-  write_results(name, {"quick": a.quick, "device": device, "ns": ns, "recipes": recipes, "rows": rows}, md, a.out_dir)
+  write_results(name, {"quick": a.quick, "device": device, "ns": ns, "recipes": recipes, "seeds": seeds,
+                       "summary": summaries, "rows": rows}, md, a.out_dir)
   plot(rows, recipes, os.path.join(a.out_dir, f"{name}.png"))
 
 

@@ -72,6 +72,23 @@ def test_n_sweep_quick(tmp_path):
   assert "| n | params |" in (tmp_path / "n_sweep_quick.md").read_text()
 
 
+def test_n_sweep_seeds_quick(tmp_path):
+  r = subprocess.run([sys.executable, "experiments/n_sweep.py", "--quick", "--recipes=bytes", "--seeds=0,1",
+                      f"--root={tmp_path / 'runs'}", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600, env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((tmp_path / "n_sweep_seeds_quick.json").read_text())
+  assert [(row["n"], row["seed"]) for row in res["rows"]] == [(1, 0), (4, 0), (1, 1), (4, 1)]
+  assert "speedup" in res["rows"][1] and "speedup" not in res["rows"][3]      # decoding: the first seed only
+  one, four = res["summary"]
+  loss = {(row["n"], row["seed"]): row["valid_next_token_loss"] for row in res["rows"]}
+  assert one["per_seed"] == [loss[(1, 0)], loss[(1, 1)]]
+  assert four["diff_per_seed"] == pytest.approx([loss[(4, s)] - loss[(1, s)] for s in (0, 1)])   # paired by seed
+  assert four["verdict"] in ("not separable at this budget", "reproduced (n=1 better)", "not reproduced: n>1 better")
+  assert (abs(four["diff_mean"]) > four["diff_ci95"]) == (four["verdict"] != "not separable at this budget")
+  assert "| n | valid next-token loss | per seed |" in (tmp_path / "n_sweep_seeds_quick.md").read_text()
+
+
 def test_mtp_cost_vs_length_quick(tmp_path):
   res = run_quick("mtp_cost_vs_length.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
   assert res["ns"] == [1, 2] and res["seeds"] == [0, 1] and res["lengths"] == [4, 8]
