@@ -159,7 +159,7 @@ def main(_):
   params, config, prompts, source = load_model()
   args = ModelArgs.from_config(config.model)
   try:
-    decode.check_draft_heads(args, _DRAFT.value)
+    decode.Request("speculative", draft_heads=_DRAFT.value, flag="--").check_model(args)
   except decode.DecodeError as e:
     _fail(str(e))
   if args.n_future < 2:

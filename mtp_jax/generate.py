@@ -80,6 +80,24 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
   prompt_bucket: pad prompts to this length (default: a power of two), fixing the compiled shape.
   draft_heads: speculative modes: heads 2..draft_heads draft (default all n_future); see `decode.run`.
   """
+  request = decode.Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads)
+  check_batching(batch_size, seed)
+  return generate_checked(params, config, prompts, request, tokenizer, seed=seed, eos_id=eos_id,
+                          batch_size=batch_size, add_bos=add_bos, prompt_bucket=prompt_bucket)
+
+
+def check_batching(batch_size: Optional[int], seed: int, flag: str = "") -> None:
+  if batch_size is not None and batch_size < 1:
+    raise DecodeError(f"{flag}batch_size={batch_size}: must be >= 1")
+  if not -2 ** 63 <= seed < 2 ** 63:
+    raise DecodeError(f"{flag}seed={seed}: must fit a signed 64-bit integer")
+
+
+def generate_checked(params, config, prompts, request: decode.Request, tokenizer=None, *, seed: int = 0,
+                     eos_id: Optional[int] = None, batch_size: Optional[int] = None, add_bos: Optional[bool] = None,
+                     prompt_bucket: Optional[int] = None) -> list[dict]:
+  """generate() for options already checked (`decode.Request`, `check_batching`): the command line checks
+  them from its flags before it loads a model, and nothing checks them again. Checks what needs the model."""
   args = _model_args(config)
   prompts = _as_prompt_list(prompts)
   if tokenizer is not None:
@@ -96,17 +114,14 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
       bos = _tok_value(tokenizer, "bos_id")
       p = ([int(bos)] if add_bos and bos is not None and bos >= 0 else []) + list(tokenizer.encode(p))
     ids.append([int(t) for t in p])
-  decode.check_request(args, ids, mode, max_new_tokens, temperature, top_k, top_p)
-  decode.check_draft_heads(args, draft_heads, mode)
+  decode.check_request(args, ids, request)
+  mode, max_new_tokens = request.mode, request.max_new_tokens
   if eos_id is None:
     eos_id = tokenizer_eos_id(tokenizer) if tokenizer is not None else -1
   if not -1 <= eos_id < args.vocab_size:
     raise DecodeError(f"eos_id={eos_id}: outside the vocabulary [0, {args.vocab_size}); give a token id, or -1 for "
                       f"no stop token")
-  check_seed(seed)
   batch_size = len(ids) if batch_size is None else batch_size
-  if batch_size < 1:
-    raise DecodeError(f"batch_size={batch_size}: must be >= 1")
   limit = decode.max_prompt_len(args, max_new_tokens)
   bucket = prompt_bucket or decode.prompt_bucket(max(len(p) for p in ids), limit)
   if bucket < max(len(p) for p in ids) or bucket > limit:
@@ -122,9 +137,8 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
     chunk = ids[start:start + per_call]
     padded = chunk + [chunk[0]] * (rows - len(chunk))   # fixed batch shape: repeat a prompt, drop it
     tokens, lengths = decode.pad_prompts(padded, bucket)
-    out, timing = decode.run(params, args, tokens, lengths, mode=mode, max_new_tokens=max_new_tokens,
-                             key=jax.random.fold_in(jax.random.key(seed), start), temperature=temperature,
-                             top_k=top_k, top_p=top_p, eos_id=eos_id, slots=rows, draft_heads=draft_heads)
+    out, timing = decode.execute(params, args, tokens, lengths, request, eos_id=eos_id, slots=rows,
+                                 key=jax.random.fold_in(jax.random.key(seed), start))
     batch = {"batch": start // per_call, "batch_size": rows, "batch_forward_passes": int(out.steps) + 1,
              "batch_new_tokens": int(np.sum(out.lengths[:len(chunk)])), **{f"batch_{k}": v for k, v in timing.items()}}
     for r in range(len(chunk)):
@@ -132,11 +146,6 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
       prompt = prompt if isinstance(prompt, str) else chunk[r]   # token prompts as plain ints (JSON-ready)
       results.append(_result(prompt, chunk[r], out, r, mode, eos_id, batch, tokenizer))
   return results
-
-
-def check_seed(seed) -> None:
-  if not -2 ** 63 <= seed < 2 ** 63:
-    raise DecodeError(f"seed={seed}: must fit a signed 64-bit integer")
 
 
 def _result(prompt, prompt_ids, out, r: int, mode: str, eos_id: int, batch: dict, tokenizer) -> dict:
@@ -299,17 +308,9 @@ def main(argv):
   f = flags.FLAGS
   if not f.workdir:
     raise DecodeError("need --workdir=<training run directory>")
-  # Every flag is checked before loading or generating anything, whatever the mode.
-  if f.max_new_tokens <= 0:
-    raise DecodeError(f"--max_new_tokens={f.max_new_tokens}: must be a positive integer")
-  if f.batch_size < 1:
-    raise DecodeError(f"--batch_size={f.batch_size}: must be >= 1")
-  if not (f.temperature > 0 and np.isfinite(f.temperature)):
-    raise DecodeError(f"--temperature={f.temperature}: must be a finite number > 0")
-  check_seed(f.seed)
-  if f.draft_heads is not None and f.mode not in ("speculative", "speculative_sample"):
-    raise DecodeError(f"--draft_heads={f.draft_heads} sets the speculative block, but --mode={f.mode} drafts "
-                      f"nothing; use --mode=speculative or speculative_sample, or leave --draft_heads unset")
+  # Every flag is checked once, here, before loading or generating anything, whatever the mode.
+  request = decode.Request(f.mode, f.max_new_tokens, f.temperature, f.top_k, f.top_p, f.draft_heads, flag="--")
+  check_batching(f.batch_size, f.seed, flag="--")
   output = check_output(f.output) if f.output else None
   prompts = read_prompts(f.prompt, f.prompt_file)
   params, config, tokenizer = load_workdir(f.workdir)
@@ -319,9 +320,8 @@ def main(argv):
     prompts = [chat.render(tokenizer, p, f.system) for p in prompts]
     eos_id = chat.end_of_turn_id(tokenizer) if eos_id is None else eos_id
     add_bos = False
-  results = generate(params, config, prompts, tokenizer, mode=f.mode, max_new_tokens=f.max_new_tokens,
-                     temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed, eos_id=eos_id,
-                     batch_size=min(f.batch_size, len(prompts)), draft_heads=f.draft_heads, add_bos=add_bos)
+  results = generate_checked(params, config, prompts, request, tokenizer, seed=f.seed, eos_id=eos_id,
+                             batch_size=min(f.batch_size, len(prompts)), add_bos=add_bos)
   for r, p in zip(results, shown):
     r["prompt"] = p
   if output:

@@ -1,0 +1,27 @@
+"""KV-cached decoding, greedy, sampled and self-speculative, as one jit-compiled program per static setting.
+
+The package by concern:
+
+    types.py    what is static about a decode (Settings), the traced sampling scalars, the loop's state
+    forward.py  the model's layers as the loop runs them: weights rearranged once, KV caches, the cached
+                forward pass over a block
+    draft.py    drafting and verification: the drafters behind one interface, exact speculative acceptance
+    loop.py     the compiled program: prefill, then one `jax.lax.while_loop` over blocks, with continuous
+                batching and compaction of finished rows
+    host.py     the host side: a caller's options checked once (Request), prompts padded, programs cached
+
+Everything a caller uses is importable from here: `from mtp_jax import decode; decode.run(...)`.
+"""
+from mtp_jax.decode.draft import adjusted_logprobs
+from mtp_jax.decode.forward import Weights, decode_weights, forward_hidden, init_decode_cache, run_heads, unembed
+from mtp_jax.decode.host import (MIN_TEMPERATURE, Request, check_request, check_slots, clear_compiled,
+                                 compiled_decode, execute, max_prompt_len, pad_prompts, prompt_bucket, run)
+from mtp_jax.decode.loop import decode, prefill, step, trace_count
+from mtp_jax.decode.types import MODES, PAD, DecodeError, DecodeOutput, DecodeState, SamplingParams, Settings
+
+__all__ = [
+    "MIN_TEMPERATURE", "MODES", "PAD", "DecodeError", "DecodeOutput", "DecodeState", "Request", "SamplingParams",
+    "Settings", "Weights", "adjusted_logprobs", "check_request", "check_slots", "clear_compiled", "compiled_decode",
+    "decode", "decode_weights", "execute", "forward_hidden", "init_decode_cache", "max_prompt_len", "pad_prompts",
+    "prefill", "prompt_bucket", "run", "run_heads", "step", "trace_count", "unembed",
+]

@@ -1,0 +1,218 @@
+"""KV-cached decoding as one jit-compiled program: a prefill, then one `jax.lax.while_loop`.
+
+Every mode is the same loop over *blocks*. A step feeds each row's block [last token, drafts]
+(k tokens) at the row's own cache position, verifies the drafts with head 0, emits the accepted
+drafts plus one token from head 0 (1..k tokens), and drafts the next block with heads 1..n-1 at
+the last accepted position (draft.py). `greedy` and `sample` are the case k=1 (no drafts, only
+head 0 run): the reference next-token decoders.
+
+The prefill attends within the prompt only (nothing is cached before it) and writes its keys and
+values to the cache. Shapes are static: prompts are right-padded to a bucket P, the cache holds
+P + max_new_tokens + n_future slots, and rejected drafts' cache slots lie past the row's position
+(masked by the model) until the next block overwrites them. Rows that are done stay in the batch,
+frozen, until at most half the batch is active; then the active rows move into a batch half the
+size (argmax modes; see `decode`). Given more prompts than rows (`slots`), a finished row takes the
+next prompt instead, as serving systems do (continuous batching, `_serve_queue`), and compaction ends
+the last batch.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.decode.draft import drafter_for, verify
+from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, take_at, unembed
+from mtp_jax.decode.types import PAD, Array, DecodeOutput, DecodeState, Settings
+from mtp_jax.model import MTPTransformer
+
+
+def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts, draft_logq, key, active):
+  """Verify a block, append the accepted tokens (up to EOS / max_new_tokens), draft the next block.
+
+  The block's index 0 sits at state.position; rows that are not `active` keep their state.
+  """
+  k_verify, k_draft = jax.random.split(key) if settings.sampling else (key, key)   # argmax modes draw nothing
+  a, token, _ = verify(p_logits, drafts, draft_logq, k_verify, sp, settings.sampling)
+  new_drafts, new_logq, updates = drafter(a, token, k_draft)
+  if updates is not None:   # sequential modules: their cache, and the positions before the next block
+    state = state.replace(cache={**state.cache, "drafter": updates["cache"]}, recent=updates["recent"])
+
+  kk = p_logits.shape[1]
+  idx = jnp.arange(kk)[None, :]
+  new = jnp.where(idx == a[:, None], token[:, None], jnp.pad(drafts, ((0, 0), (0, 1))))   # d_1..d_a, token
+  m = jnp.minimum(a + 1, settings.max_new_tokens - state.count)
+  is_eos = (new == sp.eos_id) & (idx < m[:, None])
+  hit = jnp.any(is_eos, axis=1)
+  m = jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, m)
+  written = jax.vmap(lambda buf, u, i: jax.lax.dynamic_update_slice_in_dim(buf, u, i, 0))(
+      state.tokens, new.astype(state.tokens.dtype), state.count)
+
+  def keep(new_val, old_val):
+    if new_val is None:
+      return None
+    return jnp.where(active.reshape(active.shape + (1,) * (new_val.ndim - 1)), new_val, old_val)
+
+  heads = jnp.arange(1, settings.block)[None, :]
+  return state.replace(
+      tokens=keep(written, state.tokens),
+      count=keep(state.count + m, state.count),
+      position=keep(state.position + m, state.position),
+      drafts=keep(new_drafts, state.drafts),
+      draft_logq=keep(new_logq, state.draft_logq),
+      done=state.done | (active & (hit | (state.count + m >= settings.max_new_tokens))),
+      forwards=state.forwards + active,
+      accepted=state.accepted + (active[:, None] & (a[:, None] >= heads)))
+
+
+def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key) -> DecodeState:
+  """Run the padded prompts through the model, emit each row's first token and first drafts."""
+  args, (b, p) = model.args, tokens.shape
+  k = settings.block
+  cache = init_decode_cache(args, b, p + settings.max_new_tokens + args.n_future, settings.heads_run)
+  positions = jnp.broadcast_to(jnp.arange(p), (b, p))
+  zero = jnp.zeros((b,), jnp.int32)
+  hidden, cache = forward_hidden(model, w, tokens, positions, cache, zero, prefill=True)
+  last = lengths - 1
+  h_last = take_at(hidden[0], last)[:, None]                            # head 0 at each prompt's end [B, 1, d]
+  key, sub = jax.random.split(key)
+  state = DecodeState(
+      cache=cache, tokens=jnp.zeros((b, settings.max_new_tokens + k), jnp.int32),
+      count=jnp.zeros((b,), jnp.int32), position=last.astype(jnp.int32),
+      drafts=jnp.zeros((b, k - 1), jnp.int32),
+      draft_logq=jnp.zeros((b, k - 1, args.vocab_size), jnp.float32) if settings.sampling else None,
+      done=jnp.zeros((b,), bool), key=key, steps=jnp.zeros((), jnp.int32),
+      forwards=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b, k - 1), jnp.int32),
+      recent=None if w.drafter is None else (jnp.zeros((b, k - 2, args.d_model), hidden.dtype),
+                                             jnp.zeros((b, k - 2), jnp.int32)))
+  no_drafts = jnp.zeros((b, 0), jnp.int32)
+  no_logq = jnp.zeros((b, 0, args.vocab_size), jnp.float32) if settings.sampling else None
+  drafter = drafter_for(model, w, settings, sp, state, hidden, tokens, zero, last, True)
+  return _emit(settings, sp, state, unembed(model, w.params, h_last), drafter, no_drafts, no_logq, sub,
+               jnp.ones((b,), bool))
+
+
+def step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
+  """One forward pass over every row's block [last token, drafts] at its own cache position."""
+  k = settings.block
+  last = take_at(state.tokens, state.count - 1)
+  block = jnp.concatenate([last[:, None], state.drafts], axis=1)
+  positions = state.position[:, None] + jnp.arange(k)[None, :]
+  hidden, cache = forward_hidden(model, w, block, positions, state.cache, state.position)
+  key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
+  state = state.replace(cache=cache, key=key, steps=state.steps + 1)
+  drafter = drafter_for(model, w, settings, sp, state, hidden, block, state.position, None, False)
+  return _emit(settings, sp, state, unembed(model, w.params, hidden[0]), drafter, state.drafts, state.draft_logq,
+               sub, ~state.done)
+
+
+_TRACES = [0]
+
+
+def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, *, model: MTPTransformer,
+           settings: Settings) -> DecodeOutput:
+  """The whole generation (jit this): w from `decode_weights`, tokens [N, P] right-padded prompts,
+  lengths [N] their lengths. The loop decodes settings.batch(N) rows at once."""
+  _TRACES[0] += 1   # runs only while tracing: the tests count compilations with it
+  n_prompts, b = tokens.shape[0], settings.batch(tokens.shape[0])
+  state = prefill(model, w, settings, sp, tokens[:b], lengths[:b], key)
+  # `slots` maps the loop's rows to the caller's prompts; `done_rows` collects every prompt's results
+  # as its row finishes (refill) or its stage ends (compaction).
+  slots = jnp.arange(b)
+  done_rows = _Results(*(jnp.zeros((n_prompts,) + getattr(state, f).shape[1:], getattr(state, f).dtype)
+                         for f in _Results._fields))
+  row_steps = jnp.int32(b)
+  if b < n_prompts:
+    state, slots, done_rows, row_steps = _serve_queue(model, w, settings, sp, tokens, lengths, state, done_rows,
+                                                      row_steps)
+  # Rows finish at different steps (EOS; in speculative modes each row accepts its own drafts), and a
+  # finished row would ride along to the end, paying for a forward pass of its own at every step. So
+  # once no prompt is waiting the loop runs in stages of halving batch size: once at most half of a
+  # stage's rows are active, they move (cache and all) into the next stage's smaller batch.
+  sizes = settings.stages(b)
+  for size, next_size in zip(sizes, sizes[1:] + (0,)):
+    # Each active step emits >= 1 token per active row, so max_new_tokens bounds the loop.
+    began = state.steps
+    cond = lambda s, nxt=next_size, began=began: (jnp.sum(~s.done) > nxt) & (s.steps - began < settings.max_new_tokens)
+    state = jax.lax.while_loop(cond, lambda s: step(model, w, settings, sp, s), state)
+    row_steps += size * (state.steps - began)
+    done_rows = done_rows.record(slots, state)
+    if next_size:
+      keep = jnp.argsort(state.done, stable=True)[:next_size]   # the active rows first
+      state, slots = _select_rows(state, keep), slots[keep]
+  n = settings.max_new_tokens
+  out = jnp.where(jnp.arange(n)[None, :] < done_rows.count[:, None], done_rows.tokens[:, :n], PAD)
+  return DecodeOutput(tokens=out, lengths=done_rows.count, forwards=done_rows.forwards, accepted=done_rows.accepted,
+                      steps=state.steps, row_steps=row_steps)
+
+
+def _serve_queue(model, w, settings: Settings, sp, tokens, lengths, state: DecodeState, done_rows, row_steps):
+  """Continuous batching: while prompts wait, run the batch until a row finishes, record that row and
+  prefill the next prompt into it (a one-row prefill). Rows then never ride along finished while
+  work waits, and no row waits for a slower one. Returns (state, slots, done_rows, row_steps) once
+  every prompt has had a row; the last batch finishes in `decode`'s compaction stages.
+
+  A row's tokens do not depend on which row it ran in or alongside what (argmax modes): each row
+  attends to its own cache only, so the output is what decoding every prompt alone gives.
+  """
+  n_prompts, b = tokens.shape[0], state.count.shape[0]
+
+  def serve_one(carry):
+    state, slots, done_rows, row_steps, nxt = carry
+    began = state.steps
+    # One row's generation takes <= max_new_tokens steps, so the loop ends even without a done row.
+    until_one_done = lambda s: ~jnp.any(s.done) & (s.steps - began < settings.max_new_tokens)
+    state = jax.lax.while_loop(until_one_done, lambda s: step(model, w, settings, sp, s), state)
+    r = jnp.argmax(state.done)                                           # a finished row
+    finished = _Results(*(getattr(state, f)[r][None] for f in _Results._fields))
+    done_rows = done_rows.record(slots[r][None], finished)
+    fresh = prefill(model, w, settings, sp, jax.lax.dynamic_slice_in_dim(tokens, nxt, 1),
+                    jax.lax.dynamic_slice_in_dim(lengths, nxt, 1), state.key)
+    return (_put_row(state, r, fresh), slots.at[r].set(nxt), done_rows, row_steps + b * (state.steps - began) + 1,
+            nxt + 1)
+
+  carry = (state, jnp.arange(b), done_rows, row_steps, jnp.int32(b))
+  state, slots, done_rows, row_steps, _ = jax.lax.while_loop(lambda c: c[4] < n_prompts, serve_one, carry)
+  return state, slots, done_rows, row_steps
+
+
+class _Results(NamedTuple):
+  """Every caller row's output fields, written as the stage holding the row ends."""
+  tokens: Array
+  count: Array
+  forwards: Array
+  accepted: Array
+
+  def record(self, slots, state: DecodeState) -> "_Results":
+    return _Results(*(full.at[slots].set(getattr(state, f)) for full, f in zip(self, self._fields)))
+
+
+# The batch axis of each cache (stacked head and drafter caches have their stack first) and the
+# per-row state fields; the step count and the key belong to the whole batch.
+_CACHE_BATCH_AXIS = {"trunk": 0, "heads": 1, "drafter": 1}
+_ROW_FIELDS = ("tokens", "count", "position", "drafts", "draft_logq", "done", "forwards", "accepted", "recent")
+
+
+def _map_rows(fn, state: DecodeState, *others: DecodeState) -> DecodeState:
+  """state with fn(x, *ys, axis=batch axis) applied to every per-row leaf (ys: the same leaf of `others`)."""
+  each = lambda axis, x, *ys: jax.tree.map(lambda a, *bs: fn(a, *bs, axis=axis), x, *ys)
+  cache = {k: each(axis, state.cache[k], *(o.cache[k] for o in others)) for k, axis in _CACHE_BATCH_AXIS.items()}
+  return state.replace(cache=cache, **{f: each(0, getattr(state, f), *(getattr(o, f) for o in others))
+                                       for f in _ROW_FIELDS})
+
+
+def _select_rows(state: DecodeState, keep) -> DecodeState:
+  """The decode state of rows `keep` only: a smaller batch (caches keep their slots)."""
+  return _map_rows(lambda x, axis: jnp.take(x, keep, axis=axis), state)
+
+
+def _put_row(state: DecodeState, r, fresh: DecodeState) -> DecodeState:
+  """state with row r replaced by the one-row state `fresh` (its cache included)."""
+  return _map_rows(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), r, axis),
+                   state, fresh)
+
+
+def trace_count() -> int:
+  """How many times `decode` has been traced (= compiled) in this process."""
+  return _TRACES[0]
