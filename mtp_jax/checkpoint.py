@@ -83,6 +83,21 @@ def _is_abandoned_read(e, depth: int = 0) -> bool:
   return _is_abandoned_read(e.__cause__, depth + 1) or _is_abandoned_read(e.__context__, depth + 1)
 
 
+class _DamagedMetadataFilter(logging_std.Filter):
+  """orbax logs a damaged step's metadata file, its bytes included, once per look at it; the restore that
+  then fails names the step and the cause in its one line, so those records say nothing more."""
+
+  def filter(self, record):
+    return not ("/orbax/" in record.pathname and
+                str(record.msg).startswith(("Failed to json parse Metadata file", "Failed to read Metadata file")))
+
+
+def _quiet_damaged_metadata() -> None:
+  absl_log = logging_std.getLogger("absl")
+  if not any(isinstance(f, _DamagedMetadataFilter) for f in absl_log.filters):
+    absl_log.addFilter(_DamagedMetadataFilter())
+
+
 class _AbandonedReadFilter(logging_std.Filter):
   """asyncio logs 'Task exception was never retrieved' for each abandoned read task it collects."""
 
@@ -138,6 +153,7 @@ class Checkpointer:
                                            cleanup_tmp_directories=not read_only)
     if io.is_remote(self.workdir):
       deadline.bound_tensorstore_retries()
+    _quiet_damaged_metadata()   # orbax reads every step's metadata here already
     self.manager = ocp.CheckpointManager(self.workdir / CHECKPOINTS, options=options)
     self._in_flight, self._broken = None, False
     self._complete, self._wanted = None, None   # the newest step known committed; the last step asked for

@@ -397,6 +397,10 @@ def bad_places(tmp_path_factory, trained):
   p["all_damaged"] = copy_run(trained, root, "all_damaged")
   for s in (10, 20):
     damage(p["all_damaged"] / "checkpoints" / str(s))
+  p["all_emptied"] = copy_run(trained, root, "all_emptied")       # every file, orbax's metadata included
+  for d, _, files in os.walk(p["all_emptied"] / "checkpoints"):
+    for f in files:
+      open(os.path.join(d, f), "w").close()
   p["all_nan"] = copy_run(trained, root, "all_nan")
   write_nan_params(p["all_nan"], 20)
   write_nan_params(p["all_nan"], 10)
@@ -423,11 +427,14 @@ TABLE = [
      "data.max_train_bytes=-1"),
     ("rope_theta 0", "main", ["--workdir={root}/w", "--config.model.rope_theta=0"], "model.rope_theta=0"),
     ("every checkpoint damaged", "main", ["--workdir={all_damaged}"], "no usable checkpoint"),
+    ("every checkpoint file emptied", "main", ["--workdir={all_emptied}"], "no usable checkpoint"),
     ("generate: config.json not JSON", "generate", ["--workdir={not_json}", "--prompt=a"], "config.json is damaged"),
     ("generate: config.json lacks fields", "generate", ["--workdir={lacks_fields}", "--prompt=a"], "lacks model."),
     ("generate: workdir is a file", "generate", ["--workdir={root}/a_file", "--prompt=a"], "is a file"),
     ("generate: only NaN checkpoints", "generate", ["--workdir={all_nan}", "--prompt=a"], "no usable checkpoint"),
     ("generate: every checkpoint damaged", "generate", ["--workdir={all_damaged}", "--prompt=a"],
+     "no usable checkpoint"),
+    ("generate: every checkpoint file emptied", "generate", ["--workdir={all_emptied}", "--prompt=a"],
      "no usable checkpoint"),
     ("generate: damaged tokenizer.model", "generate", ["--workdir={bad_tokenizer}", "--prompt=a"],
      "tokenizer.model (the run's copy"),
@@ -471,6 +478,7 @@ def test_cli_bad_input_is_one_error_line(bad_places, cache_dir, name, cli, argv,
   errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and words in errors[0], out
   assert "Traceback" not in out and "Event loop is closed" not in out
+  assert "Failed to json parse" not in out     # orbax's record of a damaged metadata file, its bytes included
   if cli == "generate":   # nothing said twice (orbax's warnings were, once per read attempt)
     said = [l for l in out.splitlines() if l.strip()]
     assert len(said) == len(set(said)), out
