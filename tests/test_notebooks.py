@@ -1,20 +1,37 @@
-"""Every notebook in experiments/notebooks runs top to bottom (nbclient), with its `parameters` cell
-overridden by tiny values, as papermill would; any cell error, including a failed assert, fails."""
+"""Every notebook in experiments/notebooks runs top to bottom as a Colab user runs it: in a fresh Python
+environment that does not have mtp_jax, from a directory outside the clone, so its install cell
+pip-installs the package (from this clone, via MTP_JAX_SOURCE) before anything else runs. Its
+`parameters` cell is overridden by tiny values, as papermill would; any cell error, including a failed
+assert, fails. The environment holds the runtime and [notebooks] dependencies only (tests/installed_env.py),
+as a Colab runtime holds its own packages."""
 import json
 import os
+import re
+import subprocess
+import tomllib
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
+from packaging.requirements import Requirement
+
+import installed_env as ie
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "experiments", "notebooks")
 
 TINY = {
     "01_quickstart.ipynb": {"STEPS": 30, "MAX_NEW_TOKENS": 24},
-    "02_pretrained_heads.ipynb": {"STEPS": 6, "MAX_NEW_TOKENS": 16},
+    "02_pretrained_heads.ipynb": {"BASE_STEPS": 4, "STEPS": 6, "MAX_NEW_TOKENS": 16},
     "03_sharding.ipynb": {"STEPS": 4, "SIZE_7B": ["n4"]},
 }
+
+RUNNER = """
+import sys, nbformat
+from nbclient import NotebookClient
+book = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(book, timeout=900, kernel_name="python3", resources={"metadata": {"path": "."}}).execute()
+nbformat.write(book, sys.argv[2])
+"""
 
 
 def _with_parameters(book, values: dict):
@@ -25,19 +42,53 @@ def _with_parameters(book, values: dict):
   return book
 
 
+def _source(book) -> str:
+  """The repository the install cell installs from by default."""
+  install = next(c for c in book.cells if c.cell_type == "code" and c.source.startswith("# Install"))
+  return re.search(r'^SOURCE = "git\+https://github.com/([^"]+)"$', install.source, re.M).group(1)
+
+
 def test_every_notebook_has_tiny_parameters():
   assert sorted(f for f in os.listdir(NOTEBOOKS) if f.endswith(".ipynb")) == sorted(TINY)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_notebook_runs(name, tmp_path):
+def test_badge_opens_this_notebook_from_the_repository_it_installs(name):
   book = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
-  assert book.cells[0].cell_type == "markdown" and "Time" in book.cells[0].source
-  values = dict(TINY[name], WORKDIR=str(tmp_path / "run"))
-  book = _with_parameters(book, values)
-  env_cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"), "MPLBACKEND": "Agg"}
-  os.environ.update(env_cache)   # the kernel inherits this process's environment
-  client = NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}})
-  client.execute()
-  errors = [o for c in book.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+  first = book.cells[0]
+  assert first.cell_type == "markdown" and "Time" in first.source
+  badge = re.search(r"\(https://colab\.research\.google\.com/github/(.+?)/blob/main/(.+?)\)", first.source)
+  assert badge and badge.group(2) == f"experiments/notebooks/{name}" and badge.group(1) == _source(book)
+
+
+@pytest.fixture(scope="module")
+def runtime_packages(tmp_path_factory):
+  """What a fresh runtime has: mtp_jax's runtime and [notebooks] dependencies (not mtp_jax), linked."""
+  project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
+  reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["notebooks"]]
+  try:
+    dists = ie.closure(reqs)
+  except LookupError as e:
+    pytest.skip(f"{e} is not installed here (pip install -r requirements-dev.txt)")
+  return ie.link_view(dists.values(), tmp_path_factory.mktemp("runtime") / "site")
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_notebook_runs_from_a_fresh_runtime(name, tmp_path, runtime_packages):
+  py = ie.make_venv(tmp_path / "venv", [runtime_packages])
+  content = tmp_path / "content"   # Colab's working directory: no clone above it
+  content.mkdir()
+  book = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  book = _with_parameters(book, dict(TINY[name], WORKDIR=str(tmp_path / "run")))
+  book.cells.append(nbformat.v4.new_code_cell("import mtp_jax; print(mtp_jax.__file__)"))
+  nbformat.write(book, content / "in.ipynb")
+  env = ie.clean_env(tmp_path / "venv", MTP_JAX_SOURCE=ROOT, MPLBACKEND="Agg",
+                     JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
+  r = subprocess.run([py, "-c", RUNNER, "in.ipynb", "out.ipynb"], cwd=content, env=env, capture_output=True,
+                     text=True, timeout=1800)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+  done = nbformat.read(content / "out.ipynb", as_version=4)
+  errors = [o for c in done.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
   assert not errors
+  where = "".join(o.get("text", "") for o in done.cells[-1].outputs)
+  assert str(tmp_path / "venv") in where and ROOT not in where, where   # the installed package, not the clone
