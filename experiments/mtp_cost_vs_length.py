@@ -42,7 +42,9 @@ import numpy as np  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "tiny model and steps: checks the pipeline, measures nothing")
-flags.DEFINE_string("ns", "1,2,4", "comma list of head counts (n=1 is the control and always runs; quick: 1,2)")
+flags.DEFINE_string("ns", "1,2,4", "comma list of head counts, parallel heads; N_causal or N_linear for the paper's other "
+                    "topologies, e.g. 4_causal (n=1 is the control and always runs; quick: 1,2)")
+flags.DEFINE_string("name", "mtp_cost_vs_length", "results file stem (quick: <name>_quick)")
 flags.DEFINE_string("seeds", "0,1,2", "comma list of seeds (init and data order; quick: 0,1)")
 flags.DEFINE_string("lengths", "40,80,160,320,640", "comma list of training lengths in steps (quick: 4,8)")
 flags.DEFINE_float("decay_fraction", 0.2, "share of each length spent in the linear decay to zero")
@@ -70,7 +72,22 @@ def interval(xs):
   return float(xs.mean()), float(T975.get(len(xs) - 1, 1.96) * xs.std(ddof=1) / math.sqrt(len(xs)))
 
 
-def make_config(n: int, seed: int):
+def parse_variant(v: str) -> tuple:
+  """'4' -> (4, 'parallel'), '4_causal' -> (4, 'causal')."""
+  n, _, head_type = v.partition("_")
+  return int(n), head_type or "parallel"
+
+
+def label(v: str) -> str:
+  n, head_type = parse_variant(v)
+  return f"n={n}" + ("" if head_type == "parallel" else f" {head_type}")
+
+
+def variant_of(run: dict) -> str:
+  return run.get("variant") or str(run["n"])
+
+
+def make_config(n: int, seed: int, head_type: str = "parallel"):
   from mtp_jax.config import validate
   if FLAGS.quick:
     from configs.tiny import get_config
@@ -85,7 +102,7 @@ def make_config(n: int, seed: int):
                    d_ff=FLAGS.d_model * 11 // 4 // 8 * 8, max_seq_len=FLAGS.seq_len)
     c.data.update(seq_len=FLAGS.seq_len)
     c.train.update(batch_size=FLAGS.batch_size, eval_batches=FLAGS.eval_batches)
-  c.model.update(head_type="parallel", n_future=n, parity=True)
+  c.model.update(head_type=head_type, n_future=n, parity=True)
   c.train.update(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps, steps=max(lengths()))
   c.seed = seed
   validate(c)
@@ -113,11 +130,11 @@ def decay_lr(step: int, length: int) -> float:
 _COMPILED = {}
 
 
-def compiled(n: int, c):
+def compiled(key: tuple, c):
   """(model, optimizer, init, train_step, eval_step) of head count n, jitted once and shared by every seed
   (the seed changes the data order and the initial parameters, never the computation)."""
-  if n in _COMPILED:
-    return _COMPILED[n]
+  if key in _COMPILED:
+    return _COMPILED[key]
   import jax
   import optax
   from mtp_jax.loss import make_loss_fn
@@ -135,24 +152,25 @@ def compiled(n: int, c):
     updates, opt_state = tx.update(grads, opt_state, params)
     return jax.tree.map(lambda p, u: p - lr * u, params, updates), opt_state
 
-  _COMPILED[n] = (model, tx, jax.jit(lambda key: init_params(model, key)), train_step,
+  _COMPILED[key] = (model, tx, jax.jit(lambda key: init_params(model, key)), train_step,
                   jax.jit(make_eval_step(model, c)))
-  return _COMPILED[n]
+  return _COMPILED[key]
 
 
-def run_one(n: int, seed: int) -> dict:
+def run_one(v: str, seed: int) -> dict:
   import jax
   from mtp_jax import data as data_lib
   from matmul_work import matmul_macs
 
   began = time.time()
-  c = make_config(n, seed)
+  n, head_type = parse_variant(v)
+  c = make_config(n, seed, head_type)
   t = c.train
   data = data_lib.build(c)
   it = iter(data_lib.train_dataset(data.train, c))
   batches = [next(it) for _ in range(max(lengths()))]          # batch of step s is batches[s - 1]
   valid = data_lib.valid_batches(data.valid, c)
-  model, tx, init, train_step, eval_step = compiled(n, c)
+  model, tx, init, train_step, eval_step = compiled((n, head_type), c)
   params = init(jax.random.fold_in(jax.random.key(seed), 0))
 
   def next_token_loss(params) -> float:
@@ -170,23 +188,27 @@ def run_one(n: int, seed: int) -> dict:
       for s in range(step, L + 1):
         p, o = train_step(p, o, batches[s - 1], decay_lr(s, L))
       results[L] = next_token_loss(p)
-      print(f"n={n} seed={seed} L={L}: valid next-token loss {results[L]:.4f} ({time.time() - began:.0f}s)", flush=True)
+      print(f"{label(v)} seed={seed} L={L}: valid next-token loss {results[L]:.4f} ({time.time() - began:.0f}s)", flush=True)
     lr = decay_lr(step, final) if step > decay_start(final) else stable_lr(step)
     params, opt_state = train_step(params, opt_state, batches[step - 1], lr)
   results[final] = next_token_loss(params)
-  print(f"n={n} seed={seed} L={final}: valid next-token loss {results[final]:.4f} ({time.time() - began:.0f}s)",
+  print(f"{label(v)} seed={seed} L={final}: valid next-token loss {results[final]:.4f} ({time.time() - began:.0f}s)",
         flush=True)
-  macs = matmul_macs(c.model, c.data.seq_len)
+  try:
+    flops = 2 * matmul_macs(c.model, c.data.seq_len) * t.batch_size * c.data.seq_len
+  except ValueError:                                            # matmul_work counts transformer-layer heads only
+    flops = None
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  return {"n": n, "seed": seed, "params": int(n_params), "flops_per_step": 2 * macs * t.batch_size * c.data.seq_len,
+  return {"n": n, "head_type": head_type, "variant": v, "seed": seed, "params": int(n_params), "flops_per_step": flops,
           "valid_next_token_loss": {str(L): results[L] for L in lengths()},
           "train_steps_run": final + sum(L - decay_start(L) for L in lengths() if L != final),
           "wall_seconds": round(time.time() - began, 1)}
 
 
 def analyse(runs: list, ns: list, seeds: list, Ls: list) -> dict:
-  loss = {(r["n"], r["seed"]): r["valid_next_token_loss"] for r in runs}
-  flops = {r["n"]: r["flops_per_step"] for r in runs}
+  """ns: variants ('1' first, then '2', '4', '4_causal', ...); every gap is paired with n=1 of the same seed."""
+  loss = {(variant_of(r), r["seed"]): r["valid_next_token_loss"] for r in runs}
+  flops = {variant_of(r): r["flops_per_step"] for r in runs}
   done = [s for s in seeds if all((n, s) in loss for n in ns)]
   out = {"seeds_complete": done, "per_length": [], "trend": {}}
   for L in Ls:
@@ -194,14 +216,13 @@ def analyse(runs: list, ns: list, seeds: list, Ls: list) -> dict:
     for n in ns:
       vals = [loss[(n, s)][str(L)] for s in done]
       row[f"n{n}"] = {"per_seed": vals, "mean": interval(vals)[0], "ci95": interval(vals)[1]} if vals else None
-      if n > 1 and vals:
-        gaps = [loss[(n, s)][str(L)] - loss[(1, s)][str(L)] for s in done]
+      if n != "1" and vals:
+        gaps = [loss[(n, s)][str(L)] - loss[("1", s)][str(L)] for s in done]
         row[f"gap_n{n}"] = {"per_seed": gaps, "mean": interval(gaps)[0], "ci95": interval(gaps)[1]}
         # per FLOP: n=1's loss at n's FLOPs, interpolated linearly in log FLOPs (None past n=1's longest run)
-        x = flops[n] * L
-        xs = [math.log(flops[1] * l) for l in Ls]
-        if math.log(x) <= xs[-1]:
-          g = [loss[(n, s)][str(L)] - float(np.interp(math.log(x), xs, [loss[(1, s)][str(l)] for l in Ls]))
+        xs = [math.log(flops["1"] * l) for l in Ls]
+        if flops[n] and math.log(flops[n] * L) <= xs[-1]:
+          g = [loss[(n, s)][str(L)] - float(np.interp(math.log(flops[n] * L), xs, [loss[("1", s)][str(l)] for l in Ls]))
                for s in done]
           row[f"gap_per_flop_n{n}"] = {"per_seed": g, "mean": interval(g)[0], "ci95": interval(g)[1]}
     out["per_length"].append(row)
@@ -211,11 +232,11 @@ def analyse(runs: list, ns: list, seeds: list, Ls: list) -> dict:
       break
     slopes, icepts = [], []
     for s in done:
-      gaps = np.asarray([loss[(n, s)][str(L)] - loss[(1, s)][str(L)] for L in Ls])
+      gaps = np.asarray([loss[(n, s)][str(L)] - loss[("1", s)][str(L)] for L in Ls])
       b, a = np.polyfit(logs, gaps, 1)
       slopes.append(float(b))
       icepts.append(float(a))
-    allg = np.asarray([[loss[(n, s)][str(L)] - loss[(1, s)][str(L)] for L in Ls] for s in done]).mean(0)
+    allg = np.asarray([[loss[(n, s)][str(L)] - loss[("1", s)][str(L)] for L in Ls] for s in done]).mean(0)
     b, a = np.polyfit(logs, allg, 1)
     bm, bh = interval(slopes)
     cross = 2 ** (-a / b) if b < 0 < a else None
@@ -238,8 +259,8 @@ def markdown(res: dict, command: str) -> list:
         f"(one core shared with other jobs).", "",
         "Per step: validation next-token loss, mean ± 95% t-interval over seeds; the gap is n - n=1 paired by seed "
         "(positive: MTP costs next-token loss).", "",
-        "| steps | " + " | ".join(f"n={n} loss" for n in ns) + " | " + " | ".join(f"gap n={n}" for n in ns[1:]) + " | "
-        + " | ".join(f"gap n={n} per FLOP" for n in ns[1:]) + " |",
+        "| steps | " + " | ".join(f"{label(n)} loss" for n in ns) + " | " + " | ".join(f"gap {label(n)}" for n in ns[1:])
+        + " | " + " | ".join(f"gap {label(n)} per FLOP" for n in ns[1:]) + " |",
         "|---:|" + "---:|" * (2 * len(ns) - 1 + len(ns) - 1)]
   f = lambda d: "—" if not d else (f"{d['mean']:.4f} ± {d['ci95']:.4f}" if not math.isnan(d["ci95"]) else f"{d['mean']:.4f}")
   for row in an["per_length"]:
@@ -247,8 +268,8 @@ def markdown(res: dict, command: str) -> list:
               + " | ".join(f(row.get(f"gap_n{n}")) for n in ns[1:]) + " | "
               + " | ".join(f(row.get(f"gap_per_flop_n{n}")) for n in ns[1:]) + " |")
   md += ["", f"Matmul work per step (experiments/matmul_work.py, FLOPs = 2 x multiply-accumulates): "
-         + ", ".join(f"n={n} {res['flops_per_step'][str(n)] / 1e9:.2f} GFLOP ({res['flops_per_step'][str(n)] / res['flops_per_step']['1']:.2f}x n=1)"
-                     for n in ns if str(n) in res["flops_per_step"])
+         + ", ".join(f"{label(n)} {res['flops_per_step'][n] / 1e9:.2f} GFLOP ({res['flops_per_step'][n] / res['flops_per_step']['1']:.2f}x n=1)"
+                     for n in ns if res["flops_per_step"].get(n))
          + ". Gap per FLOP: n's loss at L steps minus n=1's loss interpolated (linear in log FLOPs) at the same FLOPs; "
            "— where that lies past n=1's longest run.", "",
          "Trend: gap = a + b log2(steps) fitted to the seed-mean gaps; b's interval is the t-interval of the "
@@ -259,7 +280,7 @@ def markdown(res: dict, command: str) -> list:
     if tr:
       lo, hi = tr["b_mean"] - tr["b_ci95"], tr["b_mean"] + tr["b_ci95"]
       cross = f"{tr['zero_crossing_steps']:,.0f} steps" if tr["zero_crossing_steps"] else "never (b >= 0)"
-      md.append(f"| {n} | {tr['a']:.4f} | {tr['b']:.4f} | [{lo:.4f}, {hi:.4f}] | {cross} |")
+      md.append(f"| {label(n)} | {tr['a']:.4f} | {tr['b']:.4f} | [{lo:.4f}, {hi:.4f}] | {cross} |")
   md += ["", res.get("reading", ""), "", PAPER, "", f"![mtp cost vs length]({res['name']}.png)"]
   return md
 
@@ -274,18 +295,18 @@ def plot(res: dict, path: str):
   for n in ns:
     m = [r[f"n{n}"]["mean"] if r.get(f"n{n}") else np.nan for r in an["per_length"]]
     e = [r[f"n{n}"]["ci95"] if r.get(f"n{n}") else np.nan for r in an["per_length"]]
-    axes[0].errorbar(Ls, m, yerr=e, marker="o", capsize=3, label=f"n={n}")
-    fl = [res["flops_per_step"][str(n)] * L for L in Ls] if str(n) in res["flops_per_step"] else Ls
-    axes[1].errorbar(fl, m, yerr=e, marker="o", capsize=3, label=f"n={n}")
-    if n > 1:
+    axes[0].errorbar(Ls, m, yerr=e, marker="o", capsize=3, label=label(n))
+    if res["flops_per_step"].get(n):
+      axes[1].errorbar([res["flops_per_step"][n] * L for L in Ls], m, yerr=e, marker="o", capsize=3, label=label(n))
+    if n != "1":
       g = [r[f"gap_n{n}"]["mean"] if r.get(f"gap_n{n}") else np.nan for r in an["per_length"]]
       ge = [r[f"gap_n{n}"]["ci95"] if r.get(f"gap_n{n}") else np.nan for r in an["per_length"]]
-      line = axes[2].errorbar(Ls, g, yerr=ge, marker="o", capsize=3, label=f"n={n} - n=1")
+      line = axes[2].errorbar(Ls, g, yerr=ge, marker="o", capsize=3, label=f"{label(n)} - n=1")
       tr = an["trend"].get(f"n{n}")
       if tr:
         xs = np.geomspace(min(Ls), max(Ls) * 8, 50)
         axes[2].plot(xs, tr["a"] + tr["b"] * np.log2(xs), "--", color=line[0].get_color(), alpha=0.6,
-                     label=f"fit n={n}: {tr['a']:.3f} {tr['b']:+.3f} log2(steps)")
+                     label=f"fit {label(n)}: {tr['a']:.3f} {tr['b']:+.3f} log2(steps)")
   axes[0].set(xscale="log", xlabel="training steps (each its own WSD schedule)", ylabel="valid next-token loss (nats)",
               title="per step")
   axes[1].set(xscale="log", xlabel="matmul FLOPs (experiments/matmul_work.py)", ylabel="valid next-token loss (nats)",
@@ -305,17 +326,17 @@ def plot(res: dict, path: str):
 def write(runs, ns, seeds, command, extra):
   from results_io import write_results
   Ls = lengths()
-  name = "mtp_cost_vs_length_quick" if FLAGS.quick else "mtp_cost_vs_length"
+  name = FLAGS.name + ("_quick" if FLAGS.quick else "")
   res = {"name": name, "quick": FLAGS.quick, "ns": ns, "seeds": seeds, "lengths": Ls, "command": command,
          "decay_fraction": FLAGS.decay_fraction, "warmup_steps": FLAGS.warmup_steps,
          "learning_rate": FLAGS.learning_rate, **extra,
-         "flops_per_step": {str(r["n"]): r["flops_per_step"] for r in runs},
+         "flops_per_step": {variant_of(r): r["flops_per_step"] for r in runs},
          "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60, "runs": runs}
   res["analysis"] = analyse(runs, ns, seeds, Ls)
   tr = res["analysis"]["trend"]
   if tr:
     res["reading"] = " ".join(
-        f"n={n[1:]}: the gap changes by {t['b']:+.4f} nats per doubling of steps (95% interval "
+        f"{label(n[1:])}: the gap changes by {t['b']:+.4f} nats per doubling of steps (95% interval "
         f"[{t['b_mean'] - t['b_ci95']:+.4f}, {t['b_mean'] + t['b_ci95']:+.4f}] over seeds); "
         + (f"the line reaches zero at about {t['zero_crossing_steps']:,.0f} steps (an extrapolation)." if t["zero_crossing_steps"]
            else "the line does not head to zero.") for n, t in tr.items())
@@ -326,7 +347,11 @@ def write(runs, ns, seeds, command, extra):
 def main(argv):
   del argv
   import jax
-  ns = [1, 2] if FLAGS.quick else sorted({1} | {int(x) for x in FLAGS.ns.split(",")})
+  ns = ["1", "2"] if FLAGS.quick and not FLAGS["ns"].present else sorted({"1"} | set(FLAGS.ns.split(",")), key=lambda v: (
+      parse_variant(v)[0], parse_variant(v)[1] != "parallel", parse_variant(v)[1]))
+  for v in ns:
+    if not v.partition("_")[0].isdigit() or parse_variant(v)[1] not in ("parallel", "causal", "linear"):
+      raise SystemExit(f"error: --ns={FLAGS.ns}: each entry is a head count, optionally _causal or _linear (e.g. 4_causal)")
   seeds = [0, 1] if FLAGS.quick else [int(x) for x in FLAGS.seeds.split(",")]
   if FLAGS.warmup_steps >= decay_start(min(lengths())) and not FLAGS.quick:
     raise SystemExit(f"error: --warmup_steps={FLAGS.warmup_steps} must end before the first decay starts "
@@ -337,12 +362,16 @@ def main(argv):
       ROOT, "workdirs", "mtp_cost_vs_length_quick" if FLAGS.quick else "mtp_cost_vs_length"))
   os.makedirs(workdir, exist_ok=True)
   record = os.path.join(workdir, "runs.jsonl")
-  runs = []
-  if os.path.exists(record):
+
+  def finished():     # reread before every run: another invocation may share the workdir (e.g. the n=1 controls)
+    if not os.path.exists(record):
+      return []
     with open(record) as f:
-      runs = [json.loads(line) for line in f if line.strip()]
-    runs = [r for r in runs if r["n"] in ns and r["seed"] in seeds
-            and sorted(map(int, r["valid_next_token_loss"])) == lengths()]
+      rows = [json.loads(line) for line in f if line.strip()]
+    latest = {(variant_of(r), r["seed"]): r for r in rows if variant_of(r) in ns and r["seed"] in seeds
+              and sorted(map(int, r["valid_next_token_loss"])) == lengths()}
+    return list(latest.values())
+
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
   command = "python experiments/mtp_cost_vs_length.py " + " ".join(sys.argv[1:])
   c = make_config(1, 0)
@@ -354,14 +383,13 @@ def main(argv):
                      f"{c.train.batch_size}")}
   for seed in seeds:                     # seed-major: a partial run leaves whole paired sets
     for n in ns:
-      if any(r["n"] == n and r["seed"] == seed for r in runs):
+      if any(variant_of(r) == n and r["seed"] == seed for r in finished()):
         continue
       row = run_one(n, seed)
-      runs.append(row)
       with open(record, "a") as f:
         f.write(json.dumps(row) + "\n")
-      write(runs, ns, seeds, command, extra)
-  write(runs, ns, seeds, command, extra)
+      write(finished(), ns, seeds, command, extra)
+  write(finished(), ns, seeds, command, extra)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_n_sweep_seeds_quick(tmp_path):
 
 def test_mtp_cost_vs_length_quick(tmp_path):
   res = run_quick("mtp_cost_vs_length.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
-  assert res["ns"] == [1, 2] and res["seeds"] == [0, 1] and res["lengths"] == [4, 8]
+  assert res["ns"] == ["1", "2"] and res["seeds"] == [0, 1] and res["lengths"] == [4, 8]
   assert sorted((r["n"], r["seed"]) for r in res["runs"]) == [(1, 0), (1, 1), (2, 0), (2, 1)]
   assert len({r["params"] for r in res["runs"]}) == 1                 # parity: one count for every n
   an = res["analysis"]
