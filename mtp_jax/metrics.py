@@ -73,7 +73,11 @@ class MetricsWriter:
     self.active = jax.process_index() == 0
     self.file = self.tb = self.bar = None
     if self.active and in_notebook():
-      from tqdm.auto import tqdm
+      import importlib.util
+      if importlib.util.find_spec("ipywidgets"):
+        from tqdm.notebook import tqdm   # a widget (Colab, Jupyter with ipywidgets)
+      else:
+        from tqdm.std import tqdm        # text; tqdm.auto would warn that ipywidgets is missing
       self.bar = tqdm(total=total_steps, unit="step", desc="train")
     if self.active:
       from tensorboardX import SummaryWriter
