@@ -71,6 +71,21 @@ def windows(config, tok, split: str, count: int, seq_len: int) -> np.ndarray:
   return feature_heads.windows_of(ids, seq_len, tok.eos_id, max_windows=count)
 
 
+def cached_features(model, params, config, tok, split: str, count: int, seq_len: int, batch: int):
+  """The split's features, computed once per (model file, split, count, seq_len) and kept in the cache."""
+  path = pretrained.cache_root() / "features" / f"{_MODEL.value}_{split}_{count}x{seq_len}.npz"
+  if path.exists():
+    with np.load(path) as f:
+      import ml_dtypes
+      return feature_heads.Features(f["z"].view(ml_dtypes.bfloat16), f["greedy"], f["tokens"])
+  feats = feature_heads.cache_features(model, params, windows(config, tok, split, count, seq_len), batch)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, z=feats.z.view(np.uint16), greedy=feats.greedy, tokens=feats.tokens)
+  os.replace(tmp, path)
+  return feats
+
+
 def cost_per_token(model, params, feats, steps: int, batch: int, ce_positions: int) -> list[dict]:
   """Seconds per head-token of a heads-only step: trunk every step vs cached features (all or K positions)."""
   n = model.args.n_future
@@ -127,8 +142,8 @@ def main(_):
     params = jax.tree.map(jnp.asarray, params)
     if k == 0:
       t0 = time.time()
-      feats = feature_heads.cache_features(model, params, windows(config, tok, "train", train_w, seq), batch)
-      valid = feature_heads.cache_features(model, params, windows(config, tok, "valid", valid_w, seq), batch)
+      feats = cached_features(model, params, config, tok, "train", train_w, seq, batch)
+      valid = cached_features(model, params, config, tok, "valid", valid_w, seq, batch)
       cache_s = time.time() - t0
       print(f"cached {len(feats)} + {len(valid)} windows of {seq} tokens in {cache_s:.0f} s", flush=True)
       cost = cost_per_token(model, params, feats, 1 if quick else _COST_STEPS.value, batch, ce_pos)
@@ -143,6 +158,7 @@ def main(_):
     print(f"{init}: expected tokens per forward {before['expected_tokens_per_forward']:.3f} -> "
           f"{after['expected_tokens_per_forward']:.3f}; accuracy per head {after['accuracy']}", flush=True)
     runs.append({"head_init": init, "train_s": train_s, "before": before, "after": after, "log": log})
+    report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, cost, runs, t_start, quick)
     if _OUT_WORKDIR.value and not quick:   # written at once, so decoding benchmarks can start
       out = f"{_OUT_WORKDIR.value}_{init}"
       shutil.rmtree(out, ignore_errors=True)
@@ -150,6 +166,10 @@ def main(_):
       workdir_lib.write_workdir(out, config, jax.tree.map(np.asarray, trained), tok)
       print(f"wrote {out} ({init} init, trained heads)", flush=True)
 
+
+def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, cost, runs, t_start, quick):
+  """Write the results of the runs so far (after every init, so a long run keeps what it finished)."""
+  n_future = config.model.n_future
   cpu = _cpu()
   result = {"model": _MODEL.value, "file": gguf_path.name, "cpu": cpu, "n_future": n_future, "seq_len": seq,
             "train_windows": len(feats), "valid_windows": len(valid), "steps": steps, "batch": batch, "lr": _LR.value,
