@@ -49,13 +49,14 @@ def test_held_out_loss_and_greedy_continuation(smollm2):
 
 
 def test_speculative_equals_greedy(smollm2):
+  """Three prompts through two rows: the row that finishes first takes the third (continuous batching)."""
   config, params, tok = smollm2
-  prompts = ["import os\n\ndef list_files(path):\n", "class Stack:\n    def __init__(self):\n"]
-  for batch in (1, 2):
-    greedy = generate.generate(params, config, prompts, tok, max_new_tokens=20, batch_size=batch, eos_id=-1)
-    spec = generate.generate(params, config, prompts, tok, mode="speculative", max_new_tokens=20, batch_size=batch,
-                             eos_id=-1)
-    assert [r["tokens"] for r in spec] == [r["tokens"] for r in greedy]
+  prompts = ["import os\n\ndef list_files(path):\n", "class Stack:\n    def __init__(self):\n",
+             "The capital of France is"]
+  greedy = generate.generate(params, config, prompts, tok, max_new_tokens=20, batch_size=2, eos_id=-1)
+  spec = generate.generate(params, config, prompts, tok, mode="speculative", max_new_tokens=20, batch_size=2,
+                           eos_id=-1)
+  assert [r["tokens"] for r in spec] == [r["tokens"] for r in greedy]
 
 
 def _wheel(tmp_path, member: str, payload: bytes):
