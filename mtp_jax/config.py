@@ -327,102 +327,120 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Raise ConfigError for the first field that cannot work. Cheap: no JAX, no compile.
 
   Every field of base_config() has a check here (tests/test_faults.py walks them all)."""
-  m, l, t, d = c.model, c.loss, c.train, c.data
+  _need(isinstance(c.seed, int) and -2 ** 63 <= c.seed < 2 ** 63, f"seed={c.seed}: must fit a signed 64-bit integer")
+  _check_model(c.model)
+  _check_loss(c.loss, c.model, c.data)
+  _check_train(c.train, c.model)
+  _check_data(c.data)
+  _check_mesh(c.mesh)
 
-  def need(ok, msg):
-    if not ok:
-      raise ConfigError(msg)
 
-  need(isinstance(c.seed, int) and -2 ** 63 <= c.seed < 2 ** 63, f"seed={c.seed}: must fit a signed 64-bit integer")
+def _need(ok, msg: str) -> None:
+  if not ok:
+    raise ConfigError(msg)
+
+
+def _check_model(m) -> None:
   for k in ("d_model", "d_ff", "max_seq_len"):
-    need(m[k] >= 1, f"model.{k}={m[k]}: must be >= 1")
-  need(_finite(m.rope_theta) and m.rope_theta > 0,
+    _need(m[k] >= 1, f"model.{k}={m[k]}: must be >= 1")
+  _need(_finite(m.rope_theta) and m.rope_theta > 0,
        f"model.rope_theta={m.rope_theta}: must be a finite number > 0 (10000 is usual)")
-  need(_finite(m.norm_eps) and 0 < m.norm_eps < 1, f"model.norm_eps={m.norm_eps}: must be in (0, 1) (1e-5 is usual)")
-  need(isinstance(m.parity, bool) and isinstance(m.tie_embeddings, bool),
+  _need(_finite(m.norm_eps) and 0 < m.norm_eps < 1, f"model.norm_eps={m.norm_eps}: must be in (0, 1) (1e-5 is usual)")
+  _need(isinstance(m.parity, bool) and isinstance(m.tie_embeddings, bool),
        "model.parity and model.tie_embeddings are True or False")
 
-  need(m.n_future >= 1, f"model.n_future={m.n_future}: need at least 1 head (1 = plain next-token model)")
-  need(m.head_type in HEAD_TYPES, f"model.head_type={m.head_type!r}: choose one of {', '.join(HEAD_TYPES)}")
-  need(m.n_layers >= 1, f"model.n_layers={m.n_layers}: need at least 1 layer")
-  need(m.d_model >= 1 and m.n_heads >= 1, "model.d_model and model.n_heads must be positive")
-  need(m.d_model % m.n_heads == 0,
+  _need(m.n_future >= 1, f"model.n_future={m.n_future}: need at least 1 head (1 = plain next-token model)")
+  _need(m.head_type in HEAD_TYPES, f"model.head_type={m.head_type!r}: choose one of {', '.join(HEAD_TYPES)}")
+  _need(m.n_layers >= 1, f"model.n_layers={m.n_layers}: need at least 1 layer")
+  _need(m.d_model >= 1 and m.n_heads >= 1, "model.d_model and model.n_heads must be positive")
+  _need(m.d_model % m.n_heads == 0,
        f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; pick d_model a multiple of n_heads")
-  need((m.d_model // m.n_heads) % 2 == 0,
+  _need((m.d_model // m.n_heads) % 2 == 0,
        f"head size d_model/n_heads={m.d_model // m.n_heads} must be even for rotary embeddings")
-  need(m.n_kv_heads >= 1 and m.n_heads % m.n_kv_heads == 0,
+  _need(m.n_kv_heads >= 1 and m.n_heads % m.n_kv_heads == 0,
        f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; use a divisor of n_heads")
   if m.parity and m.head_type != "linear":
-    need(m.n_future <= m.n_layers,
+    _need(m.n_future <= m.n_layers,
          f"model.parity with n_future={m.n_future} > n_layers={m.n_layers}: each head takes one of the "
          f"n_layers layers; raise model.n_layers or set model.parity=False")
-  need(2 <= m.vocab_size < 2 ** 31, f"model.vocab_size={m.vocab_size}: must be in [2, 2**31)")
-  need(m.dtype in DTYPES and m.param_dtype in DTYPES,
+  _need(2 <= m.vocab_size < 2 ** 31, f"model.vocab_size={m.vocab_size}: must be in [2, 2**31)")
+  _need(m.dtype in DTYPES and m.param_dtype in DTYPES,
        f"model.dtype={m.dtype!r}, model.param_dtype={m.param_dtype!r}: choose from {', '.join(DTYPES)}")
   rs = m.rope_scaling
-  need(rs.type in ("none", "llama3"), f"model.rope_scaling.type={rs.type!r}: choose none or llama3")
+  _need(rs.type in ("none", "llama3"), f"model.rope_scaling.type={rs.type!r}: choose none or llama3")
   if rs.type == "llama3":
     for k in ("factor", "low_freq_factor", "original_max_len"):
-      need(_finite(rs[k]) and rs[k] > 0, f"model.rope_scaling.{k}={rs[k]}: must be > 0 (llama3 scaling)")
-    need(_finite(rs.high_freq_factor) and rs.high_freq_factor > rs.low_freq_factor,
+      _need(_finite(rs[k]) and rs[k] > 0, f"model.rope_scaling.{k}={rs[k]}: must be > 0 (llama3 scaling)")
+    _need(_finite(rs.high_freq_factor) and rs.high_freq_factor > rs.low_freq_factor,
          f"model.rope_scaling.high_freq_factor={rs.high_freq_factor}: must exceed low_freq_factor="
          f"{rs.low_freq_factor} (llama3 scaling)")
-  need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
-  need(m.attention in ATTENTION_IMPLS,
+  _need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+  _need(m.attention in ATTENTION_IMPLS,
        f"model.attention={m.attention!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
-  need(l.impl in LOSS_IMPLS, f"loss.impl={l.impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
-  need(l.chunk_size >= -1, f"loss.chunk_size={l.chunk_size}: must be >= -1 (0 = no chunking, -1 = automatic)")
-  need(d.seq_len >= 1, f"data.seq_len={d.seq_len}: must be positive")
-  need(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+
+
+def _check_loss(l, m, d) -> None:
+  _need(l.impl in LOSS_IMPLS, f"loss.impl={l.impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
+  _need(l.chunk_size >= -1, f"loss.chunk_size={l.chunk_size}: must be >= -1 (0 = no chunking, -1 = automatic)")
+  _need(d.seq_len >= 1, f"data.seq_len={d.seq_len}: must be positive")
+  _need(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   if l.chunk_size > 0:
-    need(d.seq_len % l.chunk_size == 0,
+    _need(d.seq_len % l.chunk_size == 0,
          f"loss.chunk_size={l.chunk_size} does not divide data.seq_len={d.seq_len}; pick a divisor")
   head_weights(l.head_weights, m.n_future)
   if m.head_type == "sequential":
-    need(m.n_future >= 2, f"model.head_type='sequential' with model.n_future={m.n_future}: D = n_future - 1 MTP "
+    _need(m.n_future >= 2, f"model.head_type='sequential' with model.n_future={m.n_future}: D = n_future - 1 MTP "
                           f"modules must be >= 1; set model.n_future >= 2")
-    need(l.head_weights == "uniform", f"loss.head_weights={l.head_weights!r} with model.head_type='sequential': "
+    _need(l.head_weights == "uniform", f"loss.head_weights={l.head_weights!r} with model.head_type='sequential': "
                                       f"modules are weighted by loss.mtp_lambda; leave head_weights='uniform'")
     mtp_lambda_schedule(l.mtp_lambda)
-  need(t.steps >= 1, f"train.steps={t.steps}: must be >= 1")
-  need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
-  need(_finite(t.learning_rate) and t.learning_rate > 0, f"train.learning_rate={t.learning_rate}: must be a finite "
+
+
+def _check_train(t, m) -> None:
+  _need(t.steps >= 1, f"train.steps={t.steps}: must be >= 1")
+  _need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
+  _need(_finite(t.learning_rate) and t.learning_rate > 0, f"train.learning_rate={t.learning_rate}: must be a finite "
        f"number > 0")
-  need(0 <= t.warmup_steps, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
-  need(_finite(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1,
+  _need(0 <= t.warmup_steps, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+  _need(_finite(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1,
        f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1] (the final learning rate over the peak)")
-  need(_finite(t.weight_decay) and t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
+  _need(_finite(t.weight_decay) and t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
   for k in ("b1", "b2"):
-    need(_finite(t[k]) and 0 <= t[k] < 1, f"train.{k}={t[k]}: Adam's decay rates must be in [0, 1)")
-  need(_finite(t.grad_clip) and t.grad_clip > 0,
+    _need(_finite(t[k]) and 0 <= t[k] < 1, f"train.{k}={t[k]}: Adam's decay rates must be in [0, 1)")
+  _need(_finite(t.grad_clip) and t.grad_clip > 0,
        f"train.grad_clip={t.grad_clip}: must be a finite global-norm bound > 0 (1.0 is usual)")
   for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
-    need(t[k] >= 1, f"train.{k}={t[k]}: must be >= 1")
+    _need(t[k] >= 1, f"train.{k}={t[k]}: must be >= 1")
   trainable_regex(t.trainable)
   profile_range(t.profile_steps)
-  need(t.trainable != "heads" or m.n_future >= 2,
+  _need(t.trainable != "heads" or m.n_future >= 2,
        "train.trainable=heads trains heads 2..n but model.n_future=1; add heads (model.n_future) or use "
        "train.trainable=all")
-  # --- data sources (corpora.py, prepared.py)
+
+
+def _check_data(d) -> None:
   sources = ("stdlib", "glob", "jsonl", "parquet", "hf_disk", "prepared")
-  need(d.source in sources, f"data.source={d.source!r}: choose one of {', '.join(sources)}")
-  need(d.source == "stdlib" or d.path, f"data.source={d.source!r} needs data.path (a local path or a gs:// URL: "
+  _need(d.source in sources, f"data.source={d.source!r}: choose one of {', '.join(sources)}")
+  _need(d.source == "stdlib" or d.path, f"data.source={d.source!r} needs data.path (a local path or a gs:// URL: "
        f"a glob, a .jsonl/.parquet file, a save_to_disk directory, or a prepare output directory)")
-  need(d.prepare_shards >= 1, f"data.prepare_shards={d.prepare_shards}: must be >= 1")
-  need(0 < d.valid_fraction < 1, f"data.valid_fraction={d.valid_fraction}: must be between 0 and 1")
-  need(isinstance(d.text_field, str) and d.text_field.strip(), "data.text_field: name the JSONL field holding the "
+  _need(d.prepare_shards >= 1, f"data.prepare_shards={d.prepare_shards}: must be >= 1")
+  _need(0 < d.valid_fraction < 1, f"data.valid_fraction={d.valid_fraction}: must be between 0 and 1")
+  _need(isinstance(d.text_field, str) and d.text_field.strip(), "data.text_field: name the JSONL field holding the "
        "text (default 'text')")
-  need(isinstance(d.tokenizer, str) and d.tokenizer.strip(),
+  _need(isinstance(d.tokenizer, str) and d.tokenizer.strip(),
        "data.tokenizer: give 'sentencepiece', 'bytes' or the path of a .model file")
-  need(isinstance(d.cache_dir, str) and not os.path.isfile(os.path.expanduser(d.cache_dir)),
+  _need(isinstance(d.cache_dir, str) and not os.path.isfile(os.path.expanduser(d.cache_dir)),
        f"data.cache_dir={d.cache_dir!r}: must be a directory (new or existing), or '' for ~/.cache/mtp_jax")
-  need(d.max_train_bytes >= 0, f"data.max_train_bytes={d.max_train_bytes}: must be >= 0 (0 = the whole corpus)")
-  axes = tuple(k for k in c.mesh if k != "rules")
+  _need(d.max_train_bytes >= 0, f"data.max_train_bytes={d.max_train_bytes}: must be >= 0 (0 = the whole corpus)")
+
+
+def _check_mesh(mesh) -> None:
+  axes = tuple(k for k in mesh if k != "rules")
   for ax in axes:
-    need(c.mesh[ax] == -1 or c.mesh[ax] >= 1, f"mesh.{ax}={c.mesh[ax]}: use a positive size or -1 (the rest)")
-  for rule in c.mesh.rules:
+    _need(mesh[ax] == -1 or mesh[ax] >= 1, f"mesh.{ax}={mesh[ax]}: use a positive size or -1 (the rest)")
+  for rule in mesh.rules:
     ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
     targets = () if not ok or rule[1] is None else (rule[1],) if isinstance(rule[1], str) else rule[1]
-    need(ok and isinstance(targets, (tuple, list)) and all(a in axes for a in targets),
+    _need(ok and isinstance(targets, (tuple, list)) and all(a in axes for a in targets),
          f"mesh.rules entry {rule!r}: each rule is (logical axis name, mesh axis, a tuple of them, or None) with "
          f"mesh axes from {', '.join(axes)}")
