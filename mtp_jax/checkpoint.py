@@ -142,12 +142,22 @@ def with_shardings(abstract, shardings=None):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+class _ReadOnlyNotes(logging_std.Filter):
+  """orbax warns, for every read-only manager, that the directory is read only and which saving options that
+  overrides: what a reader (generate, export, a notebook) asked for, so not shown."""
+
+  def filter(self, record):
+    return "/orbax/" not in record.pathname or "read only" not in record.getMessage().replace("_", " ")
+
+
 class Checkpointer:
   """The CheckpointManager of one workdir, with fallback past damaged checkpoints."""
 
   def __init__(self, workdir, keep: int = 3, read_only: bool = False):
     # orbax wants absolute paths; the README passes a relative --workdir
     self.workdir, self.read_only = io.absolute(workdir), read_only
+    if read_only and not any(isinstance(f, _ReadOnlyNotes) for f in logging.get_absl_logger().filters):
+      logging.get_absl_logger().addFilter(_ReadOnlyNotes())
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=not read_only,
                                            cleanup_tmp_directories=not read_only)

@@ -214,13 +214,7 @@ def load_workdir(workdir: str):
     raise DecodeError(f"--workdir={workdir} has no checkpoint in {ckpt_dir}: train first "
                       f"(python -m mtp_jax.main --config=... --workdir={workdir})")
   from mtp_jax import checkpoint, tokenizer as tokenizer_lib   # orbax and sentencepiece only when loading a run
-  from absl import logging as absl_logging
-  quiet = _QuietOrbax()   # a read-only restore has orbax warn about the options it overrides: nothing to act on
-  absl_logging.get_absl_logger().addFilter(quiet)
-  try:
-    params, config = checkpoint.load_params(workdir)
-  finally:
-    absl_logging.get_absl_logger().removeFilter(quiet)
+  params, config = checkpoint.load_params(workdir)
   tokenizer = tokenizer_lib.load_tokenizer(workdir)
   check_tokenizer(tokenizer, int(params["embed"]["embedding"].shape[0]))
   return params, config, tokenizer

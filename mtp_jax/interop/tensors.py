@@ -93,7 +93,7 @@ class TorchFile:
 
 def _progress(total: int):
   """A progress bar of tensors converted, on a terminal only (tqdm's disable=None); logs and tests get none."""
-  from tqdm.auto import tqdm
+  from tqdm import tqdm
   return tqdm(total=total, unit="tensor", desc="convert", disable=None, leave=False)
 
 

@@ -138,7 +138,7 @@ class _ShardProgress:
   run: every runner writes into the same --output, and a shard's lengths file appears last."""
 
   def __init__(self, out, total: int):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     self.out = out
     self.bar = tqdm(total=total, unit="shard", desc="prepare: shards written (at most)", disable=None)
     self.done = threading.Event()
