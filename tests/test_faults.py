@@ -718,7 +718,7 @@ def test_carried_optimizer_state_keeps_counts_and_moments_of_what_still_trains(m
 
 def test_jsonl_record_that_is_not_utf8_is_skipped_and_counted(tmp_path):
   """A record whose bytes are not UTF-8 (or whose JSON escapes are no characters) is skipped and counted
-  with the unreadable documents, never read as U+FFFD; .gz included."""
+  with the unreadable documents, never read as U+FFFD; .gz and Parquet included."""
   import gzip
   from mtp_jax.corpora import Corpus
   lines = _jsonl_lines(30)
@@ -733,6 +733,14 @@ def test_jsonl_record_that_is_not_utf8_is_skipped_and_counted(tmp_path):
     assert len(texts) == 28 and not any("\ufffd" in t or "caf" in t or "lone" in t for t in texts)
     skipped = corpus.stats["train_skipped"] + corpus.stats["valid_skipped"]
     assert skipped == 2 and "skipped: unreadable or not UTF-8" in corpus.describe("train")
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  values = [b"ok text " * 10] * 9 + [b"caf\xe9"]       # a string column holding bytes that are not UTF-8
+  pq.write_table(pa.table({"text": pa.array(values, pa.binary()).view(pa.string())}), str(tmp_path / "a.parquet"))
+  c.data.update(source="parquet", path=str(tmp_path / "a.parquet"))
+  corpus = Corpus(c.data)
+  texts = list(corpus.texts("train")) + list(corpus.texts("valid"))
+  assert len(texts) == 9 and corpus.stats["train_skipped"] + corpus.stats["valid_skipped"] == 1
 
 
 def test_prepare_failure_leaves_the_output_empty_and_a_rerun_works(bad_sources, tmp_path):
