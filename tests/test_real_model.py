@@ -11,7 +11,6 @@ import zipfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from mtp_jax import data, generate, interop, pretrained
