@@ -30,6 +30,7 @@ from absl import logging
 
 from mtp_jax import deadline, io
 from mtp_jax import workdir as workdir_lib
+from mtp_jax.workdir import step_dirs
 from mtp_jax.errors import UserError
 
 CHECKPOINTS = workdir_lib.CHECKPOINTS
@@ -122,14 +123,6 @@ def _drop_closed_loop_noise() -> None:
       previous(unraisable)
   hook._drops_closed_loop = True
   sys.unraisablehook = hook
-
-
-def step_dirs(workdir) -> list[int]:
-  """The committed checkpoint steps under W/checkpoints, by listing alone (no orbax; tmp dirs excluded)."""
-  root = io.path(workdir) / CHECKPOINTS
-  if not root.is_dir():
-    return []
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def with_shardings(abstract, shardings=None):

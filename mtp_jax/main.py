@@ -30,8 +30,9 @@ def main(argv):
     from mtp_jax.cpu_flags import use_training_fusions
     use_training_fusions()              # likewise before the backend starts (cpu_flags.py: why, and measured)
   validate(config)
-  from mtp_jax.train import check_workdir_path, train_and_evaluate
-  workdir = check_workdir_path(_WORKDIR.value)   # before any compile; expands ~
+  from mtp_jax import workdir as workdir_lib
+  from mtp_jax.train import train_and_evaluate
+  workdir = workdir_lib.check_path(_WORKDIR.value)   # before any compile; expands ~
   if _DRY_RUN.value:
     from mtp_jax.dry_run import dry_run
     dry_run(config, str(workdir))

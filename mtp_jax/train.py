@@ -1,4 +1,4 @@
-"""The trainer, top to bottom: check the workdir, build data and model, restore, train, evaluate.
+"""The trainer, top to bottom: check the workdir (workdir.py), build data and model, restore, train, evaluate.
 
     train_and_evaluate(config, workdir)
 
@@ -15,12 +15,13 @@ signal: within seconds), naming the newest complete checkpoint (mtp_jax.deadline
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging as std_logging
 import os
 import signal
 import threading
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +35,10 @@ from mtp_jax import deadline
 from mtp_jax import io
 from mtp_jax import metrics as metrics_lib
 from mtp_jax import sharding
-from mtp_jax import workdir as workdir_lib
 from mtp_jax import tokenizer as tokenizer_lib
-from mtp_jax.checkpoint import Checkpointer, all_finite, load_pretrained, step_dirs, with_shardings
-from mtp_jax.config import base_config, loss_weights, validate
+from mtp_jax import workdir as workdir_lib
+from mtp_jax.checkpoint import Checkpointer, all_finite, load_pretrained, with_shardings
+from mtp_jax.config import loss_weights, validate
 from mtp_jax.dry_run import compile_train_step, memory_report, model_flops_per_token, peak_flops_per_device
 from mtp_jax.errors import UserError
 from mtp_jax.model import build_model
@@ -48,82 +49,6 @@ from mtp_jax.step import (abstract_train_state, carry_opt_state, init_train_stat
 
 class TrainingDiverged(UserError):
   """The loss became NaN or inf."""
-
-
-def _shape_fields(cfg: dict) -> dict:
-  """The fields a checkpoint's shapes (and meaning) depend on: every model field, seq_len, tokenizer."""
-  fields = {f"model.{k}": v for k, v in cfg["model"].items()}
-  fields.update({f"data.{k}": cfg["data"][k] for k in ("seq_len", "tokenizer")})
-  return fields
-
-
-def check_workdir_path(workdir) -> io.Path:
-  """The workdir as a path (~ expanded; bucket URLs as they are), refused before anything is written if it
-  cannot be a writable directory: it is a file, a parent of it is a file, the place it lives in is
-  read-only, or its bucket cannot be reached."""
-  workdir = io.path(workdir)
-  if io.is_remote(workdir):
-    io.check_bucket(workdir, "--workdir")
-    return workdir
-  if workdir.exists() and not workdir.is_dir():
-    raise UserError(f"--workdir={workdir} is a file, not a directory; give a directory (new or a run's)")
-  place = workdir
-  while not place.exists() and place != place.parent:
-    place = place.parent
-  if not place.is_dir():
-    raise UserError(f"--workdir={workdir} cannot be created: {place} is a file; give a path under a directory")
-  if not os.access(place, os.W_OK | os.X_OK):
-    why = "read-only file system" if _read_only_fs(place) else "no write permission"
-    raise UserError(f"--workdir={workdir}: cannot write in {place} ({why}); give a writable --workdir")
-  return workdir
-
-
-def _read_only_fs(path) -> bool:
-  try:
-    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-  except OSError:
-    return False
-
-
-def check_workdir(config, workdir: io.Path) -> None:
-  """Refuse (before writing anything) a workdir whose run has another model shape.
-
-  Only a workdir with a checkpoint, or with imported weights, has a shape: the config.json of a start
-  that failed before its first checkpoint (a mesh error, a loss NaN at step 1) is provisional and gets
-  overwritten."""
-  path = workdir_lib.config_path(workdir)
-  trained = bool(step_dirs(workdir))
-  if not trained and not workdir_lib.has_pretrained(workdir):
-    return
-  if not path.exists():
-    raise UserError(f"{workdir} holds checkpoints but no {workdir_lib.CONFIG_FILE}, so their shapes cannot be "
-                    f"checked; use a new --workdir (or restore {path})")
-  try:
-    old = _shape_fields(json.loads(path.read_text()))
-  except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-    raise UserError(f"{path} is damaged ({type(e).__name__}: {e}), so the checkpoints' shapes cannot be checked; "
-                    f"restore it, or use a new --workdir")
-  old.setdefault("model.rope_scaling", base_config().model.rope_scaling.to_dict())   # runs from before the field
-  new = _shape_fields(config.to_dict())
-  if not trained:   # an import that has not trained yet: the weights' shapes bind, and the tokenizer they read
-    new = {k: v for k, v in new.items() if k.startswith("model.") or k == "data.tokenizer"}
-  diffs = [f"{k}={old.get(k)!r} there vs {new[k]!r} now" for k in new if old.get(k) != new[k]]
-  if diffs and not trained:
-    raise UserError(f"{workdir} holds an imported model that this config does not fit ({'; '.join(diffs)}): the "
-                    f"imported weights only make sense with their own shapes and tokenizer; drop these overrides "
-                    f"(configs/imported.py:{workdir} sets them), or import into a new --workdir")
-  if diffs:
-    raise UserError(f"{workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir, "
-                    f"or the run's own values to resume it")
-
-
-def _lock_workdir(workdir: io.Path):
-  """Hold the workdir while this run lives (local: flock on W/.lock, dropped by the OS even on SIGKILL;
-  gs://: a lease object, see io.lock_workdir). Returns the lock; close it at exit."""
-  try:
-    return io.lock_workdir(workdir)
-  except OSError as e:
-    raise UserError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); give a writable --workdir")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -193,39 +118,63 @@ def train_and_evaluate(config, workdir) -> dict:
     return _train_and_evaluate(config, workdir)
 
 
-def _train_and_evaluate(config, workdir) -> dict:
+def _quiet_libraries() -> None:
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
     absl_logger.addFilter(_QuietLibraries())
-  workdir = check_workdir_path(workdir)
-  check_workdir(config, workdir)
+
+
+def _open_workdir(config, workdir):
+  """(workdir, data, lock or None, resuming, the saved config.json when resuming): the workdir checked, locked
+  and written (config, data record, tokenizer), the data built."""
+  workdir = workdir_lib.check_path(workdir)
+  workdir_lib.check_shape(config, workdir)
   data = data_lib.build(config, workdir)   # may train a tokenizer into the cache, writes nothing in workdir
   data_now = data_record.describe(config, data)
-  moved = data_record.check(workdir, bool(step_dirs(workdir)), data_now)
+  moved = data_record.check(workdir, bool(workdir_lib.step_dirs(workdir)), data_now)
   if moved:
     _say(moved)
-  lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
-  resuming = bool(step_dirs(workdir))
+  lock = workdir_lib.lock(workdir) if jax.process_index() == 0 else None
+  resuming = bool(workdir_lib.step_dirs(workdir))
   saved = workdir_lib.read_json(workdir) if resuming else None
   if jax.process_index() == 0 and not resuming:   # a resume rewrites it once its checkpoint has restored
     workdir_lib.write_config(config, workdir)
   if jax.process_index() == 0:
     data_record.write(workdir, data_now)
     tokenizer_lib.save_to_workdir(data.tokenizer, workdir)
+  return workdir, data, lock, resuming, saved
 
+
+@dataclasses.dataclass
+class _Loop:
+  """What the training loop runs with, built once by `_train_and_evaluate`."""
+  config: ml_collections.ConfigDict
+  compiled: Any              # the compiled train step; the state is donated
+  to_device: Callable        # a host batch -> global arrays in the batch sharding
+  train_iter: Any            # the grain iterator, saved with every checkpoint
+  evaluate: Callable         # params -> the validation set's summed metrics (on the host)
+  ckpt: Checkpointer
+  writer: metrics_lib.MetricsWriter
+  unigram: float             # the unigram baseline's validation loss, for the final report
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.config.train.batch_size * self.config.data.seq_len
+
+
+def _train_and_evaluate(config, workdir) -> dict:
+  _quiet_libraries()
+  workdir, data, lock, resuming, saved = _open_workdir(config, workdir)
   t = config.train
-  seq_len = config.data.seq_len
   model = build_model(config.model)
   tx = make_optimizer(t)
   mesh = sharding.make_mesh(config)
-  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-
   rng = jax.random.key(config.seed)
   # Compiled once, ahead of time, as --dry_run compiles it; `state` is donated so its buffers are
   # reused for the new state. Restore targets and a fresh state take the same shardings.
   compiled, abstract_state, state_shardings, _ = compile_train_step(config, mesh, model, tx)
   _say(_memory_line(compiled))
-  abstract_rng = with_shardings(jax.eval_shape(jax.random.key_data, rng), replicated)
+  abstract_rng = with_shardings(jax.eval_shape(jax.random.key_data, rng), sharding.replicated(mesh))
 
   train_iter = iter(data_lib.train_dataset(data.train, config))
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
@@ -251,17 +200,34 @@ def _train_and_evaluate(config, workdir) -> dict:
   else:
     opt_state = restored.opt_state
     if was_trainable != t.trainable:
-      fresh_opt = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(restored.params)
-      opt_state, fresh, dropped = carry_opt_state(restored.opt_state, fresh_opt)
-      changes = [f"{len(fresh)} newly trainable parameter arrays start with zero AdamW moments"] * bool(fresh) + \
-          [f"{len(dropped)} newly frozen ones drop theirs"] * bool(dropped)
-      _say(f"train.trainable={t.trainable!r} now, {was_trainable!r} when the checkpoint of step {start} was saved: "
-           f"parameters, step, RNG, schedule and data position are restored; {', '.join(changes) or 'nothing else'}")
+      opt_state = _carry_trainable(restored, tx, state_shardings, t.trainable, was_trainable, start)
     state = resumed_train_state(restored.meta["step"], restored.params, opt_state)
     rng = jax.random.wrap_key_data(restored.meta["rng"])
     _say(f"resumed from the checkpoint of step {start} in {workdir}")
   if jax.process_index() == 0:
     metrics_lib.truncate_after(workdir, start)
+  to_device, evaluate, unigram = _evaluation(config, model, mesh, data, state_shardings)
+  writer = metrics_lib.MetricsWriter(workdir, t.steps, model_flops_per_token(config, abstract_state.params, model),
+                                     _peak_flops())
+  loop = _Loop(config, compiled, to_device, train_iter, evaluate, ckpt, writer, unigram)
+  return _run_and_close(loop, state, rng, start, lock)
+
+
+def _carry_trainable(restored, tx, state_shardings, trainable: str, was_trainable: str, start: int):
+  """The restored optimizer state under another train.trainable: kept moments carried over, new ones zero."""
+  fresh_opt = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(restored.params)
+  opt_state, fresh, dropped = carry_opt_state(restored.opt_state, fresh_opt)
+  changes = [f"{len(fresh)} newly trainable parameter arrays start with zero AdamW moments"] * bool(fresh) + \
+      [f"{len(dropped)} newly frozen ones drop theirs"] * bool(dropped)
+  _say(f"train.trainable={trainable!r} now, {was_trainable!r} when the checkpoint of step {start} was saved: "
+       f"parameters, step, RNG, schedule and data position are restored; {', '.join(changes) or 'nothing else'}")
+  return opt_state
+
+
+def _evaluation(config, model, mesh, data, state_shardings):
+  """(to_device, evaluate, unigram): host batches onto the mesh, the fixed validation set's summed metrics for
+  some parameters, and the unigram baseline's loss on it."""
+  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
   def to_device(batch):
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
@@ -270,7 +236,7 @@ def _train_and_evaluate(config, workdir) -> dict:
                       out_shardings=replicated)
   host_valid = data_lib.valid_batches(data.valid, config)
   valid = [to_device(b) for b in host_valid]
-  unigram = data_lib.unigram_baseline(data.train, host_valid, seq_len, config.model.vocab_size)
+  unigram = data_lib.unigram_baseline(data.train, host_valid, config.data.seq_len, config.model.vocab_size)
 
   def evaluate(params):
     sums = None
@@ -280,18 +246,21 @@ def _train_and_evaluate(config, workdir) -> dict:
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     return jax.device_get(sums)
 
-  writer = metrics_lib.MetricsWriter(workdir, t.steps, model_flops_per_token(config, abstract_state.params, model),
-                                     _peak_flops())
-  tokens_per_step = t.batch_size * seq_len
+  return to_device, evaluate, unigram
+
+
+def _run_and_close(loop: _Loop, state, rng, start: int, lock) -> dict:
+  """Train from `start` (or only evaluate, if already done), then close the checkpointer, the metrics writer and
+  the lock; returns the last validation record."""
+  config, t, ckpt, writer = loop.config, loop.config.train, loop.ckpt, loop.writer
   last_record = None
   try:
     if start >= t.steps:
-      _say(f"{workdir} is already trained to step {start} (train.steps={t.steps}); evaluating only")
-      last_record = metrics_lib.valid_record(start, evaluate(state.params), loss_weights(config, start),
-                                                unigram_loss=unigram)
+      _say(f"{ckpt.workdir} is already trained to step {start} (train.steps={t.steps}); evaluating only")
+      last_record = metrics_lib.valid_record(start, loop.evaluate(state.params), loss_weights(config, start),
+                                             unigram_loss=loop.unigram)
     else:
-      last_record = _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer,
-                                unigram, tokens_per_step)
+      last_record = _train_loop(loop, state, rng, start)
   except BaseException as e:
     _raise_if_store_failed(e, ckpt)
     _close_quietly(ckpt.close, writer.close, lock and lock.close)   # the error in flight is the one to report
@@ -307,7 +276,7 @@ def _train_and_evaluate(config, workdir) -> dict:
     if lock is not None:
       lock.close()
   if last_record is not None and last_record["step"] == t.steps:
-    _say(metrics_lib.final_table(last_record, unigram, config.model.vocab_size))
+    _say(metrics_lib.final_table(last_record, loop.unigram, config.model.vocab_size))
   return last_record
 
 
@@ -329,8 +298,8 @@ def _close_quietly(*closers) -> None:
         logging.warning("while closing after an error: %s", e)
 
 
-def _train_loop(config, state, rng, start, compiled, to_device, train_iter, evaluate, ckpt, writer,
-                unigram, tokens_per_step):
+def _train_loop(loop: _Loop, state, rng, start: int):
+  config, ckpt, writer, train_iter = loop.config, loop.ckpt, loop.writer, loop.train_iter
   t = config.train
   bad = jnp.zeros((), jnp.int32)
   pending = None               # (step, metrics, bad) of a log step, read back once the next step is queued
@@ -346,13 +315,13 @@ def _train_loop(config, state, rng, start, compiled, to_device, train_iter, eval
     _stop_if_diverged(int(first_bad), ckpt)
     now = time.time()
     per_step = max(now - last_log[1] - paused, 1e-9) / max(step - last_log[0], 1)
-    writer.train(step, metrics, tokens_per_step / per_step, per_step)
+    writer.train(step, metrics, loop.tokens_per_step / per_step, per_step)
     last_log, paused = (step, now), 0.0
 
   with _StopOnSignal() as stop, contextlib.closing(profile):
     for step in range(start + 1, t.steps + 1):
       profile.before(step)
-      state, metrics = compiled(state, to_device(next(train_iter)))
+      state, metrics = loop.compiled(state, loop.to_device(next(train_iter)))
       began = time.time()
       if traced := profile.after(step, (state, metrics)):   # waits for the step: not training time
         _say(traced)
@@ -374,8 +343,9 @@ def _train_loop(config, state, rng, start, compiled, to_device, train_iter, eval
         _stop_if_diverged(step, ckpt, what="the parameters or optimizer state became")
       began = time.time()
       if do_eval:
-        extra = {"unigram_loss": unigram} if step == t.steps else {}
-        valid_record = metrics_lib.valid_record(step, evaluate(state.params), loss_weights(config, step), **extra)
+        extra = {"unigram_loss": loop.unigram} if step == t.steps else {}
+        valid_record = metrics_lib.valid_record(step, loop.evaluate(state.params), loss_weights(config, step),
+                                                **extra)
         writer.valid(valid_record)
       saved = _save_due(step, t, stop)   # decided after the evaluation: a signal during it is honoured here
       if saved:

@@ -12,11 +12,13 @@
     W/metrics.jsonl                train and validation records (metrics.py)
     W/.lock                        held while a run lives (io.lock_workdir)
 
-Every module that reads or writes one of these takes its name from here; nothing else spells them.
+Every module that reads or writes one of these takes its name from here; nothing else spells them. A run
+checks its workdir here before writing anything (`check_path`, `check_shape`) and holds it (`lock`).
 """
 from __future__ import annotations
 
 import json
+import os
 
 import ml_collections
 
@@ -115,3 +117,86 @@ def _get(d, dotted: str):
   for part in dotted.split("."):
     d = d[part]
   return d
+
+def step_dirs(workdir) -> list[int]:
+  """The committed checkpoint steps under W/checkpoints, by listing alone (no orbax; tmp dirs excluded)."""
+  root = io.path(workdir) / CHECKPOINTS
+  if not root.is_dir():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _shape_fields(cfg: dict) -> dict:
+  """The fields a checkpoint's shapes (and meaning) depend on: every model field, seq_len, tokenizer."""
+  fields = {f"model.{k}": v for k, v in cfg["model"].items()}
+  fields.update({f"data.{k}": cfg["data"][k] for k in ("seq_len", "tokenizer")})
+  return fields
+
+
+def check_path(workdir) -> io.Path:
+  """The workdir as a path (~ expanded; bucket URLs as they are), refused before anything is written if it
+  cannot be a writable directory: it is a file, a parent of it is a file, the place it lives in is
+  read-only, or its bucket cannot be reached."""
+  workdir = io.path(workdir)
+  if io.is_remote(workdir):
+    io.check_bucket(workdir, "--workdir")
+    return workdir
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir={workdir} is a file, not a directory; give a directory (new or a run's)")
+  place = workdir
+  while not place.exists() and place != place.parent:
+    place = place.parent
+  if not place.is_dir():
+    raise UserError(f"--workdir={workdir} cannot be created: {place} is a file; give a path under a directory")
+  if not os.access(place, os.W_OK | os.X_OK):
+    why = "read-only file system" if _read_only_fs(place) else "no write permission"
+    raise UserError(f"--workdir={workdir}: cannot write in {place} ({why}); give a writable --workdir")
+  return workdir
+
+
+def _read_only_fs(path) -> bool:
+  try:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+  except OSError:
+    return False
+
+
+def check_shape(config, workdir: io.Path) -> None:
+  """Refuse (before writing anything) a workdir whose run has another model shape.
+
+  Only a workdir with a checkpoint, or with imported weights, has a shape: the config.json of a start
+  that failed before its first checkpoint (a mesh error, a loss NaN at step 1) is provisional and gets
+  overwritten."""
+  path = config_path(workdir)
+  trained = bool(step_dirs(workdir))
+  if not trained and not has_pretrained(workdir):
+    return
+  if not path.exists():
+    raise UserError(f"{workdir} holds checkpoints but no {CONFIG_FILE}, so their shapes cannot be "
+                    f"checked; use a new --workdir (or restore {path})")
+  try:
+    old = _shape_fields(json.loads(path.read_text()))
+  except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is damaged ({type(e).__name__}: {e}), so the checkpoints' shapes cannot be checked; "
+                    f"restore it, or use a new --workdir")
+  old.setdefault("model.rope_scaling", base_config().model.rope_scaling.to_dict())   # runs from before the field
+  new = _shape_fields(config.to_dict())
+  if not trained:   # an import that has not trained yet: the weights' shapes bind, and the tokenizer they read
+    new = {k: v for k, v in new.items() if k.startswith("model.") or k == "data.tokenizer"}
+  diffs = [f"{k}={old.get(k)!r} there vs {new[k]!r} now" for k in new if old.get(k) != new[k]]
+  if diffs and not trained:
+    raise UserError(f"{workdir} holds an imported model that this config does not fit ({'; '.join(diffs)}): the "
+                    f"imported weights only make sense with their own shapes and tokenizer; drop these overrides "
+                    f"(configs/imported.py:{workdir} sets them), or import into a new --workdir")
+  if diffs:
+    raise UserError(f"{workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir, "
+                    f"or the run's own values to resume it")
+
+
+def lock(workdir: io.Path):
+  """Hold the workdir while this run lives (local: flock on W/.lock, dropped by the OS even on SIGKILL;
+  gs://: a lease object, see io.lock_workdir). Returns the lock; close it at exit."""
+  try:
+    return io.lock_workdir(workdir)
+  except OSError as e:
+    raise UserError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); give a writable --workdir")

@@ -278,7 +278,7 @@ def test_generate_results_are_json_ready_and_greedy_reports_no_drafts():
 
 def test_runs_from_before_rope_scaling_still_load_and_resume(tmp_path):
   import ml_collections
-  from mtp_jax import train
+  from mtp_jax import workdir as workdir_lib
   from mtp_jax.errors import UserError
   from mtp_jax.model import ModelArgs
   from tests.conftest import tiny_config
@@ -287,11 +287,11 @@ def test_runs_from_before_rope_scaling_still_load_and_resume(tmp_path):
   del old["model"]["rope_scaling"]
   (tmp_path / "checkpoints" / "10").mkdir(parents=True)   # a trained run: its config.json binds the shape
   (tmp_path / "config.json").write_text(json.dumps(old))
-  train.check_workdir(c, tmp_path)                       # no scaling then, none now: the same shape
+  workdir_lib.check_shape(c, tmp_path)                   # no scaling then, none now: the same shape
   assert ModelArgs.from_config(ml_collections.ConfigDict(old["model"])).rope_scaling is None
   c.model.rope_scaling.type = "llama3"
   with pytest.raises(UserError, match="model.rope_scaling"):
-    train.check_workdir(c, tmp_path)
+    workdir_lib.check_shape(c, tmp_path)
 
 
 def test_bucket_import_export_match_local(gcs, tmp_path):

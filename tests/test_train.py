@@ -244,12 +244,12 @@ def test_divergence_stops_without_saving(tmp_path, cache_dir, monkeypatch):
 
 def test_second_run_in_a_busy_workdir_is_refused(tmp_path):
   """While one run holds the workdir, another is refused before it writes anything."""
-  from mtp_jax import train
+  from mtp_jax import workdir as workdir_lib
   workdir = tmp_path / "run"
-  holder = train._lock_workdir(workdir)
+  holder = workdir_lib.lock(workdir)
   try:
     with pytest.raises(UserError, match="in use by another training run"):
-      train._lock_workdir(workdir)
+      workdir_lib.lock(workdir)
   finally:
     holder.close()
-  train._lock_workdir(workdir).close()     # released with its holder: the next run may start
+  workdir_lib.lock(workdir).close()       # released with its holder: the next run may start

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from mtp_jax.decode.draft import drafter_for, verify
 from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, take_at, unembed
-from mtp_jax.decode.types import PAD, Array, DecodeOutput, DecodeState, Settings
+from mtp_jax.decode.types import PAD, Array, DecodeOutput, DecodeState, SamplingParams, Settings
 from mtp_jax.model import MTPTransformer
 
 
