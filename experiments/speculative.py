@@ -49,6 +49,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs per mode and batch siz
 _FWD_ITERS = flags.DEFINE_integer("forward_iters", 50, "Steps per timed call when measuring C.")
 _FWD_REPEATS = flags.DEFINE_integer("forward_repeats", 21, "Timed pairs (single, verify) when measuring C.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt selection seed.")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Text prompts, one per line (\\n escapes), instead of "
+                                   "held-out windows; the first --prompts of them are used.")
+_CHAT = flags.DEFINE_bool("chat", False, "With --prompt_file: wrap each prompt in the model's chat template.")
 _DRAFT = flags.DEFINE_integer("draft_heads", None, "Speculative block k (2..n_future; default n_future): heads 2..k draft.")
 _OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
 
@@ -72,9 +75,25 @@ def load_model():
   from mtp_jax import data
   from mtp_jax.generate import load_workdir
   params, config, tokenizer = load_workdir(_WORKDIR.value)
+  if _PROMPT_FILE.value:
+    return params, config, file_prompts(tokenizer, n_prompts), os.path.basename(_PROMPT_FILE.value) + (
+        " (chat template)" if _CHAT.value else "")
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   data_cfg.max_train_bytes = 0       # prompts may come from the whole validation split, not the capped one
   return params, config, held_out_prompts(data.Corpus(data_cfg), tokenizer, n_prompts, length, rng), "valid split"
+
+
+def file_prompts(tokenizer, n: int) -> list[list[int]]:
+  """The first n prompts of --prompt_file as token ids (in the chat template with --chat; BOS as the tokenizer says)."""
+  with open(_PROMPT_FILE.value, encoding="utf-8") as f:
+    texts = [l.replace("\\n", "\n") for l in f.read().splitlines() if l.strip()]
+  if len(texts) < n:
+    _fail(f"--prompt_file={_PROMPT_FILE.value} holds {len(texts)} prompts; --prompts={n} needs that many")
+  if _CHAT.value:
+    from mtp_jax import chat
+    texts = [chat.render(tokenizer, t) for t in texts]
+  bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) and not _CHAT.value else []
+  return [bos + tokenizer.encode(t) for t in texts[:n]]
 
 
 def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[int]]:
@@ -104,9 +123,10 @@ def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int) -> 
   """Greedy vs speculative over every prompt, `batch` rows at once, runs interleaved: median seconds for
   all prompts, tokens/s and the statistics pooled over the calls."""
   if _SERVE.value:   # one call: rows are refilled from the queue of prompts as they finish
-    calls, slots = [decode.pad_prompts(prompts, len(prompts[0]))], batch
+    calls, slots = [decode.pad_prompts(prompts, max(map(len, prompts)))], batch
   else:
-    calls, slots = [decode.pad_prompts(prompts[i:i + batch], len(prompts[0])) for i in range(0, len(prompts), batch)], None
+    calls, slots = [decode.pad_prompts(prompts[i:i + batch], max(map(len, prompts)))
+                    for i in range(0, len(prompts), batch)], None
   kw = dict(max_new_tokens=_MAX_NEW.value, eos_id=-1, slots=slots)
   draft = {"greedy": {}, "speculative": {"draft_heads": _DRAFT.value}}
 
@@ -137,7 +157,7 @@ def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
   and its verification) over one greedy step (a cached single-token forward with head 0): the decode
   loop's own step function, run `forward_iters` times from the prompts' prefill in one program."""
   iters = _FWD_ITERS.value
-  tokens, lengths = map(jnp.asarray, decode.pad_prompts(prompts, len(prompts[0])))
+  tokens, lengths = map(jnp.asarray, decode.pad_prompts(prompts, max(map(len, prompts))))
   make = lambda mode: decode_step_program(params, args, mode, tokens, lengths, iters, _MAX_NEW.value, _DRAFT.value)
   fns = {"single": make("greedy"), "verify": make("speculative")}
   times = {k: [] for k in fns}
