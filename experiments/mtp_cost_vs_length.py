@@ -44,6 +44,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "tiny model and steps: checks the pipeline, measures nothing")
 flags.DEFINE_string("ns", "1,2,4", "comma list of head counts, parallel heads; N_causal or N_linear for the paper's other "
                     "topologies, e.g. 4_causal (n=1 is the control and always runs; quick: 1,2)")
+flags.DEFINE_integer("late_lengths", 3, "the second trend fit uses the longest this many lengths")
 flags.DEFINE_string("name", "mtp_cost_vs_length", "results file stem (quick: <name>_quick)")
 flags.DEFINE_string("seeds", "0,1,2", "comma list of seeds (init and data order; quick: 0,1)")
 flags.DEFINE_string("lengths", "40,80,160,320,640", "comma list of training lengths in steps (quick: 4,8)")
@@ -226,24 +227,29 @@ def analyse(runs: list, ns: list, seeds: list, Ls: list) -> dict:
                for s in done]
           row[f"gap_per_flop_n{n}"] = {"per_seed": g, "mean": interval(g)[0], "ci95": interval(g)[1]}
     out["per_length"].append(row)
-  logs = np.log2(np.asarray(Ls, float))
-  for n in ns[1:]:
-    if not done:
-      break
-    slopes, icepts = [], []
-    for s in done:
-      gaps = np.asarray([loss[(n, s)][str(L)] - loss[("1", s)][str(L)] for L in Ls])
-      b, a = np.polyfit(logs, gaps, 1)
-      slopes.append(float(b))
-      icepts.append(float(a))
-    allg = np.asarray([[loss[(n, s)][str(L)] - loss[("1", s)][str(L)] for L in Ls] for s in done]).mean(0)
-    b, a = np.polyfit(logs, allg, 1)
-    bm, bh = interval(slopes)
-    cross = 2 ** (-a / b) if b < 0 < a else None
-    out["trend"][f"n{n}"] = {"fit": "gap = a + b * log2(steps), on the seed-mean gaps", "a": float(a), "b": float(b),
-                             "b_per_seed": slopes, "a_per_seed": icepts, "b_mean": bm, "b_ci95": bh,
-                             "zero_crossing_steps": cross}
+  late = Ls[-FLAGS.late_lengths:] if 2 <= FLAGS.late_lengths < len(Ls) else None
+  for key, fitted in (("trend", Ls), ("trend_late", late)):
+    out[key] = {}
+    if not fitted or not done:
+      continue
+    logs = np.log2(np.asarray(fitted, float))
+    for n in ns[1:]:
+      gaps = np.asarray([[loss[(n, s)][str(L)] - loss[("1", s)][str(L)] for L in fitted] for s in done])
+      per_seed = [np.polyfit(logs, g, 1) for g in gaps]
+      b, a = np.polyfit(logs, gaps.mean(0), 1)
+      bm, bh = interval([float(x[0]) for x in per_seed])
+      out[key][f"n{n}"] = {"fit": "gap = a + b * log2(steps), on the seed-mean gaps", "lengths": fitted,
+                           "a": float(a), "b": float(b), "b_per_seed": [float(x[0]) for x in per_seed],
+                           "a_per_seed": [float(x[1]) for x in per_seed], "b_mean": bm, "b_ci95": bh,
+                           "zero_crossing_steps": 2 ** (-a / b) if b < 0 < a else None}
   return out
+
+
+def crossing(tr: dict, longest: int) -> str:
+  x = tr["zero_crossing_steps"]
+  if x is None:
+    return "never (b >= 0)" if tr["b"] >= 0 else "already below zero"
+  return f"{x:,.0f} steps" if x < 1000 * longest else f"beyond {1000 * longest:,} steps"
 
 
 def markdown(res: dict, command: str) -> list:
@@ -272,16 +278,20 @@ def markdown(res: dict, command: str) -> list:
                      for n in ns if res["flops_per_step"].get(n))
          + ". Gap per FLOP: n's loss at L steps minus n=1's loss interpolated (linear in log FLOPs) at the same FLOPs; "
            "— where that lies past n=1's longest run.", "",
-         "Trend: gap = a + b log2(steps) fitted to the seed-mean gaps; b's interval is the t-interval of the "
-         "per-seed slopes.", "", "| n | a (nats) | b (nats per doubling) | b 95% interval | line crosses zero at |",
-         "|---:|---:|---:|---|---:|"]
+         "Trend: gap = a + b log2(steps) fitted to the seed-mean gaps, over every length and over the longest "
+         f"{FLAGS.late_lengths}; b's interval is the t-interval of the per-seed slopes (the same fit per seed). "
+         "Where the line crosses zero is an extrapolation of that line, nothing more.", "",
+         "| n | lengths fitted | a (nats) | b (nats per doubling) | b 95% interval | per-seed b | line crosses zero at |",
+         "|---:|---|---:|---:|---|---|---:|"]
   for n in ns[1:]:
-    tr = an["trend"].get(f"n{n}")
-    if tr:
-      lo, hi = tr["b_mean"] - tr["b_ci95"], tr["b_mean"] + tr["b_ci95"]
-      cross = f"{tr['zero_crossing_steps']:,.0f} steps" if tr["zero_crossing_steps"] else "never (b >= 0)"
-      md.append(f"| {label(n)} | {tr['a']:.4f} | {tr['b']:.4f} | [{lo:.4f}, {hi:.4f}] | {cross} |")
-  md += ["", res.get("reading", ""), "", PAPER, "", f"![mtp cost vs length]({res['name']}.png)"]
+    for key in ("trend", "trend_late"):
+      tr = an.get(key, {}).get(f"n{n}")
+      if tr:
+        lo, hi = tr["b_mean"] - tr["b_ci95"], tr["b_mean"] + tr["b_ci95"]
+        md.append(f"| {label(n)} | {tr['lengths'][0]}-{tr['lengths'][-1]} | {tr['a']:.4f} | {tr['b']:+.4f} | "
+                  f"[{lo:+.4f}, {hi:+.4f}] | {', '.join(f'{x:+.4f}' for x in tr['b_per_seed'])} | "
+                  f"{crossing(tr, max(Ls))} |")
+  md += ["", PAPER, "", f"![mtp cost vs length]({res['name']}.png)"]
   return md
 
 
@@ -292,21 +302,23 @@ def plot(res: dict, path: str):
   ns, an = res["ns"], res["analysis"]
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   Ls = [r["steps"] for r in an["per_length"]]
-  for n in ns:
+  for i, n in enumerate(ns):
     m = [r[f"n{n}"]["mean"] if r.get(f"n{n}") else np.nan for r in an["per_length"]]
     e = [r[f"n{n}"]["ci95"] if r.get(f"n{n}") else np.nan for r in an["per_length"]]
-    axes[0].errorbar(Ls, m, yerr=e, marker="o", capsize=3, label=label(n))
+    axes[0].errorbar(Ls, m, yerr=e, marker="o", capsize=3, label=label(n), color=f"C{i}")
     if res["flops_per_step"].get(n):
-      axes[1].errorbar([res["flops_per_step"][n] * L for L in Ls], m, yerr=e, marker="o", capsize=3, label=label(n))
+      axes[1].errorbar([res["flops_per_step"][n] * L for L in Ls], m, yerr=e, marker="o", capsize=3, label=label(n),
+                       color=f"C{i}")
     if n != "1":
       g = [r[f"gap_n{n}"]["mean"] if r.get(f"gap_n{n}") else np.nan for r in an["per_length"]]
       ge = [r[f"gap_n{n}"]["ci95"] if r.get(f"gap_n{n}") else np.nan for r in an["per_length"]]
-      line = axes[2].errorbar(Ls, g, yerr=ge, marker="o", capsize=3, label=f"{label(n)} - n=1")
-      tr = an["trend"].get(f"n{n}")
-      if tr:
-        xs = np.geomspace(min(Ls), max(Ls) * 8, 50)
-        axes[2].plot(xs, tr["a"] + tr["b"] * np.log2(xs), "--", color=line[0].get_color(), alpha=0.6,
-                     label=f"fit {label(n)}: {tr['a']:.3f} {tr['b']:+.3f} log2(steps)")
+      axes[2].errorbar(Ls, g, yerr=ge, marker="o", capsize=3, label=f"{label(n)} - n=1", color=f"C{i}")
+      for key, style in (("trend", ":"), ("trend_late", "--")):
+        tr = an.get(key, {}).get(f"n{n}")
+        if tr:
+          xs = np.geomspace(tr["lengths"][0], max(Ls) * 8, 50)
+          axes[2].plot(xs, tr["a"] + tr["b"] * np.log2(xs), style, color=f"C{i}", alpha=0.7,
+                       label=f"fit {label(n)}, {tr['lengths'][0]}-{tr['lengths'][-1]}: {tr['a']:.3f} {tr['b']:+.3f} log2(steps)")
   axes[0].set(xscale="log", xlabel="training steps (each its own WSD schedule)", ylabel="valid next-token loss (nats)",
               title="per step")
   axes[1].set(xscale="log", xlabel="matmul FLOPs (experiments/matmul_work.py)", ylabel="valid next-token loss (nats)",
@@ -333,13 +345,6 @@ def write(runs, ns, seeds, command, extra):
          "flops_per_step": {variant_of(r): r["flops_per_step"] for r in runs},
          "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60, "runs": runs}
   res["analysis"] = analyse(runs, ns, seeds, Ls)
-  tr = res["analysis"]["trend"]
-  if tr:
-    res["reading"] = " ".join(
-        f"{label(n[1:])}: the gap changes by {t['b']:+.4f} nats per doubling of steps (95% interval "
-        f"[{t['b_mean'] - t['b_ci95']:+.4f}, {t['b_mean'] + t['b_ci95']:+.4f}] over seeds); "
-        + (f"the line reaches zero at about {t['zero_crossing_steps']:,.0f} steps (an extrapolation)." if t["zero_crossing_steps"]
-           else "the line does not head to zero.") for n, t in tr.items())
   write_results(name, res, markdown(res, command), FLAGS.out_dir)
   plot(res, os.path.join(FLAGS.out_dir, f"{name}.png"))
 
