@@ -273,7 +273,7 @@ def markdown(res: dict, command: str) -> list:
     md.append(f"| {row['steps']} | " + " | ".join(f(row.get(f"n{n}")) for n in ns) + " | "
               + " | ".join(f(row.get(f"gap_n{n}")) for n in ns[1:]) + " | "
               + " | ".join(f(row.get(f"gap_per_flop_n{n}")) for n in ns[1:]) + " |")
-  md += ["", f"Matmul work per step (experiments/matmul_work.py, FLOPs = 2 x multiply-accumulates): "
+  md += ["", "Matmul work per step (experiments/matmul_work.py, FLOPs = 2 x multiply-accumulates): "
          + ", ".join(f"{label(n)} {res['flops_per_step'][n] / 1e9:.2f} GFLOP ({res['flops_per_step'][n] / res['flops_per_step']['1']:.2f}x n=1)"
                      for n in ns if res["flops_per_step"].get(n))
          + ". Gap per FLOP: n's loss at L steps minus n=1's loss interpolated (linear in log FLOPs) at the same FLOPs; "
