@@ -180,7 +180,7 @@ def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, 
            f"layers + {m.n_future} heads, d {m.d_model}, vocabulary {m.vocab_size}); CPU: {cpu}.", "",
            f"Training data: {len(feats)} windows of {seq} tokens ({len(feats) * seq:,} tokens) of the Python standard "
            f"library's train split; held out: {len(valid)} windows of its valid split. Targets: "
-           f"{'the base model’s own greedy tokens (self-distillation)' if _TARGET.value == 'model' else 'the corpus'}. "
+           f"{'greedy tokens of the base model (self-distillation)' if _TARGET.value == 'model' else 'the corpus'}. "
            f"{steps} steps of {batch} windows, Adam, peak lr {_LR.value}, cross-entropy scored at {ce_pos} random "
            f"positions per window. Caching the features took {cache_s:.0f} s.", "",
            "Cost of one heads-only training step (3 added heads; medians of interleaved steps):", "",

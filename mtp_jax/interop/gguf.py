@@ -20,8 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from mtp_jax.interop import mapping
 from mtp_jax.interop.assemble import Arch, build_params, check_vocab, model_config
 from mtp_jax.interop.tensors import ConvertError
@@ -64,8 +62,9 @@ def open_reader(path: Path):
   try:
     return gguf.GGUFReader(str(path))
   except Exception as e:   # bad magic, short read, offsets past the end of a truncated file
-    raise ConvertError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
-                       f"it is truncated or damaged: download it again")
+    detail = str(e).splitlines()[0][:160] if str(e) else ""
+    raise ConvertError(f"{path} is not a readable GGUF file ({type(e).__name__}: {detail}); it is truncated or "
+                       f"damaged: download it again")
 
 
 def _field(reader, key: str, default=None):
@@ -90,7 +89,8 @@ def read_arch(reader, where: str) -> Arch:
     raise ConvertError(f"{where}: general.architecture={arch!r} is not supported; mtp_jax imports GGUF files of "
                        f"the {ARCHITECTURE!r} architecture (Llama, SmolLM, Mistral-style dense models)")
   p = ARCHITECTURE + "."
-  d, h = int(_required(reader, p + "embedding_length", where)), int(_required(reader, p + "attention.head_count", where))
+  d = int(_required(reader, p + "embedding_length", where))
+  h = int(_required(reader, p + "attention.head_count", where))
   if h < 1 or d % h:
     raise ConvertError(f"{where}: {p}attention.head_count={h} does not divide {p}embedding_length={d}")
   rope_dim = _field(reader, p + "rope.dimension_count")
