@@ -1,6 +1,6 @@
 """Pretrained models in and out of mtp_jax.
 
-    mtp-jax-convert import --from=HF_DIR|ORG/NAME|META_DIR --workdir=W [--n_future=N] [--head_init=copy|random]
+    mtp-jax-convert import --from=HF_DIR|ORG/NAME|META_DIR|FILE.gguf --workdir=W [--n_future=N] [--head_init=copy|random]
     python -m mtp_jax.main --config=configs/imported.py:W --workdir=W ...   # fine-tune it from step 0
     python -m mtp_jax.generate --workdir=W --prompt=...                    # or decode it as it is
     python -m mtp_jax.convert export --workdir=W --to=DIR                  # back to Hugging Face
@@ -13,8 +13,8 @@ from mtp_jax.errors import UserError, exit_with, run_cli
 
 flags.DEFINE_string("from", None, "import: a Hugging Face model directory (config.json, *.safetensors, tokenizer), "
                     "a Hub id such as HuggingFaceTB/SmolLM2-135M (fetched into the Hugging Face cache; "
-                    "HF_HUB_OFFLINE=1 reads only the cache) or a Meta MTP directory (params.json, "
-                    "consolidated.pth|.safetensors, tokenizer.model).")
+                    "HF_HUB_OFFLINE=1 reads only the cache), a Meta MTP directory (params.json, "
+                    "consolidated.pth|.safetensors, tokenizer.model) or a llama GGUF file (*.gguf).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "import: the new workdir; export: the workdir to export.")
 _TO = flags.DEFINE_string("to", None, "export: the new Hugging Face directory.")
 _N_FUTURE = flags.DEFINE_integer("n_future", None, "import: heads in all (default: those in the checkpoint); "
