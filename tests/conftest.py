@@ -1,7 +1,6 @@
-"""Shared fixtures: tiny configs built in code, so tests never depend on recipe files changing."""
+"""Shared fixtures (plain helpers are helpers.py's): tiny configs built in code, a bucket emulator."""
 import os
 import platform
-import sys
 
 import pytest
 
@@ -11,10 +10,7 @@ import pytest
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mtp_jax.config import base_config  # noqa: E402
+from helpers import tiny_config  # noqa: E402  (after XLA_FLAGS: it imports jax)
 
 
 def cpu_model() -> str:
@@ -32,15 +28,6 @@ def cpu_model() -> str:
 def pytest_report_header(config):
   """Float32 results differ in their last bits between CPUs (tests/tolerances.py): name the one this ran on."""
   return f"cpu: {cpu_model()}, {os.cpu_count()} cores"
-
-
-def tiny_config(**model):
-  c = base_config()
-  c.model.update(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
-  c.model.update(model)
-  c.data.seq_len = 16
-  c.train.batch_size = 2
-  return c
 
 
 @pytest.fixture

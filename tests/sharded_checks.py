@@ -12,7 +12,7 @@ from mtp_jax import sharding  # noqa: E402
 from mtp_jax.config import base_config  # noqa: E402
 from mtp_jax.model import build_model, shard_params  # noqa: E402
 from mtp_jax.step import init_train_state, jit_train_step, make_optimizer  # noqa: E402
-from tests.tolerances import assert_close, network_k  # noqa: E402
+from tolerances import assert_close, network_k  # noqa: E402
 
 MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "d2f2t2": (2, 2, 2), "tensor8": (1, 1, 8)}
 

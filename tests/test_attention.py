@@ -10,7 +10,7 @@ from mtp_jax import attention
 from mtp_jax.attention import AttentionError
 from mtp_jax.loss import make_loss_fn
 from mtp_jax.model import build_model, init_params
-from tests.tolerances import assert_close, assert_trees_close, network_k
+from tolerances import assert_close, assert_trees_close, network_k
 
 CPU_IMPLS = ["xla", "blockwise"]
 

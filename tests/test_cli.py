@@ -17,7 +17,7 @@ from mtp_jax.config import ConfigError
 from mtp_jax.dry_run import peak_flops_per_device
 from mtp_jax.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 
 

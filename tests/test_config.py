@@ -9,7 +9,7 @@ import pytest
 from mtp_jax.config import ConfigError, validate
 from mtp_jax.dry_run import dry_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, main_command
 
 
 @pytest.mark.parametrize("change, words", [
@@ -45,11 +45,6 @@ def test_parity_off_allows_more_heads_than_layers(make_config):
   validate(make_config(n_future=6, n_layers=2, parity=False))
 
 
-def _main(*flags):
-  return subprocess.run([sys.executable, "-m", "mtp_jax.main", *flags], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
-
-
 @pytest.mark.parametrize("flags, words", [
     (["--config.model.n_future=0"], "n_future"),
     (["--config.model.head_type=tree"], "head_type"),
@@ -60,7 +55,7 @@ def _main(*flags):
     (["--config.model.attention=splash"], "not available on backend 'cpu'; it has: auto, xla, blockwise"),
 ])
 def test_cli_rejects_bad_config_in_one_line(tmp_path, flags, words):
-  r = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--dry_run", *flags)
+  r = main_command("--config=configs/tiny.py", f"--workdir={tmp_path}", "--dry_run", *flags)
   assert r.returncode == 2, r.stderr
   errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and words in errors[0], r.stderr
@@ -69,7 +64,7 @@ def test_cli_rejects_bad_config_in_one_line(tmp_path, flags, words):
 
 
 def test_cli_rejects_missing_config_file(tmp_path):
-  r = _main("--config=configs/nope.py", f"--workdir={tmp_path}")
+  r = main_command("--config=configs/nope.py", f"--workdir={tmp_path}")
   assert r.returncode == 2 and "nope.py" in r.stderr and "Traceback" not in r.stderr
 
 

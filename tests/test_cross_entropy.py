@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mtp_jax.cross_entropy import auto_chunk, fused_ce, fused_ce_heads
-from tests.tolerances import assert_close
+from tolerances import assert_close
 
 
 def _reference(h, kernel, targets, mask):

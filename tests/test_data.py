@@ -1,6 +1,5 @@
 """The data pipeline: head i's targets are the input shifted by i and never cross documents; the
 iterator state restores exactly; bad corpora fail with one clear line."""
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from mtp_jax import corpora, data
 from mtp_jax.errors import UserError
 from mtp_jax.loss import shifted_targets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def _short_docs_config(tmp_path, n_docs=300):

@@ -1,7 +1,6 @@
 """Decoding: the KV cache against the full forward, speculative == greedy token for token,
 speculative sampling == sampling in distribution, one compile per shape, and clear input errors."""
 import collections
-import functools
 import json
 import os
 import subprocess
@@ -11,49 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
-from conftest import ROOT, tiny_config
 from mtp_jax import decode
 from mtp_jax.decode import DecodeError
 from mtp_jax.errors import UserError
 from mtp_jax.generate import generate, load_workdir, summarize
-from mtp_jax.model import abstract_params, build_model, init_cache
-from tests.tolerances import assert_close, network_k
+from mtp_jax.model import build_model, init_cache
+
+from helpers import (MIXED, ROOT, check_same, chi2_pvalue, decode_run, exact_joint, random_params, tiny_config,
+                     tiny_decoder)
+from tolerances import assert_close, network_k
 
 HEAD_TYPES = ["parallel", "causal", "linear"]
-MIXED = [[3, 17, 5], [9, 2, 30, 41, 7, 7, 12, 40, 1], [22]]   # right-padded into one batch
-
-
-@functools.lru_cache(maxsize=None)
-def tiny(n=4, head_type="parallel", vocab=48, shared=False, seed=0, attention="auto"):
-  """(model, params) of a random tiny model; shared=True copies head 0 into every head, so drafts are often right."""
-  c = tiny_config(vocab_size=vocab, n_future=n, head_type=head_type, n_layers=n + 1, attention=attention)
-  if shared:
-    model, params = tiny(n, head_type, vocab, False, seed, attention)
-    return model, {**params, **{f"heads_{i}": params["heads_0"] for i in range(1, n)}}
-  model = build_model(c.model)
-  return model, _random_params(model, seed)
-
-
-def _random_params(model, seed):
-  """Random parameters of the model's shapes, drawn with numpy: compiling the model's init takes seconds."""
-  shapes, _ = abstract_params(model)
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, x):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name:
-      return jnp.ones(x.shape, x.dtype)
-    fan_in = model.args.d_ff if "down" in name else model.args.d_model
-    return jnp.asarray(rng.normal(0, fan_in ** -0.5, x.shape), x.dtype)
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
-def run(model, params, prompts, mode, max_new_tokens=24, bucket=16, **kw):
-  tokens, lengths = decode.pad_prompts(prompts, bucket)
-  out, _ = decode.run(params, model.args, tokens, lengths, mode=mode, max_new_tokens=max_new_tokens, **kw)
-  return out
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -85,7 +53,7 @@ def test_cached_forward_matches_full_forward(monkeypatch, head_type, window, pat
   windows of 4 slots (rows at different positions: the window covers the furthest)."""
   from mtp_jax import attention as attention_lib
   monkeypatch.setattr(attention_lib, "CACHE_WINDOW", window)
-  model, params = tiny(n=3, head_type=head_type)
+  model, params = tiny_decoder(n=3, head_type=head_type)
   seqs = jax.random.randint(jax.random.key(1), (2, 12), 0, 48)
   full, _ = model.apply({"params": params}, seqs)                         # [n, B, T, V]
   lengths = np.array([5, 3])
@@ -109,8 +77,8 @@ def test_cached_forward_matches_full_forward(monkeypatch, head_type, window, pat
 
 def test_greedy_matches_uncached_argmax_loop():
   """The cached greedy decoder against the obvious reference: re-run the whole sequence per token."""
-  model, params = tiny(n=2)
-  out = run(model, params, MIXED, "greedy", max_new_tokens=10)
+  model, params = tiny_decoder(n=2)
+  out = decode_run(model, params, MIXED, "greedy", max_new_tokens=10)
   forward = jax.jit(lambda toks: model.apply({"params": params}, toks)[0][0])   # head 0, [B, T, V]
   seqs, lengths = decode.pad_prompts(MIXED, 20)                    # causal: padding after a row is harmless
   for _ in range(10):
@@ -123,30 +91,23 @@ def test_greedy_matches_uncached_argmax_loop():
 
 # ----------------------------------------------------------------------------- speculative == greedy
 
-def _check_same(g, s, max_new):
-  np.testing.assert_array_equal(s.tokens, g.tokens)
-  np.testing.assert_array_equal(s.lengths, g.lengths)
-  assert np.all(s.lengths <= max_new) and np.all(s.forwards <= g.forwards)
-  assert np.all(g.forwards == g.lengths)          # greedy: one token per forward, prefill included
-
-
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
 def test_speculative_equals_greedy(n, head_type):
   accepted = {}
   for shared in (False, True):
-    model, params = tiny(n=n, head_type=head_type, shared=shared)
+    model, params = tiny_decoder(n=n, head_type=head_type, shared=shared)
     for prompts in (MIXED, [[7, 3, 5, 1]]):                # batch > 1 with mixed lengths, and batch 1
-      g = run(model, params, prompts, "greedy")
-      s = run(model, params, prompts, "speculative")
-      _check_same(g, s, 24)
+      g = decode_run(model, params, prompts, "greedy")
+      s = decode_run(model, params, prompts, "speculative")
+      check_same(g, s, 24)
       assert s.accepted.shape == (len(prompts), n - 1)
       accepted[shared] = accepted.get(shared, 0) + s.accepted.sum()
       # Across EOS: stop at a token greedy emits mid-way in row 0.
       eos = int(g.tokens[0, 5])
-      g2 = run(model, params, prompts, "greedy", eos_id=eos)
-      s2 = run(model, params, prompts, "speculative", eos_id=eos)
-      _check_same(g2, s2, 24)
+      g2 = decode_run(model, params, prompts, "greedy", eos_id=eos)
+      s2 = decode_run(model, params, prompts, "speculative", eos_id=eos)
+      check_same(g2, s2, 24)
       first = g.tokens[0].tolist().index(eos)
       assert g2.tokens[0].tolist() == g.tokens[0, :first + 1].tolist() + [decode.PAD] * (23 - first)
   assert accepted[True] > 0, "copied heads should get some drafts accepted, or the accept path is untested"
@@ -157,16 +118,16 @@ def test_rows_that_finish_early_leave_the_batch(head_type):
   """8 rows, at least half of them ending early at EOS: the loop moves the active rows into smaller
   batches (8 -> 4 -> 2), and every row's tokens, forward passes and accepted drafts are what decoding
   it alone gives. Sequential modules carry more per-row state (their caches and the recent window)."""
-  model, params = tiny(n=3, head_type=head_type, shared=head_type != "sequential")
+  model, params = tiny_decoder(n=3, head_type=head_type, shared=head_type != "sequential")
   rng = np.random.default_rng(3)
   prompts = [list(rng.integers(1, 48, size=rng.integers(2, 10))) for _ in range(8)]
-  alone = [run(model, params, [p], "greedy") for p in prompts]
+  alone = [decode_run(model, params, [p], "greedy") for p in prompts]
   seen = collections.Counter(t for a in alone for t in set(a.tokens[0, :12].tolist()))
   eos = next(t for t, rows in seen.most_common() if 4 <= rows < 8)   # ends 4-7 rows within 12 tokens
   for mode in ("greedy", "speculative"):
-    batch = run(model, params, prompts, mode, eos_id=eos)
+    batch = decode_run(model, params, prompts, mode, eos_id=eos)
     for i, p in enumerate(prompts):
-      one = run(model, params, [p], mode, eos_id=eos)
+      one = decode_run(model, params, [p], mode, eos_id=eos)
       np.testing.assert_array_equal(batch.tokens[i], one.tokens[0], err_msg=f"{mode} row {i}")
       assert batch.lengths[i] == one.lengths[0] and batch.forwards[i] == one.forwards[0], (mode, i)
       np.testing.assert_array_equal(batch.accepted[i], one.accepted[0])
@@ -179,25 +140,25 @@ def test_finished_rows_take_the_next_prompt(head_type):
   """Continuous batching: 7 prompts through 3 rows, EOS ending some early, so rows are refilled at
   different steps. Every prompt's tokens, forward passes and accepted drafts are what decoding it
   alone gives, and the rows paid fewer passes than batches of 3 prompts."""
-  model, params = tiny(n=3, head_type=head_type, shared=head_type != "sequential")
+  model, params = tiny_decoder(n=3, head_type=head_type, shared=head_type != "sequential")
   rng = np.random.default_rng(5)
   prompts = [list(rng.integers(1, 48, size=rng.integers(2, 10))) for _ in range(7)]
-  alone = [run(model, params, [p], "greedy") for p in prompts]
+  alone = [decode_run(model, params, [p], "greedy") for p in prompts]
   seen = collections.Counter(t for a in alone for t in set(a.tokens[0, :12].tolist()))
   eos = next(t for t, rows in seen.most_common() if 3 <= rows < 7)
   for mode in ("greedy", "speculative"):
-    served = run(model, params, prompts, mode, eos_id=eos, slots=3)
+    served = decode_run(model, params, prompts, mode, eos_id=eos, slots=3)
     for i, p in enumerate(prompts):
-      one = run(model, params, [p], mode, eos_id=eos)
+      one = decode_run(model, params, [p], mode, eos_id=eos)
       np.testing.assert_array_equal(served.tokens[i], one.tokens[0], err_msg=f"{mode} prompt {i}")
       assert served.lengths[i] == one.lengths[0] and served.forwards[i] == one.forwards[0], (mode, i)
       np.testing.assert_array_equal(served.accepted[i], one.accepted[0])
-    batched = [run(model, params, prompts[i:i + 3], mode, eos_id=eos) for i in range(0, 7, 3)]
+    batched = [decode_run(model, params, prompts[i:i + 3], mode, eos_id=eos) for i in range(0, 7, 3)]
     assert int(served.row_steps) < sum(int(b.row_steps) for b in batched), mode
   with pytest.raises(DecodeError, match="slots=0"):
-    run(model, params, prompts, "greedy", slots=0)
+    decode_run(model, params, prompts, "greedy", slots=0)
   with pytest.raises(DecodeError, match="argmax modes"):
-    run(model, params, prompts, "sample", slots=3)
+    decode_run(model, params, prompts, "sample", slots=3)
 
 
 def test_compaction_stages():
@@ -218,83 +179,52 @@ def test_speculative_equals_greedy_with_each_attention(monkeypatch, attention, u
   monkeypatch.setattr(attention_lib, "UNROLL_BLOCKS", unroll_blocks)
   monkeypatch.setattr(attention_lib, "CACHE_WINDOW", 8)   # steps read the cache in windows of 8 slots
   decode.clear_compiled()                                 # no program traced with other settings
-  model, params = tiny(n=3, shared=True, attention=attention)
-  g = run(model, params, MIXED, "greedy")
-  s = run(model, params, MIXED, "speculative")
+  model, params = tiny_decoder(n=3, shared=True, attention=attention)
+  g = decode_run(model, params, MIXED, "greedy")
+  s = decode_run(model, params, MIXED, "speculative")
   decode.clear_compiled()
-  _check_same(g, s, 24)
-  ref = run(*tiny(n=3, shared=True, attention="xla"), MIXED, "greedy")
+  check_same(g, s, 24)
+  ref = decode_run(*tiny_decoder(n=3, shared=True, attention="xla"), MIXED, "greedy")
   np.testing.assert_array_equal(g.tokens, ref.tokens)
   assert s.accepted.sum() > 0
 
 
 def test_max_new_tokens_is_exact():
-  model, params = tiny(n=4, shared=True)
+  model, params = tiny_decoder(n=4, shared=True)
   for max_new in (1, 5):
-    g = run(model, params, MIXED, "greedy", max_new_tokens=max_new)
-    s = run(model, params, MIXED, "speculative", max_new_tokens=max_new)
-    _check_same(g, s, max_new)
+    g = decode_run(model, params, MIXED, "greedy", max_new_tokens=max_new)
+    s = decode_run(model, params, MIXED, "speculative", max_new_tokens=max_new)
+    check_same(g, s, max_new)
     assert s.tokens.shape == (3, max_new) and np.all(s.lengths == max_new)
-  assert int(s.steps) >= 1 and int(run(model, params, MIXED, "speculative", max_new_tokens=1).steps) == 0
+  assert int(s.steps) >= 1 and int(decode_run(model, params, MIXED, "speculative", max_new_tokens=1).steps) == 0
 
 
 def test_one_head_speculative_is_greedy():
-  model, params = tiny(n=1)
-  g = run(model, params, MIXED, "greedy", max_new_tokens=12)
-  s = run(model, params, MIXED, "speculative", max_new_tokens=12)
-  _check_same(g, s, 12)
+  model, params = tiny_decoder(n=1)
+  g = decode_run(model, params, MIXED, "greedy", max_new_tokens=12)
+  s = decode_run(model, params, MIXED, "speculative", max_new_tokens=12)
+  check_same(g, s, 12)
   assert s.accepted.shape == (3, 0)
 
 
 # ----------------------------------------------------------------------------- speculative sampling
 
-def _exact_joint(model, params, prompt, temperature, top_k, top_p):
-  """Exact law of the first 3 sampled tokens [V, V, V], and the law if every draft were accepted."""
-  v, t = model.args.vocab_size, len(prompt)
-  adj = lambda logits: np.asarray(jnp.exp(decode.adjusted_logprobs(logits, temperature, top_k, top_p)), np.float64)
-  # One forward over every prompt + [a, b]; causality gives each conditional at its position.
-  seqs = np.array([prompt + [a, b] for a in range(v) for b in range(v)])
-  logits = jax.jit(lambda x: model.apply({"params": params}, x)[0])(jnp.asarray(seqs))   # [n, V*V, t+2, V]
-  p1 = adj(logits[0, 0, t - 1])
-  p2 = adj(logits[0, ::v, t])                                                      # [V, V]
-  p3 = adj(logits[0, :, t + 1]).reshape(v, v, v)
-  exact = p1[:, None, None] * p2[:, :, None] * p3
-  q1, q2 = adj(logits[1, 0, t - 1]), adj(logits[2, 0, t - 1])   # heads 1, 2 at the prompt's end
-  always_accept = p1[:, None, None] * q1[None, :, None] * q2[None, None, :]
-  return exact / exact.sum(), always_accept / always_accept.sum()
-
-
-def _chi2_pvalue(samples, probs):
-  """Chi-square goodness of fit of flat outcome ids against probs; cells expecting < 5 are pooled."""
-  n = len(samples)
-  counts = np.bincount(samples, minlength=probs.size).astype(float)
-  expected = probs.ravel() * n
-  small = expected < 5
-  obs = np.append(counts[~small], counts[small].sum())
-  exp = np.append(expected[~small], expected[small].sum())
-  if exp[-1] == 0:
-    if obs[-1] > 0:
-      return 0.0                       # samples fell on impossible outcomes
-    obs, exp = obs[:-1], exp[:-1]
-  return stats.chi2.sf(np.sum((obs - exp) ** 2 / exp), len(exp) - 1)
-
-
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
 def test_speculative_sample_matches_sample(temperature, top_k, top_p):
   v, rows, prompt = 8, 16384, [1, 2]
-  model, params = tiny(n=3, vocab=v)
-  exact, always_accept = _exact_joint(model, params, prompt, temperature, top_k, top_p)
+  model, params = tiny_decoder(n=3, vocab=v)
+  exact, always_accept = exact_joint(model, params, prompt, temperature, top_k, top_p)
   outcome = lambda t: (t[:, 0] * v + t[:, 1]) * v + t[:, 2]
   kw = dict(max_new_tokens=3, bucket=2, temperature=temperature, top_k=top_k, top_p=top_p)
   for mode, seed in (("sample", 1), ("speculative_sample", 2)):
-    out = run(model, params, [prompt] * rows, mode, seed=seed, **kw)
+    out = decode_run(model, params, [prompt] * rows, mode, seed=seed, **kw)
     assert np.all(out.lengths == 3)
-    assert _chi2_pvalue(outcome(out.tokens), exact) > 1e-4, mode
+    assert chi2_pvalue(outcome(out.tokens), exact) > 1e-4, mode
   acc = out.accepted.sum(0) / (out.forwards - 1).sum()
   assert np.all((acc > 0.05) & (acc < 0.95)), f"both accept and reject paths must run, got {acc}"
   # The test has power: a wrong rule (always accept the drafts) is rejected at the same sample size.
   wrong = np.random.default_rng(0).choice(v ** 3, size=rows, p=always_accept.ravel())
-  assert _chi2_pvalue(wrong, exact) < 1e-6
+  assert chi2_pvalue(wrong, exact) < 1e-6
 
 
 def test_adjusted_logprobs_filters():
@@ -322,7 +252,7 @@ class CharTokenizer:
 
 
 def test_generate_api_and_compile_once():
-  model, params = tiny(n=4, shared=True)
+  model, params = tiny_decoder(n=4, shared=True)
   config = tiny_config(vocab_size=48, n_future=4, n_layers=5)
   before = decode.trace_count()
   res = generate(params, config, ["hello world", "abc"], CharTokenizer(), mode="speculative", max_new_tokens=7)
@@ -364,7 +294,7 @@ def test_generate_api_and_compile_once():
     (dict(tokenizer=type("T", (CharTokenizer,), {"vocab_size": 30})()), "30 tokens but the model's vocabulary has 48"),
 ])
 def test_bad_inputs_raise_clear_errors(kwargs, match):
-  model, params = tiny(n=4)
+  model, params = tiny_decoder(n=4)
   config = tiny_config(vocab_size=48, n_future=4, n_layers=5)
   call = dict(prompts=[[1, 2]], tokenizer=None, mode="greedy", max_new_tokens=4)
   call.update(kwargs)
@@ -380,7 +310,7 @@ def _bytes_workdir(path, vocab_size):
   config.data.tokenizer = "bytes"
   path.mkdir(parents=True, exist_ok=True)
   (path / "config.json").write_text(config.to_json())
-  params = _random_params(build_model(config.model), 0)
+  params = random_params(build_model(config.model), 0)
   with ocp.CheckpointManager(path / "checkpoints") as mgr:
     mgr.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
     mgr.wait_until_finished()
@@ -434,17 +364,17 @@ def test_a_shorter_speculative_block_still_equals_greedy(head_type):
   """draft_heads=k < n: heads 2..k draft (a k-token verify step), the output is still greedy's, and the
   accepted drafts are counted for heads 2..k only."""
   shared = head_type != "sequential"      # copies of head 0 draft well; a module's parameters differ from a Block's
-  model, params = tiny(n=4, head_type=head_type, shared=shared)
-  g = run(model, params, MIXED, "greedy")
+  model, params = tiny_decoder(n=4, head_type=head_type, shared=shared)
+  g = decode_run(model, params, MIXED, "greedy")
   for k in (2, 3):
-    s = run(model, params, MIXED, "speculative", draft_heads=k)
-    _check_same(g, s, 24)
+    s = decode_run(model, params, MIXED, "speculative", draft_heads=k)
+    check_same(g, s, 24)
     assert s.accepted.shape == (len(MIXED), k - 1) and (s.accepted.sum() > 0 or not shared)
     assert np.all(s.lengths <= s.forwards * k)
 
 
 @pytest.mark.parametrize("k", [1, 5])
 def test_draft_heads_out_of_range_is_refused(k):
-  model, params = tiny(n=4)
+  model, params = tiny_decoder(n=4)
   with pytest.raises(decode.DecodeError, match=f"draft_heads={k}: the speculative block is 2..n_future=4"):
-    run(model, params, MIXED, "speculative", draft_heads=k)
+    decode_run(model, params, MIXED, "speculative", draft_heads=k)

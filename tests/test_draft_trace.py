@@ -3,18 +3,18 @@ must match the decode loop's own, row by row."""
 import numpy as np
 import pytest
 
-from conftest import tiny_config
 from mtp_jax.draft_trace import draft_trace
-from test_decode import MIXED, run, tiny
+
+from helpers import MIXED, decode_run, tiny_config, tiny_decoder
 
 
 @pytest.mark.parametrize("head_type", ["parallel", "linear"])
 def test_trace_matches_the_decode_loop(head_type):
   n = 4
-  model, params = tiny(n=n, head_type=head_type, shared=True)    # copied heads: many drafts accepted
+  model, params = tiny_decoder(n=n, head_type=head_type, shared=True)    # copied heads: many drafts accepted
   config = tiny_config(vocab_size=48, n_future=n, head_type=head_type, n_layers=n + 1)
-  out = run(model, params, MIXED, "speculative", max_new_tokens=24)
-  greedy = run(model, params, MIXED, "greedy", max_new_tokens=24)
+  out = decode_run(model, params, MIXED, "speculative", max_new_tokens=24)
+  greedy = decode_run(model, params, MIXED, "greedy", max_new_tokens=24)
   np.testing.assert_array_equal(out.tokens, greedy.tokens)
   for r, prompt in enumerate(MIXED):
     tokens = out.tokens[r, :int(out.lengths[r])].tolist()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def run_quick(script: str, tmp_path, *flags: str) -> dict:
@@ -283,7 +283,7 @@ def test_cpu_fusions_runs_both_settings(tmp_path):
   assert res["bouts"]["fusions"][0]["xla_flags"].endswith(res["flag"][1]) and not res["bouts"]["default"][0]["xla_flags"]
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   from cpu_fusions import _config
-  from tests.tolerances import network_k, tolerance
+  from tolerances import network_k, tolerance
   for m, loss in d["first_loss"].items():   # the flag changes how, not what: float32 reduction order only
     c = _config(m)
     assert math.isclose(loss, y["first_loss"][m], rel_tol=tolerance(network_k(c, c.train.batch_size))["rtol"])

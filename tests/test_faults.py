@@ -19,9 +19,8 @@ from mtp_jax import checkpoint, data, step, tokenizer, train
 from mtp_jax.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint
 from mtp_jax.config import ConfigError, base_config, validate
 from mtp_jax.errors import UserError
-from tests.test_train import records, run_main, tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, records, run_main, train_config
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def cache_dir(tmp_path_factory):
 def trained(tmp_path_factory, cache_dir):
   """A finished 20-step run with checkpoints at 10 and 20 (tests copy it before changing anything)."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  train.train_and_evaluate(tiny(cache_dir, steps=20), workdir)
+  train.train_and_evaluate(train_config(cache_dir, steps=20), workdir)
   return workdir
 
 
@@ -118,11 +117,12 @@ def test_signal_during_evaluation_ends_in_a_real_checkpoint(tmp_path, cache_dir,
     return eval_step
 
   monkeypatch.setattr(train, "make_eval_step", signalling)
-  assert train.train_and_evaluate(tiny(cache_dir, steps=20, eval_every=5, checkpoint_every=1000), tmp_path) is None
+  c = train_config(cache_dir, steps=20, eval_every=5, checkpoint_every=1000)
+  assert train.train_and_evaluate(c, tmp_path) is None
   assert "stopped by SIGTERM after step 5; checkpoint saved" in capsys.readouterr().out
   assert Checkpointer(tmp_path, read_only=True).steps() == [5]
   monkeypatch.undo()
-  train.train_and_evaluate(tiny(cache_dir, steps=7, eval_every=5, checkpoint_every=1000), tmp_path)
+  train.train_and_evaluate(train_config(cache_dir, steps=7, eval_every=5, checkpoint_every=1000), tmp_path)
   assert "resumed from the checkpoint of step 5" in capsys.readouterr().out
   assert [r["step"] for r in records(tmp_path)] == list(range(1, 8))
 
@@ -145,7 +145,7 @@ def test_nonfinite_state_is_never_saved_and_the_advice_works(tmp_path, cache_dir
     return wrapped
 
   monkeypatch.setattr(step, "make_train_step", poisoned)
-  c = tiny(cache_dir, steps=20, checkpoint_every=5)
+  c = train_config(cache_dir, steps=20, checkpoint_every=5)
   with pytest.raises(train.TrainingDiverged, match=r"parameters or optimizer state became NaN/inf by step 10.*"
                      r"last good checkpoint is step 5.*learning_rate.*resume from step 5"):
     train.train_and_evaluate(c, tmp_path)
@@ -168,7 +168,7 @@ def test_nonfinite_checkpoints_are_refused(tmp_path, trained, cache_dir, capsys)
   write_nan_params(all_nan, 10)
   with pytest.raises(NoUsableCheckpoint, match=r"no usable checkpoint.*step 20: unusable \(it holds NaN/inf.*step 10: unusable"):
     checkpoint.load_params(all_nan)
-  train.train_and_evaluate(tiny(cache_dir, steps=20), workdir)
+  train.train_and_evaluate(train_config(cache_dir, steps=20), workdir)
   out = capsys.readouterr().out
   assert "checkpoint step 20 is unusable (it holds NaN/inf" in out and "resumed from the checkpoint of step 10" in out
   assert (workdir / "checkpoints_corrupt" / "20").exists()
@@ -183,7 +183,7 @@ def test_every_checkpoint_damaged_stops_and_keeps_everything(tmp_path, trained, 
     damage(workdir / "checkpoints" / str(s))
   metrics = (workdir / "metrics.jsonl").read_bytes()
   with pytest.raises(NoUsableCheckpoint, match=r"no usable checkpoint .*step 20: unreadable .*step 10: unreadable .*nothing was changed"):
-    train.train_and_evaluate(tiny(cache_dir, steps=20), workdir)
+    train.train_and_evaluate(train_config(cache_dir, steps=20), workdir)
   assert (workdir / "metrics.jsonl").read_bytes() == metrics
   assert checkpoint.step_dirs(workdir) == [10, 20] and not (workdir / "checkpoints_corrupt").exists()
 
@@ -196,7 +196,7 @@ def test_read_only_checkpoints_fail_fast_and_stay_intact(tmp_path, trained, cach
     began = time.time()
     with pytest.raises(CheckpointWriteError, match=rf"step 25 .*\({why}\); the earlier checkpoints \(steps 10, 20\) "
                                                    rf"are intact.*resume from step 20"):
-      train.train_and_evaluate(tiny(cache_dir, steps=30, checkpoint_every=5), workdir)
+      train.train_and_evaluate(train_config(cache_dir, steps=30, checkpoint_every=5), workdir)
     assert time.time() - began < 120      # was: 300 s waiting in orbax, then tracebacks
   assert Checkpointer(workdir, read_only=True).steps() == [10, 20]
   assert checkpoint.all_finite(checkpoint.load_params(workdir)[0])
@@ -209,7 +209,7 @@ def test_full_disk_fails_fast_and_keeps_the_earlier_checkpoint(tmp_path, cache_d
   with small_filesystem(workdir / "checkpoints", 1300):
     began = time.time()
     with pytest.raises(CheckpointWriteError, match=r"step 10 .*No space left on device.*\(steps 5\) are intact"):
-      train.train_and_evaluate(tiny(cache_dir, steps=20, checkpoint_every=5), workdir)
+      train.train_and_evaluate(train_config(cache_dir, steps=20, checkpoint_every=5), workdir)
     assert time.time() - began < 120
     assert checkpoint.step_dirs(workdir) == [5] and not list((workdir / "checkpoints").glob("*tmp*"))
     assert checkpoint.all_finite(checkpoint.load_params(workdir)[0])
@@ -223,7 +223,7 @@ def test_disk_full_during_the_write_is_reported_the_same(tmp_path, cache_dir, mo
   with small_filesystem(workdir / "checkpoints", 1300):
     began = time.time()
     with pytest.raises(CheckpointWriteError, match=r"step 10 .*No space left on device.*\(steps 5\) are intact"):
-      train.train_and_evaluate(tiny(cache_dir, steps=20, checkpoint_every=5), workdir)
+      train.train_and_evaluate(train_config(cache_dir, steps=20, checkpoint_every=5), workdir)
     assert time.time() - began < 120
     assert checkpoint.step_dirs(workdir) == [5]
     assert checkpoint.all_finite(checkpoint.load_params(workdir)[0])
@@ -232,7 +232,7 @@ def test_disk_full_during_the_write_is_reported_the_same(tmp_path, cache_dir, mo
 # ----------------------------------------------------------------------------- broken item 5: first start
 
 def test_failed_first_start_does_not_lock_the_shape(tmp_path, cache_dir, monkeypatch):
-  c = tiny(cache_dir, steps=2, checkpoint_every=1)
+  c = train_config(cache_dir, steps=2, checkpoint_every=1)
   c.mesh.data = 2                              # a mesh error, after config.json was written
   with pytest.raises(UserError, match="needs 2 devices"):
     train.train_and_evaluate(c, tmp_path)
@@ -240,12 +240,12 @@ def test_failed_first_start_does_not_lock_the_shape(tmp_path, cache_dir, monkeyp
   make = step.make_train_step
   monkeypatch.setattr(step, "make_train_step", lambda model, config, tx=None: (
       lambda s, b: (lambda out: (out[0], dict(out[1], loss=jnp.nan)))(make(model, config, tx)(s, b))))
-  c = tiny(cache_dir, steps=2, checkpoint_every=1)
+  c = train_config(cache_dir, steps=2, checkpoint_every=1)
   c.model.d_model = 16                         # another shape, and it dies at step 1
   with pytest.raises(train.TrainingDiverged, match="at step 1.*no checkpoint was saved.*start again from step 0"):
     train.train_and_evaluate(c, tmp_path)
   monkeypatch.undo()
-  train.train_and_evaluate(tiny(cache_dir, steps=2, checkpoint_every=1), tmp_path)   # the corrected command
+  train.train_and_evaluate(train_config(cache_dir, steps=2, checkpoint_every=1), tmp_path)   # the corrected command
   assert Checkpointer(tmp_path, read_only=True).steps() == [1, 2]
   c.model.d_model = 16                         # now a checkpoint binds the shape
   with pytest.raises(UserError, match="model.d_model=32 there vs 16 now"):
@@ -338,7 +338,7 @@ def test_issue_settings_are_refused_with_the_right_cause(field, value):
 def _private_cache(cache_dir, tmp_path):
   """A copy of the shared cache (tokenizer + token files), so damaging it disturbs no other test."""
   shutil.copytree(cache_dir, tmp_path / "cache", ignore=shutil.ignore_patterns("xla"))
-  c = tiny(str(tmp_path / "cache"))
+  c = train_config(str(tmp_path / "cache"))
   return c, tmp_path / "cache"
 
 
@@ -357,7 +357,7 @@ def test_damaged_workdir_tokenizer_is_named(tmp_path, trained, cache_dir):
   workdir = copy_run(trained, tmp_path)
   (workdir / "tokenizer.model").write_bytes(b"\x00" * 10)
   with pytest.raises(UserError, match=r"tokenizer.model \(the run's copy of its tokenizer\) is damaged.*delete it") as e:
-    data.build_tokenizer(tiny(cache_dir, steps=20), workdir=workdir)
+    data.build_tokenizer(train_config(cache_dir, steps=20), workdir=workdir)
   assert "data.tokenizer" not in str(e.value)
   with pytest.raises(UserError, match="tokenizer.model"):
     tokenizer.load_tokenizer(workdir)
@@ -577,7 +577,7 @@ def bad_sources(tmp_path_factory):
   import pyarrow as pa
   import pyarrow.parquet as pq
   from mtp_jax.workdir import config_json
-  from tests.conftest import tiny_config
+  from helpers import tiny_config
   root = tmp_path_factory.mktemp("sources")
   p = {"root": root}
   p["bad_generation"] = _source_copy(root, "bad_generation")
@@ -656,7 +656,7 @@ def test_every_importer_is_checked_where_the_workdir_is_written(tmp_path):
   """write_workdir, which every importer calls, refuses non-finite parameters by our path: nothing written."""
   from mtp_jax.interop import workdir as import_workdir
   from mtp_jax.interop.tensors import ConvertError
-  from tests.conftest import tiny_config
+  from helpers import tiny_config
   params = {"embed": {"embedding": np.ones((4, 2), np.float32)}, "final_norm": {"scale": np.array([1, np.inf])}}
   with pytest.raises(ConvertError, match=r"parameter final_norm/scale holds 1 NaN/inf value .*nothing was written"):
     import_workdir.write_workdir(tmp_path / "w", tiny_config(), params, None)
@@ -668,7 +668,7 @@ def test_imported_workdir_refuses_another_tokenizer(tmp_path, cache_dir):
   tokenizer and fine-tune the imported embeddings on its ids: refused before anything is written."""
   from configs.imported import get_config as imported_config
   from mtp_jax import interop
-  from tests.test_train import snapshot
+  from helpers import snapshot
   w = tmp_path / "w"
   interop.import_checkpoint(os.path.join(PRETRAINED, "hf_gqa_untied"), w)
   before = snapshot(w)
@@ -684,9 +684,9 @@ def test_trainable_heads_run_resumes_with_trainable_all(tmp_path, cache_dir, cap
   """A train.trainable=heads checkpoint resumed with trainable=all: parameters, step, schedule and data
   position come back, the newly trainable arrays start with zero moments (said in one line)."""
   import json
-  train.train_and_evaluate(tiny(cache_dir, steps=4, checkpoint_every=4, trainable="heads"), tmp_path)
+  train.train_and_evaluate(train_config(cache_dir, steps=4, checkpoint_every=4, trainable="heads"), tmp_path)
   capsys.readouterr()
-  c = tiny(cache_dir, steps=8, checkpoint_every=4, trainable="all")
+  c = train_config(cache_dir, steps=8, checkpoint_every=4, trainable="all")
   train.train_and_evaluate(c, tmp_path)
   out = capsys.readouterr().out
   assert "train.trainable='all' now, 'heads' when the checkpoint of step 4 was saved" in out, out

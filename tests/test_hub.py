@@ -14,8 +14,7 @@ from mtp_jax import interop
 from mtp_jax.errors import UserError
 from mtp_jax.interop import hub
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "pretrained")
+from helpers import FIXTURES, ROOT
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 

@@ -22,8 +22,7 @@ from mtp_jax.errors import UserError
 from mtp_jax.interop.tensors import ConvertError
 from mtp_jax.model import build_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "pretrained")
+from helpers import FIXTURES, ROOT
 HF = ["hf_gqa_untied", "hf_tied_sp", "hf_llama3_sharded"]
 TORCHVENV = "/work/torchvenv/bin/python"
 
@@ -281,7 +280,7 @@ def test_runs_from_before_rope_scaling_still_load_and_resume(tmp_path):
   from mtp_jax import workdir as workdir_lib
   from mtp_jax.errors import UserError
   from mtp_jax.model import ModelArgs
-  from tests.conftest import tiny_config
+  from helpers import tiny_config
   c = tiny_config()
   old = c.to_dict()
   del old["model"]["rope_scaling"]

@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from mtp_jax import io
 from mtp_jax.errors import UserError
 

@@ -1,12 +1,11 @@
 """The linter configured in pyproject.toml ([tool.ruff]) passes on the whole tree."""
 import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ruff") is None,

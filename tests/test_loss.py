@@ -7,17 +7,8 @@ import pytest
 from mtp_jax.config import ConfigError, head_weights
 from mtp_jax.loss import make_loss_fn, shifted_targets
 from mtp_jax.model import build_model, init_params
-from tests.tolerances import assert_close, assert_trees_close, network_k
-
-
-def _batch(n, seq_len=16, batch=3):
-  tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + n), 0, 64)
-  # two documents per row, the boundary at a different place in each row, padding at the end of row 2
-  segments = np.ones((batch, seq_len + n), np.int32)
-  for r in range(batch):
-    segments[r, 5 + 3 * r:] = 2
-  segments[2, -3:] = 0
-  return {"tokens": tokens, "segment_ids": jnp.asarray(segments)}
+from helpers import loss_batch
+from tolerances import assert_close, assert_trees_close, network_k
 
 
 _SLOW = pytest.mark.slow   # CI keeps one case per head type and the n=1 lean path; -m slow runs the rest
@@ -33,7 +24,7 @@ def test_scan_equals_naive(make_config, head_type, n):
   config = make_config(head_type=head_type, n_future=n, n_layers=5)
   model = build_model(config.model)
   params = init_params(model, jax.random.key(0))
-  batch = _batch(n)
+  batch = loss_batch(n)
   results = {}
   for impl, chunk in (("naive", 0), ("scan", 0), ("scan", 4)):
     config.loss.impl, config.loss.chunk_size = impl, chunk
@@ -56,7 +47,7 @@ def test_naive_loss_is_the_textbook_cross_entropy(make_config):
   config.loss.impl = "naive"
   model = build_model(config.model)
   params = init_params(model, jax.random.key(0))
-  batch = _batch(2)
+  batch = loss_batch(2)
   _, m = make_loss_fn(model, config)(params, batch)
   logits, _ = model.apply({"params": params}, batch["tokens"][:, :16], segment_ids=batch["segment_ids"][:, :16])
   logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
@@ -103,5 +94,5 @@ def test_weighted_total(make_config):
   config.loss.head_weights = "3,1"
   model = build_model(config.model)
   params = init_params(model, jax.random.key(0))
-  loss, m = make_loss_fn(model, config)(params, _batch(2))
+  loss, m = make_loss_fn(model, config)(params, loss_batch(2))
   assert_close(loss, (3 * m["head_losses"][0] + m["head_losses"][1]) / 4, 2)   # the same numbers, summed again

@@ -7,7 +7,7 @@ import pytest
 from mtp_jax.loss import make_loss_fn
 from mtp_jax.model import build_model, init_params
 from mtp_jax.dry_run import param_counts
-from tests.tolerances import assert_close, assert_trees_close, network_k
+from tolerances import assert_close, assert_trees_close, network_k
 
 HEAD_TYPES = ["parallel", "causal", "linear"]
 

@@ -16,7 +16,7 @@ from packaging.requirements import Requirement
 
 import installed_env as ie
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 NOTEBOOKS = os.path.join(ROOT, "experiments", "notebooks")
 
 TINY = {

@@ -3,7 +3,7 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import plots  # noqa: E402

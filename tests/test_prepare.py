@@ -10,7 +10,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from configs.tiny import get_config
-from conftest import ROOT
+from helpers import ROOT
 from mtp_jax import data
 from mtp_jax.errors import UserError
 from mtp_jax.shards import format as fmt

@@ -10,22 +10,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
 from mtp_jax import decode
 from mtp_jax.config import ConfigError, loss_weights, mtp_lambda_schedule, validate
 from mtp_jax.dry_run import param_counts
 from mtp_jax.loss import make_loss_fn
 from mtp_jax.model import abstract_params, build_model
 from mtp_jax.step import make_optimizer, new_train_state, make_train_step
-from test_decode import MIXED, _check_same, _chi2_pvalue, _exact_joint, _random_params, run
-from test_loss import _batch
-from tests.tolerances import assert_close, assert_trees_close, network_k
+
+from helpers import (MIXED, ROOT, check_same, chi2_pvalue, decode_run, exact_joint, loss_batch, main_command,
+                     random_params, tiny_config)
+from tolerances import assert_close, assert_trees_close, network_k
 
 
 def _model(n, vocab=64, seed=0):
   c = tiny_config(head_type="sequential", n_future=n, n_layers=n + 1, vocab_size=vocab)
   model = build_model(c.model)
-  return c, model, _random_params(model, seed)
+  return c, model, random_params(model, seed)
 
 
 def test_parameter_layout_mirrors_hf_mtp_modules():
@@ -65,7 +65,7 @@ def test_scan_equals_naive(n):
   """Loss, per-head metrics and every gradient: scan (chunked and not) against the naive forward."""
   c, model, params = _model(n)
   c.loss.mtp_lambda = "0.5"
-  batch = _batch(n)
+  batch = loss_batch(n)
   results = {}
   for impl, chunk in (("naive", 0), ("scan", 0), ("scan", 4)):
     c.loss.impl, c.loss.chunk_size = impl, chunk
@@ -94,7 +94,7 @@ def test_lambda_schedule_is_traced_not_recompiled():
   tx = make_optimizer(c.train)
   step = jax.jit(make_train_step(model, c, tx))
   state = new_train_state(params, tx)
-  batch = _batch(3)
+  batch = loss_batch(3)
   seen = []
   for s in (0, 4, 5, 9):
     _, m = step(state.replace(step=jnp.int32(s)), batch)
@@ -121,9 +121,8 @@ def test_bad_sequential_configs(change, words):
 
 
 def test_cli_rejects_bad_lambda_before_compiling(tmp_path):
-  from test_config import _main
-  r = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--dry_run", "--config.model.head_type=sequential",
-            "--config.loss.mtp_lambda=0.3@0,oops")
+  r = main_command("--config=configs/tiny.py", f"--workdir={tmp_path}", "--dry_run",
+                   "--config.model.head_type=sequential", "--config.loss.mtp_lambda=0.3@0,oops")
   errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert r.returncode == 2 and len(errors) == 1 and "loss.mtp_lambda" in errors[0], r.stderr
   assert "Traceback" not in r.stderr and not any(tmp_path.iterdir())
@@ -167,14 +166,14 @@ def test_speculative_equals_greedy(n, vocab):
   """Token for token, mixed prompt lengths and batch 1, with and without EOS mid-way."""
   for prompts in (MIXED, [[7, 3, 5, 1]]):
     _, model, params = _model(n, vocab=vocab)
-    g = run(model, params, prompts, "greedy")
-    s = run(model, params, prompts, "speculative")
-    _check_same(g, s, 24)
+    g = decode_run(model, params, prompts, "greedy")
+    s = decode_run(model, params, prompts, "speculative")
+    check_same(g, s, 24)
     assert s.accepted.shape == (len(prompts), n - 1)
     eos = int(g.tokens[0, 5])
-    g2 = run(model, params, prompts, "greedy", eos_id=eos)
-    s2 = run(model, params, prompts, "speculative", eos_id=eos)
-    _check_same(g2, s2, 24)
+    g2 = decode_run(model, params, prompts, "greedy", eos_id=eos)
+    s2 = decode_run(model, params, prompts, "speculative", eos_id=eos)
+    check_same(g2, s2, 24)
     first = g.tokens[0].tolist().index(eos)
     assert g2.tokens[0].tolist() == g.tokens[0, :first + 1].tolist() + [decode.PAD] * (23 - first)
 
@@ -183,17 +182,17 @@ def test_speculative_sample_matches_sample():
   """The law of the first 3 tokens (chi-square against the exact joint from head 0), both accept and reject run."""
   v, rows, prompt = 8, 16384, [1, 2]
   _, model, params = _model(3, vocab=v)
-  exact, wrong_law = _exact_joint(model, params, prompt, 1.0, 0, 1.0)
+  exact, wrong_law = exact_joint(model, params, prompt, 1.0, 0, 1.0)
   outcome = lambda t: (t[:, 0] * v + t[:, 1]) * v + t[:, 2]
   kw = dict(max_new_tokens=3, bucket=2)
   for mode, seed in (("sample", 1), ("speculative_sample", 2)):
-    out = run(model, params, [prompt] * rows, mode, seed=seed, **kw)
+    out = decode_run(model, params, [prompt] * rows, mode, seed=seed, **kw)
     assert np.all(out.lengths == 3)
-    assert _chi2_pvalue(outcome(out.tokens), exact) > 1e-4, mode
+    assert chi2_pvalue(outcome(out.tokens), exact) > 1e-4, mode
   acc = out.accepted.sum(0) / (out.forwards - 1).sum()
   assert np.all((acc > 0.05) & (acc < 0.95)), f"both accept and reject paths must run, got {acc}"
   wrong = np.random.default_rng(0).choice(v ** 3, size=rows, p=wrong_law.ravel())
-  assert _chi2_pvalue(wrong, exact) < 1e-6                  # the test has power
+  assert chi2_pvalue(wrong, exact) < 1e-6                  # the test has power
 
 
 @pytest.mark.slow   # four toy trainings and decode benchmarks: minutes on 2 cores, over CI's budget

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from gcs_emulator import GcsEmulator, free_port
 from mtp_jax import deadline, io
 

@@ -4,8 +4,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -16,7 +14,7 @@ from configs.tiny import get_config
 from mtp_jax import checkpoint, step, tokenizer, train
 from mtp_jax.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import records, run_main, snapshot, train_config
 
 
 @pytest.fixture(scope="module")
@@ -24,46 +22,16 @@ def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("cache"))
 
 
-def tiny(cache_dir, **train_fields):
-  c = get_config()
-  c.data.cache_dir = cache_dir
-  c.data.max_train_bytes = 200_000
-  c.train.update({"log_every": 1, "eval_every": 1000, "checkpoint_every": 10, **train_fields})
-  return c
-
-
-def records(workdir, split=None):
-  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return [r for r in lines if r.get("split") == split]
-
-
-def snapshot(workdir):
-  return {os.path.relpath(os.path.join(d, f), workdir): open(os.path.join(d, f), "rb").read()
-          for d, _, fs in os.walk(workdir) for f in fs}
-
-
-def run_main(workdir, cache_dir, *flags, wait=True, config="configs/tiny.py", cwd=ROOT):
-  cmd = [sys.executable, "-m", "mtp_jax.main", f"--config={os.path.join(ROOT, config)}", f"--workdir={workdir}",
-         f"--config.data.cache_dir={cache_dir}", "--config.data.max_train_bytes=200000",
-         "--config.train.log_every=1", "--config.train.eval_every=1000", *flags]
-  # XLA's persistent cache: every subprocess here compiles the same tiny model.
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_COMPILATION_CACHE_DIR": os.path.join(cache_dir, "xla"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-  if not wait:
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
   """A finished 20-step run with checkpoints at 10 and 20 (tests copy it before changing anything)."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  train.train_and_evaluate(tiny(cache_dir, steps=20), workdir)
+  train.train_and_evaluate(train_config(cache_dir, steps=20), workdir)
   return workdir
 
 
 def test_one_step(tmp_path, cache_dir, capsys):
-  c = tiny(cache_dir, steps=1, eval_every=1, checkpoint_every=1)
+  c = train_config(cache_dir, steps=1, eval_every=1, checkpoint_every=1)
   final = train.train_and_evaluate(c, tmp_path)
   out = capsys.readouterr().out
   assert "compiled train step memory" in out and "unigram baseline" in out
@@ -160,7 +128,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, trained, cache_dir, caps
   for d, _, files in os.walk(workdir / "checkpoints" / "20" / "params"):
     for f in files:   # truncate every data and metadata file of the newest checkpoint
       open(os.path.join(d, f), "w").close()
-  train.train_and_evaluate(tiny(cache_dir, steps=20), workdir)
+  train.train_and_evaluate(train_config(cache_dir, steps=20), workdir)
   out = capsys.readouterr().out
   assert "checkpoint step 20 is unreadable" in out and "resumed from the checkpoint of step 10" in out
   assert (workdir / "checkpoints_corrupt" / "20").exists()
@@ -172,7 +140,7 @@ def test_refuses_other_model_shape_and_writes_nothing(tmp_path, trained, cache_d
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
   before = snapshot(workdir)
-  c = tiny(cache_dir, steps=30)
+  c = train_config(cache_dir, steps=30)
   c.model.d_model, c.data.seq_len = 64, 64
   with pytest.raises(UserError, match=r"model.d_model=32 there vs 64 now.*data.seq_len=32 there vs 64 now"):
     train.train_and_evaluate(c, workdir)
@@ -183,14 +151,14 @@ def test_refuses_to_resume_over_other_data_and_writes_nothing(tmp_path, trained,
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
   before = snapshot(workdir)
-  c = tiny(cache_dir, steps=30)
+  c = train_config(cache_dir, steps=30)
   c.data.max_train_bytes = 150_000               # the same source, fewer of its bytes: another token stream
   with pytest.raises(UserError, match=r"trained on other data: data.source='stdlib', data.max_train_bytes=200000 gave [0-9,]+ "
                      r"train tokens.*this config's data.source='stdlib', data.max_train_bytes=150000 gives"):
     train.train_and_evaluate(c, workdir)
   corpus = tmp_path / "other.jsonl"
   corpus.write_text("".join(json.dumps({"text": f"line {i} of another corpus. " * 20}) + "\n" for i in range(300)))
-  c = tiny(cache_dir, steps=30)
+  c = train_config(cache_dir, steps=30)
   c.data.update(source="jsonl", path=str(corpus))
   with pytest.raises(UserError, match=r"this config's data.source='jsonl', data.path='.*other.jsonl' gives"):
     train.train_and_evaluate(c, workdir)
@@ -202,7 +170,7 @@ def test_the_same_data_spelled_another_way_resumes_with_a_note(tmp_path, cache_d
   os.makedirs(tmp_path / "a")
   for i in range(12):
     (tmp_path / "a" / f"doc{i:02d}.txt").write_text(f"document {i}: " + "some text to model. " * (300 + 17 * i))
-  c = tiny(cache_dir, steps=10)
+  c = train_config(cache_dir, steps=10)
   c.data.update(source="glob", path=str(tmp_path / "a" / "*.txt"), max_train_bytes=0, tokenizer="bytes")
   c.model.vocab_size = 258
   workdir = tmp_path / "run"
@@ -238,7 +206,7 @@ def test_divergence_stops_without_saving(tmp_path, cache_dir, monkeypatch):
 
   monkeypatch.setattr(step, "make_train_step", poisoned)
   with pytest.raises(train.TrainingDiverged, match="NaN/inf at step 7.*last good checkpoint is step 5"):
-    train.train_and_evaluate(tiny(cache_dir, steps=20, checkpoint_every=5, log_every=4), tmp_path)
+    train.train_and_evaluate(train_config(cache_dir, steps=20, checkpoint_every=5, log_every=4), tmp_path)
   assert checkpoint.Checkpointer(tmp_path, read_only=True).steps() == [5]
 
 

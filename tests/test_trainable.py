@@ -15,9 +15,9 @@ from mtp_jax.dry_run import dry_run_report
 from mtp_jax.errors import UserError
 from mtp_jax.loss import mtp_loss_naive, mtp_loss_scan
 from mtp_jax.model import build_model, init_params
-from tests.conftest import tiny_config
+from helpers import tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def _batch(c, seed=1):
