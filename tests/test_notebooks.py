@@ -61,6 +61,17 @@ def test_badge_opens_this_notebook_from_the_repository_it_installs(name):
   assert badge and badge.group(2) == f"experiments/notebooks/{name}" and badge.group(1) == _source(book)
 
 
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_stored_outputs_render_and_stay_small(name):
+  """The notebooks are stored executed (default parameters, CPU), so GitHub and Colab show results unrun."""
+  path = os.path.join(NOTEBOOKS, name)
+  book = nbformat.read(path, as_version=4)
+  code = [c for c in book.cells if c.cell_type == "code"]
+  assert any("backend:" in o.get("text", "") for c in code for o in c.outputs)
+  assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+  assert os.path.getsize(path) < 250_000
+
+
 @pytest.fixture(scope="module")
 def runtime_packages(tmp_path_factory):
   """What a fresh runtime has: mtp_jax's runtime and [notebooks] dependencies (not mtp_jax), linked."""
