@@ -6,17 +6,19 @@ and needs nothing imported. A file or function that grows past a limit is split 
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
+PACKAGE = pathlib.Path(ROOT) / "mtp_jax"
 MAX_FILE_LINES = 450
 MAX_FUNCTION_LINES = 80
 
 
 def _sources():
-  return sorted((ROOT / "mtp_jax").rglob("*.py"))
+  return sorted(PACKAGE.rglob("*.py"))
 
 
 def test_no_file_over_the_limit():
-  long = [f"{p.relative_to(ROOT)}: {n} lines" for p in _sources()
+  long = [f"{p.relative_to(PACKAGE.parent)}: {n} lines" for p in _sources()
           if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
   assert not long, f"over {MAX_FILE_LINES} lines (split by concern):\n  " + "\n  ".join(long)
 
@@ -28,5 +30,5 @@ def test_no_function_over_the_limit():
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         start = min([node.lineno] + [d.lineno for d in node.decorator_list])
         if (n := node.end_lineno - start + 1) > MAX_FUNCTION_LINES:
-          long.append(f"{p.relative_to(ROOT)}:{start} {node.name}: {n} lines")
+          long.append(f"{p.relative_to(PACKAGE.parent)}:{start} {node.name}: {n} lines")
   assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n  " + "\n  ".join(long)

@@ -8,7 +8,6 @@ encodes like the tokenizer the vocabulary came from (byte-level BPE with digits 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -23,7 +22,7 @@ from mtp_jax.interop import gguf as gguf_import  # noqa: E402
 from mtp_jax.interop.tensors import ConvertError  # noqa: E402
 from mtp_jax.model import build_model, init_params  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 TEXT = ("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
         "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n") * 8
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

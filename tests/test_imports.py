@@ -7,8 +7,9 @@ module: a loop that only closes at call time is still a loop. Every form is read
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "mtp_jax"
+from helpers import ROOT
+
+PACKAGE = pathlib.Path(ROOT) / "mtp_jax"
 
 # (importer, imported): no module under the first may reach one under the second, directly or through others.
 FORBIDDEN = [
@@ -26,7 +27,7 @@ FORBIDDEN = [
 def modules() -> dict[str, pathlib.Path]:
   out = {}
   for path in sorted(PACKAGE.rglob("*.py")):
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
       parts = parts[:-1]
     out[".".join(parts)] = path
@@ -112,7 +113,7 @@ def test_no_import_cycles():
   assert len(mods) > 30
   cycle = find_cycle(edges)
   if cycle:
-    where = [f"{a} -> {b} ({mods[a].relative_to(ROOT)}:{edges[a][b]})" for a, b in zip(cycle, cycle[1:])]
+    where = [f"{a} -> {b} ({mods[a].relative_to(PACKAGE.parent)}:{edges[a][b]})" for a, b in zip(cycle, cycle[1:])]
     raise AssertionError("import cycle: " + " -> ".join(cycle) + "\n  " + "\n  ".join(where))
 
 
