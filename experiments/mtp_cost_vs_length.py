@@ -44,6 +44,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "tiny model and steps: checks the pipeline, measures nothing")
 flags.DEFINE_string("ns", "1,2,4", "comma list of head counts, parallel heads; N_causal or N_linear for the paper's other "
                     "topologies, e.g. 4_causal (n=1 is the control and always runs; quick: 1,2)")
+flags.DEFINE_bool("train_control", True, "train missing n=1 runs; false: report with the n=1 runs another "
+                  "invocation records in the same workdir (two invocations, one per core)")
 flags.DEFINE_integer("late_lengths", 3, "the second trend fit uses the longest this many lengths")
 flags.DEFINE_string("name", "mtp_cost_vs_length", "results file stem (quick: <name>_quick)")
 flags.DEFINE_string("seeds", "0,1,2", "comma list of seeds (init and data order; quick: 0,1)")
@@ -388,7 +390,7 @@ def main(argv):
                      f"{c.train.batch_size}")}
   for seed in seeds:                     # seed-major: a partial run leaves whole paired sets
     for n in ns:
-      if any(variant_of(r) == n and r["seed"] == seed for r in finished()):
+      if any(variant_of(r) == n and r["seed"] == seed for r in finished()) or (n == "1" and not FLAGS.train_control):
         continue
       row = run_one(n, seed)
       with open(record, "a") as f:
