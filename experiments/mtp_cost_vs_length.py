@@ -228,6 +228,10 @@ def analyse(runs: list, ns: list, seeds: list, Ls: list) -> dict:
           g = [loss[(n, s)][str(L)] - float(np.interp(math.log(flops[n] * L), xs, [loss[("1", s)][str(l)] for l in Ls]))
                for s in done]
           row[f"gap_per_flop_n{n}"] = {"per_seed": g, "mean": interval(g)[0], "ci95": interval(g)[1]}
+      base = str(parse_variant(n)[0])
+      if n != base and base in ns and vals:     # another topology against parallel heads of the same n, same seed
+        d = [loss[(n, s)][str(L)] - loss[(base, s)][str(L)] for s in done]
+        row[f"vs_parallel_n{n}"] = {"per_seed": d, "mean": interval(d)[0], "ci95": interval(d)[1]}
     out["per_length"].append(row)
   late = Ls[-FLAGS.late_lengths:] if 2 <= FLAGS.late_lengths < len(Ls) else None
   for key, fitted in (("trend", Ls), ("trend_late", late)):
@@ -275,6 +279,18 @@ def markdown(res: dict, command: str) -> list:
     md.append(f"| {row['steps']} | " + " | ".join(f(row.get(f"n{n}")) for n in ns) + " | "
               + " | ".join(f(row.get(f"gap_n{n}")) for n in ns[1:]) + " | "
               + " | ".join(f(row.get(f"gap_per_flop_n{n}")) for n in ns[1:]) + " |")
+  others = [n for n in ns if n != str(parse_variant(n)[0]) and str(parse_variant(n)[0]) in ns]
+  if others:
+    md += ["", "Against parallel heads of the same n, paired by seed (positive: parallel heads have the lower "
+           "next-token loss; 'separable' where the 95% interval excludes zero):", "",
+           "| steps | " + " | ".join(f"{label(n)} - parallel" for n in others) + " |", "|---:|" + "---:|" * len(others)]
+    for row in an["per_length"]:
+      cells = []
+      for n in others:
+        d = row.get(f"vs_parallel_n{n}")
+        sep = d and not math.isnan(d["ci95"]) and abs(d["mean"]) > d["ci95"]
+        cells.append(f(d) + (" (separable)" if sep else " (not separable)" if d else ""))
+      md.append(f"| {row['steps']} | " + " | ".join(cells) + " |")
   md += ["", "Matmul work per step (experiments/matmul_work.py, FLOPs = 2 x multiply-accumulates): "
          + ", ".join(f"{label(n)} {res['flops_per_step'][n] / 1e9:.2f} GFLOP ({res['flops_per_step'][n] / res['flops_per_step']['1']:.2f}x n=1)"
                      for n in ns if res["flops_per_step"].get(n))
