@@ -15,6 +15,7 @@ import importlib.metadata as md
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,9 +30,27 @@ def _key(name: str) -> str:
   return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def source_copy(dst: pathlib.Path) -> pathlib.Path:
+  """The clone's files as a fresh clone has them (git's tracked and not-ignored files), copied to `dst`: a
+  build from the clone itself would reuse its build/ directory, where files deleted since linger."""
+  listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                          capture_output=True, timeout=60)
+  if listed.returncode != 0:   # not a git checkout: everything but what builds and runs leave behind
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "workdirs",
+                                                             "__pycache__"))
+    return dst
+  for name in filter(None, listed.stdout.decode().split("\0")):
+    src = ROOT / name
+    if src.is_file():
+      (dst / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(src, dst / name)
+  return dst
+
+
 def build_wheel(out: pathlib.Path) -> pathlib.Path:
   """The clone built into a wheel in `out` (pip's isolated build fetches setuptools once, then caches it)."""
-  r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
+  src = source_copy(out.parent / "source")
+  r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   return next(out.glob("mtp_jax-*.whl"))

@@ -1,6 +1,6 @@
 """Every notebook in experiments/notebooks runs top to bottom as a Colab user runs it: in a fresh Python
 environment that does not have mtp_jax, from a directory outside the clone, so its install cell
-pip-installs the package (from this clone, via MTP_JAX_SOURCE) before anything else runs. Its
+pip-installs the package (from a copy of this clone, via MTP_JAX_SOURCE) before anything else runs. Its
 `parameters` cell is overridden by tiny values, as papermill would; any cell error, including a failed
 assert, fails. The environment holds the runtime and [notebooks] dependencies only (tests/installed_env.py),
 as a Colab runtime holds its own packages."""
@@ -84,8 +84,14 @@ def runtime_packages(tmp_path_factory):
   return ie.link_view(dists.values(), tmp_path_factory.mktemp("runtime") / "site")
 
 
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  """What the install cell installs from: the clone's files as a fresh clone has them."""
+  return ie.source_copy(tmp_path_factory.mktemp("source") / "mtp_jax")
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_notebook_runs_from_a_fresh_runtime(name, tmp_path, runtime_packages):
+def test_notebook_runs_from_a_fresh_runtime(name, tmp_path, runtime_packages, source):
   py = ie.make_venv(tmp_path / "venv", [runtime_packages])
   content = tmp_path / "content"   # Colab's working directory: no clone above it
   content.mkdir()
@@ -93,7 +99,7 @@ def test_notebook_runs_from_a_fresh_runtime(name, tmp_path, runtime_packages):
   book = _with_parameters(book, dict(TINY[name], WORKDIR=str(tmp_path / "run")))
   book.cells.append(nbformat.v4.new_code_cell("import mtp_jax; print(mtp_jax.__file__)"))
   nbformat.write(book, content / "in.ipynb")
-  env = ie.clean_env(tmp_path / "venv", MTP_JAX_SOURCE=ROOT, MPLBACKEND="Agg",
+  env = ie.clean_env(tmp_path / "venv", MTP_JAX_SOURCE=str(source), MPLBACKEND="Agg",
                      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
   r = subprocess.run([py, "-c", RUNNER, "in.ipynb", "out.ipynb"], cwd=content, env=env, capture_output=True,
                      text=True, timeout=1800)
