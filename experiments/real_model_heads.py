@@ -71,9 +71,14 @@ def windows(config, tok, split: str, count: int, seq_len: int) -> np.ndarray:
   return feature_heads.windows_of(ids, seq_len, tok.eos_id, max_windows=count)
 
 
+_FROM_CACHE = False
+
+
 def cached_features(model, params, config, tok, split: str, count: int, seq_len: int, batch: int):
   """The split's features, computed once per (model file, split, count, seq_len) and kept in the cache."""
+  global _FROM_CACHE
   path = pretrained.cache_root() / "features" / f"{_MODEL.value}_{split}_{count}x{seq_len}.npz"
+  _FROM_CACHE = path.exists()
   if path.exists():
     with np.load(path) as f:
       import ml_dtypes
@@ -182,7 +187,9 @@ def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, 
            f"library's train split; held out: {len(valid)} windows of its valid split. Targets: "
            f"{'greedy tokens of the base model (self-distillation)' if _TARGET.value == 'model' else 'the corpus'}. "
            f"{steps} steps of {batch} windows, Adam, peak lr {_LR.value}, cross-entropy scored at {ce_pos} random "
-           f"positions per window. Caching the features took {cache_s:.0f} s.", "",
+           f"positions per window. " + (f"Caching the features took {cache_s:.0f} s." if not _FROM_CACHE else
+                                        f"The features were read from the cache ({cache_s:.0f} s), computed by an "
+                                        f"earlier run of this command."), "",
            "Cost of one heads-only training step (3 added heads; medians of interleaved steps):", "",
            "| variant | step s | head-tokens/s | speedup |", "|---|---:|---:|---:|"]
   for c in cost:
