@@ -206,9 +206,11 @@ def main(_):
   result = {"device": device, "model": model_desc, "weights": origin, "prompts": source,
             "prompt_len": _PROMPT_LEN.value, "max_new_tokens": _MAX_NEW.value, "repeats": _REPEATS.value, "rows": rows}
   n_draft = (_DRAFT.value or args.n_future) - 1
+  lens = sorted(map(len, prompts))
+  prompt_desc = f"{lens[0]} tokens" if lens[0] == lens[-1] else f"{lens[0]}-{lens[-1]} tokens"
   heads = " | ".join(f"head {i + 2}" for i in range(n_draft))
   lines = [f"Self-speculative greedy decoding vs greedy, {device}; {model_desc}; weights: {origin}; prompts: "
-           f"{_PROMPT_LEN.value} tokens ({source}); {_MAX_NEW.value} new tokens per row, EOS off; medians of "
+           f"{prompt_desc} ({source}); {_MAX_NEW.value} new tokens per row, EOS off; medians of "
            f"{_REPEATS.value} interleaved runs.", "",
            f"| batch | greedy tok/s | speculative tok/s | speedup | tokens/forward | batch forwards g/s | "
            f"row forwards needed/paid | C | "
