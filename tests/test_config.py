@@ -86,7 +86,8 @@ def test_cli_dry_run_plans_with_the_memory_schedule(tmp_path):
   reports = {}
   for name, flag in (("default", ""), ("user_concurrency", "--xla_cpu_enable_concurrency_optimized_scheduler=true")):
     workdir = tmp_path / name
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {flag}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8 {flag}")
     r = subprocess.run([sys.executable, "-m", "mtp_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
                         "--dry_run", "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.batch_size=8",
                         "--config.model.remat=full"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)

@@ -23,19 +23,6 @@ from mtp_jax.errors import UserError
 from helpers import ROOT, records, run_main, train_config
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
-  """A finished 20-step run with checkpoints at 10 and 20 (tests copy it before changing anything)."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  train.train_and_evaluate(train_config(cache_dir, steps=20), workdir)
-  return workdir
-
-
 def copy_run(trained, tmp_path, name="run"):
   workdir = tmp_path / name
   shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns(".lock"))

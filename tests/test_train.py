@@ -17,19 +17,6 @@ from mtp_jax.errors import UserError
 from helpers import records, run_main, snapshot, train_config
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
-  """A finished 20-step run with checkpoints at 10 and 20 (tests copy it before changing anything)."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  train.train_and_evaluate(train_config(cache_dir, steps=20), workdir)
-  return workdir
-
-
 def test_one_step(tmp_path, cache_dir, capsys):
   c = train_config(cache_dir, steps=1, eval_every=1, checkpoint_every=1)
   final = train.train_and_evaluate(c, tmp_path)
