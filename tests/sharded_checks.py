@@ -1,7 +1,11 @@
-"""Checks that need 8 devices: run as `XLA_FLAGS=--xla_force_host_platform_device_count=8 python
-tests/sharded_checks.py NAME` (tests/test_sharding.py does this, so other tests keep one device)."""
+"""Checks that need 8 devices, all in one process: `XLA_FLAGS=--xla_force_host_platform_device_count=8
+python tests/sharded_checks.py [NAME ...]` runs the named checks (default: all) and prints one line
+`RESULTS {"name": "ok" or the traceback, ...}` (tests/test_sharding.py starts it once, so the other
+tests keep one device and the 8-device start-up is paid once)."""
+import json
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -156,7 +160,21 @@ def check_restore_on_another_mesh():
     print(f"saved on (8,1,1), resumed on {mesh}: steps 4-6 match", flush=True)
 
 
+CHECKS = [name[len("check_"):] for name in list(globals()) if name.startswith("check_")]
+
+
+def run_checks(names):
+  """{name: "ok" or the traceback} for each check, each run whatever the others did."""
+  results = {}
+  for name in names:
+    try:
+      globals()[f"check_{name}"]()
+      results[name] = "ok"
+    except Exception:   # reported by the test that owns the check
+      results[name] = traceback.format_exc()
+  return results
+
+
 if __name__ == "__main__":
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
-  globals()[f"check_{sys.argv[1]}"]()
-  print("OK")
+  print("RESULTS " + json.dumps(run_checks(sys.argv[1:] or CHECKS)), flush=True)

@@ -1,4 +1,6 @@
-"""Sharded == single device, on 8 simulated CPU devices (each check in its own process)."""
+"""Sharded == single device, on 8 simulated CPU devices: every check of tests/sharded_checks.py in one
+process (started once for the module), each test reading its own check's result."""
+import json
 import os
 import subprocess
 import sys
@@ -11,27 +13,36 @@ from mtp_jax.sharding import check_divisibility, mesh_shape
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_check(name):
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, os.path.join(HERE, "sharded_checks.py"), name], env=env,
-                     capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), r.stdout[-3000:] + r.stderr[-5000:]
+@pytest.fixture(scope="module")
+def sharded():
+  """{check name: "ok" or its traceback} from one 8-device run of every check."""
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, os.path.join(HERE, "sharded_checks.py")], env=env, capture_output=True,
+                     text=True, timeout=1800)
+  lines = [l for l in r.stdout.splitlines() if l.startswith("RESULTS ")]
+  assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-5000:]
+  return {**json.loads(lines[-1][len("RESULTS "):]), "log": r.stdout}
 
 
-def test_train_steps_on_meshes_match_single_device():
-  run_check("train_steps_match_single_device")
+def check(sharded, name):
+  assert sharded[name] == "ok", f"{sharded[name]}\n{sharded['log'][-3000:]}"
 
 
-def test_sequential_train_steps_on_meshes_match_single_device():
-  run_check("sequential_train_steps_match_single_device")
+def test_train_steps_on_meshes_match_single_device(sharded):
+  check(sharded, "train_steps_match_single_device")
 
 
-def test_decoding_on_meshes_matches_single_device():
-  run_check("decode_matches_single_device")
+def test_sequential_train_steps_on_meshes_match_single_device(sharded):
+  check(sharded, "sequential_train_steps_match_single_device")
 
 
-def test_checkpoint_restores_onto_another_mesh():
-  run_check("restore_on_another_mesh")
+def test_decoding_on_meshes_matches_single_device(sharded):
+  check(sharded, "decode_matches_single_device")
+
+
+def test_checkpoint_restores_onto_another_mesh(sharded):
+  check(sharded, "restore_on_another_mesh")
 
 
 def test_mesh_shape_resolution():
