@@ -39,10 +39,10 @@ def _env(tmp_path, emu=None, **extra):
   return {**env, **extra}
 
 
-def _main(tmp_path, workdir, env, log):
+def _main(tmp_path, workdir, env, log, steps=STEPS):
   cmd = [sys.executable, "-m", "mtp_jax.main", f"--config={ROOT}/configs/tiny.py:bytes", f"--workdir={workdir}",
          "--config.data.source=glob", "--config.data.path=gs://bkt/corpus/*.txt",
-         f"--config.data.cache_dir={tmp_path / 'cache'}", f"--config.train.steps={STEPS}",
+         f"--config.data.cache_dir={tmp_path / 'cache'}", f"--config.train.steps={steps}",
          f"--config.train.checkpoint_every={EVERY}", "--config.train.log_every=1", "--config.train.eval_every=100"]
   return subprocess.Popen(cmd, cwd=tmp_path, env=env, text=True, stdout=open(f"{log}.out", "w"),
                           stderr=open(f"{log}.err", "w"))
@@ -74,16 +74,16 @@ def _ended(proc, log, since, within):
   return proc.returncode, took, [line for line in err.splitlines() if line.startswith("error:")]
 
 
-def _resume_exactly(tmp_path, emu, workdir, step):
+def _resume_exactly(tmp_path, emu, workdir, step, steps=STEPS):
   """With the store back, rerun: it resumes from `step` and logs the losses it logged before the fault."""
   emu.restart()
   before = _losses(workdir)
   log = tmp_path / "resumed"
-  again = _main(tmp_path, workdir, _env(tmp_path, emu), log)
+  again = _main(tmp_path, workdir, _env(tmp_path, emu), log, steps)
   assert again.wait(timeout=600) == 0, open(f"{log}.err").read()[-3000:]
   assert f"resumed from the checkpoint of step {step} in {workdir}" in open(f"{log}.out").read()
   after = _losses(workdir)
-  assert sorted(after) == list(range(1, STEPS + 1))
+  assert sorted(after) == list(range(1, steps + 1))
   redone = [s for s in before if s > step]
   assert redone, "nothing was logged after the checkpoint before the store went away"
   assert {s: after[s] for s in before} == before   # bit-identical, the steps trained again included
@@ -120,10 +120,14 @@ def test_sigterm_while_the_store_is_gone_ends_at_once(store, tmp_path):
   deadline, 45 s) with one line, and the rerun resumes exactly from step 8."""
   (tmp_path / "home").mkdir()
   workdir, log = "gs://bkt/run", tmp_path / "faulted"
-  run = _main(tmp_path, workdir, _env(tmp_path, store), log)
-  marker = os.path.join(store.files, "bkt", "run", "checkpoints", "8", "commit_success.txt")
-  _wait_for(lambda: os.path.exists(marker), run, "the checkpoint of step 8")
+  run = _main(tmp_path, workdir, _env(tmp_path, store), log, steps=2 * STEPS)
+  # Step 8 is complete for the run once it starts the save of step 12 (it waits for the previous save
+  # first); step 8's commit marker alone is not enough: orbax may still be finishing that save when the
+  # store dies. The run goes on to 24 steps, so it is still training when the signal comes.
+  step12 = os.path.join(store.files, "bkt", "run", "checkpoints", "12")
+  _wait_for(lambda: os.path.isdir(step12), run, "the save of step 12")
   store.halt()
+  assert not os.path.exists(os.path.join(step12, "commit_success.txt"))
   time.sleep(1)
   run.send_signal(signal.SIGTERM)
   signalled = time.time()
@@ -132,7 +136,7 @@ def test_sigterm_while_the_store_is_gone_ends_at_once(store, tmp_path):
   assert took < deadline.STOP_GRACE_S + deadline.PROBE_TIMEOUT_S + 10, took
   assert errors[0].startswith("error: stopped by SIGTERM: the object store at") and "has not answered" in errors[0]
   assert "the checkpoint of step 8 is complete" in errors[0] and "resume from step 8" in errors[0], errors[0]
-  _resume_exactly(tmp_path, store, workdir, step=8)
+  _resume_exactly(tmp_path, store, workdir, step=8, steps=2 * STEPS)
 
 
 def test_a_store_that_never_answers_ends_a_command_in_seconds(gcs, tmp_path):
