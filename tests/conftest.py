@@ -25,6 +25,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.update(JAX_COMPILATION_CACHE_DIR=_xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
+# Two test workers (pytest.ini) on one accelerator: neither takes most of its memory up front.
+if "PYTEST_XDIST_WORKER" in os.environ:
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 from helpers import tiny_config, train_config  # noqa: E402  (after XLA_FLAGS: it imports jax)
 
 
