@@ -272,23 +272,6 @@ def test_scheduler_memory_quick(tmp_path):
   assert "| buffer | shape | KiB |" in (tmp_path / "scheduler_memory_quick.md").read_text()
 
 
-@pytest.mark.slow   # four worker processes, each compiling three train steps and two decode loops: about 3 min
-def test_cpu_fusions_runs_both_settings(tmp_path):
-  r = subprocess.run([sys.executable, "experiments/cpu_fusions.py", "--steps=1", "--bouts=1", f"--out_name={tmp_path}/cf"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": ROOT})
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.loads((tmp_path / "cf.json").read_text())
-  d, y = res["best"]["default"], res["best"]["fusions"]
-  assert set(d["train_s"]) == {"peer", "default", "default_sp"} and all(t > 0 for t in y["train_s"].values())
-  assert res["bouts"]["fusions"][0]["xla_flags"].endswith(res["flag"][1]) and not res["bouts"]["default"][0]["xla_flags"]
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
-  from cpu_fusions import _config
-  from tolerances import network_k, tolerance
-  for m, loss in d["first_loss"].items():   # the flag changes how, not what: float32 reduction order only
-    c = _config(m)
-    assert math.isclose(loss, y["first_loss"][m], rel_tol=tolerance(network_k(c, c.train.batch_size))["rtol"])
-
-
 @pytest.mark.slow   # five benchmarks at tiny sizes, each in its own process: about 4 min on 2 cores
 def test_gpu_benchmarks_script_runs_end_to_end_and_packs_its_tables(tmp_path):
   """experiments/gpu_benchmarks.sh in SMOKE mode on this machine's backend: every benchmark writes its
