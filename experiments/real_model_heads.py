@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from results_io import write_results  # noqa: E402
 from mtp_jax import data, feature_heads, interop, pretrained  # noqa: E402
 from mtp_jax.interop import workdir as workdir_lib  # noqa: E402
-from mtp_jax.model import MTPTransformer, build_model  # noqa: E402
+from mtp_jax.model import build_model  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "A model of mtp_jax.pretrained.")
 _N_FUTURE = flags.DEFINE_integer("n_future", 4, "Heads in all (heads 2..n are added and trained).")
@@ -45,10 +45,14 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Windows per step.")
 _LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate (warmup, cosine decay to a tenth).")
 _CE_POS = flags.DEFINE_integer("ce_positions", 64, "Positions per window whose cross-entropy is scored.")
 _TARGET = flags.DEFINE_enum("target", "model", ["model", "data"], "model: greedy's tokens; data: the corpus'.")
+_HEAD_TYPE = flags.DEFINE_enum("head_type", "parallel", ["parallel", "causal", "sequential"],
+                               "The added heads: transformer layers reading the trunk (parallel), each the previous "
+                               "head (causal), or DeepSeek-V3 modules also reading the next token's embedding.")
 _INITS = flags.DEFINE_list("head_inits", ["copy", "random"], "Initialisations of the added heads to compare.")
 _COST_STEPS = flags.DEFINE_integer("cost_steps", 4, "Timed steps per variant in the cost comparison.")
 _OUT_WORKDIR = flags.DEFINE_string("out_workdir", "workdirs/smollm2_heads", "Each init's trained model is written "
                                    "to <out_workdir>_<init> (replaced if it exists); empty: not written.")
+_SAVE_EVERY = flags.DEFINE_integer("save_every", 100, "Write the trained model every this many steps (and at the end).")
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run: tiny budget, nothing written but the results.")
 _OUT = flags.DEFINE_string("out_name", "real_model_heads", "Results file stem.")
 
@@ -77,7 +81,8 @@ _FROM_CACHE = False
 def cached_features(model, params, config, tok, split: str, count: int, seq_len: int, batch: int):
   """The split's features, computed once per (model file, split, count, seq_len) and kept in the cache."""
   global _FROM_CACHE
-  path = pretrained.cache_root() / "features" / f"{_MODEL.value}_{split}_{count}x{seq_len}.npz"
+  kind = "_head1" if model.args.heads.chained else ""   # chained heads read head 1's state, not the trunk's
+  path = pretrained.cache_root() / "features" / f"{_MODEL.value}_{split}_{count}x{seq_len}{kind}.npz"
   _FROM_CACHE = path.exists()
   if path.exists():
     with np.load(path) as f:
@@ -101,9 +106,8 @@ def cost_per_token(model, params, feats, steps: int, batch: int, ce_positions: i
 
   @jax.jit
   def with_trunk(added, tokens, greedy):
-    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    z, _ = model.apply({"params": frozen}, tokens, pos, jnp.ones_like(tokens), method=MTPTransformer.run_trunk)
-    return grad(added, frozen, jax.lax.stop_gradient(z), greedy, tokens)
+    first, _ = feature_heads.trunk_features(model, frozen, tokens)
+    return grad(added, frozen, jax.lax.stop_gradient(first), greedy, tokens)
 
   @jax.jit
   def from_features(added, z, greedy, tokens, picks):
@@ -142,7 +146,8 @@ def main(_):
   inits, runs = _INITS.value, []
   config = tok = None
   for k, init in enumerate(inits):
-    config, params, tok = interop.read_checkpoint(str(gguf_path), n_future, init, "float32", 0)
+    config, params, tok = interop.read_checkpoint(str(gguf_path), n_future, init, "float32", 0,
+                                                 _HEAD_TYPE.value)
     model = build_model(config.model)
     params = jax.tree.map(jnp.asarray, params)
     if k == 0:
@@ -156,20 +161,32 @@ def main(_):
         print(f"cost: {c['variant']}: {c['head_tokens_per_s']:.0f} head-tokens/s ({c['speedup']:.2f}x)", flush=True)
     before = feature_heads.head_acceptance(model, params, valid, batch)
     t0 = time.time()
+    out = f"{_OUT_WORKDIR.value}_{init}" if _OUT_WORKDIR.value and not quick else None
+    config.data.seq_len = seq
+
+    def save(step, trained):   # the model so far, every --save_every steps, so a long run can be cut short
+      if out and (step % _SAVE_EVERY.value == 0 or step == steps):
+        write_model(out, config, trained, tok)
+        print(f"wrote {out} ({init} init, heads trained {step} steps)", flush=True)
+
     trained, log = feature_heads.train_heads(model, params, feats, steps=steps, batch=batch, lr=_LR.value,
-                                             target=_TARGET.value, ce_positions=ce_pos, log_every=max(1, steps // 20))
+                                             target=_TARGET.value, ce_positions=ce_pos, log_every=max(1, steps // 20),
+                                             on_log=save)
     train_s = time.time() - t0
     after = feature_heads.head_acceptance(model, trained, valid, batch)
     print(f"{init}: expected tokens per forward {before['expected_tokens_per_forward']:.3f} -> "
           f"{after['expected_tokens_per_forward']:.3f}; accuracy per head {after['accuracy']}", flush=True)
     runs.append({"head_init": init, "train_s": train_s, "before": before, "after": after, "log": log})
     report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, cost, runs, t_start, quick)
-    if _OUT_WORKDIR.value and not quick:   # written at once, so decoding benchmarks can start
-      out = f"{_OUT_WORKDIR.value}_{init}"
-      shutil.rmtree(out, ignore_errors=True)
-      config.data.seq_len = seq
-      workdir_lib.write_workdir(out, config, jax.tree.map(np.asarray, trained), tok)
-      print(f"wrote {out} ({init} init, trained heads)", flush=True)
+
+
+def write_model(out: str, config, params, tok) -> None:
+  """The model as a workdir at `out`, replaced whole: written beside it, then renamed over it."""
+  tmp = out + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  workdir_lib.write_workdir(tmp, config, jax.tree.map(np.asarray, params), tok)
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
 
 
 def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, cost, runs, t_start, quick):

@@ -1,6 +1,7 @@
 """Pretrained models in and out of mtp_jax.
 
     mtp-jax-convert import --from=HF_DIR|ORG/NAME|META_DIR|FILE.gguf --workdir=W [--n_future=N] [--head_init=copy|random]
+        [--head_type=parallel|causal|sequential]
     python -m mtp_jax.main --config=configs/imported.py:W --workdir=W ...   # fine-tune it from step 0
     python -m mtp_jax.generate --workdir=W --prompt=...                    # or decode it as it is
     python -m mtp_jax.convert export --workdir=W --to=DIR                  # back to Hugging Face
@@ -24,6 +25,8 @@ _HEAD_INIT = flags.DEFINE_enum("head_init", "copy", ["copy", "random"], "import:
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16", "float16"],
                                  "import: the dtype parameters are stored and trained in.")
 _SEED = flags.DEFINE_integer("seed", 0, "import: seed of --head_init=random.")
+_HEAD_TYPE = flags.DEFINE_string("head_type", "parallel", "import: the added heads' topology: parallel or causal "
+                                 "(transformer layers), or sequential (DeepSeek-V3 MTP modules, each around one).")
 
 
 def main(argv):
@@ -35,7 +38,7 @@ def main(argv):
     if not src or not _WORKDIR.value:
       raise UserError("import needs --from=<model directory> and --workdir=<new workdir>")
     c = interop.import_checkpoint(src, _WORKDIR.value, _N_FUTURE.value, _HEAD_INIT.value, _PARAM_DTYPE.value,
-                                  _SEED.value)
+                                  _SEED.value, _HEAD_TYPE.value)
     m = c.model
     print(f"imported {src} into {_WORKDIR.value}: {m.n_layers - m.n_future} trunk layers + {m.n_future} heads, "
           f"d_model {m.d_model}, vocabulary {m.vocab_size}, tokenizer {c.data.tokenizer}; train it with "

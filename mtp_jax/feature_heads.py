@@ -35,7 +35,11 @@ from mtp_jax.model import MTPTransformer
 
 @dataclasses.dataclass
 class Features:
-  """Cached trunk outputs of token windows: z [N, T, d] (bfloat16), greedy [N, T] and tokens [N, T] (int32)."""
+  """Cached features of token windows: z [N, T, d] (bfloat16), greedy [N, T] and tokens [N, T] (int32).
+
+  z is what head 2 reads: the trunk's output for parallel heads, head 1's hidden state for chained ones
+  (causal heads and DeepSeek-V3's sequential modules, which also read the embedding of the token ahead).
+  """
   z: np.ndarray
   greedy: np.ndarray     # head 1's argmax at each position: the base model's next token there
   tokens: np.ndarray
@@ -64,15 +68,21 @@ def _positions(tokens):
   return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), jnp.ones_like(tokens)
 
 
+def trunk_features(model: MTPTransformer, params, tokens):
+  """(head 2's input [B, T, d], head 1's argmax [B, T]) of tokens [B, T]: what the frozen model gives the added heads."""
+  pos, seg = _positions(tokens)
+  z, _ = model.apply({"params": params}, tokens, pos, seg, method=MTPTransformer.run_trunk)
+  h, _ = model.apply({"params": params}, 0, z, None, pos, seg, method=MTPTransformer.run_head)
+  logits = model.apply({"params": params}, h, 0, method=MTPTransformer.logits)
+  return (h if model.args.heads.chained else z), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def cache_features(model: MTPTransformer, params, windows: np.ndarray, batch: int = 8, log=print) -> Features:
-  """Run the trunk and head 1 once over every window; keep z, head 1's argmax and the tokens."""
+  """Run the trunk and head 1 once over every window; keep head 2's input, head 1's argmax and the tokens."""
   @jax.jit
   def features(params, tokens):
-    pos, seg = _positions(tokens)
-    z, _ = model.apply({"params": params}, tokens, pos, seg, method=MTPTransformer.run_trunk)
-    h, _ = model.apply({"params": params}, 0, z, None, pos, seg, method=MTPTransformer.run_head)
-    logits = model.apply({"params": params}, h, 0, method=MTPTransformer.logits)
-    return z.astype(jnp.bfloat16), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    first, greedy = trunk_features(model, params, tokens)
+    return first.astype(jnp.bfloat16), greedy
 
   n = len(windows)
   zs, gs = [], []
@@ -107,6 +117,21 @@ def head_targets(feats_greedy, tokens, i: int, target: str):
   return jnp.where(mask, rolled, 0), jnp.broadcast_to(mask, src.shape)
 
 
+def ahead_tokens(tokens, i: int):
+  """x_{t+i} at every position t [B, T] (0 past the window's end: those positions' targets are masked)."""
+  t = tokens.shape[1]
+  return jnp.where(jnp.arange(t)[None, :] < t - i, jnp.roll(tokens, -i, axis=1), 0)
+
+
+def _run_added_head(model, params, i: int, z, prev, tokens):
+  """Head i's hidden state on cached features: parallel heads read z, chained ones prev (head i-1's
+  state) and, reading ahead, the embedding of x_{t+i}."""
+  pos, seg = _positions(tokens)
+  ahead = ahead_tokens(tokens, i) if model.args.heads.reads_ahead else None
+  h, _ = model.apply({"params": params}, i, z, prev, pos, seg, ahead=ahead, method=MTPTransformer.run_head)
+  return h
+
+
 def _added(params, n_future: int) -> dict:
   return {f"heads_{i}": params[f"heads_{i}"] for i in range(1, n_future)}
 
@@ -121,11 +146,9 @@ def make_loss(model: MTPTransformer, target: str = "model"):
   """
   n = model.args.n_future
 
-  def head_ce(head_params, frozen, z, targets, mask, picks, i):
+  def head_ce(head_params, frozen, z, prev, tokens, targets, mask, picks, i):
     params = dict(frozen, **{f"heads_{i}": head_params})
-    pos, seg = _positions(targets)
-    h, _ = model.apply({"params": params}, i, z.astype(model.args.dtype), None, pos, seg,
-                       method=MTPTransformer.run_head)
+    h_all = h = _run_added_head(model, params, i, z, prev, tokens)
     if picks is not None:
       take = lambda x: jnp.take_along_axis(x, picks.reshape(picks.shape + (1,) * (x.ndim - 2)), axis=1)
       h, targets, mask = take(h), take(targets), take(mask)
@@ -133,16 +156,17 @@ def make_loss(model: MTPTransformer, target: str = "model"):
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
     hits = (jnp.argmax(logits, -1) == targets) & mask
     count = jnp.maximum(jnp.sum(mask), 1)
-    return jnp.sum(nll * mask) / count, (jnp.sum(hits) / count, hits)
+    return jnp.sum(nll * mask) / count, (jnp.sum(hits) / count, h_all)
 
-  head_ce = jax.checkpoint(head_ce, static_argnums=(6,))   # one head's logits alive at a time
+  head_ce = jax.checkpoint(head_ce, static_argnums=(8,))   # one head's logits alive at a time
 
   def loss(added, frozen, z, greedy, tokens, picks=None):
     frozen = jax.lax.stop_gradient(frozen)
     losses, accs = [], []
+    z = prev = z.astype(model.args.dtype)
     for i in range(1, n):   # n is small and static; each head's logits are recomputed in its backward
       targets, mask = head_targets(greedy, tokens, i, target)
-      l, (acc, _) = head_ce(added[f"heads_{i}"], frozen, z, targets, mask, picks, i)
+      l, (acc, prev) = head_ce(added[f"heads_{i}"], frozen, z, prev, tokens, targets, mask, picks, i)
       losses.append(l)
       accs.append(acc)
     losses = jnp.stack(losses)
@@ -153,10 +177,11 @@ def make_loss(model: MTPTransformer, target: str = "model"):
 
 def train_heads(model: MTPTransformer, params, feats: Features, *, steps: int, batch: int = 8, lr: float = 1e-3,
                 warmup: int = 20, target: str = "model", ce_positions: int = 0, seed: int = 0, log=print,
-                log_every: int = 20):
+                log_every: int = 20, on_log=None):
   """Adam on heads 2..n over the cached features; returns (params with the trained heads, log rows).
 
   ce_positions: score the cross-entropy at this many random positions per window (0: all of them).
+  on_log(step, params): called at every log row (for example to write the model so far).
   """
   n = model.args.n_future
   if n < 2:
@@ -202,6 +227,8 @@ def train_heads(model: MTPTransformer, params, feats: Features, *, steps: int, b
       if log:
         log(f"heads step {s}/{steps}: loss {row['loss']:.3f}, accuracy per head {row['head_accuracies']}, "
             f"{row['tokens_per_s']:.0f} tokens/s")
+      if on_log:
+        on_log(s, dict(frozen, **added))
   return dict(frozen, **added), rows
 
 
@@ -213,11 +240,10 @@ def head_acceptance(model: MTPTransformer, params, feats: Features, batch: int =
   @jax.jit
   def hits(params, z, greedy, tokens):
     out = []
+    z = h = z.astype(model.args.dtype)
     for i in range(1, n):
       targets, mask = head_targets(greedy, tokens, i, "model")
-      pos, seg = _positions(tokens)
-      h, _ = model.apply({"params": params}, i, z.astype(model.args.dtype), None, pos, seg,
-                         method=MTPTransformer.run_head)
+      h = _run_added_head(model, params, i, z, h, tokens)
       pred = jnp.argmax(model.apply({"params": params}, h, i, method=MTPTransformer.logits), -1)
       # Only positions where every head can be scored, so the chain's conditional rates share positions.
       common = jnp.arange(tokens.shape[1])[None, :] < tokens.shape[1] - (n - 1)

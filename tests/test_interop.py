@@ -94,6 +94,29 @@ def test_added_heads_copy_and_random():
   assert jax.tree.all(jax.tree.map(np.array_equal, pr["trunk"], p1["trunk"]))
 
 
+def test_added_sequential_modules_wrap_head_1():
+  """--head_type=sequential: each added head is a DeepSeek-V3 module around a copy of head 1 whose eh_proj
+  passes the normed hidden state through; head 1's logits stay the checkpoint's; a checkpoint's own
+  (parallel) extra heads and an unknown topology are refused by name."""
+  _, p1, _ = interop.read_checkpoint(fixture("hf_gqa_untied"))
+  config, ps, _ = interop.read_checkpoint(fixture("hf_gqa_untied"), n_future=3, head_type="sequential")
+  assert config.model.head_type == "sequential"
+  m = ps["heads_2"]
+  assert jax.tree.all(jax.tree.map(np.array_equal, m["layer"], p1["heads_0"]))
+  d = config.model.d_model
+  np.testing.assert_array_equal(m["eh_proj"]["kernel"], np.concatenate([np.zeros((d, d)), np.eye(d)]))
+  np.testing.assert_array_equal(m["shared_head"]["norm"]["scale"], p1["final_norm"]["scale"])
+  ref = np.load(os.path.join(fixture("hf_gqa_untied"), "reference.npz"))
+  assert np.max(np.abs(logits_of(config, ps, ref["tokens"])[0] - ref["logits"][0])) <= 1e-4
+  _, pr, _ = interop.read_checkpoint(fixture("hf_gqa_untied"), n_future=3, head_type="sequential", head_init="random")
+  assert not np.array_equal(pr["heads_1"]["layer"]["attn"]["q"]["kernel"],
+                            p1["heads_0"]["attn"]["q"]["kernel"])
+  with pytest.raises(ConvertError, match="extra heads.*--head_type=parallel"):
+    interop.read_checkpoint(fixture("meta_mtp"), n_future=3, head_type="sequential")
+  with pytest.raises(ConvertError, match="--head_type='linear'"):
+    interop.read_checkpoint(fixture("hf_gqa_untied"), n_future=3, head_type="linear")
+
+
 def _bit_equal(a, b):
   la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
   assert [p for p, _ in la] == [p for p, _ in lb]

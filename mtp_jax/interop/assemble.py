@@ -44,13 +44,14 @@ class Arch:
     return (self.vocab_size, self.d_model, self.n_heads, self.n_kv_heads, dh, self.d_ff)
 
 
-def model_config(arch: Arch, n_future: int, param_dtype: str = "float32"):
-  """Our full config for the checkpoint with n_future heads (the data and train fields stay at their defaults)."""
+def model_config(arch: Arch, n_future: int, param_dtype: str = "float32", head_type: str = "parallel"):
+  """Our full config for the checkpoint with n_future heads of head_type (data and train fields stay at their
+  defaults)."""
   c = base_config()
   m = c.model
   m.vocab_size, m.d_model, m.n_heads, m.n_kv_heads = arch.vocab_size, arch.d_model, arch.n_heads, arch.n_kv_heads
   m.d_ff, m.norm_eps, m.rope_theta, m.max_seq_len = arch.d_ff, arch.norm_eps, arch.rope_theta, arch.max_seq_len
-  m.n_future, m.head_type, m.parity = n_future, "parallel", True
+  m.n_future, m.head_type, m.parity = n_future, head_type, True
   m.n_layers = arch.n_layers - 1 + n_future       # parity: the trunk keeps the checkpoint's first L-1 layers
   m.tie_embeddings = arch.tie_embeddings
   m.param_dtype = param_dtype
@@ -169,6 +170,9 @@ def build_params(arch: Arch, config, sources, meta: bool, head_init: str = "copy
   abstract, _ = abstract_params(model)
   params = jax.tree.map(lambda a: np.empty(a.shape, dtype), abstract)
   n_ckpt_heads = 1 + arch.n_extra_heads
+  if arch.n_extra_heads and config.model.head_type != "parallel":
+    raise ConvertError(f"--head_type={config.model.head_type}: the checkpoint holds {arch.n_extra_heads} extra heads, "
+                       f"which are parallel heads; import it with --head_type=parallel")
   for src in sources:
     keys = [k for k in src.keys() if k in expected]
     for key, w in src.items(keys, dtype):
@@ -180,12 +184,14 @@ def build_params(arch: Arch, config, sources, meta: bool, head_init: str = "copy
       target[...] = leaf
       del w, leaf
   for j in range(n_ckpt_heads, config.model.n_future):
-    params[f"heads_{j}"] = _new_head(model, params["heads_0"], head_init, jax.random.fold_in(jax.random.key(seed), j),
-                                     dtype)
+    key = jax.random.fold_in(jax.random.key(seed), j)
+    layer = _new_layer(model, params["heads_0"], head_init, key, dtype)
+    params[f"heads_{j}"] = (_new_module(model, layer, params["final_norm"], head_init, key, dtype)
+                            if model.args.heads.reads_ahead else layer)
   return params
 
 
-def _new_head(model, head_1: dict, head_init: str, key, dtype) -> dict:
+def _new_layer(model, head_1: dict, head_init: str, key, dtype) -> dict:
   if head_init == "copy":
     return copy.deepcopy(head_1)
   from flax import linen as nn
@@ -194,6 +200,22 @@ def _new_head(model, head_1: dict, head_init: str, key, dtype) -> dict:
   pos = jnp.zeros((1, 1), jnp.int32)
   fresh = nn.unbox(Block(model.args).init(key, x, pos, jnp.ones((1, 1), jnp.int32))["params"])
   return jax.tree.map(lambda a: np.asarray(a).astype(dtype), fresh)
+
+
+def _new_module(model, layer: dict, final_norm: dict, head_init: str, key, dtype) -> dict:
+  """A sequential (DeepSeek-V3) MTP module around `layer`. copy: eh_proj passes the normed hidden state
+  through and reads nothing of the embedding yet (its half starts at zero; training opens it), and the
+  module's output norm is the model's; random: eh_proj drawn as the model draws it, norms at one."""
+  d = model.args.d_model
+  ones = np.ones((d,), dtype)
+  if head_init == "copy":
+    eh = np.concatenate([np.zeros((d, d)), np.eye(d)]).astype(dtype)
+    out_norm = np.asarray(final_norm["scale"]).astype(dtype).copy()
+  else:
+    eh = np.asarray(jax.nn.initializers.lecun_normal()(key, (2 * d, d), jnp.float32)).astype(dtype)
+    out_norm = ones
+  return {"enorm": {"scale": ones}, "hnorm": {"scale": ones.copy()}, "eh_proj": {"kernel": eh}, "layer": layer,
+          "shared_head": {"norm": {"scale": out_norm}}}
 
 
 def check_vocab(tok, arch: Arch, where: str) -> None:

@@ -237,7 +237,7 @@ def read_tokenizer(reader, arch: Arch, where: str):
 
 
 def read(path, n_future: Optional[int] = None, head_init: str = "copy", param_dtype: str = "float32",
-         seed: int = 0):
+         seed: int = 0, head_type: str = "parallel"):
   """(config, numpy params, tokenizer) of a llama GGUF file with n_future heads (default 1)."""
   path = Path(path)
   if not path.is_file():
@@ -247,7 +247,7 @@ def read(path, n_future: Optional[int] = None, head_init: str = "copy", param_dt
   arch = read_arch(reader, where)
   source = _GGUFTensors(reader, where, arch)   # names and block formats refused before any weight is read
   tok = read_tokenizer(reader, arch, where)
-  config = model_config(arch, n_future or 1, param_dtype)
+  config = model_config(arch, n_future or 1, param_dtype, head_type)
   config.data.tokenizer = "huggingface"
   params = build_params(arch, config, [source], meta=False, head_init=head_init, seed=seed)
   return config, params, tok

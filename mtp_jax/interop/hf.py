@@ -146,7 +146,7 @@ def _ignorable(arch: Arch):
 
 
 def read(directory, n_future: Optional[int] = None, head_init: str = "copy", param_dtype: str = "float32",
-         seed: int = 0):
+         seed: int = 0, head_type: str = "parallel"):
   """(config, numpy params, tokenizer) of a Hugging Face directory with n_future heads (default: what it holds)."""
   directory = Path(directory)
   if not directory.is_dir():
@@ -160,7 +160,7 @@ def read(directory, n_future: Optional[int] = None, head_init: str = "copy", par
   sources = [safetensors_in(directory, SINGLE, INDEX)]
   if arch.n_extra_heads:
     sources.append(TensorFiles([directory / EXTRA_HEADS]))
-  config = model_config(arch, n_future, param_dtype)
+  config = model_config(arch, n_future, param_dtype, head_type)
   if tok.kind == "huggingface":
     config.data.tokenizer = "huggingface"
   params = build_params(arch, config, sources, meta=False, head_init=head_init, seed=seed,

@@ -55,7 +55,7 @@ def arch_from_params(p: dict, where: str, vocab_size: Optional[int] = None) -> A
 
 
 def read(directory, n_future: Optional[int] = None, head_init: str = "copy", param_dtype: str = "float32",
-         seed: int = 0):
+         seed: int = 0, head_type: str = "parallel"):
   """(config, numpy params, tokenizer) of a Meta-layout directory with n_future heads (default: what it holds)."""
   from mtp_jax import tokenizer as tokenizer_lib
   directory = Path(directory)
@@ -88,7 +88,7 @@ def read(directory, n_future: Optional[int] = None, head_init: str = "copy", par
   except RuntimeError:
     raise ConvertError(f"{sp} is not a sentencepiece model (Llama 3's tiktoken files are not supported)")
   check_vocab(tok, arch, str(sp))
-  config = model_config(arch, n_future, param_dtype)
+  config = model_config(arch, n_future, param_dtype, head_type)
   layers = f"params.json's n_layers={p['n_layers']} with n_future_tokens={n_ckpt}"
   params = build_params(arch, config, [src], meta=True, head_init=head_init, seed=seed, layers_field=layers,
                         heads_field=f"params.json's n_future_tokens={n_ckpt}")
