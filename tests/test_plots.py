@@ -1,4 +1,4 @@
-"""experiments/plots.py draws every committed results file it has a plotter for."""
+"""experiments/common/plots.py draws every committed results file it has a plotter for."""
 import json
 import os
 import sys
@@ -6,14 +6,15 @@ import sys
 from helpers import ROOT
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-import plots  # noqa: E402
+from common import plots  # noqa: E402
 
 
 def test_every_known_results_file_plots(tmp_path):
   drawn = []
-  for f in sorted(os.listdir(plots.RESULTS)):
-    if f.endswith(".json") and plots.plotter_for(f[:-5]):
-      with open(os.path.join(plots.RESULTS, f)) as fh:
+  for file in plots.results_files():
+    f = os.path.basename(file)
+    if plots.plotter_for(f[:-5]):
+      with open(file) as fh:
         path = plots.plot(f[:-5], json.load(fh), results_dir=str(tmp_path))
       assert os.path.getsize(path) > 10_000
       drawn.append(f)

@@ -1,12 +1,13 @@
-"""PNG plots beside the results tables: experiments/results/<name>.png from <name>.json.
+"""PNG plots beside the results tables: experiments/<group>/results/<name>.png from <name>.json.
 
-    python experiments/plots.py            # redraw every results file that has a plotter
-    python experiments/plots.py memory     # one of them
+    python experiments/common/plots.py            # redraw every results file that has a plotter
+    python experiments/common/plots.py memory     # one of them
 
 `results_io.write_results` calls `plot()` too, so a rerun of an experiment redraws its plot.
 A plotter is chosen by the file stem's prefix (memory*, speculative*, paper_dry_run*, marginalisation*,
 frozen_heads*, induction*, poly_arithmetic*).
 """
+import glob
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+EXPERIMENTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB, GiB = 2 ** 20, 2 ** 30
 
 
@@ -130,7 +131,13 @@ def plotter_for(name: str):
   return None
 
 
-def plot(name: str, result, results_dir: str = RESULTS):
+def results_files() -> list:
+  """Every committed results JSON: experiments/<group>/results/*.json (and experiments/results/*.json)."""
+  return sorted(glob.glob(os.path.join(EXPERIMENTS, "*", "results", "*.json"))
+                + glob.glob(os.path.join(EXPERIMENTS, "results", "*.json")))
+
+
+def plot(name: str, result, results_dir: str):
   """Draw results_dir/<name>.png; returns its path, or None when no plotter knows the name."""
   fn = plotter_for(name)
   if fn is None:
@@ -146,10 +153,12 @@ def plot(name: str, result, results_dir: str = RESULTS):
 
 
 def main(names):
-  stems = names or sorted(f[:-5] for f in os.listdir(RESULTS) if f.endswith(".json"))
-  for stem in stems:
-    with open(os.path.join(RESULTS, f"{stem}.json")) as f:
-      path = plot(stem, json.load(f))
+  for file in results_files():
+    stem = os.path.basename(file)[:-5]
+    if names and stem not in names:
+      continue
+    with open(file) as f:
+      path = plot(stem, json.load(f), os.path.dirname(file))
     if path:
       print(f"wrote {path}")
 

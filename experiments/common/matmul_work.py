@@ -1,5 +1,5 @@
 """How much matrix-multiply work a train step does, counted from the model config: the ratio a step made
-only of matmuls would show between two configs (experiments/step_ratio.py, experiments/peer_pytorch.py).
+only of matmuls would show between two configs (experiments/speed/step_ratio.py, experiments/peers/peer_pytorch.py).
 tests/test_experiments.py checks the count against the dot_generals in the train gradient's jaxpr."""
 
 
@@ -27,8 +27,7 @@ def matmul_macs(m, seq_len: int, remat_heads: bool = True, keys_per_query=None) 
 
 
 def paper_7b_matmul_ratio() -> float:
-  """n=4 / n=1 matmul work of the paper's 7B shape at parity (configs/paper_7b.py, its own remat; the
-  caller has the repository root on sys.path, as every experiment script does)."""
-  from configs import paper_7b
+  """n=4 / n=1 matmul work of the paper's 7B shape at parity (configs/paper_7b.py, its own remat)."""
+  from mtp_jax.recipes import paper_7b
   c4, c1 = paper_7b.get_config(), paper_7b.get_config("n1")
   return matmul_macs(c4.model, c4.data.seq_len) / matmul_macs(c1.model, c1.data.seq_len)
