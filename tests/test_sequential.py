@@ -197,8 +197,8 @@ def test_speculative_sample_matches_sample():
 
 @pytest.mark.slow   # four toy trainings and decode benchmarks: minutes on 2 cores, over CI's budget
 def test_comparison_experiment_quick(tmp_path):
-  """experiments/sequential_vs_parallel.py --quick trains the four models, decodes, writes the table and plot."""
-  r = subprocess.run([sys.executable, "experiments/sequential_vs_parallel.py", "--quick", f"--root={tmp_path / 'runs'}",
+  """experiments/findings/sequential_vs_parallel.py --quick trains the four models, decodes, writes the table and plot."""
+  r = subprocess.run([sys.executable, "experiments/findings/sequential_vs_parallel.py", "--quick", f"--root={tmp_path / 'runs'}",
                       f"--results_dir={tmp_path}", "--max_new_tokens=8", "--repeats=1"], cwd=ROOT,
                      capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stderr[-3000:]

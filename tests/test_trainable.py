@@ -154,8 +154,8 @@ def test_imported_model_trains_heads_on_a_frozen_trunk(tmp_path):
 
 @pytest.mark.slow   # four toy trainings and three decode benchmarks: ~1.5 min alone on 2 cores, over CI's budget
 def test_frozen_heads_experiment_quick(tmp_path):
-  """experiments/frozen_heads.py --quick: n=1 -> export -> import with 3 heads -> frozen and joint -> vs n=4."""
-  r = subprocess.run([sys.executable, "experiments/frozen_heads.py", "--quick", f"--workdir={tmp_path / 'w'}",
+  """experiments/findings/frozen_heads.py --quick: n=1 -> export -> import with 3 heads -> frozen and joint -> vs n=4."""
+  r = subprocess.run([sys.executable, "experiments/findings/frozen_heads.py", "--quick", f"--workdir={tmp_path / 'w'}",
                       f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                      env={**os.environ, "PYTHONPATH": ROOT})
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

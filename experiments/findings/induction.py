@@ -1,11 +1,11 @@
 """Induction (Gloeckle et al. 2024, section 4.1): does a second head help small models learn to copy?
 
-    python experiments/induction.py --steps=6000 --sizes=xxs,xs --stories=16000   # the committed results: ~30 min on 2 CPU cores
-    python experiments/induction.py --steps=6000 --sizes=xxs,xs,s --stories=16000 # with the third size: about an hour more (estimated)
-    python experiments/induction.py --steps=6000 --sizes=s --stories=16000 --out_name=induction_s   # the third size alone: 21 min
-    python experiments/induction.py --quick         # toy sizes and steps (CI): checks the pipeline, measures nothing
+    python experiments/findings/induction.py --steps=6000 --sizes=xxs,xs --stories=16000   # the committed results: ~30 min on 2 CPU cores
+    python experiments/findings/induction.py --steps=6000 --sizes=xxs,xs,s --stories=16000 # with the third size: about an hour more (estimated)
+    python experiments/findings/induction.py --steps=6000 --sizes=s --stories=16000 --out_name=induction_s   # the third size alone: 21 min
+    python experiments/findings/induction.py --quick         # toy sizes and steps (CI): checks the pipeline, measures nothing
 
-The corpus is generated (experiments/induction_stories.py, seed 0: children's stories whose three
+The corpus is generated (experiments/findings/induction_stories.py, seed 0: children's stories whose three
 characters have random two-byte names such as "Kv"), written as JSONL under --workdir and read by
 the library's own pipeline (byte tokenizer; whole stories held out for validation). For each size
 the n=1 model and the n=2 model (parallel transformer heads under parity: the same parameter count,
@@ -20,27 +20,26 @@ roles), not copying the name's spelling. Also reported: validation next-token
 loss and train seconds (per step and per wall-clock second). The paper (Figure 7): n=2 helps the
 smallest models most, and the gap closes as the models grow.
 
-Measured (experiments/results/induction.md, `--steps=6000 --sizes=xxs,xs --stories=16000`, ~30 min): xxs and
+Measured (experiments/findings/results/induction.md, `--steps=6000 --sizes=xxs,xs --stories=16000`, ~30 min): xxs and
 xs copy nothing within 12M bytes (second byte at chance, 0.04, for n = 1 and 2). At s
-(experiments/results/induction_s.md, `--sizes=s --out_name=induction_s`, 21 min) both copy: n = 1 0.862,
+(experiments/findings/results/induction_s.md, `--sizes=s --out_name=induction_s`, 21 min) both copy: n = 1 0.862,
 n = 2 0.998 at the same parameters. Size m is the next run.
 Writes
-experiments/results/induction[_quick].{md,json,png}; rerunning resumes or re-evaluates the runs.
+experiments/findings/results/induction[_quick].{md,json,png}; rerunning resumes or re-evaluates the runs.
 """
-import argparse
 import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
+import induction_stories
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
-import induction_stories  # noqa: E402
-from jsonl_runs import byte_config, write_texts  # noqa: E402
-from run_metrics import last_valid, train_curve  # noqa: E402
+from common.jsonl_runs import byte_config, write_texts  # noqa: E402
+from common.results_io import results_folder, write_results  # noqa: E402
+from common.run_metrics import last_valid, train_curve  # noqa: E402
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff)
 SIZES = {"xxs": (16, 3, 2, 1, 48), "xs": (32, 3, 2, 1, 96), "s": (64, 4, 4, 2, 176), "m": (128, 6, 4, 2, 352)}
@@ -80,23 +79,26 @@ def induction_accuracy(workdir: str, max_stories: int) -> dict:
           "repeat_first_byte_accuracy": float(np.mean(hits["repeat_first_byte"]))}
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="toy sizes and steps: checks the pipeline, measures nothing")
-  ap.add_argument("--workdir", default=None, help="runs and corpus (default workdirs/induction[_quick])")
-  ap.add_argument("--out_dir", default=None, help="results directory (default experiments/results)")
-  ap.add_argument("--out_name", default=None, help="results stem (default induction[_quick]); an induction* name plots")
-  ap.add_argument("--steps", type=int, default=None, help="train steps per run (default 800; quick: 6)")
-  ap.add_argument("--stories", type=int, default=None, help="stories generated (default 8000; quick: 300)")
-  ap.add_argument("--eval_stories", type=int, default=400, help="held-out stories scored")
-  ap.add_argument("--seed", type=int, default=0, help="corpus seed (the model seed is the config's, 0)")
-  ap.add_argument("--sizes", default="xs,s,m", help=f"comma list of model sizes among {', '.join(SIZES)}")
-  a = ap.parse_args()
+def define_flags():
+  """The flags (defined when run as a script, so tests can import this module)."""
+  flags.DEFINE_bool("quick", False, "toy sizes and steps: checks the pipeline, measures nothing")
+  flags.DEFINE_string("workdir", None, "runs and corpus (default workdirs/induction[_quick])")
+  flags.DEFINE_string("out_dir", None, "results directory (default: results/ beside this script)")
+  flags.DEFINE_string("out_name", None, "results stem (default induction[_quick]); an induction* name plots")
+  flags.DEFINE_integer("steps", None, "train steps per run (default 800; quick: 6)")
+  flags.DEFINE_integer("stories", None, "stories generated (default 8000; quick: 300)")
+  flags.DEFINE_integer("eval_stories", 400, "held-out stories scored")
+  flags.DEFINE_integer("seed", 0, "corpus seed (the model seed is the config's, 0)")
+  flags.DEFINE_string("sizes", "xs,s,m", f"comma list of model sizes among {', '.join(SIZES)}")
+
+
+def main(_):
+  a = flags.FLAGS
   q = a.quick
   steps, stories = a.steps or (6 if q else 800), a.stories or (300 if q else 8000)
   root = os.path.abspath(a.workdir or os.path.join("workdirs", "induction_quick" if q else "induction"))
   name = a.out_name or ("induction_quick" if q else "induction")
-  out_dir = a.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  out_dir = a.out_dir or results_folder(__file__)
   corpus = os.path.join(root, f"stories_seed{a.seed}_{stories}.jsonl")
   write_texts(corpus, lambda: induction_stories.generate(stories, a.seed))
 
@@ -127,7 +129,7 @@ def main():
             f"{row['first_mention_accuracy']:.3f}), valid loss {row['valid_next_token_loss']:.4f}", flush=True)
 
   md = [f"# Induction at small scale{' (quick: toy sizes, not a measurement)' if q else ''}", "",
-        f"Command: `python experiments/induction.py {' '.join(sys.argv[1:])}`; corpus: {stories} generated stories "
+        f"Command: `python experiments/findings/induction.py {' '.join(sys.argv[1:])}`; corpus: {stories} generated stories "
         f"(seed {a.seed}), bytes, {steps} steps of 8 x {config.data.seq_len} bytes per run, model seed 0; parallel transformer heads under parity (n=2 has the n=1 parameter count). "
         f"Induction: head-1 accuracy on a name's second byte at repeated mentions, over "
         f"{rows[0]['stories']} held-out stories ({rows[0]['repeat_mentions']} mentions); control: the same at "
@@ -140,9 +142,9 @@ def main():
               f"{r['valid_next_token_loss']:.4f} | {r['train_seconds']:.0f} |")
   md += ["", "Paper (Gloeckle et al. 2024, Figure 7, 1M-1B parameters on children's stories): n=2 gives the "
          "smaller models higher induction success, and the advantage disappears at around 30M parameters and above."]
-  from results_io import write_results
   write_results(name, {"quick": q, "steps": steps, "stories": stories, "seed": a.seed, "rows": rows}, md, out_dir)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -1,9 +1,9 @@
 """MTP heads added to a pretrained next-token model: frozen trunk (Medusa-1, Mehra et al.) vs joint training,
 against the n=4 model trained from scratch, all through the converter.
 
-    python experiments/frozen_heads.py                  # the full run (2 CPU cores: about 2 hours)
-    python experiments/frozen_heads.py --steps=1000 --head_steps=500   # the README's run (about 75 min)
-    python experiments/frozen_heads.py --quick          # the same pipeline at toy size (seconds to minutes)
+    python experiments/findings/frozen_heads.py                  # the full run (2 CPU cores: about 2 hours)
+    python experiments/findings/frozen_heads.py --steps=1000 --head_steps=500   # the README's run (about 75 min)
+    python experiments/findings/frozen_heads.py --quick          # the same pipeline at toy size (seconds to minutes)
 
 1. train the n=1 default model (`configs/default.py:n1`, with parallel transformer heads: a linear
    head has no Llama form, so the exported model is a 12-layer Llama; the recipe's own head is linear)
@@ -17,25 +17,26 @@ against the n=4 model trained from scratch, all through the converter.
    and greedy vs self-speculative decoding at batch 1 on held-out prompts (tokens per forward,
    draft acceptance, speedup = median greedy seconds / median speculative seconds, output identical)
 
-Writes experiments/results/frozen_heads[_quick].json and .md (or under --out_dir).
+Writes experiments/findings/results/frozen_heads[_quick].json and .md (or under --out_dir).
 """
-import argparse
 import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
-from run_metrics import last_valid  # noqa: E402
+from common.results_io import results_folder, write_results  # noqa: E402
+from common.run_metrics import last_valid  # noqa: E402
 
 
 def recipes(quick: bool, steps: int = 0):
   """(n=1 recipe with parallel heads, n=4 recipe) as ConfigDicts; steps > 0 shortens both recipes."""
   if quick:
-    from configs.tiny import get_config
+    from mtp_jax.recipes.tiny import get_config
     n1, n4 = get_config("bytes"), get_config("bytes")
     for c in (n1, n4):
       c.train.update(steps=6, log_every=3, eval_every=6, eval_batches=1, checkpoint_every=6, warmup_steps=1)
@@ -43,7 +44,7 @@ def recipes(quick: bool, steps: int = 0):
     n1.model.update(n_future=1, n_layers=3)
     n4.model.update(n_future=4, n_layers=4, parity=False, head_type="linear")
   else:
-    from configs.default import get_config
+    from mtp_jax.recipes.default import get_config
     n1, n4 = get_config("n1"), get_config()
     if steps:
       for c in (n1, n4):
@@ -55,7 +56,7 @@ def recipes(quick: bool, steps: int = 0):
 
 def heads_config(workdir, recipe, trainable: str, steps: int):
   """The imported model's config (configs/imported.py) with the recipe's data and schedule."""
-  from configs.imported import get_config
+  from mtp_jax.recipes.imported import get_config
   c = get_config(str(workdir))
   c.data.update({k: v for k, v in recipe.data.items() if k != "tokenizer"})
   c.train.update(recipe.train.to_dict())
@@ -111,24 +112,27 @@ def train(config, workdir) -> float:
   return time.time() - began
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline, measures nothing")
-  ap.add_argument("--workdir", default=None, help="where the runs go (default workdirs/frozen_heads[_quick])")
-  ap.add_argument("--out_dir", default=None, help="results directory (default experiments/results)")
-  ap.add_argument("--steps", type=int, default=0, help="train.steps of the n=1 and n=4 recipes (default: theirs, 2000)")
-  ap.add_argument("--head_steps", type=int, default=None, help="steps of head training (default: 1000; quick: 4)")
-  ap.add_argument("--prompts", type=int, default=None, help="held-out prompts (default 16; quick: 2)")
-  ap.add_argument("--max_new_tokens", type=int, default=None, help="default 128; quick: 8")
-  ap.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 5; quick: 1)")
-  a = ap.parse_args()
+def define_flags():
+  """The flags (defined when run as a script, so tests can import this module)."""
+  flags.DEFINE_bool("quick", False, "toy sizes: checks the pipeline, measures nothing")
+  flags.DEFINE_string("workdir", None, "where the runs go (default workdirs/frozen_heads[_quick])")
+  flags.DEFINE_string("out_dir", None, "results directory (default: results/ beside this script)")
+  flags.DEFINE_integer("steps", 0, "train.steps of the n=1 and n=4 recipes (default: theirs, 2000)")
+  flags.DEFINE_integer("head_steps", None, "steps of head training (default: 1000; quick: 4)")
+  flags.DEFINE_integer("prompts", None, "held-out prompts (default 16; quick: 2)")
+  flags.DEFINE_integer("max_new_tokens", None, "default 128; quick: 8")
+  flags.DEFINE_integer("repeats", None, "timed repeats per mode (default 5; quick: 1)")
+
+
+def main(_):
+  a = flags.FLAGS
   q = a.quick
   head_steps = a.head_steps or (4 if q else 1000)
   n_prompts, max_new, repeats = a.prompts or (2 if q else 16), a.max_new_tokens or (8 if q else 128), \
       a.repeats or (1 if q else 5)
   name = "frozen_heads_quick" if q else "frozen_heads"
   root = os.path.abspath(a.workdir or os.path.join("workdirs", name))
-  out_dir = a.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  out_dir = a.out_dir or results_folder(__file__)
 
   from mtp_jax import interop
   from mtp_jax import tokenizer as tokenizer_lib
@@ -156,7 +160,7 @@ def main():
   label = {"frozen": f"n=1 + 3 heads, frozen trunk ({head_steps} steps)",
            "joint": f"n=1 + 3 heads, joint ({head_steps} steps)", "n4": "n=4 default from scratch"}
   md = [f"# MTP heads on a pretrained trunk{' (quick: toy sizes, not a measurement)' if q else ''}", "",
-        f"Command: `python experiments/frozen_heads.py {' '.join(sys.argv[1:])}`; n=1 and n=4 trained "
+        f"Command: `python experiments/findings/frozen_heads.py {' '.join(sys.argv[1:])}`; n=1 and n=4 trained "
         f"{n1.train.steps} steps each; batch-1 decoding of "
         f"{n_prompts} held-out prompts, {max_new} new tokens, median of {repeats}.", "",
         f"n=1 baseline: valid loss {v1['head_losses'][0]:.4f} at step {v1['step']} ({seconds['n1']:.0f} s).", "",
@@ -166,9 +170,9 @@ def main():
     md.append(f"| {label[kind]} | {' '.join(f'{x:.3f}' for x in r['head_losses'])} | "
               f"{' '.join(f'{x:.3f}' for x in r['head_acceptance'])} | {r['tokens_per_forward']:.2f} | "
               f"{r['speedup']:.2f}x | {r['identical_to_greedy']} |")
-  from results_io import write_results
   write_results(name, result, md, out_dir)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -1,8 +1,8 @@
 """How many heads (Gloeckle et al. 2024, sections 3.3-3.4): n in {1, 2, 4, 8} at parameter parity, on bytes and on pieces.
 
-    python experiments/n_sweep.py --steps=600 --sp_steps=400   # the README's run: 8 models, about an hour on 2 CPU cores
-    python experiments/n_sweep.py --recipes=bytes --ns=1,2,4 --seeds=0,1,2 --steps=600   # 3 seeds: mean and 95% interval
-    python experiments/n_sweep.py --quick                      # smoke: configs/tiny.py, n in {1, 4}, a few steps
+    python experiments/findings/n_sweep.py --steps=600 --sp_steps=400   # the README's run: 8 models, about an hour on 2 CPU cores
+    python experiments/findings/n_sweep.py --recipes=bytes --ns=1,2,4 --seeds=0,1,2 --steps=600   # 3 seeds: mean and 95% interval
+    python experiments/findings/n_sweep.py --quick                      # smoke: configs/tiny.py, n in {1, 4}, a few steps
 
 Two recipes, each trained by the library's trainer from the same seed on the same batches (the
 data order depends only on the seed, so every n sees the same tokens):
@@ -15,28 +15,27 @@ next-token loss, bits per byte and top-1 accuracy, every head's loss, the train 
 run's wall-clock (per-second comparison) and, at batch 1 over held-out prompts, self-speculative
 tokens per forward pass, acceptance and speedup over greedy (output checked identical). n=8 against
 n=1 on bytes is the paper's section 3.3 comparison. Rerunning resumes or re-evaluates finished runs;
-the bytes runs share workdirs with experiments/sequential_vs_parallel.py (parallel_n4 is the same
+the bytes runs share workdirs with experiments/findings/sequential_vs_parallel.py (parallel_n4 is the same
 model). With --seeds, every n trains once per seed (the seed sets the initialisation and the data order; all
 n of one seed read the same batches) and a summary table gives, per n, the mean next-token loss with its 95%
 t-interval over seeds and the paired difference from n=1 with its interval; "reproduced" only where that
 interval excludes zero in the paper's direction at this size (n > 1 scores worse than n=1, Figure 3), else
 "not separable at this budget". Decoding is measured on the first seed's models only. Writes
-experiments/results/n_sweep.{md,json,png} (n_sweep_seeds.* with more than one seed).
+experiments/findings/results/n_sweep.{md,json,png} (n_sweep_seeds.* with more than one seed).
 """
-import argparse
 import math
 import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
-from run_metrics import train_curve  # noqa: E402
-from sequential_vs_parallel import decode_batch1, held_out_prompts, run_config  # noqa: E402
+from common.results_io import results_folder, write_results  # noqa: E402
+from common.run_metrics import train_curve  # noqa: E402
+from parity_runs import decode_batch1, held_out_prompts, run_config  # noqa: E402
 
 RECIPES = {"bytes": None, "sp": "sp"}      # name -> configs/default.py variant
 PAPER = ("Paper (Gloeckle et al. 2024): at 7B parameters, n=4 is best with a 32k-token vocabulary (200B tokens of "
@@ -192,21 +191,24 @@ def plot(rows, recipes, path):
   plt.close(fig)
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="toy model and steps: checks the pipeline, measures nothing")
-  ap.add_argument("--steps", type=int, default=0, help="train steps per model (0: the recipe's; quick: 4)")
-  ap.add_argument("--sp_steps", type=int, default=0, help="train steps of the sp models (0: as --steps)")
-  ap.add_argument("--ns", default="1,2,4,8", help="comma list of head counts (quick: 1,4)")
-  ap.add_argument("--recipes", default="bytes,sp", help=f"comma list among {', '.join(RECIPES)}")
-  ap.add_argument("--root", default=None, help="workdirs (default workdirs/sequential_vs_parallel, shared with it)")
-  ap.add_argument("--out_dir", default=os.path.join(ROOT, "experiments", "results"), help="results directory")
-  ap.add_argument("--prompts", type=int, default=8, help="held-out prompts decoded at batch 1")
-  ap.add_argument("--prompt_len", type=int, default=64, help="tokens per prompt")
-  ap.add_argument("--max_new_tokens", type=int, default=128, help="tokens generated per prompt (EOS off)")
-  ap.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts per mode")
-  ap.add_argument("--seeds", default="0", help="comma list of seeds (init and data order); decoding uses the first")
-  a = ap.parse_args()
+def define_flags():
+  """The flags (defined when run as a script, so tests can import this module)."""
+  flags.DEFINE_bool("quick", False, "toy model and steps: checks the pipeline, measures nothing")
+  flags.DEFINE_integer("steps", 0, "train steps per model (0: the recipe's; quick: 4)")
+  flags.DEFINE_integer("sp_steps", 0, "train steps of the sp models (0: as --steps)")
+  flags.DEFINE_string("ns", "1,2,4,8", "comma list of head counts (quick: 1,4)")
+  flags.DEFINE_string("recipes", "bytes,sp", f"comma list among {', '.join(RECIPES)}")
+  flags.DEFINE_string("root", None, "workdirs (default workdirs/sequential_vs_parallel, shared with it)")
+  flags.DEFINE_string("out_dir", results_folder(__file__), "results directory")
+  flags.DEFINE_integer("prompts", 8, "held-out prompts decoded at batch 1")
+  flags.DEFINE_integer("prompt_len", 64, "tokens per prompt")
+  flags.DEFINE_integer("max_new_tokens", 128, "tokens generated per prompt (EOS off)")
+  flags.DEFINE_integer("repeats", 3, "timed passes over the prompts per mode")
+  flags.DEFINE_string("seeds", "0", "comma list of seeds (init and data order); decoding uses the first")
+
+
+def main(_):
+  a = flags.FLAGS
   recipes = a.recipes.split(",")
   if any(r not in RECIPES for r in recipes) or not all(x.isdigit() and int(x) >= 1 for x in a.ns.split(",")):
     raise SystemExit(f"error: --recipes={a.recipes} --ns={a.ns}: recipes are among {', '.join(RECIPES)}, "
@@ -224,7 +226,7 @@ def main():
           for seed in seeds for recipe in recipes for n in ns]      # seed-major: a stopped sweep keeps whole seeds
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   md = [f"# Heads n at parameter parity{' (quick: toy sizes, not a measurement)' if a.quick else ''}", "",
-        f"Command: `python experiments/n_sweep.py {' '.join(sys.argv[1:])}`; {device}; parallel transformer heads "
+        f"Command: `python experiments/findings/n_sweep.py {' '.join(sys.argv[1:])}`; {device}; parallel transformer heads "
         f"under parity, seeds {', '.join(map(str, seeds))}, the recipe's batches (steps per recipe below). Validation: the recipe's "
         f"eval batches (next-token loss, top-1 accuracy; bits/byte = nats per token x tokens per byte of the "
         f"validation text / ln 2). Decoding at batch 1 over {prompts_n} held-out prompts of {prompt_len} tokens, "
@@ -239,11 +241,11 @@ def main():
       md += summary_table(summ, rows[[r["recipe"] for r in rows].index(recipe)]["steps"])
     md += table([r for r in rows if r["seed"] == seeds[0]], recipe)
   md += [PAPER, "", f"![n sweep]({name}.png)"]
-  from results_io import write_results
   write_results(name, {"quick": a.quick, "device": device, "ns": ns, "recipes": recipes, "seeds": seeds,
                        "summary": summaries, "rows": rows}, md, a.out_dir)
   plot(rows, recipes, os.path.join(a.out_dir, f"{name}.png"))
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

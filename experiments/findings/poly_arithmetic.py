@@ -1,9 +1,9 @@
 """Algorithmic reasoning (Gloeckle et al. 2024, section 4.2): polynomial arithmetic in F_7[X]/(X^5), n = 1 vs 2 vs 4.
 
-    python experiments/poly_arithmetic.py --steps=1500    # the README's run (time in the results file)
-    python experiments/poly_arithmetic.py --quick         # toy sizes and steps (CI): checks the pipeline, measures nothing
+    python experiments/findings/poly_arithmetic.py --steps=1500    # the README's run (time in the results file)
+    python experiments/findings/poly_arithmetic.py --quick         # toy sizes and steps (CI): checks the pipeline, measures nothing
 
-The corpus is generated (experiments/poly_ring.py, seed 0): one problem per document,
+The corpus is generated (experiments/findings/poly_ring.py, seed 0): one problem per document,
 "<expression>=<answer>", with 1 to --train_ops operations each (negation, +, *, composition), written
 as JSONL under --workdir and read by the library's own pipeline (byte tokenizer). Models, all with
 the same seed and the same tokens: n = 1, 2 and 4 at one size (parallel transformer heads under
@@ -15,24 +15,23 @@ the training corpus), answer exact match (all 5 coefficients; teacher-forced arg
 exactly what greedy decoding would write) and the teacher-forced per-coefficient accuracy (chance 1/7). k <= --train_ops is in domain, above it
 out of domain. The paper (Figure 8): n = 2 and n = 4 beat n = 1 at every k, in and out of domain, and
 the gain from the extra heads is larger than the gain from tripling the model. Writes
-experiments/results/poly_arithmetic[_quick].{md,json,png}; rerunning resumes or re-evaluates the runs.
+experiments/findings/results/poly_arithmetic[_quick].{md,json,png}; rerunning resumes or re-evaluates the runs.
 """
-import argparse
 import json
 import os
 import random
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
+import poly_ring
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
-import poly_ring  # noqa: E402
-from jsonl_runs import byte_config, write_texts  # noqa: E402
-from run_metrics import last_valid, train_curve  # noqa: E402
+from common.jsonl_runs import byte_config, write_texts  # noqa: E402
+from common.results_io import results_folder, write_results  # noqa: E402
+from common.run_metrics import last_valid, train_curve  # noqa: E402
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff, n_future)
 RUNS = {"n1": (64, 6, 4, 2, 176, 1), "n2": (64, 6, 4, 2, 176, 2), "n4": (64, 6, 4, 2, 176, 4),
@@ -83,18 +82,21 @@ def accuracy_by_k(workdir: str, test_ops: int, per_k: int, seen: set) -> list:
   return out
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="toy sizes and steps: checks the pipeline, measures nothing")
-  ap.add_argument("--workdir", default=None, help="runs and corpus (default workdirs/poly_arithmetic[_quick])")
-  ap.add_argument("--out_dir", default=os.path.join(ROOT, "experiments", "results"), help="results directory")
-  ap.add_argument("--steps", type=int, default=None, help="train steps per run (default 1500; quick: 6)")
-  ap.add_argument("--problems", type=int, default=None, help="training problems generated (default 400000; quick: 2000)")
-  ap.add_argument("--train_ops", type=int, default=3, help="training problems have 1..train_ops operations")
-  ap.add_argument("--test_ops", type=int, default=6, help="test k = 1..test_ops operations")
-  ap.add_argument("--per_k", type=int, default=None, help="test problems per k (default 1000; quick: 64)")
-  ap.add_argument("--runs", default=",".join(RUNS), help=f"comma list among {', '.join(RUNS)}")
-  a = ap.parse_args()
+def define_flags():
+  """The flags (defined when run as a script, so tests can import this module)."""
+  flags.DEFINE_bool("quick", False, "toy sizes and steps: checks the pipeline, measures nothing")
+  flags.DEFINE_string("workdir", None, "runs and corpus (default workdirs/poly_arithmetic[_quick])")
+  flags.DEFINE_string("out_dir", results_folder(__file__), "results directory")
+  flags.DEFINE_integer("steps", None, "train steps per run (default 1500; quick: 6)")
+  flags.DEFINE_integer("problems", None, "training problems generated (default 400000; quick: 2000)")
+  flags.DEFINE_integer("train_ops", 3, "training problems have 1..train_ops operations")
+  flags.DEFINE_integer("test_ops", 6, "test k = 1..test_ops operations")
+  flags.DEFINE_integer("per_k", None, "test problems per k (default 1000; quick: 64)")
+  flags.DEFINE_string("runs", ",".join(RUNS), f"comma list among {', '.join(RUNS)}")
+
+
+def main(_):
+  a = flags.FLAGS
   q = a.quick
   steps, problems, per_k = a.steps or (6 if q else 1500), a.problems or (2000 if q else 400_000), a.per_k or (64 if q else 1000)
   runs = QUICK_RUNS if q else {}
@@ -136,7 +138,7 @@ def main():
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   ks = range(1, a.test_ops + 1)
   md = [f"# Polynomial arithmetic in F_7[X]/(X^5){' (quick: toy sizes, not a measurement)' if q else ''}", "",
-        f"Command: `python experiments/poly_arithmetic.py {' '.join(sys.argv[1:])}`; {device}; {problems} generated "
+        f"Command: `python experiments/findings/poly_arithmetic.py {' '.join(sys.argv[1:])}`; {device}; {problems} generated "
         f"training problems (seed 0) with 1-{a.train_ops} operations, bytes, {'/'.join(sorted({str(r['steps']) for r in rows}))} steps of 8 x {config.data.seq_len} "
         f"bytes per run, model seed 0; parallel transformer heads under parity. Test: {per_k} fresh problems (seed 1, none "
         f"in the training corpus) per number of operations k; k > {a.train_ops} is out of domain. Cells: answer exact "
@@ -153,10 +155,10 @@ def main():
   md += ["", "Paper (Gloeckle et al. 2024, Figure 8): n = 2 and n = 4 answer more problems correctly than n = 1 at "
          "every number of operations, most clearly out of domain, and tripling the model size helps less than the "
          "extra heads.", "", f"![accuracy by number of operations]({name}.png)"]
-  from results_io import write_results
   write_results(name, {"quick": q, "device": device, "steps": steps, "problems": problems, "train_ops": a.train_ops,
                        "test_ops": a.test_ops, "per_k": per_k, "rows": rows}, md, a.out_dir)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -1,10 +1,10 @@
 """MTP's cost against training length: next-token validation loss of n = 1, 2, 4 at several lengths, 3 seeds.
 
-    python experiments/mtp_cost_vs_length.py                 # the committed run: 9 runs, about an hour on one core
-    python experiments/mtp_cost_vs_length.py --quick         # smoke: tiny model, a few steps
+    python experiments/findings/mtp_cost_vs_length.py                 # the committed run: 9 runs, about an hour on one core
+    python experiments/findings/mtp_cost_vs_length.py --quick         # smoke: tiny model, a few steps
 
 The issue it answers: on bytes the n=4 model's next-token loss trails n=1's by less the longer it trains
-(experiments/n_sweep.py). Does the gap close, or cross, at a fixed small size?
+(experiments/findings/n_sweep.py). Does the gap close, or cross, at a fixed small size?
 
 One warmup-stable-decay (WSD) run per (n, seed): linear warmup, a constant learning rate, and at each
 length L a branch that copies the state at step L - round(decay_fraction * L) and decays the learning rate
@@ -20,11 +20,11 @@ parameter count), 4 attention heads, windows of 128 bytes, batch 8. Every n of o
 batches in the same order (the data order depends only on the seed), so the n - 1 gaps are paired.
 
 Reported: per (n, length, seed) the validation next-token loss (the recipe's first eval_batches batches
-of held-out windows), the matmul work (experiments/matmul_work.py, forward + backward + recomputation,
+of held-out windows), the matmul work (experiments/common/matmul_work.py, forward + backward + recomputation,
 x2 FLOPs per multiply-accumulate); per length the paired gap n - 1 with its mean and 95% t-interval over
 seeds; the gap per FLOP (n=1's loss interpolated in log FLOPs at n's FLOPs); and the fitted trend
 gap = a + b * log2(steps), b's interval from the per-seed slopes (t over seeds), and where the line
-crosses zero. Writes experiments/results/mtp_cost_vs_length.{md,json,png}; finished runs are kept in
+crosses zero. Writes experiments/findings/results/mtp_cost_vs_length.{md,json,png}; finished runs are kept in
 <workdir>/runs.jsonl, so a rerun resumes with the runs still missing.
 """
 import json
@@ -33,12 +33,15 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
+
+from common.matmul_work import matmul_macs  # noqa: E402
+from common.results_io import results_folder, write_results  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "tiny model and steps: checks the pipeline, measures nothing")
@@ -59,7 +62,7 @@ flags.DEFINE_integer("seq_len", 128, "bytes scored per window")
 flags.DEFINE_integer("batch_size", 8, "windows per step")
 flags.DEFINE_integer("eval_batches", 16, "validation batches (fixed, held-out windows)")
 flags.DEFINE_string("workdir", None, "where finished runs are recorded (default workdirs/mtp_cost_vs_length[_quick])")
-flags.DEFINE_string("out_dir", os.path.join(ROOT, "experiments", "results"), "results directory")
+flags.DEFINE_string("out_dir", results_folder(__file__), "results directory")
 
 PAPER = ("Paper (Gloeckle et al. 2024, Figure 3 and section 3.1): at 0.3-1B parameters on code, n=4 scores below "
          "n=1 and the gap closes with model size, turning into a gain from about 3B; the paper does not vary the "
@@ -93,13 +96,13 @@ def variant_of(run: dict) -> str:
 def make_config(n: int, seed: int, head_type: str = "parallel"):
   from mtp_jax.config import validate
   if FLAGS.quick:
-    from configs.tiny import get_config
+    from mtp_jax.recipes.tiny import get_config
     c = get_config("bytes")
     c.model.update(n_layers=max(3, n + 1), max_seq_len=64)
     c.data.update(seq_len=32, max_train_bytes=100_000)
     c.train.update(batch_size=4, eval_batches=1)
   else:
-    from configs.default import get_config
+    from mtp_jax.recipes.default import get_config
     c = get_config()
     c.model.update(d_model=FLAGS.d_model, n_layers=FLAGS.n_layers, n_heads=4, n_kv_heads=2,
                    d_ff=FLAGS.d_model * 11 // 4 // 8 * 8, max_seq_len=FLAGS.seq_len)
@@ -163,7 +166,6 @@ def compiled(key: tuple, c):
 def run_one(v: str, seed: int) -> dict:
   import jax
   from mtp_jax import data as data_lib
-  from matmul_work import matmul_macs
 
   began = time.time()
   n, head_type = parse_variant(v)
@@ -291,7 +293,7 @@ def markdown(res: dict, command: str) -> list:
         sep = d and not math.isnan(d["ci95"]) and abs(d["mean"]) > d["ci95"]
         cells.append(f(d) + (" (separable)" if sep else " (not separable)" if d else ""))
       md.append(f"| {row['steps']} | " + " | ".join(cells) + " |")
-  md += ["", "Matmul work per step (experiments/matmul_work.py, FLOPs = 2 x multiply-accumulates): "
+  md += ["", "Matmul work per step (experiments/common/matmul_work.py, FLOPs = 2 x multiply-accumulates): "
          + ", ".join(f"{label(n)} {res['flops_per_step'][n] / 1e9:.2f} GFLOP ({res['flops_per_step'][n] / res['flops_per_step']['1']:.2f}x n=1)"
                      for n in ns if res["flops_per_step"].get(n))
          + ". Gap per FLOP: n's loss at L steps minus n=1's loss interpolated (linear in log FLOPs) at the same FLOPs; "
@@ -339,7 +341,7 @@ def plot(res: dict, path: str):
                        label=f"fit {label(n)}, {tr['lengths'][0]}-{tr['lengths'][-1]}: {tr['a']:.3f} {tr['b']:+.3f} log2(steps)")
   axes[0].set(xscale="log", xlabel="training steps (each its own WSD schedule)", ylabel="valid next-token loss (nats)",
               title="per step")
-  axes[1].set(xscale="log", xlabel="matmul FLOPs (experiments/matmul_work.py)", ylabel="valid next-token loss (nats)",
+  axes[1].set(xscale="log", xlabel="matmul FLOPs (experiments/common/matmul_work.py)", ylabel="valid next-token loss (nats)",
               title="per FLOP")
   axes[2].axhline(0, color="k", lw=0.8)
   axes[2].set_xlim(min(Ls) / 1.5, max(Ls) * 12)
@@ -354,7 +356,6 @@ def plot(res: dict, path: str):
 
 
 def write(runs, ns, seeds, command, extra):
-  from results_io import write_results
   Ls = lengths()
   name = FLAGS.name + ("_quick" if FLAGS.quick else "")
   res = {"name": name, "quick": FLAGS.quick, "ns": ns, "seeds": seeds, "lengths": Ls, "command": command,
@@ -396,7 +397,7 @@ def main(argv):
     return list(latest.values())
 
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-  command = "python experiments/mtp_cost_vs_length.py " + " ".join(sys.argv[1:])
+  command = "python experiments/findings/mtp_cost_vs_length.py " + " ".join(sys.argv[1:])
   c = make_config(1, 0)
   m = c.model
   extra = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "cpu": cpu,

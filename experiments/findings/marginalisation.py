@@ -1,10 +1,10 @@
 """Mehra et al. 2025: predict token t+2 with a next-token model by marginalising over t+1, against MTP heads.
 
-    python experiments/marginalisation.py --n1=workdirs/frozen_heads/n1 \
+    python experiments/findings/marginalisation.py --n1=workdirs/frozen_heads/n1 \
         --mtp=workdirs/frozen_heads/n4,workdirs/frozen_heads/frozen,workdirs/frozen_heads/joint
-    python experiments/marginalisation.py --quick      # imports the tiny HF fixture twice (CI; measures nothing)
+    python experiments/findings/marginalisation.py --quick      # imports the tiny HF fixture twice (CI; measures nothing)
 
-The full run reuses the models of experiments/frozen_heads.py (run that first, ~1 h on 2 CPU cores);
+The full run reuses the models of experiments/findings/frozen_heads.py (run that first, ~1 h on 2 CPU cores);
 this script only evaluates. Its cost is the marginal's: k rows of W+1 tokens per position (no KV
 cache is shared between the candidates here), so k = all (258 bytes) at 256 positions and W = 32 is
 2.2M forwarded tokens, several minutes on 2 CPU cores; 1,024 positions at W = 64 took over 20.
@@ -21,18 +21,21 @@ at --positions positions drawn with a fixed seed, and is scored on x_{t+2}:
 
 Reported: t+2 accuracy (argmax), t+2 negative log-likelihood (nats), extra forward positions per
 prediction, and the wall-clock seconds of each predictor over all positions (compiled beforehand). Writes
-experiments/results/marginalisation[_quick].{md,json,png}.
+experiments/findings/results/marginalisation[_quick].{md,json,png}.
 """
-import argparse
 import os
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
+
+from common.results_io import results_folder, write_results  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 
 def sample_contexts(config, tokenizer, positions: int, window: int, seed: int):
@@ -94,25 +97,28 @@ def quick_workdirs(root: str):
   return n1, [n2]
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="the tiny HF fixture imported twice: checks the pipeline")
-  ap.add_argument("--n1", help="workdir of the next-token (n=1) model")
-  ap.add_argument("--mtp", default="", help="comma-separated workdirs of MTP models (head 2 is scored)")
-  ap.add_argument("--k", default="1,4,16,all", help="top-k candidates for x_{t+1}; `all` = the whole vocabulary")
-  ap.add_argument("--positions", type=int, default=None, help="scored positions (default 256; quick: 8)")
-  ap.add_argument("--window", type=int, default=None, help="context tokens (default 32; quick: 8)")
-  ap.add_argument("--rows", type=int, default=256, help="rows per forward batch")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out_dir", default=None, help="results directory (default experiments/results)")
-  a = ap.parse_args()
+def define_flags():
+  """The flags (defined when run as a script, so tests can import this module)."""
+  flags.DEFINE_bool("quick", False, "the tiny HF fixture imported twice: checks the pipeline")
+  flags.DEFINE_string("n1", None, "workdir of the next-token (n=1) model")
+  flags.DEFINE_string("mtp", "", "comma-separated workdirs of MTP models (head 2 is scored)")
+  flags.DEFINE_string("k", "1,4,16,all", "top-k candidates for x_{t+1}; `all` = the whole vocabulary")
+  flags.DEFINE_integer("positions", None, "scored positions (default 256; quick: 8)")
+  flags.DEFINE_integer("window", None, "context tokens (default 32; quick: 8)")
+  flags.DEFINE_integer("rows", 256, "rows per forward batch")
+  flags.DEFINE_integer("seed", 0, "seed of the scored positions")
+  flags.DEFINE_string("out_dir", None, "results directory (default: results/ beside this script)")
+
+
+def main(_):
+  a = flags.FLAGS
   from mtp_jax.generate import load_workdir
   positions, window = a.positions or (8 if a.quick else 256), a.window or (8 if a.quick else 32)
   if a.quick:
     n1_dir, mtp_dirs = quick_workdirs(tempfile.mkdtemp(prefix="marginalisation-"))
   else:
     if not a.n1:
-      ap.error("--n1=WORKDIR is required (or --quick)")
+      raise app.UsageError("--n1=WORKDIR is required (or --quick)")
     n1_dir, mtp_dirs = a.n1, [d for d in a.mtp.split(",") if d]
 
   params, config, tok = load_workdir(n1_dir)
@@ -148,7 +154,7 @@ def main():
                  "seconds": round(time.perf_counter() - began, 2)})
 
   name = "marginalisation_quick" if a.quick else "marginalisation"
-  command = "python experiments/marginalisation.py " + " ".join(sys.argv[1:])
+  command = "python experiments/findings/marginalisation.py " + " ".join(sys.argv[1:])
   result = {"quick": a.quick, "n1": n1_dir, "mtp": mtp_dirs, "positions": len(ctx), "window": window,
             "seed": a.seed, "vocab": vocab, "n1_acc_t1": acc1, "n1_nll_t1": nll1, "rows": rows, "command": command}
   md = [f"# Predicting x_(t+2): marginalising a next-token model vs MTP heads{' (quick: not a measurement)' if a.quick else ''}",
@@ -158,10 +164,9 @@ def main():
         "| predictor | t+2 accuracy | t+2 nll (nats) | extra forward positions | seconds |", "|---|---:|---:|---:|---:|"]
   md += [f"| {r['predictor']} | {r['acc_t2']:.3f} | {r['nll_t2']:.3f} | {r['extra_positions']} | {r['seconds']} |"
          for r in rows]
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from results_io import write_results
-  write_results(name, result, md, a.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  write_results(name, result, md, a.out_dir or results_folder(__file__))
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -1,9 +1,9 @@
 """The paper's parallel heads against DeepSeek-V3's sequential MTP modules, at equal parameters, on the default corpus.
 
-    python experiments/sequential_vs_parallel.py --steps=600         # the README's run: 35 min on 2 CPU cores
-    python experiments/sequential_vs_parallel.py                     # the recipe's 2,000 steps: over 2 hours
-    python experiments/sequential_vs_parallel.py --quick             # smoke: configs/tiny.py:bytes, a few steps
-    python experiments/sequential_vs_parallel.py --steps=600 --out_name=head_topology \
+    python experiments/findings/sequential_vs_parallel.py --steps=600         # the README's run: 35 min on 2 CPU cores
+    python experiments/findings/sequential_vs_parallel.py                     # the recipe's 2,000 steps: over 2 hours
+    python experiments/findings/sequential_vs_parallel.py --quick             # smoke: configs/tiny.py:bytes, a few steps
+    python experiments/findings/sequential_vs_parallel.py --steps=600 --out_name=head_topology \
         --runs=parallel:4,causal:4,linear:4,sequential:4             # the paper's appendix B head designs
 
 Four models, each trained by the library's trainer from the same recipe (configs/default.py: bytes,
@@ -20,23 +20,21 @@ tokens/s, speedup, tokens per forward pass and the acceptance of each draft posi
 proposed only when the drafts before it were accepted; the rate is drafts accepted / forward passes).
 Plots the training next-token loss per step and per wall-clock second, and the acceptance per
 position. Rerunning resumes or re-evaluates finished runs (workdirs under --root). Writes
-experiments/results/<out_name>.{md,json,png}.
+experiments/findings/results/<out_name>.{md,json,png}.
 """
 import json
 import os
-import statistics
 import sys
 import time
 
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from mtp_jax.config import HEAD_TYPES
+from parity_runs import decode_batch1, held_out_prompts, run_config
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
-import numpy as np  # noqa: E402
-
-from mtp_jax.config import HEAD_TYPES  # noqa: E402
-from run_metrics import train_curve  # noqa: E402
+from common.results_io import results_folder  # noqa: E402
+from common.run_metrics import train_curve  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: tiny model, a few steps, two short prompts.")
 _ROOT = flags.DEFINE_string("root", "workdirs/sequential_vs_parallel", "Where the four runs' workdirs go.")
@@ -46,7 +44,7 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per prompt (EOS off).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the prompts per mode (after a warm-up).")
 _OUT = flags.DEFINE_string("out_name", "", "Results stem (default: sequential_vs_parallel[_quick]).")
-_RESULTS = flags.DEFINE_string("results_dir", os.path.join(ROOT, "experiments", "results"), "Results folder.")
+_RESULTS = flags.DEFINE_string("results_dir", results_folder(__file__), "Results folder.")
 
 _RUNS = flags.DEFINE_list("runs", ["parallel:2", "parallel:4", "sequential:2", "sequential:4"],
                           "head_type:n_future per model (head types: parallel, causal, linear, sequential; n >= 2).")
@@ -64,71 +62,8 @@ def parse_runs(specs) -> list:
   return runs
 
 
-def run_config(head_type: str, n: int, quick: bool, steps: int = 0, variant=None):
-  """configs/default.py[:variant] (quick: configs/tiny.py) with these heads under parity; steps=0 keeps the recipe's."""
-  if quick:
-    from configs.tiny import get_config
-    c = get_config(None if variant == "sp" else "bytes")
-    c.model.update(n_layers=5, max_seq_len=128)
-    c.data.update(seq_len=32, max_train_bytes=100_000)
-    c.train.update(steps=4, log_every=1, eval_every=4, checkpoint_every=4, eval_batches=1)
-  else:
-    from configs.default import get_config
-    c = get_config(variant)
-  c.model.update(head_type=head_type, n_future=n, parity=True)
-  if steps:
-    c.train.update(steps=steps, eval_every=min(c.train.eval_every, steps))
-  return c
-
-
 def name_of(head_type: str, n: int) -> str:
   return f"sequential_D{n - 1}" if head_type == "sequential" else f"{head_type}_n{n}"
-
-
-def held_out_prompts(config, tokenizer, n: int, length: int):
-  import ml_collections
-  from mtp_jax import data
-  cfg = ml_collections.ConfigDict(config.data.to_dict())
-  cfg.max_train_bytes = 0
-  prompts = []
-  for text in data.Corpus(cfg).texts("valid"):
-    ids = tokenizer.encode(text)[:length]
-    if len(ids) == length:
-      prompts.append(ids)
-    if len(prompts) == n:
-      return prompts
-  raise SystemExit(f"error: the validation split has only {len(prompts)} documents of >= {length} tokens; "
-                   f"lower --prompt_len or --prompts")
-
-
-def decode_batch1(params, args, prompts, max_new: int, repeats: int) -> dict:
-  """Greedy vs speculative at batch 1 over the prompts, max_new tokens each: median of repeats of
-  seconds, speedup, tokens/forward, acceptance."""
-  from mtp_jax import decode
-  calls = [decode.pad_prompts([p], len(p)) for p in prompts]
-  kw = dict(max_new_tokens=max_new, eos_id=-1)
-  modes = ("greedy", "speculative")
-  outs = {m: [decode.run(params, args, t, l, mode=m, **kw)[0] for t, l in calls] for m in modes}   # compile
-  seconds = {m: [] for m in modes}
-  for _ in range(repeats):
-    total = dict.fromkeys(modes, 0.0)
-    for i, (t, l) in enumerate(calls):
-      for m in modes:                      # back to back on each prompt: drift hits both modes
-        outs[m][i], timing = decode.run(params, args, t, l, mode=m, **kw)
-        total[m] += timing["wall_s"]
-    for m in modes:
-      seconds[m].append(total[m])
-  spec = outs["speculative"]
-  forwards = sum(int(o.forwards.sum()) for o in spec)
-  proposed = sum(int((o.forwards - 1).sum()) for o in spec)
-  accepted = np.sum([o.accepted.sum(0) for o in spec], axis=0)
-  med = {m: statistics.median(v) for m, v in seconds.items()}
-  same = all(np.array_equal(a.tokens, b.tokens) for a, b in zip(outs["greedy"], spec))
-  return {"greedy_tok_s": len(prompts) * max_new / med["greedy"],
-          "speculative_tok_s": len(prompts) * max_new / med["speculative"],
-          "speedup": med["greedy"] / med["speculative"],
-          "tokens_per_forward": len(prompts) * max_new / forwards,
-          "acceptance": [float(a) / proposed for a in accepted], "identical_to_greedy": same}
 
 
 def plot(rows, path):
@@ -194,7 +129,7 @@ def main(_):
                  f"{r['tokens_per_forward']:.2f} | {', '.join(f'{a:.2f}' for a in r['acceptance'])} | "
                  f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
   lines += ["", "DeepSeek-V3 reports 85-90% acceptance of the second token (its one module, at 671B scale).",
-            "", f"Command: `python experiments/sequential_vs_parallel.py {' '.join(sys.argv[1:])}`",
+            "", f"Command: `python experiments/findings/sequential_vs_parallel.py {' '.join(sys.argv[1:])}`",
             "", f"![curves]({out}.png)"]
   os.makedirs(_RESULTS.value, exist_ok=True)
   with open(os.path.join(_RESULTS.value, f"{out}.json"), "w") as f:
