@@ -31,20 +31,20 @@ IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
 BACKEND_IMPLS = {"cpu": ("xla", "blockwise"), "gpu": ("xla", "blockwise", "cudnn"),
                  "tpu": ("xla", "blockwise", "splash")}
 # On CPU, blockwise from this many queries up: it was faster than the einsum at every length
-# measured from 64 on (experiments/attention_speed.py, results/attention_cpu.md; it skips the
+# measured from 64 on (experiments/speed/attention_speed.py, results/attention_cpu.md; it skips the
 # blocks above the diagonal). Decode steps (at most DECODE_MAX_QUERIES queries) keep the xla path.
 CPU_BLOCKWISE_MIN_QUERIES = 64
 DECODE_MAX_QUERIES = 16   # a cached step over at most this many queries (1, or the speculative block)
 STREAM_SCORES = False     # a cached step's q @ K as a multiply-reduce too: slower than the dot on CPU (0.70-0.95x,
-                          # experiments/results/decode_attention.md), kept for that comparison
+                          # experiments/speed/results/decode_attention.md), kept for that comparison
 CACHE_WINDOW = 64         # a cached step reads the cache in multiples of this many slots (0: all of it)
 BLOCK = 512          # query and key block of the blockwise implementation on accelerators
 CPU_BLOCK = 128      # ... and on CPU, where a block's scores should stay in the core's cache: at 512, batch 8
-                     # and 4 heads they are 32 MiB (experiments/results/attention_speed.md compares block sizes)
+                     # and 4 heads they are 32 MiB (experiments/speed/results/attention_speed.md compares block sizes)
 CPU_SHORT_BLOCK = 64  # ... and on CPU for short sequences: when they make at most UNROLL_BLOCKS (query, key)
 UNROLL_BLOCKS = 16    # block pairs (T <= 256), the pairs run as static code, not in XLA loops, so independent
                       # blocks run side by side: at T=256, 1.77x faster than loops over blocks of 128 and
-                      # 1.18x faster than static blocks of 128 (experiments/results/attention_cpu.md)
+                      # 1.18x faster than static blocks of 128 (experiments/speed/results/attention_cpu.md)
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -124,7 +124,7 @@ def _streamed(q, k, v, mask):
 
   As a dot, probs @ V is a batch of B x KV tiny matmuls that contract V's slot axis (not its minor
   one), and XLA:CPU runs it as a slow strided matmul: over half of a greedy step at batch 16
-  (experiments/results/decode_profile.md). A multiply and a reduction over the slots fuse into one
+  (experiments/speed/results/decode_profile.md). A multiply and a reduction over the slots fuse into one
   streaming pass instead. q @ K, which contracts both operands' minor axes, stays a dot (STREAM_SCORES).
   """
   b, t, h, d = q.shape
@@ -197,7 +197,7 @@ def _block_bias(qp, kp, qs, ks):
   """[B, 1, 1, bq, bk] float32 for one (query block, key block) pair: 0 where the key is seen, the
   float32 minimum where not. Added to the scores, it masks inside the fusion that reads them; a select
   over the [B, KV, G, bq, bk] scores was a pass of its own on XLA:CPU, in both directions
-  (experiments/results/peer_pytorch.md)."""
+  (experiments/peers/results/peer_pytorch.md)."""
   seen = (kp[:, None, :] <= qp[:, :, None]) & (ks[:, None, :] == qs[:, :, None])
   return jnp.where(seen, 0.0, _NEG)[:, None, None]
 

@@ -3,9 +3,9 @@ backend, so each setter must run before anything asks jax for a device; a flag t
 in XLA_FLAGS is kept, and nothing changes once a backend is up.
 
 Training: XLA:CPU hands dots to YNNPACK; also handing it the elementwise and reduction fusions made the
-train step 1.12-1.17x faster on 2 cores with the same losses (experiments/results/cpu_fusions.md). Decoding
+train step 1.12-1.17x faster on 2 cores with the same losses (experiments/speed/results/cpu_fusions.md). Decoding
 is not faster with them (decode steps at batch 16 were 3% slower), so only the trainer sets them.
-They cost memory: the scan loss plans 44-52% more temporaries (experiments/results/ce_chunk*.md); a
+They cost memory: the scan loss plans 44-52% more temporaries (experiments/memory/results/ce_chunk*.md); a
 user who wants the leaner program sets the flag to LIBRARY_FUSION_TYPE_DOT in XLA_FLAGS, which is kept.
 The flag is experimental: it is set only on the jaxlib versions it was measured on, since XLA aborts
 on a flag it does not know.

@@ -24,7 +24,7 @@ from mtp_jax.cpu_flags import add_xla_flag
 
 # XLA:CPU's default schedule orders independent work for thread concurrency, not memory: on the 7B n4
 # step at fsdp=8 it zeroes the trunk's stacked gradient buffers before the forward pass, so 2.7 GiB of
-# them sit beside the heads' backward (experiments/results/scheduler_memory.md). GPU and TPU schedule
+# them sit beside the heads' backward (experiments/memory/results/scheduler_memory.md). GPU and TPU schedule
 # for memory; a CPU dry run sizes accelerators, so it plans with XLA:CPU's memory-minimising schedule.
 _SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
 

@@ -9,7 +9,7 @@ cross-entropies then go through one fused op (cross_entropy.py: a custom VJP tha
 one sequence chunk at a time and forms the gradient as it goes), so at most one chunk of one head's
 logits exists, in the forward pass only. `chunk_size` sets the chunk (-1: chosen from the logits' size).
 n=1 skips the scan: it costs what a plain language model does.
-`remat_heads=False` keeps the head layers' activations instead (experiments/step_ratio.py measures
+`remat_heads=False` keeps the head layers' activations instead (experiments/speed/step_ratio.py measures
 what that trades: at parity on CPU, about 5% of the step time for 75% more temporaries).
 `impl='naive'` keeps every head's logits: the reference the tests and benchmarks compare against.
 

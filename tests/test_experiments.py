@@ -12,17 +12,17 @@ from helpers import ROOT
 
 
 def run_quick(script: str, tmp_path, *flags: str) -> dict:
-  """Run `experiments/<script> --quick --out_dir=tmp_path *flags` from the repo root (HOME in tmp_path, so
-  nothing lands in the user's caches); assert it exits 0 and return the results JSON it wrote."""
+  """Run `experiments/<group>/<script> --quick --out_dir=tmp_path *flags` from the repo root (HOME in tmp_path,
+  so nothing lands in the user's caches); assert it exits 0 and return the results JSON it wrote."""
   r = subprocess.run([sys.executable, f"experiments/{script}", "--quick", *flags, f"--out_dir={tmp_path}"],
                      cwd=ROOT, capture_output=True, text=True, timeout=600,
                      env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)})
   assert r.returncode == 0, r.stderr[-3000:]
-  return json.loads((tmp_path / f"{script[:-3]}_quick.json").read_text())
+  return json.loads((tmp_path / f"{os.path.basename(script)[:-3]}_quick.json").read_text())
 
 
 def test_marginalisation_quick(tmp_path):
-  res = run_quick("marginalisation.py", tmp_path, "--k=1,4,all")
+  res = run_quick("findings/marginalisation.py", tmp_path, "--k=1,4,all")
   ks = [row["k"] for row in res["rows"]]
   assert ks == [1, 4, res["vocab"], 0]                    # three marginals, then head 2 of the n=2 import
   for row in res["rows"]:
@@ -32,7 +32,7 @@ def test_marginalisation_quick(tmp_path):
 
 
 def test_induction_quick(tmp_path):
-  res = run_quick("induction.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
+  res = run_quick("findings/induction.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
   assert [(row["size"], row["n"]) for row in res["rows"]] == [("xs", 1), ("xs", 2)]
   for row in res["rows"]:
     assert row["repeat_mentions"] > 0 and row["first_mentions"] > 0 and row["steps"] == res["steps"]
@@ -43,7 +43,7 @@ def test_induction_quick(tmp_path):
 
 
 def test_induction_stories_name_exactly_three_characters_each_mentioned_again():
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  sys.path.insert(0, os.path.join(ROOT, "experiments", "findings"))
   import induction_stories
   stories = induction_stories.generate(300, seed=1)
   assert stories == induction_stories.generate(300, seed=1) and stories != induction_stories.generate(300, seed=2)
@@ -57,7 +57,7 @@ def test_induction_stories_name_exactly_three_characters_each_mentioned_again():
 
 
 def test_n_sweep_quick(tmp_path):
-  res = run_quick("n_sweep.py", tmp_path, f"--root={tmp_path / 'runs'}")
+  res = run_quick("findings/n_sweep.py", tmp_path, f"--root={tmp_path / 'runs'}")
   rows = res["rows"]
   assert [(row["recipe"], row["n"]) for row in rows] == [("bytes", 1), ("bytes", 4), ("sp", 1), ("sp", 4)]
   for recipe in ("bytes", "sp"):
@@ -73,7 +73,7 @@ def test_n_sweep_quick(tmp_path):
 
 
 def test_n_sweep_seeds_quick(tmp_path):
-  r = subprocess.run([sys.executable, "experiments/n_sweep.py", "--quick", "--recipes=bytes", "--seeds=0,1",
+  r = subprocess.run([sys.executable, "experiments/findings/n_sweep.py", "--quick", "--recipes=bytes", "--seeds=0,1",
                       f"--root={tmp_path / 'runs'}", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                      timeout=600, env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path)})
   assert r.returncode == 0, r.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_n_sweep_seeds_quick(tmp_path):
 
 
 def test_mtp_cost_vs_length_quick(tmp_path):
-  res = run_quick("mtp_cost_vs_length.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
+  res = run_quick("findings/mtp_cost_vs_length.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
   assert res["ns"] == ["1", "2"] and res["seeds"] == [0, 1] and res["lengths"] == [4, 8]
   assert sorted((r["n"], r["seed"]) for r in res["runs"]) == [(1, 0), (1, 1), (2, 0), (2, 1)]
   assert len({r["params"] for r in res["runs"]}) == 1                 # parity: one count for every n
@@ -109,7 +109,7 @@ def test_mtp_cost_vs_length_quick(tmp_path):
 
 
 def test_poly_ring_problems_are_what_they_say():
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  sys.path.insert(0, os.path.join(ROOT, "experiments", "findings"))
   import random
   import poly_ring as R
   rng = random.Random(0)
@@ -145,7 +145,7 @@ def test_poly_ring_problems_are_what_they_say():
 
 def test_poly_answer_scoring_against_an_oracle():
   """The scorer reads the answer's 5 positions: a perfect predictor scores 1, one reading a token late 0."""
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  sys.path.insert(0, os.path.join(ROOT, "experiments", "findings"))
   import numpy as np
   import poly_arithmetic as PA
   rows = [[1, *b"(01234+65432)=" + b"00000"], [1, *b"-01234=" + b"06543"]]
@@ -165,7 +165,7 @@ def test_poly_answer_scoring_against_an_oracle():
 
 
 def test_poly_arithmetic_quick(tmp_path):
-  res = run_quick("poly_arithmetic.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
+  res = run_quick("findings/poly_arithmetic.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
   assert [row["n"] for row in res["rows"]] == [1, 2] and res["rows"][0]["params"] == res["rows"][1]["params"]
   for row in res["rows"]:
     assert [x["k"] for x in row["by_k"]] == list(range(1, res["test_ops"] + 1))
@@ -176,7 +176,7 @@ def test_poly_arithmetic_quick(tmp_path):
 
 def test_decode_profile_quick(tmp_path):
   """Both probs x V paths are built, timed and profiled, and the profile shows which one each program ran."""
-  res = run_quick("decode_profile.py", tmp_path)
+  res = run_quick("speed/decode_profile.py", tmp_path)
   assert [(r["batch"], r["mode"]) for r in res["rows"]] == [(2, "greedy"), (2, "speculative")]
   for r in res["rows"]:
     einsum_ops, stream_ops = r["ops_ms"]["einsum"], r["ops_ms"]["stream"]
@@ -188,7 +188,7 @@ def test_decode_profile_quick(tmp_path):
 
 def test_decode_attention_quick(tmp_path):
   """The five attention paths each compile a whole decode, are timed, and their tokens compared."""
-  res = run_quick("decode_attention.py", tmp_path)
+  res = run_quick("speed/decode_attention.py", tmp_path)
   assert [(r["batch"], r["mode"]) for r in res["rows"]] == [(2, "greedy"), (2, "speculative")]
   for r in res["rows"]:
     assert set(r["ms"]) == {"dots", "stream", "stream_qk", "window", "window_qk"} and all(t > 0 for t in r["ms"].values())
@@ -222,14 +222,14 @@ def _jaxpr_macs(jaxpr) -> int:
 
 @pytest.mark.parametrize("n,remat_heads", [(1, True), (4, True), (4, False)])
 def test_step_ratio_counts_the_matmuls_the_train_step_runs(n, remat_heads):
-  """experiments/matmul_work.py's matmul_macs equals the dot_general work in the gradient's jaxpr, for n=1,
+  """experiments/common/matmul_work.py's matmul_macs equals the dot_general work in the gradient's jaxpr, for n=1,
   n=4 with its head layers recomputed, and n=4 keeping them (xla attention, which scores every key)."""
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  sys.path[:0] = [os.path.join(ROOT, "experiments", "speed"), os.path.join(ROOT, "experiments")]
   import functools
   import jax
   import jax.numpy as jnp
   import step_ratio
-  from matmul_work import matmul_macs
+  from common.matmul_work import matmul_macs
   from mtp_jax import loss
   from mtp_jax.model import build_model, init_params
   c = step_ratio.config(n, 512, quick=True)
@@ -250,7 +250,7 @@ def test_step_ratio_counts_the_matmuls_the_train_step_runs(n, remat_heads):
 
 @pytest.mark.slow   # five train steps compiled: about 75 s
 def test_step_ratio_quick(tmp_path):
-  res = run_quick("step_ratio.py", tmp_path)
+  res = run_quick("speed/step_ratio.py", tmp_path)
   rows = {(r["n"], r["vocab"], r["remat_heads"]): r for r in res["rows"]}
   assert set(rows) == {(1, 2048, True), (4, 2048, True), (4, 2048, False), (1, 256, True), (4, 256, True)}
   assert all(r["seconds"] > 0 and r["temp_mib"] > 0 for r in rows.values())
@@ -262,7 +262,7 @@ def test_step_ratio_quick(tmp_path):
 def test_scheduler_memory_quick(tmp_path):
   """Both schedules are compiled and reported; the memory schedule plans fewer temporaries, the dry run
   says which schedule it used, and each peak lists real buffers that are live at the peak."""
-  rows = {r["schedule"]: r for r in run_quick("scheduler_memory.py", tmp_path)["rows"]}
+  rows = {r["schedule"]: r for r in run_quick("memory/scheduler_memory.py", tmp_path)["rows"]}
   assert rows["memory"]["temp_bytes"] < rows["concurrency"]["temp_bytes"]
   assert {s: r["reported_schedule"] for s, r in rows.items()} == {"memory": "memory", "concurrency": "concurrency"}
   for r in rows.values():
@@ -274,13 +274,13 @@ def test_scheduler_memory_quick(tmp_path):
 
 @pytest.mark.slow   # five benchmarks at tiny sizes, each in its own process: about 4 min on 2 cores
 def test_gpu_benchmarks_script_runs_end_to_end_and_packs_its_tables(tmp_path):
-  """experiments/gpu_benchmarks.sh in SMOKE mode on this machine's backend: every benchmark writes its
+  """experiments/speed/gpu_benchmarks.sh in SMOKE mode on this machine's backend: every benchmark writes its
   table named for the device into MTP_RESULTS_DIR (never experiments/results/), and the one file brought
   back from a lent machine, $OUT/gpu_tables_<device>.tar.gz, holds them all."""
   import tarfile
   results, out = tmp_path / "results", tmp_path / "out"
   out.mkdir()
-  r = subprocess.run(["bash", "experiments/gpu_benchmarks.sh"], cwd=ROOT, capture_output=True, text=True,
+  r = subprocess.run(["bash", "experiments/speed/gpu_benchmarks.sh"], cwd=ROOT, capture_output=True, text=True,
                      timeout=1800, env={**os.environ, "SMOKE": "1", "MTP_RESULTS_DIR": str(results), "OUT": str(out),
                                         "PYTHON": sys.executable, "HOME": str(tmp_path), "BENCH_TIMEOUT": "600"})
   assert r.returncode == 0, r.stderr[-3000:]
@@ -302,7 +302,7 @@ def test_gpu_benchmarks_script_goes_on_past_a_benchmark_that_runs_out_of_time(tm
   did not finish, packs nothing and exits non-zero (a device call's minutes are not spent on silence)."""
   out = tmp_path / "out"
   out.mkdir()
-  r = subprocess.run(["bash", "experiments/gpu_benchmarks.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+  r = subprocess.run(["bash", "experiments/speed/gpu_benchmarks.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                      env={**os.environ, "SMOKE": "1", "MTP_RESULTS_DIR": str(tmp_path / "results"), "OUT": str(out),
                           "PYTHON": sys.executable, "HOME": str(tmp_path), "BENCH_TIMEOUT": "0.5"})
   assert r.returncode == 1

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Wheels for what experiments/gpu_benchmarks.sh needs and the lent GPU machine's image lacks (it has jax,
+# Wheels for what experiments/speed/gpu_benchmarks.sh needs and the lent GPU machine's image lacks (it has jax,
 # flax, optax, orbax, etils, absl and numpy, but not these; /work/.library/device/KINDS.md lists its
 # packages). Run here, where pip reaches the registry; carry .whl to the device, where gpu_benchmarks.sh
 # installs them under /tmp/site. Versions are requirements.txt's (or requirements-dev.txt's); Python 3.12, x86-64 Linux.
 #
-#   bash experiments/gpu_wheels.sh        # -> .whl/ (git ignores it)
+#   bash experiments/speed/gpu_wheels.sh        # -> .whl/ (git ignores it)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
 pin() { grep -h -i -E "^$1==" requirements.txt requirements-dev.txt | head -1 | cut -d" " -f1; }
 mkdir -p .whl

@@ -1,12 +1,12 @@
 """Attention implementations side by side: forward + backward time and XLA's planned temporaries.
 
-    python experiments/attention_speed.py          # CPU: ~3 min on 2 cores
+    python experiments/speed/attention_speed.py          # CPU: ~3 min on 2 cores
 
 Causal self-attention with grouped-query heads (8 query heads, 4 key/value heads, head size 64,
 batch 1), for every implementation the backend has (mtp_jax/attention.py), at several lengths;
 jit(grad(sum(attention * cotangent))), median of interleaved calls. On CPU this chose the
 threshold at which `auto` switches from xla to blockwise (attention.CPU_BLOCKWISE_MIN_QUERIES).
-Writes experiments/results/<out_name>.md and .json.
+Writes experiments/speed/results/<out_name>.md and .json.
 """
 import os
 import statistics
@@ -15,12 +15,12 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from results_io import write_results  # noqa: E402
+from common.results_io import write_results  # noqa: E402
 from mtp_jax import attention  # noqa: E402
 
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "1024", "2048", "4096"], "Sequence lengths.")
@@ -34,7 +34,7 @@ _STATIC = flags.DEFINE_list("static_blocks", [], "Also time blockwise at these b
 _LOOPS = flags.DEFINE_bool("loops", False, "Also time blockwise with its blocks always in XLA loops (row "
                            "'blockwise loops'), where the CPU default runs few blocks as static code "
                            "(attention.UNROLL_BLOCKS).")
-_OUT = flags.DEFINE_string("out_name", "attention_speed", "Results file stem under experiments/results/.")
+_OUT = flags.DEFINE_string("out_name", "attention_speed", "Results file stem under experiments/speed/results/.")
 for _name in ("lengths", "blocks", "static_blocks"):
   flags.register_validator(_name, lambda values: all(v.isdigit() and int(v) > 0 for v in values),
                            message=f"--{_name} takes positive integers, e.g. --{_name}=64,128")
@@ -93,7 +93,7 @@ def main(_):
       (f" --blocks={','.join(_BLOCKS.value)}" if _BLOCKS.value else "") + (" --loops" if _LOOPS.value else "") + \
       (f" --static_blocks={','.join(_STATIC.value)}" if _STATIC.value else "") + \
       f" --lengths={','.join(_LENGTHS.value)}"
-  lines += ["", f"Command: `python experiments/attention_speed.py{flags_used} --out_name={_OUT.value}`"]
+  lines += ["", f"Command: `python experiments/speed/attention_speed.py{flags_used} --out_name={_OUT.value}`"]
   write_results(_OUT.value, {"device": device, "dtype": dtype.name, "batch": _BATCH.value,
                              "block_plan": plan_text, "rows": rows}, lines)
 

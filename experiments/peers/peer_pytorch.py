@@ -1,7 +1,7 @@
 """Our train step against PyTorch + Hugging Face transformers on the same tiny Llama, weights copied across.
 
-    python experiments/peer_pytorch.py                       # ~5 min on 2 CPU cores
-    python experiments/peer_pytorch.py --torch_python=/path/to/venv/bin/python
+    python experiments/peers/peer_pytorch.py                       # ~5 min on 2 CPU cores
+    python experiments/peers/peer_pytorch.py --torch_python=/path/to/venv/bin/python
 
 The model: vocab 512, d_model 128, 4 layers, 4 query / 2 key-value heads, SwiGLU 352, batch 8 x 256.
 Ours is the n=1 model under parity (a 3-layer trunk + one head layer = 4 Llama layers) and, for the
@@ -15,7 +15,7 @@ best of two bouts; ratios ours / peer. Then the matrix multiplies of the step's 
 A @ B on the same shapes: how much of the gap is the GEMM library (XLA:CPU's against PyTorch's); and one
 layer's causal attention, forward + backward, ours (`model.attention=auto`) against PyTorch's
 `scaled_dot_product_attention`.
-Writes experiments/results/<out_name>.md and .json.
+Writes experiments/peers/results/<out_name>.md and .json.
 """
 import json
 import os
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352)
 BATCH, SEQ, LR = 8, 256, 1e-3
 
@@ -248,9 +248,9 @@ def our_side(tokens, steps: int):
 
 
 def our_profile(tokens) -> dict:
-  """ms by JAX operation in one profiled run of our n=1 train step (experiments/profiling.py)."""
+  """ms by JAX operation in one profiled run of our n=1 train step (experiments/common/profiling.py)."""
   import jax.numpy as jnp
-  from profiling import profile
+  from common.profiling import profile
   from mtp_jax.model import build_model, init_params
   from mtp_jax.step import make_optimizer, make_train_step, new_train_state
   c = our_config(1)
@@ -265,10 +265,11 @@ def our_profile(tokens) -> dict:
 def main():
   from mtp_jax.cpu_flags import use_training_fusions
   use_training_fusions()   # our train step as `python -m mtp_jax.main` compiles it
-  from absl import flags
+  from absl import app, flags
+  app.define_help_flags()   # --help
   flags.DEFINE_string("torch_python", "/work/torchvenv/bin/python", "Interpreter with torch + transformers.")
   flags.DEFINE_integer("steps", 10, "Timed steps per bout (after one warm-up).")
-  flags.DEFINE_string("out_name", "peer_pytorch", "Results file stem under experiments/results/.")
+  flags.DEFINE_string("out_name", "peer_pytorch", "Results file stem under experiments/peers/results/.")
   flags.FLAGS(sys.argv)
   f = flags.FLAGS
   probe = subprocess.run([f.torch_python, "-c", "import torch, transformers"], capture_output=True, text=True) \
@@ -278,8 +279,8 @@ def main():
                      f"({'not found' if probe is None else probe.stderr.strip().splitlines()[-1]}); make one with "
                      f"`python -m venv V && V/bin/pip install torch transformers` and pass --torch_python=V/bin/python")
   import numpy as np
-  from matmul_work import matmul_macs
-  from results_io import write_results
+  from common.matmul_work import matmul_macs
+  from common.results_io import write_results
   tokens = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (BATCH, SEQ + 4)).astype(np.int32)
   tmp = tempfile.mkdtemp(prefix="peer_pytorch_")
   ours, first = [], None
@@ -318,8 +319,8 @@ def main():
            f"(forward only: {result['ratio_forward_ours_n1_over_peer']:.2f}x)",
            f"- ours n=4 / ours n=1, train step: {result['ratio_step_ours_n4_over_n1']:.2f}x (matrix-multiply work, "
            f"counted by matmul_work.py: {result['ratio_matmul_work_ours_n4_over_n1']:.2f}x)", "",
-           f"Command: `python experiments/peer_pytorch.py --out_name={f.out_name}`"]
-  from profiling import top
+           f"Command: `python experiments/peers/peer_pytorch.py --out_name={f.out_name}`"]
+  from common.profiling import top
   ops = our_profile(tokens)
   result["ours_n1_profile_ms"] = ops
   lines[-1:-1] = [f"Where our n=1 step's time goes (one run under jax.profiler, {sum(ops.values()):.0f} ms of device ops; "
@@ -345,6 +346,6 @@ if __name__ == "__main__":
   elif len(sys.argv) > 1 and sys.argv[1] == "--torch_gemms":
     print(json.dumps({"gemms": torch_gemms(), "attention_s": torch_attention()}))
   else:
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, EXPERIMENTS)   # for common/
     import jax  # noqa: E402
     main()

@@ -1,7 +1,7 @@
 """A cached decode step's attention, five ways, timed over whole generations side by side.
 
-    python experiments/decode_attention.py --workdir=workdirs/default      # ~6 min on 2 CPU cores
-    python experiments/decode_attention.py --quick --out_dir=/tmp/x        # toy model, seconds (a test runs it)
+    python experiments/speed/decode_attention.py --workdir=workdirs/default      # ~6 min on 2 CPU cores
+    python experiments/speed/decode_attention.py --quick --out_dir=/tmp/x        # toy model, seconds (a test runs it)
 
 The paths (attention.py's switches, read while tracing, so each compiled program keeps its own):
 
@@ -15,7 +15,7 @@ The paths (attention.py's switches, read while tracing, so each compiled program
 Each program is the whole `decode.decode` loop (prefill, steps, compaction) on the same prompts, for
 batch sizes 1, 4 and 16 and both argmax modes; EOS off, so every path does the same steps. The five
 run back to back in each repeat (median of `--repeats`), so load on a shared machine hits all alike,
-and their tokens are compared. Writes experiments/results/<out_name>.md and .json.
+and their tokens are compared. Writes experiments/speed/results/<out_name>.md and .json.
 """
 import os
 import statistics
@@ -24,13 +24,13 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import results_io  # noqa: E402
+from common import results_io  # noqa: E402
 from mtp_jax import attention, decode  # noqa: E402
 from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_params  # noqa: E402
 
@@ -41,7 +41,7 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens (random ids:
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens generated per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each program (interleaved).")
 _QUICK = flags.DEFINE_bool("quick", False, "configs/tiny.py at random init, batch 2, 24 tokens: a smoke test.")
-_OUT_DIR = flags.DEFINE_string("out_dir", results_io.RESULTS, "Where the results files go.")
+_OUT_DIR = flags.DEFINE_string("out_dir", results_io.results_folder(__file__), "Where the results files go.")
 _OUT = flags.DEFINE_string("out_name", "decode_attention", "Results file stem (--quick appends _quick).")
 
 # (DECODE_MAX_QUERIES, STREAM_SCORES, CACHE_WINDOW) for each path
@@ -54,7 +54,7 @@ PATHS = {"dots": (0, False, 0), "stream": (attention.DECODE_MAX_QUERIES, False, 
 def load(quick: bool):
   """(params, args, origin)."""
   if quick:
-    from configs import tiny
+    from mtp_jax.recipes import tiny
     config = tiny.get_config()
     params = jax.jit(lambda k: init_params(build_model(config.model), k))(jax.random.key(0))
     return params, ModelArgs.from_config(config.model), "random init"
@@ -126,7 +126,7 @@ def main(_):
                  f"{ms['stream'] / ms['window']:.2f} | "
                  f"{'yes' if r['identical'] else 'NO'} |")
   flags_used = " ".join(a for a in sys.argv[1:] if not a.startswith("--out_dir"))
-  lines += ["", f"Wall-clock: {result['wall_s']:.0f} s. Command: `python experiments/decode_attention.py {flags_used}`"]
+  lines += ["", f"Wall-clock: {result['wall_s']:.0f} s. Command: `python experiments/speed/decode_attention.py {flags_used}`"]
   results_io.write_results(_OUT.value + ("_quick" if quick else ""), result, lines, _OUT_DIR.value)
 
 

@@ -8,8 +8,11 @@ out: what is listed are the temporaries.
 import glob
 import os
 import re
+import sys
 
-from profiling import op_names
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
+
+from common.profiling import op_names  # noqa: E402
 
 
 def _one(dump_dir: str, pattern: str) -> str:

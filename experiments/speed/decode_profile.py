@@ -1,7 +1,7 @@
 """Where a decode step's time goes, and what the streamed attention of a cached step saves.
 
-    python experiments/decode_profile.py --workdir=workdirs/default       # ~2 min on 2 CPU cores
-    python experiments/decode_profile.py --quick --out_dir=/tmp/x         # toy model, seconds (a test runs it)
+    python experiments/speed/decode_profile.py --workdir=workdirs/default       # ~2 min on 2 CPU cores
+    python experiments/speed/decode_profile.py --quick --out_dir=/tmp/x         # toy model, seconds (a test runs it)
 
 For batch sizes 1, 4 and 16 and both argmax modes (greedy: one token per step; speculative: a block of
 n tokens, verified), the decode loop's own step (`decode.step`, iterated `--iters` times in one
@@ -11,12 +11,12 @@ compiled program from a prefilled state, with the cache sized as `decode.run` si
               CACHE_WINDOW = 0)
     stream    the default: probs x V as a fused multiply-reduce (q @ K a dot) over the cache window that holds the
               batch's furthest query (the steps start at the prompts' end, where the window is small;
-              whole generations, whose window grows, are timed by experiments/decode_attention.py)
+              whole generations, whose window grows, are timed by experiments/speed/decode_attention.py)
 
 The two are timed interleaved (median of `--repeats`), so load on a shared machine hits both alike,
 and each is profiled once with `jax.profiler`: the device ops' time is summed by the JAX operation
 they come from (HLO metadata op_name), which names the part of the model that spends it.
-Writes experiments/results/<out_name>.md and .json.
+Writes experiments/speed/results/<out_name>.md and .json.
 """
 import os
 import statistics
@@ -26,14 +26,14 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import results_io  # noqa: E402
-from profiling import profile, top  # noqa: E402
+from common import results_io  # noqa: E402
+from common.profiling import profile, top  # noqa: E402
 from mtp_jax import attention, decode  # noqa: E402
 from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_params  # noqa: E402
 
@@ -47,7 +47,7 @@ _ITERS = flags.DEFINE_integer("iters", 50, "Steps per timed program.")
 _REPEATS = flags.DEFINE_integer("repeats", 9, "Timed runs of each program (interleaved).")
 _TOP = flags.DEFINE_integer("top", 6, "Operations listed per profile.")
 _QUICK = flags.DEFINE_bool("quick", False, "configs/tiny.py at random init, batch 2, a few steps: a smoke test.")
-_OUT_DIR = flags.DEFINE_string("out_dir", results_io.RESULTS, "Where the results files go.")
+_OUT_DIR = flags.DEFINE_string("out_dir", results_io.results_folder(__file__), "Where the results files go.")
 _OUT = flags.DEFINE_string("out_name", "decode_profile", "Results file stem (--quick appends _quick).")
 
 PATHS = {"einsum": (0, 0), "stream": (attention.DECODE_MAX_QUERIES, attention.CACHE_WINDOW)}   # (max queries, window)
@@ -56,7 +56,7 @@ PATHS = {"einsum": (0, 0), "stream": (attention.DECODE_MAX_QUERIES, attention.CA
 def load(quick: bool):
   """(params, config, origin)."""
   if quick or _CONFIG.value is not None:
-    from configs import tiny
+    from mtp_jax.recipes import tiny
     config = tiny.get_config() if quick else _CONFIG.value
     params = jax.jit(lambda k: init_params(build_model(config.model), k))(jax.random.key(0))
     return params, config, "random init"
@@ -137,7 +137,7 @@ def main(_):
       lines.append(f"- batch {r['batch']} {r['mode']}, {p} ({total:.2f} ms profiled): "
                    + "; ".join(f"`{op}` {v:.2f}" for op, v in top(r["ops_ms"][p], _TOP.value)))
   flags_used = " ".join(a for a in sys.argv[1:] if not a.startswith("--out_dir"))
-  lines += ["", f"Wall-clock: {result['wall_s']:.0f} s. Command: `python experiments/decode_profile.py {flags_used}`"]
+  lines += ["", f"Wall-clock: {result['wall_s']:.0f} s. Command: `python experiments/speed/decode_profile.py {flags_used}`"]
   out_name = _OUT.value + ("_quick" if quick else "")
   results_io.write_results(out_name, result, lines, _OUT_DIR.value)
 

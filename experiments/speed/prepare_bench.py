@@ -1,35 +1,39 @@
 """Tokens/s of `prepare` (Beam, N worker processes) beside the single-process cache, one run, same corpus.
 
-    nice -n 10 python experiments/prepare_bench.py [--workers=2] [--vocab=2048] [--source=stdlib]
+    nice -n 10 python experiments/speed/prepare_bench.py [--workers=2] [--vocab=2048] [--source=stdlib]
 
 Both paths tokenize the same corpus with the same sentencepiece model (trained once beforehand on a
 sample, outside the timings) and write their outputs to fresh temporary directories; the script
-checks that both hold the same number of tokens and writes experiments/results/prepare_bench.{json,md}.
+checks that both hold the same number of tokens and writes experiments/speed/results/prepare_bench.{json,md}.
 """
-import argparse
 import os
 import shutil
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from experiments.results_io import write_results  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
+
+from common.results_io import write_results  # noqa: E402
 from mtp_jax import corpora, data  # noqa: E402
 from mtp_jax import tokenizer as tokenizer_lib  # noqa: E402
 from mtp_jax.config import base_config  # noqa: E402
 from mtp_jax.shards import pipeline  # noqa: E402
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--workers", type=int, default=2)
-  ap.add_argument("--vocab", type=int, default=2048)
-  ap.add_argument("--source", default="stdlib")
-  ap.add_argument("--path", default="")
-  ap.add_argument("--shards", type=int, default=16)
-  args = ap.parse_args()
+def define_flags():
+  """The flags (defined when run as a script, so tests can import this module)."""
+  flags.DEFINE_integer("workers", 2, "Beam worker processes")
+  flags.DEFINE_integer("vocab", 2048, "sentencepiece vocabulary size")
+  flags.DEFINE_string("source", "stdlib", "corpus source (mtp_jax.corpora)")
+  flags.DEFINE_string("path", "", "corpus path, for sources that read one")
+  flags.DEFINE_integer("shards", 16, "prepare's output shards")
+
+
+def main(_):
+  args = flags.FLAGS
   tmp = tempfile.mkdtemp(prefix="prepare-bench-")
   try:
     c = base_config()
@@ -61,7 +65,7 @@ def main():
             "single_process_s": round(single_s, 2), "prepare_s": round(beam_s, 2),
             "single_process_tokens_per_s": round(single_tokens / single_s),
             "prepare_tokens_per_s": round(beam_tokens / beam_s)}
-  cmd = f"nice -n 10 python experiments/prepare_bench.py --workers={args.workers} --vocab={args.vocab} " \
+  cmd = f"nice -n 10 python experiments/speed/prepare_bench.py --workers={args.workers} --vocab={args.vocab} " \
         f"--source={args.source}" + (f" --path='{args.path}'" if args.path else "")
   lines = [f"# prepare vs the single-process token cache ({args.source}, {len(files)} files, "
            f"{single_tokens:,} tokens, sentencepiece {args.vocab})", "",
@@ -76,4 +80,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

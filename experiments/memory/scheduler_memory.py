@@ -1,24 +1,27 @@
 """Where the 7B train step's temporaries go at fsdp=8, under XLA:CPU's two schedules.
 
-    python experiments/scheduler_memory.py            # ~2 min on 2 CPU cores
-    python experiments/scheduler_memory.py --quick --out_dir=/tmp/x   # the tiny recipe, ~1 min (a test runs it)
+    python experiments/memory/scheduler_memory.py            # ~2 min on 2 CPU cores
+    python experiments/memory/scheduler_memory.py --quick --out_dir=/tmp/x   # the tiny recipe, ~1 min (a test runs it)
 
 Each row is `python -m mtp_jax.main --config=configs/paper_7b.py:VARIANT --dry_run` at (data, fsdp,
 tensor) = (1, 8, 1) on 8 simulated CPU devices, compiled twice, each in its own process (XLA reads its
 flags once per process): with the concurrency-optimised schedule (XLA:CPU's default, and what the trainer
 runs on CPU) and with the memory-minimising one (what `--dry_run` plans with, as GPU and TPU compilers
 schedule for memory). For the first variant it also lists the largest temporaries live at each
-schedule's peak, from XLA's buffer dumps (experiments/buffer_peak.py), with the stretch of the schedule
-over which each is live. Writes experiments/results/scheduler_memory.md and .json
+schedule's peak, from XLA's buffer dumps (experiments/memory/buffer_peak.py), with the stretch of the schedule
+over which each is live. Writes experiments/memory/results/scheduler_memory.md and .json
 (--quick: scheduler_memory_quick).
 """
+import os
 import shutil
 import sys
 import tempfile
 
 from buffer_peak import peak_buffers
 from paper_dry_run import dry_run
-from results_io import RESULTS, write_results
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
+
+from common.results_io import results_folder, write_results  # noqa: E402
 
 SCHEDULES = {"concurrency": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
              "memory": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
@@ -84,8 +87,8 @@ def main(argv):
       lines.append(f"| {b['name']} | {b['shape']} | {b['bytes'] / div:.2f} | {b['live'][0]}-{b['live'][1]} | "
                    f"{b['op'] or '(XLA-made)'} |")
   lines += ["", "Each row's command:", ""] + [f"- `{r['command']}`" for r in rows]
-  lines += ["", f"Regenerate: `python experiments/scheduler_memory.py{' --quick' if quick else ''}`"]
-  out_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("--out_dir=")), RESULTS)
+  lines += ["", f"Regenerate: `python experiments/memory/scheduler_memory.py{' --quick' if quick else ''}`"]
+  out_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("--out_dir=")), results_folder(__file__))
   write_results("scheduler_memory_quick" if quick else "scheduler_memory", {"rows": rows}, lines, out_dir)
 
 

@@ -1,7 +1,7 @@
 """Train-step memory of the multi-token loss: naive vs scan-over-heads vs scan + chunked cross-entropy.
 
-    python experiments/memory.py                      # CPU: ~5 min on 2 cores
-    python experiments/memory.py --out_name=memory_gpu  # on a GPU machine, its own table
+    python experiments/memory/memory.py                      # CPU: ~5 min on 2 cores
+    python experiments/memory/memory.py --out_name=memory_gpu  # on a GPU machine, its own table
 
 For vocabulary 32000 and a sequence long enough that logits dominate, compiles the whole train
 step (forward, backward, AdamW update) for n in {1, 2, 4, 8} heads x impl, and reads XLA's planned
@@ -12,7 +12,7 @@ median) for this shape and for configs/default.py:sp (parallel transformer heads
 paper's protocol; the byte-level default's linear heads are not layers, so parity does not apply).
 The same for DeepSeek-V3's sequential MTP modules, D in {1, 2, 4} (n_future = D + 1): the
 scan carries h^(k-1) from module to module, so its memory must stay at one module's logits too.
-Writes experiments/results/<out_name>.md and .json.
+Writes experiments/memory/results/<out_name>.md and .json.
 """
 import os
 import sys
@@ -20,12 +20,12 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 
-from results_io import write_results  # noqa: E402
-from step_timing import interleaved_step_seconds  # noqa: E402
+from common.results_io import write_results  # noqa: E402
+from common.step_timing import interleaved_step_seconds  # noqa: E402
 from mtp_jax import sharding  # noqa: E402
 from mtp_jax.config import base_config  # noqa: E402
 from mtp_jax.dry_run import compile_train_step, memory_report  # noqa: E402
@@ -38,7 +38,7 @@ _HEADS = flags.DEFINE_list("n", ["1", "2", "4", "8"], "Head counts.")
 _SEQ_D = flags.DEFINE_list("sequential_d", ["1", "2", "4"], "Sequential MTP module counts D (n_future = D + 1).")
 _TIMING = flags.DEFINE_bool("timing", True, "Also time train steps n=4 vs n=1 (off: the compile-only memory rows).")
 _TIMING_STEPS = flags.DEFINE_integer("timing_steps", 5, "Timed steps per model (after one warm-up).")
-_OUT = flags.DEFINE_string("out_name", "memory", "Results file stem under experiments/results/.")
+_OUT = flags.DEFINE_string("out_name", "memory", "Results file stem under experiments/memory/results/.")
 
 IMPLS = {"naive": ("naive", 0), "scan": ("scan", 0), "scan+chunk": ("scan", None)}
 
@@ -55,8 +55,7 @@ def bench_config(n: int, impl: str, chunk: int, head_type: str = "parallel"):
 
 
 def default_config(n: int):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs.default import get_config
+  from mtp_jax.recipes.default import get_config
   c = get_config("sp")
   c.model.n_future = n
   c.mesh.data = 1
@@ -124,7 +123,7 @@ def main(_):
               "| model | s/step n=1 | s/step n=4 | ratio |", "|---|---:|---:|---:|"]
     for k, t in timing.items():
       lines.append(f"| {k} | {t['seconds_n1']:.3f} | {t['seconds_n4']:.3f} | {t['ratio_n4_over_n1']:.2f} |")
-  lines += ["", f"Command: `python experiments/memory.py {' '.join(sys.argv[1:])}`"]
+  lines += ["", f"Command: `python experiments/memory/memory.py {' '.join(sys.argv[1:])}`"]
   write_results(_OUT.value, result, lines)
 
 

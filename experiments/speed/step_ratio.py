@@ -1,7 +1,7 @@
 """Where the n=4 / n=1 train-step time goes at parity, on configs/default.py:sp.
 
-    python experiments/step_ratio.py            # ~4 min on 2 CPU cores
-    python experiments/step_ratio.py --quick --out_dir=/tmp/x     # configs/tiny.py, seconds (a test runs it)
+    python experiments/speed/step_ratio.py            # ~4 min on 2 CPU cores
+    python experiments/speed/step_ratio.py --quick --out_dir=/tmp/x     # configs/tiny.py, seconds (a test runs it)
 
 Under parity n=4 has n=1's layers (3 of the trunk's become heads), so what it adds is the multi-token
 loss: 3 more unembeddings and cross-entropies (scanned, one logits buffer at a time), the switch over
@@ -17,7 +17,7 @@ ratio the step would show if it were all matmuls. Counted the same way for the p
 shape (configs/paper_7b.py), where the layers dwarf the unembedding, n=4 adds a few percent.
 
 All configs' steps are timed interleaved (median of `--steps`), so drift on a shared machine hits them
-alike; temporaries are the compiled step's (XLA's memory analysis). Writes experiments/results/<out_name>.md
+alike; temporaries are the compiled step's (XLA's memory analysis). Writes experiments/speed/results/<out_name>.md
 and .json.
 """
 import functools
@@ -27,13 +27,13 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 
-import results_io  # noqa: E402
-from matmul_work import matmul_macs, paper_7b_matmul_ratio  # noqa: E402
-from step_timing import prepare_runs, temporaries_mib, time_runs  # noqa: E402
+from common import results_io  # noqa: E402
+from common.matmul_work import matmul_macs, paper_7b_matmul_ratio  # noqa: E402
+from common.step_timing import prepare_runs, temporaries_mib, time_runs  # noqa: E402
 from mtp_jax import loss  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per config (interleaved).")
@@ -41,12 +41,12 @@ _VOCABS = flags.DEFINE_list("vocabs", ["2048", "256"], "Vocabulary sizes to comp
 _TRAINER_FLAGS = flags.DEFINE_bool("trainer_flags", True, "Compile with the XLA flags the trainer sets "
                                    "(mtp_jax/cpu_flags.py); --notrainer_flags: jaxlib's defaults.")
 _QUICK = flags.DEFINE_bool("quick", False, "configs/tiny.py, 3 steps: a smoke test.")
-_OUT_DIR = flags.DEFINE_string("out_dir", results_io.RESULTS, "Where the results files go.")
+_OUT_DIR = flags.DEFINE_string("out_dir", results_io.results_folder(__file__), "Where the results files go.")
 _OUT = flags.DEFINE_string("out_name", "step_ratio", "Results file stem (--quick appends _quick).")
 
 
 def config(n: int, vocab: int, quick: bool):
-  from configs import default, tiny
+  from mtp_jax.recipes import default, tiny
   c = tiny.get_config() if quick else default.get_config("sp")
   c.model.n_future, c.model.vocab_size, c.mesh.data = n, vocab, 1
   if quick:
@@ -107,10 +107,10 @@ def main(_):
     lines.append(f"| {r['vocab']} | {r['n']} | {heads if r['n'] > 1 else '-'} | {r['seconds'] * 1e3:.1f} | "
                  f"{r['ratio_to_n1']:.3f} | {r['matmul_ratio_to_n1']:.3f} | {r['temp_mib']:.0f} |")
   lines += ["", "matmul work / n=1: the step's matrix-multiply work over n=1's at the same vocabulary, counted from the "
-            "config (experiments/matmul_work.py: forward, backward, recomputation, and three unembeddings per head), the ratio a "
+            "config (experiments/common/matmul_work.py: forward, backward, recomputation, and three unembeddings per head), the ratio a "
             f"step made only of matmuls would show. Counted the same way, the paper's 7B shape (configs/paper_7b.py, "
             f"n=4 against its n1 variant) adds {100 * (paper - 1):.1f}%."]
-  lines += ["", f"Wall-clock: {result['wall_s']:.0f} s. Command: `python experiments/step_ratio.py "
+  lines += ["", f"Wall-clock: {result['wall_s']:.0f} s. Command: `python experiments/speed/step_ratio.py "
             f"{' '.join(a for a in sys.argv[1:] if not a.startswith('--out_dir'))}`"]
   results_io.write_results(_OUT.value + ("_quick" if quick else ""), result, lines, _OUT_DIR.value)
 

@@ -1,7 +1,7 @@
 """Size the paper's 7B models on device meshes before paying for them: `--dry_run` on simulated devices.
 
-    python experiments/paper_dry_run.py          # ~1 h on 2 shared CPU cores
-    python experiments/paper_dry_run.py --out_name=paper_dry_run_rows n4:8:1:8:1 bytes_n8:8:1:8:1   # chosen rows
+    python experiments/memory/paper_dry_run.py          # ~1 h on 2 shared CPU cores
+    python experiments/memory/paper_dry_run.py --out_name=paper_dry_run_rows n4:8:1:8:1 bytes_n8:8:1:8:1   # chosen rows
 
 Each row is one `python -m mtp_jax.main --config=configs/paper_7b.py:VARIANT --dry_run` in its own
 process with XLA_FLAGS=--xla_force_host_platform_device_count=N (the device count is fixed per
@@ -9,8 +9,8 @@ process), one sequence per data-parallel rank. Figures are per device, as XLA pl
 sharded train step (bf16 compute, f32 parameters and AdamW state, full rematerialisation), with
 the config's `model.attention=auto`, which on these CPU devices at 4,096-8,192 positions is the
 blockwise (flash-style) attention of mtp_jax/attention.py, and XLA:CPU's memory-minimising schedule
-(`--dry_run` picks it; experiments/scheduler_memory.py compares it with the CPU's default).
-Writes experiments/results/<out_name>.md and .json.
+(`--dry_run` picks it; experiments/memory/scheduler_memory.py compares it with the CPU's default).
+Writes experiments/memory/results/<out_name>.md and .json.
 """
 import json
 import os
@@ -19,9 +19,11 @@ import subprocess
 import sys
 import tempfile
 
-from results_io import write_results
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common.results_io import write_results  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 # (variant, devices, data, fsdp, tensor)
 RUNS = [
@@ -76,7 +78,7 @@ def main():
                  f"{r.get('cpu_schedule', 'concurrency')} |")
   lines += ["", "Each row's command (with XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES):", ""]
   lines += [f"- `XLA_FLAGS=--xla_force_host_platform_device_count={r['n_devices']} python {r['command']}`" for r in rows]
-  lines += ["", "Regenerate the table: `python " + " ".join(["experiments/paper_dry_run.py"] + args) + "`"]
+  lines += ["", "Regenerate the table: `python " + " ".join(["experiments/memory/paper_dry_run.py"] + args) + "`"]
   write_results(out_name, rows, lines)
 
 

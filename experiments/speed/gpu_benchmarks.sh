@@ -3,24 +3,31 @@
 # benchmarks in one command, each writing <name>_<device>.{md,json} with the device named in its table
 # (the scripts print jax's device kind).
 #
-#   bash experiments/gpu_benchmarks.sh                            # speculative on random weights
-#   WORKDIR=workdirs/default bash experiments/gpu_benchmarks.sh   # speculative on a trained run
-#   SMOKE=1 bash experiments/gpu_benchmarks.sh                    # tiny sizes on any backend, ~3 min on
+#   bash experiments/speed/gpu_benchmarks.sh                            # speculative on random weights
+#   WORKDIR=workdirs/default bash experiments/speed/gpu_benchmarks.sh   # speculative on a trained run
+#   SMOKE=1 bash experiments/speed/gpu_benchmarks.sh                    # tiny sizes on any backend, ~3 min on
 #                                                                 # 2 CPU cores: checks the script itself
 #
-# Tables go to experiments/results/, or to $MTP_RESULTS_DIR where set. Where $OUT is set (the device
+# Tables go to each script's results/ folder (experiments/memory/results/, experiments/speed/results/,
+# experiments/results/ for speculative.py), or all to $MTP_RESULTS_DIR where set. Where $OUT is set (the device
 # tool's folder of files to bring back, at most 8 of them), they are also packed into one file,
 # $OUT/gpu_tables_<device>.tar.gz. Packages the lent machine lacks travel as wheels: make them here with
-# `bash experiments/gpu_wheels.sh` and carry .whl; where the interpreter lacks them, this script installs
+# `bash experiments/speed/gpu_wheels.sh` and carry .whl; where the interpreter lacks them, this script installs
 # them under /tmp/site first. The image's jax (0.11.2 when last read) is newer than requirements.txt's:
 # the registry here has none that new, so the script has been run end to end on 0.10.2 only (SMOKE=1,
 # tests/test_experiments.py).
 # PYTHON sets the interpreter (default: python, else python3). Budget: at most 5 x BENCH_TIMEOUT (110 s).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
 if ! "$PY" -c "import ml_collections, grain, zstandard" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# The scripts import the installed mtp_jax (with its recipes as mtp_jax.recipes); a bare clone gets the
+# package laid out as pip installs it, under /tmp/site.
+if ! "$PY" -c "import mtp_jax.recipes" 2> /dev/null; then
+  rm -rf /tmp/site/mtp_jax && mkdir -p /tmp/site && cp -r mtp_jax /tmp/site/ && cp -r configs /tmp/site/mtp_jax/recipes
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # One jax start-up names the device (stdout) and logs what jax sees (stderr).
@@ -58,23 +65,23 @@ bench() {
   fi
 }
 # Train-step memory of the multi-token loss (naive / scan / scan+chunk, n = 1, 2, 4, 8), and n4 / n1 time.
-bench memory experiments/memory.py "${MEMORY[@]}" --out_name="memory_$DEV"
+bench memory experiments/memory/memory.py "${MEMORY[@]}" --out_name="memory_$DEV"
 # Fused cross-entropy on configs/default.py:sp at vocab 32000: unchunked vs automatic chunk, n = 1 and 4.
-bench ce_chunk experiments/ce_chunk.py "${CE[@]}" --out_name="ce_chunk_$DEV"
+bench ce_chunk experiments/memory/ce_chunk.py "${CE[@]}" --out_name="ce_chunk_$DEV"
 # Attention implementations side by side (every one the backend has), forward + backward.
-bench attention_speed experiments/attention_speed.py "${ATTENTION[@]}" --out_name="attention_speed_$DEV"
+bench attention_speed experiments/speed/attention_speed.py "${ATTENTION[@]}" --out_name="attention_speed_$DEV"
 # n=4 / n=1 train-step time at parity on configs/default.py:sp, by part.
-bench step_ratio experiments/step_ratio.py "${RATIO[@]}"
+bench step_ratio experiments/speed/step_ratio.py "${RATIO[@]}"
 # Self-speculative decoding, batch 1 / 4 / 16.
 bench speculative experiments/speculative.py "${SPECULATIVE[@]}" --out_name="speculative_$DEV"
 
-RESULTS=${MTP_RESULTS_DIR:-experiments/results}
-TABLES=$(cd "$RESULTS" && ls -- *_"$DEV"*.md *_"$DEV"*.json 2> /dev/null || true)
+if [[ -n "${MTP_RESULTS_DIR:-}" ]]; then DIRS=("$MTP_RESULTS_DIR"); else DIRS=(experiments/*/results experiments/results); fi
+TABLES=$(find "${DIRS[@]}" -maxdepth 1 \( -name "*_${DEV}*.md" -o -name "*_${DEV}*.json" \) 2> /dev/null | sort || true)
 if [[ -n "${OUT:-}" && -n "$TABLES" ]]; then
-  tar -czf "$OUT/gpu_tables_$DEV.tar.gz" -C "$RESULTS" $TABLES
+  tar -czf "$OUT/gpu_tables_$DEV.tar.gz" --transform 's#.*/##' $TABLES    # the files by name, without folders
   echo "packed: $OUT/gpu_tables_$DEV.tar.gz"
 fi
-echo "tables in $RESULTS:" $TABLES
+echo "tables:" $TABLES
 if (( ${#FAILED[@]} )); then
   echo "error: these benchmarks failed or ran past BENCH_TIMEOUT=${BENCH_TIMEOUT:-110}s: ${FAILED[*]}" >&2
   exit 1

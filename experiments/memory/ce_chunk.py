@@ -1,25 +1,25 @@
 """What the fused, chunked cross-entropy costs: train-step memory and time on configs/default.py:sp at vocab 32000.
 
-    python experiments/ce_chunk.py        # ~5 min on 2 CPU cores
+    python experiments/memory/ce_chunk.py        # ~5 min on 2 CPU cores
 
 For n=1 and n=4 (parity, no rematerialisation), compiles the train step with the naive loss (every
 head's logits kept by autodiff: the reference), the scan loss unchunked (loss.chunk_size=0) and the
 scan loss with the automatic chunk (loss.chunk_size=-1, see cross_entropy.auto_chunk), reads XLA's
 planned temporaries, then times them interleaved (median of steps) on the same device.
-Writes experiments/results/ce_chunk.md and .json.
+Writes experiments/memory/results/ce_chunk.md and .json.
 """
 import os
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 
-from results_io import write_results  # noqa: E402
-from step_timing import interleaved_step_seconds  # noqa: E402
-from configs.default import get_config  # noqa: E402
+from common.results_io import write_results  # noqa: E402
+from common.step_timing import interleaved_step_seconds  # noqa: E402
+from mtp_jax.recipes.default import get_config  # noqa: E402
 from mtp_jax import sharding  # noqa: E402
 from mtp_jax.cross_entropy import auto_chunk  # noqa: E402
 from mtp_jax.dry_run import compile_train_step, memory_report  # noqa: E402
@@ -28,7 +28,7 @@ _VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (after one warm-up).")
 _TRAINER_FLAGS = flags.DEFINE_bool("trainer_flags", True, "Compile with the XLA flags the trainer sets "
                                    "(mtp_jax/cpu_flags.py); --notrainer_flags: jaxlib's defaults.")
-_OUT = flags.DEFINE_string("out_name", "ce_chunk", "Results file stem under experiments/results/.")
+_OUT = flags.DEFINE_string("out_name", "ce_chunk", "Results file stem under experiments/memory/results/.")
 
 VARIANTS = [(1, "naive", 0), (1, "scan", 0), (1, "scan", -1), (4, "naive", 0), (4, "scan", 0), (4, "scan", -1)]
 
@@ -72,7 +72,7 @@ def main(_):
             "auto-chunk n=4 time / unchunked n=4 time": get(4, "scan", -1, "seconds_per_step") / get(4, "scan", 0, "seconds_per_step"),
             "scan n=1 time / naive n=1 time": get(1, "scan", 0, "seconds_per_step") / get(1, "naive", 0, "seconds_per_step")}
   lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
-  lines += ["", f"Command: `python experiments/ce_chunk.py {' '.join(sys.argv[1:])}`"]
+  lines += ["", f"Command: `python experiments/memory/ce_chunk.py {' '.join(sys.argv[1:])}`"]
   write_results(_OUT.value, {"device": device, "vocab": _VOCAB.value, "auto_chunk": chunk, "rows": rows,
                              "ratios": ratios}, lines)
 
