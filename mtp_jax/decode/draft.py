@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.decode.forward import Weights, take_at, unembed
+from mtp_jax.decode.forward import Weights, take_at
 from mtp_jax.decode.types import SamplingParams, Settings
 from mtp_jax.model import MTPModule, MTPTransformer
 
@@ -74,25 +74,39 @@ def verify(p_logits, drafts, draft_logq, key, sp: SamplingParams, sampling: bool
   return a, jax.random.categorical(k_token, jnp.log(r), axis=-1), ok
 
 
-def _pick(logits, key, sp: SamplingParams, sampling: bool):
-  """Draft tokens from logits [..., V]: the argmax, or a sample and its log q [..., V]."""
+def draft_logits(model, params, vocab, normed):
+  """Logits of normed hidden states [..., d] over what drafts choose among: the vocabulary [..., V], or
+  the draft vocabulary's N tokens [..., N] (`with_draft_vocab`)."""
+  if vocab is None:
+    return model.apply({"params": params}, normed, method=MTPTransformer.unembed_normed).astype(jnp.float32)
+  return jnp.einsum("...d,nd->...n", normed, vocab[1].astype(normed.dtype)).astype(jnp.float32)
+
+
+def _pick(logits, key, sp: SamplingParams, sampling: bool, vocab=None, vocab_size: int = 0):
+  """Draft tokens from draft_logits: the argmax, or a sample and its log q [..., V] (-inf outside a draft
+  vocabulary: q is the law the draft was drawn from, which is all that exact rejection sampling needs)."""
   if not sampling:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    x = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return (x if vocab is None else vocab[0][x]), None
   logq = adjusted_logprobs(logits, sp.temperature, sp.top_k, sp.top_p)
-  return jax.random.categorical(key, logq, axis=-1).astype(jnp.int32), logq
+  x = jax.random.categorical(key, logq, axis=-1).astype(jnp.int32)
+  if vocab is None:
+    return x, logq
+  full = jnp.full(logq.shape[:-1] + (vocab_size,), -jnp.inf, logq.dtype).at[..., vocab[0]].set(logq)
+  return vocab[0][x], full
 
 
-def _draft(model, params, hidden, a, token, key, sp: SamplingParams, sampling: bool):
+def _draft(model, params, vocab, hidden, a, token, key, sp: SamplingParams, sampling: bool):
   """Heads 1..n-1 at block index a: draft tokens [B, n-1], when sampling their log q [B, n-1, V], and no
   cache to update (these heads ran in the verify pass)."""
   del token
-  b = a.shape[0]
+  b, v = a.shape[0], model.args.vocab_size
   if hidden.shape[0] == 0:   # no draft heads run (greedy, sample, n_future=1)
-    v = model.args.vocab_size
     return jnp.zeros((b, 0), jnp.int32), (jnp.zeros((b, 0, v), jnp.float32) if sampling else None), None
   h = jax.vmap(lambda hh: take_at(hh, a))(hidden)                   # [n-1, B, d]
-  logits = jnp.swapaxes(unembed(model, params, h), 0, 1)          # [B, n-1, V]
-  return (*_pick(logits, key, sp, sampling), None)
+  normed = model.apply({"params": params}, 0, h, method=MTPTransformer.output_norm)
+  logits = jnp.swapaxes(draft_logits(model, params, vocab, normed), 0, 1)   # [B, n-1, V or N]
+  return (*_pick(logits, key, sp, sampling, vocab, v), None)
 
 
 def _draft_modules(model, w: Weights, sp: SamplingParams, sampling: bool, h0, block, pos0, recent, cache, prefill,
@@ -135,8 +149,8 @@ def _draft_modules(model, w: Weights, sp: SamplingParams, sampling: bool, h0, bl
     h, c = module.apply({"params": p}, h, emb, positions, segment_ids, c, s0, prefill)
     cache = jax.tree.map(lambda full, new: full.at[k].set(new), cache, c)
     normed = module.apply({"params": p}, take_at(h, idx)[:, None], method=MTPModule.output_norm)   # [B, 1, d]
-    logits = model.apply({"params": w.params}, normed, method=MTPTransformer.unembed_normed)[:, 0].astype(jnp.float32)
-    x, logq = _pick(logits, keys[k], sp, sampling)
+    logits = draft_logits(model, w.params, w.draft_vocab, normed)[:, 0]
+    x, logq = _pick(logits, keys[k], sp, sampling, w.draft_vocab, args.vocab_size)
     seqs = jnp.where(col == (idx + k + 2)[:, None], x[:, None], seqs)                   # x_{E+k+1}
     drafts.append(x)
     logqs.append(logq)
@@ -153,7 +167,7 @@ def drafter_for(model, w: Weights, settings: Settings, sp, state, hidden, block,
   """
   if w.drafter is None:
     h = hidden[1:] if offset is None else jax.vmap(lambda hh: take_at(hh, offset)[:, None])(hidden[1:])
-    return lambda a, token, key: _draft(model, w.params, h, a, token, key, sp, settings.sampling)
+    return lambda a, token, key: _draft(model, w.params, w.draft_vocab, h, a, token, key, sp, settings.sampling)
   return lambda a, token, key: _draft_modules(
       model, w, sp, settings.sampling, hidden[0], block, pos0, state.recent, state.cache["drafter"], prefill,
       0 if offset is None else offset, a, token, key)

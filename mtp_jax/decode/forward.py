@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtp_jax.model import Block, MTPTransformer, ModelArgs, default_positions, init_cache
 
@@ -24,6 +25,24 @@ class Weights(NamedTuple):
   layers: tuple      # trunk layers unstacked: the training scan would copy each layer's slice every step
   heads: Any         # the heads that run in the verify pass, stacked on a leading axis (one batched layer)
   drafter: Any = None  # sequential modules 1..n_heads-1, stacked (they draft after the verify pass)
+  draft_vocab: Any = None  # (token ids [N], their unembedding rows [N, d]): what drafts choose among; None: all
+
+
+DRAFT_VOCAB = "draft_vocab"   # the decode-only entry of params that `with_draft_vocab` adds
+
+
+def with_draft_vocab(params, ids, vocab_size: int):
+  """params whose draft heads choose among `ids` only (for example the most frequent tokens, as FR-Spec
+  does): a draft's unembedding then reads N rows instead of the vocabulary's V, which on a small model
+  with a large vocabulary is most of a drafting head's cost. Verification still uses head 0's full
+  vocabulary, so greedy and sampled outputs stay exact; only drafts outside `ids` are lost."""
+  from mtp_jax.decode.types import DecodeError
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or not len(ids) or not np.issubdtype(ids.dtype, np.integer):
+    raise DecodeError(f"draft vocabulary: need a non-empty list of token ids, got shape {ids.shape} {ids.dtype}")
+  if ids.min() < 0 or ids.max() >= vocab_size or len(np.unique(ids)) != len(ids):
+    raise DecodeError(f"draft vocabulary: token ids must be distinct and in [0, {vocab_size})")
+  return dict(params, **{DRAFT_VOCAB: jnp.asarray(ids, jnp.int32)})
 
 
 def take_at(x, idx):
@@ -42,7 +61,12 @@ def decode_weights(params, args: ModelArgs, n_heads: int) -> Weights:
   stack = lambda ids: jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"heads_{i}"] for i in ids)) if ids else None
   n_verify = _verify_heads(args, n_heads)
   shared = {k: v for k, v in params.items() if k in ("embed", "final_norm", "unembed")}
-  return Weights(shared, layers, stack(range(n_verify)), stack(range(n_verify, n_heads)))
+  vocab = None
+  if DRAFT_VOCAB in params:
+    ids = params[DRAFT_VOCAB]
+    rows = params["embed"]["embedding"][ids] if args.tie_embeddings else params["unembed"]["kernel"][:, ids].T
+    vocab = (ids, rows)
+  return Weights(shared, layers, stack(range(n_verify)), stack(range(n_verify, n_heads)), vocab)
 
 
 def init_decode_cache(args: ModelArgs, batch: int, max_len: int, n_heads: int) -> dict:
