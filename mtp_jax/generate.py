@@ -67,7 +67,8 @@ def _as_prompt_list(prompts) -> list:
 def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_id: Optional[int] = None, batch_size: Optional[int] = None, add_bos: Optional[bool] = None,
-             prompt_bucket: Optional[int] = None, draft_heads: Optional[int] = None) -> list[dict]:
+             prompt_bucket: Optional[int] = None, draft_heads: Optional[int] = None,
+             draft: Optional[str] = None) -> list[dict]:
   """Continue each prompt; returns one dict per prompt (see `_result`).
 
   params: the model's parameters; config: the training config (or its ModelArgs).
@@ -79,8 +80,9 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
     finished row takes the next prompt; sampling modes: batches of batch_size, the last one padded.
   prompt_bucket: pad prompts to this length (default: a power of two), fixing the compiled shape.
   draft_heads: speculative modes: heads 2..draft_heads draft (default all n_future); see `decode.run`.
+  draft: speculative modes: "chain" or "auto" (the default where the heads allow); see `decode.run`.
   """
-  request = decode.Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads)
+  request = decode.Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads, draft)
   check_batching(batch_size, seed)
   return generate_checked(params, config, prompts, request, tokenizer, seed=seed, eos_id=eos_id,
                           batch_size=batch_size, add_bos=add_bos, prompt_bucket=prompt_bucket)
@@ -140,6 +142,8 @@ def generate_checked(params, config, prompts, request: decode.Request, tokenizer
     out, timing = decode.execute(params, args, tokens, lengths, request, eos_id=eos_id, slots=rows,
                                  key=jax.random.fold_in(jax.random.key(seed), start))
     batch = {"batch": start // per_call, "batch_size": rows, "batch_forward_passes": int(out.steps) + 1,
+             **({"batch_draft_budget_steps": [int(x) for x in out.budget_steps]} if mode.startswith("speculative")
+                else {}),
              "batch_new_tokens": int(np.sum(out.lengths[:len(chunk)])), **{f"batch_{k}": v for k, v in timing.items()}}
     for r in range(len(chunk)):
       prompt = prompts[start + r]
@@ -154,15 +158,19 @@ def _result(prompt, prompt_ids, out, r: int, mode: str, eos_id: int, batch: dict
   new_tokens          tokens generated
   forward_passes      forward passes that emitted them, the prefill included (greedy: = new_tokens)
   tokens_per_forward  new_tokens / forward_passes
-  draft_proposed      drafts each draft head proposed (= forward passes after the prefill); speculative modes only
-  draft_accepted      per draft head (heads 2..n); a draft counts only if every earlier one was accepted
+  draft_proposed      per draft head (heads 2..n): drafts proposed (chain: every forward after the prefill;
+                      --draft=auto: the forwards whose budget reached the head); speculative modes only
+  draft_accepted      per draft head; a draft counts only if every earlier one was accepted
   acceptance_rate     per draft head: accepted / proposed
-  batch_*             of its batch: forward passes (prefill included), wall_s (compile excluded), compile_s
+  accepted_per_step   drafts accepted per forward after the prefill (tokens per forward - 1, but for EOS)
+  batch_*             of its batch: forward passes (prefill included), wall_s (compile excluded), compile_s,
+                      draft_budget_steps (forwards with 0, 1, .. drafts), --draft=auto's draft_costs (C per
+                      draft length) and costs_s (their one-off timing)
   """
   n = int(out.lengths[r])
   tokens = [int(t) for t in out.tokens[r, :n]]
   forwards = int(out.forwards[r])
-  proposed = forwards - 1                       # every forward after the prefill verifies one draft per head
+  proposed = [int(p) for p in out.proposed[r]]
   accepted = [int(a) for a in out.accepted[r]]
   finished = "eos" if (n and tokens[-1] == eos_id) else "length"
   res = {"prompt": prompt, "prompt_tokens": list(prompt_ids), "tokens": tokens, "finish_reason": finished}
@@ -171,7 +179,8 @@ def _result(prompt, prompt_ids, out, r: int, mode: str, eos_id: int, batch: dict
   drafts = {}
   if mode.startswith("speculative"):   # greedy and sample runs draft nothing: no draft statistics
     drafts = {"draft_proposed": proposed, "draft_accepted": accepted,
-              "acceptance_rate": [a / proposed if proposed else 0.0 for a in accepted]}
+              "acceptance_rate": [a / p if p else 0.0 for a, p in zip(accepted, proposed)],
+              "accepted_per_step": sum(accepted) / max(forwards - 1, 1)}
   res["stats"] = {"mode": mode, "new_tokens": n, "forward_passes": forwards, "tokens_per_forward": n / max(forwards, 1),
                   **drafts, **batch}
   return res
@@ -184,14 +193,15 @@ def summarize(results: Sequence[dict]) -> dict:
   tokens = sum(r["stats"]["new_tokens"] for r in results)
   forwards = sum(r["stats"]["forward_passes"] for r in results)
   drafted = [r["stats"] for r in results if "draft_proposed" in r["stats"]]
-  proposed = sum(s["draft_proposed"] for s in drafted)
+  proposed = np.sum([s["draft_proposed"] for s in drafted], axis=0) if drafted else []
   accepted = np.sum([s["draft_accepted"] for s in drafted], axis=0) if drafted else []
   return {"prompts": len(results), "new_tokens": tokens, "wall_s": wall,
           "compile_s": sum(b["batch_compile_s"] for b in batches.values()),
           "tokens_per_s": tokens / wall if wall else 0.0,
           "batch_forward_passes": sum(b["batch_forward_passes"] for b in batches.values()),
           "tokens_per_forward": tokens / max(forwards, 1),
-          "acceptance_rate": [float(a) / proposed if proposed else 0.0 for a in np.atleast_1d(accepted)]}
+          "acceptance_rate": [float(a) / p if p else 0.0 for a, p in zip(np.atleast_1d(accepted),
+                                                                           np.atleast_1d(proposed))]}
 
 
 # ----------------------------------------------------------------------------- loading a workdir
@@ -291,6 +301,9 @@ def _define_flags():
                        "the next prompt (continuous batching); sampling modes: prompts per batch.")
   flags.DEFINE_integer("draft_heads", None, "Speculative modes: the block k, 2..n_future (default n_future): heads "
                        "2..k draft; fewer can be faster where a verify step is bound by arithmetic (CPU, big batches).")
+  flags.DEFINE_string("draft", None, "Speculative modes: chain (every step drafts --draft_heads-1 tokens) or auto "
+                      "(the default where the heads allow: each step drafts the 0..--draft_heads-1 tokens that pay "
+                      "most, from the measured step costs and acceptance).")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature (sampling modes).")
   flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off; sampling modes).")
   flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off; sampling modes).")
@@ -309,7 +322,8 @@ def main(argv):
   if not f.workdir:
     raise DecodeError("need --workdir=<training run directory>")
   # Every flag is checked once, here, before loading or generating anything, whatever the mode.
-  request = decode.Request(f.mode, f.max_new_tokens, f.temperature, f.top_k, f.top_p, f.draft_heads, flag="--")
+  request = decode.Request(f.mode, f.max_new_tokens, f.temperature, f.top_k, f.top_p, f.draft_heads, f.draft,
+                           flag="--")
   check_batching(f.batch_size, f.seed, flag="--")
   output = check_output(f.output) if f.output else None
   prompts = read_prompts(f.prompt, f.prompt_file)

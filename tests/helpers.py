@@ -122,6 +122,20 @@ def decode_run(model, params, prompts, mode, max_new_tokens=24, bucket=16, **kw)
   return out
 
 
+def bytes_workdir(path, vocab_size, n_future=2):
+  """A training workdir as the trainer leaves it (config.json, an orbax params checkpoint), random weights."""
+  import orbax.checkpoint as ocp
+  config = tiny_config(vocab_size=vocab_size, n_future=n_future, n_layers=3)
+  config.data.tokenizer = "bytes"
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(config.to_json())
+  params = random_params(build_model(config.model), 0)
+  with ocp.CheckpointManager(path / "checkpoints") as mgr:
+    mgr.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    mgr.wait_until_finished()
+  return params
+
+
 def check_same(g, s, max_new):
   """A speculative output `s` is the greedy output `g`, token for token, in no more forward passes."""
   np.testing.assert_array_equal(s.tokens, g.tokens)

@@ -15,9 +15,9 @@ from mtp_jax import decode
 from mtp_jax.decode import DecodeError
 from mtp_jax.errors import UserError
 from mtp_jax.generate import generate, load_workdir, summarize
-from mtp_jax.model import build_model, init_cache
+from mtp_jax.model import init_cache
 
-from helpers import (MIXED, ROOT, check_same, chi2_pvalue, decode_run, exact_joint, random_params, tiny_config,
+from helpers import (MIXED, ROOT, bytes_workdir, check_same, chi2_pvalue, decode_run, exact_joint, tiny_config,
                      tiny_decoder)
 from tolerances import assert_close, network_k
 
@@ -99,18 +99,24 @@ def test_speculative_equals_greedy(n, head_type):
     model, params = tiny_decoder(n=n, head_type=head_type, shared=shared)
     for prompts in (MIXED, [[7, 3, 5, 1]]):                # batch > 1 with mixed lengths, and batch 1
       g = decode_run(model, params, prompts, "greedy")
-      s = decode_run(model, params, prompts, "speculative")
+      s = decode_run(model, params, prompts, "speculative", draft="chain")   # auto: tests/test_draft_budget.py
       check_same(g, s, 24)
       assert s.accepted.shape == (len(prompts), n - 1)
       accepted[shared] = accepted.get(shared, 0) + s.accepted.sum()
       # Across EOS: stop at a token greedy emits mid-way in row 0.
       eos = int(g.tokens[0, 5])
       g2 = decode_run(model, params, prompts, "greedy", eos_id=eos)
-      s2 = decode_run(model, params, prompts, "speculative", eos_id=eos)
+      s2 = decode_run(model, params, prompts, "speculative", eos_id=eos, draft="chain")
       check_same(g2, s2, 24)
       first = g.tokens[0].tolist().index(eos)
       assert g2.tokens[0].tolist() == g.tokens[0, :first + 1].tolist() + [decode.PAD] * (23 - first)
   assert accepted[True] > 0, "copied heads should get some drafts accepted, or the accept path is untested"
+
+
+def _chain(mode):
+  """A fixed chain: each row's forward passes are then its own (--draft=auto shares one budget per batch, so only
+  its tokens are batch-independent; tests/test_draft_budget.py)."""
+  return {"draft": "chain"} if mode == "speculative" else {}
 
 
 @pytest.mark.parametrize("head_type", ["parallel", "sequential"])
@@ -125,9 +131,9 @@ def test_rows_that_finish_early_leave_the_batch(head_type):
   seen = collections.Counter(t for a in alone for t in set(a.tokens[0, :12].tolist()))
   eos = next(t for t, rows in seen.most_common() if 4 <= rows < 8)   # ends 4-7 rows within 12 tokens
   for mode in ("greedy", "speculative"):
-    batch = decode_run(model, params, prompts, mode, eos_id=eos)
+    batch = decode_run(model, params, prompts, mode, eos_id=eos, **_chain(mode))
     for i, p in enumerate(prompts):
-      one = decode_run(model, params, [p], mode, eos_id=eos)
+      one = decode_run(model, params, [p], mode, eos_id=eos, **_chain(mode))
       np.testing.assert_array_equal(batch.tokens[i], one.tokens[0], err_msg=f"{mode} row {i}")
       assert batch.lengths[i] == one.lengths[0] and batch.forwards[i] == one.forwards[0], (mode, i)
       np.testing.assert_array_equal(batch.accepted[i], one.accepted[0])
@@ -147,13 +153,13 @@ def test_finished_rows_take_the_next_prompt(head_type):
   seen = collections.Counter(t for a in alone for t in set(a.tokens[0, :12].tolist()))
   eos = next(t for t, rows in seen.most_common() if 3 <= rows < 7)
   for mode in ("greedy", "speculative"):
-    served = decode_run(model, params, prompts, mode, eos_id=eos, slots=3)
+    served = decode_run(model, params, prompts, mode, eos_id=eos, slots=3, **_chain(mode))
     for i, p in enumerate(prompts):
-      one = decode_run(model, params, [p], mode, eos_id=eos)
+      one = decode_run(model, params, [p], mode, eos_id=eos, **_chain(mode))
       np.testing.assert_array_equal(served.tokens[i], one.tokens[0], err_msg=f"{mode} prompt {i}")
       assert served.lengths[i] == one.lengths[0] and served.forwards[i] == one.forwards[0], (mode, i)
       np.testing.assert_array_equal(served.accepted[i], one.accepted[0])
-    batched = [decode_run(model, params, prompts[i:i + 3], mode, eos_id=eos) for i in range(0, 7, 3)]
+    batched = [decode_run(model, params, prompts[i:i + 3], mode, eos_id=eos, **_chain(mode)) for i in range(0, 7, 3)]
     assert int(served.row_steps) < sum(int(b.row_steps) for b in batched), mode
   with pytest.raises(DecodeError, match="slots=0"):
     decode_run(model, params, prompts, "greedy", slots=0)
@@ -181,9 +187,11 @@ def test_speculative_equals_greedy_with_each_attention(monkeypatch, attention, u
   decode.clear_compiled()                                 # no program traced with other settings
   model, params = tiny_decoder(n=3, shared=True, attention=attention)
   g = decode_run(model, params, MIXED, "greedy")
-  s = decode_run(model, params, MIXED, "speculative")
+  s = decode_run(model, params, MIXED, "speculative", draft="chain")
+  auto = decode_run(model, params, MIXED, "speculative", draft="auto", draft_costs=[1.0, 1.2, 1.5])   # a falling budget
   decode.clear_compiled()
   check_same(g, s, 24)
+  check_same(g, auto, 24)
   ref = decode_run(*tiny_decoder(n=3, shared=True, attention="xla"), MIXED, "greedy")
   np.testing.assert_array_equal(g.tokens, ref.tokens)
   assert s.accepted.sum() > 0
@@ -303,27 +311,13 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
   assert isinstance(e.value, UserError)
 
 
-def _bytes_workdir(path, vocab_size):
-  """A training workdir as the trainer leaves it (config.json, an orbax params checkpoint), random weights."""
-  import orbax.checkpoint as ocp
-  config = tiny_config(vocab_size=vocab_size, n_future=2, n_layers=3)
-  config.data.tokenizer = "bytes"
-  path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(config.to_json())
-  params = random_params(build_model(config.model), 0)
-  with ocp.CheckpointManager(path / "checkpoints") as mgr:
-    mgr.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-    mgr.wait_until_finished()
-  return params
-
-
 def test_workdir_errors(tmp_path):
   with pytest.raises(DecodeError, match="no such directory"):
     load_workdir(str(tmp_path / "missing"))
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(DecodeError, match="no checkpoint"):
     load_workdir(str(tmp_path))
-  _bytes_workdir(tmp_path / "run", vocab_size=300)          # the byte tokenizer has 258 ids
+  bytes_workdir(tmp_path / "run", vocab_size=300)          # the byte tokenizer has 258 ids
   with pytest.raises(UserError, match="258 tokens but the model's vocabulary has 300"):
     load_workdir(str(tmp_path / "run"))
 
@@ -335,7 +329,7 @@ def _cli(*args):
 
 def test_cli_end_to_end(tmp_path):
   """Load a workdir, generate for two prompts in speculative mode, write JSONL; then a too-long prompt."""
-  _bytes_workdir(tmp_path / "run", vocab_size=258)
+  bytes_workdir(tmp_path / "run", vocab_size=258)
   out = tmp_path / "out.jsonl"
   proc = _cli(f"--workdir={tmp_path / 'run'}", "--prompt=def f(x):", "--prompt=import os", "--mode=speculative",
               "--max_new_tokens=6", f"--output={out}")
@@ -367,7 +361,7 @@ def test_a_shorter_speculative_block_still_equals_greedy(head_type):
   model, params = tiny_decoder(n=4, head_type=head_type, shared=shared)
   g = decode_run(model, params, MIXED, "greedy")
   for k in (2, 3):
-    s = decode_run(model, params, MIXED, "speculative", draft_heads=k)
+    s = decode_run(model, params, MIXED, "speculative", draft_heads=k, draft="chain")
     check_same(g, s, 24)
     assert s.accepted.shape == (len(MIXED), k - 1) and (s.accepted.sum() > 0 or not shared)
     assert np.all(s.lengths <= s.forwards * k)

@@ -9,19 +9,23 @@ The package by concern:
     loop.py     the compiled program: prefill, then one `jax.lax.while_loop` over blocks, with continuous
                 batching and compaction of finished rows
     host.py     the host side: a caller's options checked once (Request), prompts padded, programs cached
+    costs.py    --draft=auto's cost table: a step of j drafts over a greedy step, timed once per program
 
 Everything a caller uses is importable from here: `from mtp_jax import decode; decode.run(...)`.
 """
 from mtp_jax.decode.draft import adjusted_logprobs
-from mtp_jax.decode.forward import Weights, decode_weights, forward_hidden, init_decode_cache, run_heads, unembed
-from mtp_jax.decode.host import (MIN_TEMPERATURE, Request, check_request, check_slots, clear_compiled,
+from mtp_jax.decode.forward import (Weights, decode_weights, forward_hidden, init_decode_cache, run_heads, unembed,
+                                    with_draft_vocab)
+from mtp_jax.decode.host import (DRAFTS, MIN_TEMPERATURE, Request, check_request, check_slots, clear_compiled,
                                  compiled_decode, execute, max_prompt_len, pad_prompts, prompt_bucket, run)
 from mtp_jax.decode.loop import decode, prefill, step, trace_count
-from mtp_jax.decode.types import MODES, PAD, DecodeError, DecodeOutput, DecodeState, SamplingParams, Settings
+from mtp_jax.decode.types import (MODES, PAD, Budget, DecodeError, DecodeOutput, DecodeState, SamplingParams, Settings,
+                                  choose_budget)
 
 __all__ = [
-    "MIN_TEMPERATURE", "MODES", "PAD", "DecodeError", "DecodeOutput", "DecodeState", "Request", "SamplingParams",
-    "Settings", "Weights", "adjusted_logprobs", "check_request", "check_slots", "clear_compiled", "compiled_decode",
-    "decode", "decode_weights", "execute", "forward_hidden", "init_decode_cache", "max_prompt_len", "pad_prompts",
-    "prefill", "prompt_bucket", "run", "run_heads", "step", "trace_count", "unembed",
+    "DRAFTS", "MIN_TEMPERATURE", "MODES", "PAD", "Budget", "DecodeError", "DecodeOutput", "DecodeState", "Request",
+    "SamplingParams", "Settings", "Weights", "adjusted_logprobs", "check_request", "check_slots", "choose_budget",
+    "clear_compiled", "compiled_decode", "decode", "decode_weights", "execute", "forward_hidden",
+    "init_decode_cache", "max_prompt_len", "pad_prompts", "prefill", "prompt_bucket", "run", "run_heads", "step",
+    "trace_count", "unembed", "with_draft_vocab",
 ]

@@ -55,7 +55,9 @@ def _verify_heads(args: ModelArgs, n_heads: int) -> int:
   return 1 if args.heads.reads_ahead else n_heads
 
 
-def decode_weights(params, args: ModelArgs, n_heads: int) -> Weights:
+def decode_weights(params, args: ModelArgs, n_heads: int, per_head: bool = False) -> Weights:
+  """per_head: the verify-pass heads as a tuple of layers, not stacked (--draft=auto runs the first j+1 of them;
+  a slice of a stack would copy it every step)."""
   trunk = params["trunk"]["layer"] if args.n_trunk_layers else None
   layers = tuple(jax.tree.map(lambda x: x[i], trunk) for i in range(args.n_trunk_layers))
   stack = lambda ids: jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"heads_{i}"] for i in ids)) if ids else None
@@ -66,15 +68,18 @@ def decode_weights(params, args: ModelArgs, n_heads: int) -> Weights:
     ids = params[DRAFT_VOCAB]
     rows = params["embed"]["embedding"][ids] if args.tie_embeddings else params["unembed"]["kernel"][:, ids].T
     vocab = (ids, rows)
-  return Weights(shared, layers, stack(range(n_verify)), stack(range(n_verify, n_heads)), vocab)
+  heads = tuple(params[f"heads_{i}"] for i in range(n_verify)) if per_head else stack(range(n_verify))
+  return Weights(shared, layers, heads, stack(range(n_verify, n_heads)), vocab)
 
 
-def init_decode_cache(args: ModelArgs, batch: int, max_len: int, n_heads: int) -> dict:
+def init_decode_cache(args: ModelArgs, batch: int, max_len: int, n_heads: int, per_head: bool = False) -> dict:
   """Zeroed caches: a (keys, values) pair per trunk layer, and the heads' (and drafting modules') caches
-  stacked like their weights."""
+  stacked like their weights (per_head: a pair per verify-pass head, as `decode_weights`)."""
   n_verify = _verify_heads(args, n_heads)
   cache = init_cache(args, batch, max_len, n_heads=n_verify)
   trunk = cache["trunk"]
+  if per_head and cache["heads"] is not None:
+    cache["heads"] = tuple((cache["heads"][0][i], cache["heads"][1][i]) for i in range(n_verify))
   drafter = init_cache(args, batch, max_len, n_heads=n_heads - n_verify)["heads"] if n_heads > n_verify else None
   return {"trunk": tuple((trunk[0][i], trunk[1][i]) for i in range(args.n_trunk_layers)), "heads": cache["heads"],
           "drafter": drafter}
@@ -89,6 +94,13 @@ def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_in
   """
   layer = args.heads.first(args)   # heads that run in the verify pass are all of head 0's class
   apply = lambda p, x, c: layer.apply({"params": p}, x, positions, segment_ids, c, cache_index, prefill)
+  if isinstance(heads, tuple):      # one layer per head (`decode_weights(per_head=True)`), each with its cache
+    outs, new, h = [], [], z
+    for p, c in zip(heads, cache if cache is not None else (None,) * len(heads)):
+      h, c = apply(p, h if args.heads.chained else z, c)
+      outs.append(h)
+      new.append(c)
+    return jnp.stack(outs), (tuple(new) if cache is not None else None)
   if not args.heads.chained:
     return jax.vmap(apply, in_axes=(0, None, 0))(heads, z, cache)
   n = jax.tree.leaves(heads)[0].shape[0]

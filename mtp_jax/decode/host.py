@@ -16,14 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax.decode.costs import clear_costs, step_costs
 from mtp_jax.decode.forward import decode_weights
 from mtp_jax.decode.loop import decode
-from mtp_jax.decode.types import MODES, DecodeError, SamplingParams, Settings
+from mtp_jax.decode.types import MODES, Budget, DecodeError, SamplingParams, Settings
 from mtp_jax.model import MTPTransformer, ModelArgs
 
 MIN_TEMPERATURE = 1e-5   # as vLLM's sampling epsilon: sampling below it is argmax in effect, and far below
 # it logits / temperature overflows float32 (temperature=1e-45 gave NaN probabilities, all token 0)
 SPECULATIVE_MODES = ("speculative", "speculative_sample")
+DRAFTS = ("chain", "auto")
 
 
 def _is_int(x) -> bool:
@@ -43,6 +45,7 @@ class Request:
   top_k: int = 0
   top_p: float = 1.0
   draft_heads: Optional[int] = None   # speculative modes: the block k, 2..n_future (None: n_future)
+  draft: Optional[str] = None   # speculative modes: "chain" or "auto" (None: auto where the heads allow, `draft_kind`)
   flag: str = dataclasses.field(default="", compare=False)
 
   def __post_init__(self):
@@ -64,6 +67,11 @@ class Request:
                         f"drafts nothing; use {f}mode=speculative or speculative_sample, or leave {f}draft_heads unset")
     if self.draft_heads is not None and not _is_int(self.draft_heads):
       raise DecodeError(f"{f}draft_heads={self.draft_heads!r}: must be an integer")
+    if self.draft is not None and self.draft not in DRAFTS:
+      raise DecodeError(f"{f}draft={self.draft!r}: choose one of {', '.join(DRAFTS)}")
+    if self.draft is not None and self.mode not in SPECULATIVE_MODES:
+      raise DecodeError(f"{f}draft={self.draft} chooses how speculative modes draft, but {f}mode={self.mode} drafts "
+                        f"nothing; use {f}mode=speculative or speculative_sample, or leave {f}draft unset")
 
   @property
   def sampling(self) -> bool:
@@ -74,10 +82,24 @@ class Request:
     if k is not None and not 2 <= k <= args.n_future:
       raise DecodeError(f"{self.flag}draft_heads={k}: the speculative block is 2..n_future={args.n_future} tokens "
                         f"(this model has {args.n_future} heads); leave it unset to use them all")
+    if self.draft == "auto" and args.n_future < 2:
+      raise DecodeError(f"{self.flag}draft=auto chooses how many draft heads draft, but this model has none "
+                        f"(n_future={args.n_future}); leave {self.flag}draft unset or use {self.flag}draft=chain")
+    if self.draft == "auto" and args.heads.reads_ahead:
+      raise DecodeError(f"{self.flag}draft=auto: sequential modules (head_type={args.head_type}) draft one after "
+                        f"another after the verify pass, in a chain only; use {self.flag}draft=chain")
+
+  def draft_kind(self, args: ModelArgs) -> str:
+    """The drafting scheme this request runs on this model: auto by default where the heads draft in the
+    verify pass (parallel, causal, linear), else chain."""
+    if self.draft is not None:
+      return self.draft
+    auto = self.mode in SPECULATIVE_MODES and args.n_future > 1 and not args.heads.reads_ahead
+    return "auto" if auto else "chain"
 
   def settings(self, args: ModelArgs, batch_shards: int = 1, slots: int = 0) -> Settings:
     return Settings(self.mode, int(self.max_new_tokens), self.draft_heads or args.n_future,
-                    batch_shards=batch_shards, slots=slots)
+                    batch_shards=batch_shards, slots=slots, draft=self.draft_kind(args))
 
   def sampling_params(self, eos_id: Optional[int] = None) -> SamplingParams:
     return SamplingParams.of(self.temperature, self.top_k, self.top_p, eos_id)
@@ -151,9 +173,10 @@ def compiled_decode(params, args: ModelArgs, settings: Settings, tokens, lengths
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0
   start = time.perf_counter()
-  weights = jax.jit(lambda p: decode_weights(p, args, settings.heads_run)).lower(params).compile()
+  per_head = settings.draft == "auto"
+  weights = jax.jit(lambda p: decode_weights(p, args, settings.heads_run, per_head)).lower(params).compile()
   loop = jax.jit(lambda *xs: decode(*xs, model=MTPTransformer(args), settings=settings))
-  loop = loop.lower(weights(params), tokens, lengths, key, sp).compile()
+  loop = loop.lower(weights(params), tokens, lengths, key, sp, Budget.of(settings.block - 1)).compile()
   _COMPILED[cache_key] = lambda params, *rest: loop(weights(params), *rest)
   return _COMPILED[cache_key], time.perf_counter() - start
 
@@ -161,11 +184,12 @@ def compiled_decode(params, args: ModelArgs, settings: Settings, tokens, lengths
 def clear_compiled() -> None:
   """Drop every cached program (they hold device memory for their code only, but a long session may want it)."""
   _COMPILED.clear()
+  clear_costs()
 
 
 def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_tokens=64, seed=0, key=None,
         temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None, slots: Optional[int] = None,
-        draft_heads: Optional[int] = None):
+        draft_heads: Optional[int] = None, draft: Optional[str] = None, draft_costs=None, draft_prior=None):
   """Decode padded prompts: (DecodeOutput of numpy arrays, {'compile_s', 'wall_s'}).
 
   `tokens` [N, P] / `lengths` [N] come from `pad_prompts`; the prompts' own checks are `check_request`'s.
@@ -173,16 +197,21 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   draft_heads: the speculative block, k = 2..n_future (default n_future): heads 2..k draft, so a verify
   step costs k tokens' forward; where a step is bound by arithmetic (a CPU, large batches) a shorter
   block can pay more than the last heads' rarely accepted drafts (experiments/results/speculative.md).
-  wall_s is the decode alone (compile excluded), measured until the results are on the host.
+  draft: "chain" (every step drafts draft_heads-1 tokens) or "auto" (the default where the heads allow:
+  each step picks 0..draft_heads-1 drafts, see docs/decoding.md); draft_costs [cap+1] / draft_prior
+  [2, cap] replace auto's timed cost table and its prior (proposed, accepted) counts per depth.
+  wall_s is the decode alone (compile and auto's one-off cost timing, costs_s, excluded), measured until the
+  results are on the host; draft_costs: the cost table auto used.
   """
-  request = Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads)
+  request = Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads, draft)
   request.check_model(args)
   check_slots(mode, slots, len(lengths))
-  return execute(params, args, tokens, lengths, request, seed=seed, key=key, eos_id=eos_id, slots=slots)
+  return execute(params, args, tokens, lengths, request, seed=seed, key=key, eos_id=eos_id, slots=slots,
+                 draft_costs=draft_costs, draft_prior=draft_prior)
 
 
 def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=0, key=None,
-            eos_id: Optional[int] = None, slots: Optional[int] = None):
+            eos_id: Optional[int] = None, slots: Optional[int] = None, draft_costs=None, draft_prior=None):
   """`run` for a request its caller has checked (generate() does, once): nothing is checked again."""
   settings = request.settings(args, batch_shards=_batch_shards(tokens),
                               slots=0 if slots is None or slots >= len(lengths) else int(slots))
@@ -192,6 +221,12 @@ def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=
   sp = request.sampling_params(eos_id)
   tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
   fn, compile_s = compiled_decode(params, args, settings, tokens, lengths, key, sp)
+  cap, costs_s, timing = settings.block - 1, 0.0, {}
+  if settings.draft == "auto":
+    if draft_costs is None:
+      draft_costs, costs_s = step_costs(fn, params, tokens, lengths, key, sp, settings)
+    timing = {"costs_s": costs_s, "draft_costs": [round(float(c), 3) for c in np.asarray(draft_costs)]}
+  budget = Budget.of(cap, draft_costs, draft_prior)
   start = time.perf_counter()
-  out = jax.device_get(fn(params, tokens, lengths, key, sp))
-  return out, {"compile_s": compile_s, "wall_s": time.perf_counter() - start}
+  out = jax.device_get(fn(params, tokens, lengths, key, sp, budget))
+  return out, {"compile_s": compile_s, "wall_s": time.perf_counter() - start, **timing}

@@ -24,18 +24,27 @@ import jax.numpy as jnp
 
 from mtp_jax.decode.draft import drafter_for, verify
 from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, take_at, unembed
-from mtp_jax.decode.types import PAD, Array, DecodeOutput, DecodeState, SamplingParams, Settings
+from mtp_jax.decode.types import PAD, Array, Budget, DecodeOutput, DecodeState, SamplingParams, Settings, choose_budget
 from mtp_jax.model import MTPTransformer
 
 
-def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts, draft_logq, key, active):
+def _pad_drafts(x, cap: int):
+  """Drafts [B, j, ...] padded to the state's [B, cap, ...] (slots past the budget are never read)."""
+  return None if x is None else jnp.pad(x, ((0, 0), (0, cap - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+
+
+def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts, draft_logq, key, active, costs):
   """Verify a block, append the accepted tokens (up to EOS / max_new_tokens), draft the next block.
 
-  The block's index 0 sits at state.position; rows that are not `active` keep their state.
+  The block's index 0 sits at state.position; rows that are not `active` keep their state. The block
+  verifies j = drafts.shape[1] drafts; --draft=auto then picks the next budget from the counts, at most the
+  drafts just made (heads past it stop running for good, so their caches are never read stale).
   """
   k_verify, k_draft = jax.random.split(key) if settings.sampling else (key, key)   # argmax modes draw nothing
   a, token, _ = verify(p_logits, drafts, draft_logq, k_verify, sp, settings.sampling)
   new_drafts, new_logq, updates = drafter(a, token, k_draft)
+  cap, made = settings.block - 1, new_drafts.shape[1]
+  new_drafts, new_logq = _pad_drafts(new_drafts, cap), _pad_drafts(new_logq, cap)
   if updates is not None:   # sequential modules: their cache, and the positions before the next block
     state = state.replace(cache={**state.cache, "drafter": updates["cache"]}, recent=updates["recent"])
 
@@ -54,7 +63,11 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
       return None
     return jnp.where(active.reshape(active.shape + (1,) * (new_val.ndim - 1)), new_val, old_val)
 
-  heads = jnp.arange(1, settings.block)[None, :]
+  depth = jnp.arange(cap)[None, :]
+  proposed = active[:, None] & (depth < drafts.shape[1])
+  accepted = active[:, None] & (a[:, None] > depth)
+  stats = state.stats + jnp.stack([jnp.sum(proposed, 0), jnp.sum(accepted, 0)]).astype(state.stats.dtype)
+  budget = choose_budget(costs, stats, made) if settings.draft == "auto" else jnp.int32(cap)
   return state.replace(
       tokens=keep(written, state.tokens),
       count=keep(state.count + m, state.count),
@@ -63,60 +76,99 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
       draft_logq=keep(new_logq, state.draft_logq),
       done=state.done | (active & (hit | (state.count + m >= settings.max_new_tokens))),
       forwards=state.forwards + active,
-      accepted=state.accepted + (active[:, None] & (a[:, None] >= heads)))
+      accepted=state.accepted + accepted, proposed=state.proposed + proposed, stats=stats, budget=budget)
 
 
-def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key) -> DecodeState:
+def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, budget: Budget = None) -> DecodeState:
   """Run the padded prompts through the model, emit each row's first token and first drafts."""
   args, (b, p) = model.args, tokens.shape
   k = settings.block
-  cache = init_decode_cache(args, b, p + settings.max_new_tokens + args.n_future, settings.heads_run)
+  budget = Budget.of(k - 1) if budget is None else budget
+  cache = init_decode_cache(args, b, p + settings.max_new_tokens + args.n_future, settings.heads_run,
+                            per_head=settings.draft == "auto")
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
   zero = jnp.zeros((b,), jnp.int32)
   hidden, cache = forward_hidden(model, w, tokens, positions, cache, zero, prefill=True)
   last = lengths - 1
   h_last = take_at(hidden[0], last)[:, None]                            # head 0 at each prompt's end [B, 1, d]
   key, sub = jax.random.split(key)
+  per_head = jnp.zeros((b, k - 1), jnp.int32)
   state = DecodeState(
       cache=cache, tokens=jnp.zeros((b, settings.max_new_tokens + k), jnp.int32),
       count=jnp.zeros((b,), jnp.int32), position=last.astype(jnp.int32),
       drafts=jnp.zeros((b, k - 1), jnp.int32),
       draft_logq=jnp.zeros((b, k - 1, args.vocab_size), jnp.float32) if settings.sampling else None,
       done=jnp.zeros((b,), bool), key=key, steps=jnp.zeros((), jnp.int32),
-      forwards=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b, k - 1), jnp.int32),
+      forwards=jnp.zeros((b,), jnp.int32), accepted=per_head, proposed=per_head,
+      budget=jnp.int32(k - 1), stats=budget.prior.astype(jnp.float32), budget_steps=jnp.zeros((k,), jnp.int32),
       recent=None if w.drafter is None else (jnp.zeros((b, k - 2, args.d_model), hidden.dtype),
                                              jnp.zeros((b, k - 2), jnp.int32)))
   no_drafts = jnp.zeros((b, 0), jnp.int32)
   no_logq = jnp.zeros((b, 0, args.vocab_size), jnp.float32) if settings.sampling else None
   drafter = drafter_for(model, w, settings, sp, state, hidden, tokens, zero, last, True)
   return _emit(settings, sp, state, unembed(model, w.params, h_last), drafter, no_drafts, no_logq, sub,
-               jnp.ones((b,), bool))
+               jnp.ones((b,), bool), budget.costs)
 
 
-def step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
-  """One forward pass over every row's block [last token, drafts] at its own cache position."""
-  k = settings.block
+def step(model, w: Weights, settings: Settings, sp, state: DecodeState, budget: Budget = None) -> DecodeState:
+  """One forward pass over every row's block [last token, drafts] at its own cache position.
+
+  --draft=auto: one branch per draft length j = 0..k-1 (`jax.lax.switch` on state.budget; only the taken
+  branch runs), branch j feeding [last token, j drafts] through the trunk and heads 0..j, so a shorter
+  block costs less and j = 0 is a greedy step."""
+  budget = Budget.of(settings.block - 1) if budget is None else budget
+  if settings.draft != "auto":
+    return _block_step(model, w, settings, sp, state, settings.block - 1, budget.costs)
+  branches = [lambda s, j=j: _block_step(model, w, settings, sp, s, j, budget.costs) for j in range(settings.block)]
+  return jax.lax.switch(state.budget, branches, state)
+
+
+def _steps_while(model, w: Weights, settings: Settings, sp, budget: Budget, cond, state: DecodeState) -> DecodeState:
+  """Steps while cond(state). --draft=auto: the budget never grows, so one loop per draft length, longest first,
+  each running while the budget is its length: static blocks and no conditional around the state (a
+  `lax.switch` over the branches copied the caches in and out of it every step)."""
+  if settings.draft != "auto":
+    return jax.lax.while_loop(cond, lambda s: step(model, w, settings, sp, s, budget), state)
+  for j in reversed(range(settings.block)):
+    state = jax.lax.while_loop(lambda s, j=j: cond(s) & (s.budget == j),
+                               lambda s, j=j: _block_step(model, w, settings, sp, s, j, budget.costs), state)
+  return state
+
+
+def _block_step(model, w: Weights, settings: Settings, sp, state: DecodeState, j: int, costs) -> DecodeState:
+  """A step verifying the first j drafts (j static), with the heads that draft the next j (heads 0..j)."""
+  k = j + 1
   last = take_at(state.tokens, state.count - 1)
-  block = jnp.concatenate([last[:, None], state.drafts], axis=1)
+  block = jnp.concatenate([last[:, None], state.drafts[:, :j]], axis=1)
   positions = state.position[:, None] + jnp.arange(k)[None, :]
-  hidden, cache = forward_hidden(model, w, block, positions, state.cache, state.position)
+  # --draft=auto: heads and their caches are tuples (`decode_weights(per_head=True)`): taking the first k copies nothing
+  heads, caches = w.heads, state.cache["heads"]
+  auto = settings.draft == "auto"
+  w_k = w._replace(heads=heads[:k]) if auto else w
+  cache = {**state.cache, "heads": caches[:k] if auto and caches is not None else caches}
+  hidden, cache = forward_hidden(model, w_k, block, positions, cache, state.position)
+  if auto and caches is not None:
+    cache["heads"] = cache["heads"] + caches[k:]
   key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
-  state = state.replace(cache=cache, key=key, steps=state.steps + 1)
-  drafter = drafter_for(model, w, settings, sp, state, hidden, block, state.position, None, False)
-  return _emit(settings, sp, state, unembed(model, w.params, hidden[0]), drafter, state.drafts, state.draft_logq,
-               sub, ~state.done)
+  state = state.replace(cache=cache, key=key, steps=state.steps + 1, budget_steps=state.budget_steps.at[j].add(1))
+  drafter = drafter_for(model, w_k, settings, sp, state, hidden, block, state.position, None, False)
+  logq = None if state.draft_logq is None else state.draft_logq[:, :j]
+  return _emit(settings, sp, state, unembed(model, w.params, hidden[0]), drafter, state.drafts[:, :j], logq,
+               sub, ~state.done, costs)
 
 
 _TRACES = [0]
 
 
-def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, *, model: MTPTransformer,
+def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, budget: Budget = None, *, model: MTPTransformer,
            settings: Settings) -> DecodeOutput:
   """The whole generation (jit this): w from `decode_weights`, tokens [N, P] right-padded prompts,
-  lengths [N] their lengths. The loop decodes settings.batch(N) rows at once."""
+  lengths [N] their lengths. The loop decodes settings.batch(N) rows at once. budget: --draft=auto's
+  costs and prior, and a step limit (default: none)."""
   _TRACES[0] += 1   # runs only while tracing: the tests count compilations with it
   n_prompts, b = tokens.shape[0], settings.batch(tokens.shape[0])
-  state = prefill(model, w, settings, sp, tokens[:b], lengths[:b], key)
+  budget = Budget.of(settings.block - 1) if budget is None else budget
+  state = prefill(model, w, settings, sp, tokens[:b], lengths[:b], key, budget)
   # `slots` maps the loop's rows to the caller's prompts; `done_rows` collects every prompt's results
   # as its row finishes (refill) or its stage ends (compaction).
   slots = jnp.arange(b)
@@ -124,8 +176,8 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, *, model: MTPTr
                          for f in _Results._fields))
   row_steps = jnp.int32(b)
   if b < n_prompts:
-    state, slots, done_rows, row_steps = _serve_queue(model, w, settings, sp, tokens, lengths, state, done_rows,
-                                                      row_steps)
+    state, slots, done_rows, row_steps = _serve_queue(model, w, settings, sp, budget, tokens, lengths, state,
+                                                      done_rows, row_steps)
   # Rows finish at different steps (EOS; in speculative modes each row accepts its own drafts), and a
   # finished row would ride along to the end, paying for a forward pass of its own at every step. So
   # once no prompt is waiting the loop runs in stages of halving batch size: once at most half of a
@@ -134,8 +186,9 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, *, model: MTPTr
   for size, next_size in zip(sizes, sizes[1:] + (0,)):
     # Each active step emits >= 1 token per active row, so max_new_tokens bounds the loop.
     began = state.steps
-    cond = lambda s, nxt=next_size, began=began: (jnp.sum(~s.done) > nxt) & (s.steps - began < settings.max_new_tokens)
-    state = jax.lax.while_loop(cond, lambda s: step(model, w, settings, sp, s), state)
+    cond = lambda s, nxt=next_size, began=began: ((jnp.sum(~s.done) > nxt) & (s.steps < budget.limit)
+                                                  & (s.steps - began < settings.max_new_tokens))
+    state = _steps_while(model, w, settings, sp, budget, cond, state)
     row_steps += size * (state.steps - began)
     done_rows = done_rows.record(slots, state)
     if next_size:
@@ -144,10 +197,12 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, *, model: MTPTr
   n = settings.max_new_tokens
   out = jnp.where(jnp.arange(n)[None, :] < done_rows.count[:, None], done_rows.tokens[:, :n], PAD)
   return DecodeOutput(tokens=out, lengths=done_rows.count, forwards=done_rows.forwards, accepted=done_rows.accepted,
-                      steps=state.steps, row_steps=row_steps)
+                      steps=state.steps, row_steps=row_steps, proposed=done_rows.proposed,
+                      budget_steps=state.budget_steps)
 
 
-def _serve_queue(model, w, settings: Settings, sp, tokens, lengths, state: DecodeState, done_rows, row_steps):
+def _serve_queue(model, w, settings: Settings, sp, budget: Budget, tokens, lengths, state: DecodeState, done_rows,
+                 row_steps):
   """Continuous batching: while prompts wait, run the batch until a row finishes, record that row and
   prefill the next prompt into it (a one-row prefill). Rows then never ride along finished while
   work waits, and no row waits for a slower one. Returns (state, slots, done_rows, row_steps) once
@@ -162,18 +217,19 @@ def _serve_queue(model, w, settings: Settings, sp, tokens, lengths, state: Decod
     state, slots, done_rows, row_steps, nxt = carry
     began = state.steps
     # One row's generation takes <= max_new_tokens steps, so the loop ends even without a done row.
-    until_one_done = lambda s: ~jnp.any(s.done) & (s.steps - began < settings.max_new_tokens)
-    state = jax.lax.while_loop(until_one_done, lambda s: step(model, w, settings, sp, s), state)
+    until_one_done = lambda s: ~jnp.any(s.done) & (s.steps - began < settings.max_new_tokens) & (s.steps < budget.limit)
+    state = _steps_while(model, w, settings, sp, budget, until_one_done, state)
     r = jnp.argmax(state.done)                                           # a finished row
     finished = _Results(*(getattr(state, f)[r][None] for f in _Results._fields))
     done_rows = done_rows.record(slots[r][None], finished)
     fresh = prefill(model, w, settings, sp, jax.lax.dynamic_slice_in_dim(tokens, nxt, 1),
-                    jax.lax.dynamic_slice_in_dim(lengths, nxt, 1), state.key)
+                    jax.lax.dynamic_slice_in_dim(lengths, nxt, 1), state.key, budget)
     return (_put_row(state, r, fresh), slots.at[r].set(nxt), done_rows, row_steps + b * (state.steps - began) + 1,
             nxt + 1)
 
   carry = (state, jnp.arange(b), done_rows, row_steps, jnp.int32(b))
-  state, slots, done_rows, row_steps, _ = jax.lax.while_loop(lambda c: c[4] < n_prompts, serve_one, carry)
+  more = lambda c: (c[4] < n_prompts) & (c[0].steps < budget.limit)   # a limit: the host's timing runs
+  state, slots, done_rows, row_steps, _ = jax.lax.while_loop(more, serve_one, carry)
   return state, slots, done_rows, row_steps
 
 
@@ -183,6 +239,7 @@ class _Results(NamedTuple):
   count: Array
   forwards: Array
   accepted: Array
+  proposed: Array
 
   def record(self, slots, state: DecodeState) -> "_Results":
     return _Results(*(full.at[slots].set(getattr(state, f)) for full, f in zip(self, self._fields)))
@@ -191,13 +248,16 @@ class _Results(NamedTuple):
 # The batch axis of each cache (stacked head and drafter caches have their stack first) and the
 # per-row state fields; the step count and the key belong to the whole batch.
 _CACHE_BATCH_AXIS = {"trunk": 0, "heads": 1, "drafter": 1}
-_ROW_FIELDS = ("tokens", "count", "position", "drafts", "draft_logq", "done", "forwards", "accepted", "recent")
+_ROW_FIELDS = ("tokens", "count", "position", "drafts", "draft_logq", "done", "forwards", "accepted", "proposed",
+               "recent")
 
 
 def _map_rows(fn, state: DecodeState, *others: DecodeState) -> DecodeState:
   """state with fn(x, *ys, axis=batch axis) applied to every per-row leaf (ys: the same leaf of `others`)."""
   each = lambda axis, x, *ys: jax.tree.map(lambda a, *bs: fn(a, *bs, axis=axis), x, *ys)
-  cache = {k: each(axis, state.cache[k], *(o.cache[k] for o in others)) for k, axis in _CACHE_BATCH_AXIS.items()}
+  per_head = isinstance(state.cache["heads"], tuple) and isinstance(state.cache["heads"][0], tuple)   # --draft=auto
+  axes = {**_CACHE_BATCH_AXIS, "heads": 0} if per_head else _CACHE_BATCH_AXIS
+  cache = {k: each(axis, state.cache[k], *(o.cache[k] for o in others)) for k, axis in axes.items()}
   return state.replace(cache=cache, **{f: each(0, getattr(state, f), *(getattr(o, f) for o in others))
                                        for f in _ROW_FIELDS})
 

@@ -15,6 +15,7 @@ from mtp_jax.errors import UserError
 Array = jax.Array
 MODES = ("greedy", "speculative", "sample", "speculative_sample")
 PAD = -1          # marks output slots past a row's end
+PRIOR_DRAFTS = 16.0   # --draft=auto's prior: drafts counted as proposed and accepted at each depth before any step
 
 
 class DecodeError(UserError):
@@ -31,6 +32,8 @@ class Settings:
   batch_shards: int = 1   # the batch's split over devices: compaction keeps every stage a multiple of it
   slots: int = 0          # rows decoded at once; fewer than the prompts: finished rows take the next prompt
                           # (argmax modes). 0: every prompt at once
+  draft: str = "chain"    # speculative modes: "chain" drafts draft_block-1 tokens every step; "auto" chooses
+                          # 0..draft_block-1 per step (`choose_budget`), one compiled branch per length
 
   def stages(self, batch: int) -> tuple:
     """Batch sizes the loop runs at, in turn (see `decode`): halving while the half is >= 2 rows and
@@ -63,6 +66,38 @@ class Settings:
     return self.block
 
 
+class Budget(NamedTuple):
+  """Traced inputs of --draft=auto (`choose_budget`): new values never recompile.
+
+  costs [cap+1]: C(j), the time of a step verifying j drafts over a greedy step's (C(0) = 1);
+  prior [2, cap]: pseudo-counts (proposed, accepted) per draft depth that the loop's counts start from;
+  limit []: stop after this many steps (the host's timing runs; otherwise max int).
+  """
+  costs: Array
+  prior: Array
+  limit: Array
+
+  @classmethod
+  def of(cls, cap: int, costs=None, prior=None, limit: Optional[int] = None) -> "Budget":
+    """Defaults: every length costs as much as greedy, and a prior of PRIOR_DRAFTS drafts proposed and accepted
+    per depth (optimistic: the loop starts with every head that could pay and drops, for good, the ones that do
+    not; a stop on a few unlucky early steps would cost the rest of the run its speedup)."""
+    costs = jnp.ones((cap + 1,), jnp.float32) if costs is None else jnp.asarray(costs, jnp.float32)
+    prior = jnp.full((2, cap), PRIOR_DRAFTS, jnp.float32) if prior is None else jnp.asarray(prior, jnp.float32)
+    return cls(costs, prior, jnp.int32(2 ** 31 - 1 if limit is None else limit))
+
+
+def choose_budget(costs, stats, most):
+  """The draft length j in 0..most (most: an int or a traced scalar) maximising expected tokens per step over
+  its cost, E[tokens | j] / C(j), with E[tokens | j] = 1 + sum over depths d < j of the rate at which depth
+  d's drafts were accepted (stats [2, cap]: proposed, accepted). Ties go to the shorter length, so j = 0
+  (a greedy step) wherever drafting does not pay."""
+  rate = stats[1] / jnp.maximum(stats[0], 1e-6)
+  gain = 1.0 + jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(rate)])
+  score = jnp.where(jnp.arange(gain.shape[0]) <= most, gain / costs, -jnp.inf)
+  return jnp.argmax(score).astype(jnp.int32)
+
+
 class SamplingParams(NamedTuple):
   """Traced scalars, so new values never recompile. top_k=0 and top_p=1 switch those filters off."""
   temperature: Array
@@ -90,6 +125,11 @@ class DecodeState:
   steps: Array       # [] forward passes after the prefill
   forwards: Array    # [B] forward passes that emitted this row's tokens, prefill included
   accepted: Array    # [B, k-1] drafts of head i (1..k-1) accepted
+  proposed: Array    # [B, k-1] drafts of head i proposed (every step in chain mode; --draft=auto: steps of
+                     # budget >= i)
+  budget: Array      # [] drafts the next step verifies (chain: k-1; auto: non-increasing, `choose_budget`)
+  stats: Array       # [2, k-1] the batch's (proposed, accepted) per depth, the prior included
+  budget_steps: Array  # [k] steps run with each budget 0..k-1
   recent: Any = None  # sequential modules: head 0's hidden states [B, D-1, d] and the tokens [B, D-1] at the
                       # D-1 positions before `position`, where the modules' caches are rewritten next step
 
@@ -103,3 +143,5 @@ class DecodeOutput:
   steps: Array       # [] loop iterations (forward passes after the prefill) for the whole batch
   row_steps: Array   # [] rows x forward passes the batch ran, the prefills' included: less than
                      # batch x (steps + 1) where compaction dropped finished rows
+  proposed: Array    # [B, k-1] drafts proposed per draft head
+  budget_steps: Array  # [k] the batch's steps with 0..k-1 drafts

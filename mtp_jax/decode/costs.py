@@ -1,0 +1,55 @@
+"""--draft=auto's cost table: C(j), what a step verifying j drafts costs over a greedy step, timed on the host
+once per compiled program (batch size, prompt bucket, model, settings) with that program itself, and kept
+for the process.
+
+A timing run forces the draft length to j (a cost table that only j can win) and stops after a given number
+of steps (`Budget.limit`): the difference between a run of 1 + n steps and a run of 1 step is n steps of
+length j, the prefill, refills and copies cancelling. EOS is off and n is small enough that no row finishes,
+so every timed step runs at the full batch. The best of a few repeats, the lengths interleaved.
+"""
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax.decode.types import Budget, Settings
+
+TIMED_STEPS = 32     # steps per timing run (fewer where max_new_tokens would let a row finish)
+REPEATS = 3          # timing pairs per draft length; the fastest counts
+_COSTS: dict = {}
+
+
+def step_costs(fn, params, tokens, lengths, key, sp, settings: Settings) -> tuple[np.ndarray, float]:
+  """(C [cap+1] with C(0) = 1, seconds spent timing: 0 once cached) for the compiled program `fn`."""
+  if fn in _COSTS:
+    return _COSTS[fn], 0.0
+  start = time.perf_counter()
+  cap = settings.block - 1
+  steps = min(TIMED_STEPS, (settings.max_new_tokens - 1) // (cap + 1))
+  per_step = np.full(cap + 1, np.inf)
+  no_eos = sp._replace(eos_id=jnp.int32(-1))
+
+  def timed(j: int, limit: int):
+    forced = np.full(cap + 1, 1e9, np.float32)
+    forced[j] = 1.0
+    t0 = time.perf_counter()
+    out = fn(params, tokens, lengths, key, no_eos, Budget.of(cap, forced, limit=limit))
+    ran = int(out.steps)   # waits for the whole program
+    return time.perf_counter() - t0, ran
+
+  for _ in range(REPEATS if steps >= 1 else 0):
+    for j in range(cap + 1):
+      (t1, s1), (t2, s2) = timed(j, 1), timed(j, 1 + steps)
+      if s2 > s1 and t2 > t1:
+        per_step[j] = min(per_step[j], (t2 - t1) / (s2 - s1))
+  costs = np.ones(cap + 1, np.float32)   # unmeasurable (no step to time): every length costs a greedy step
+  if np.all(np.isfinite(per_step)):
+    costs = (per_step / per_step[0]).astype(np.float32)
+  _COSTS[fn] = costs
+  return costs, time.perf_counter() - start
+
+
+def clear_costs() -> None:
+  _COSTS.clear()
