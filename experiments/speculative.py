@@ -55,6 +55,8 @@ _CHAT = flags.DEFINE_bool("chat", False, "With --prompt_file: wrap each prompt i
 _DRAFT = flags.DEFINE_integer("draft_heads", None, "Speculative block k (2..n_future; default n_future): heads 2..k draft.")
 _OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
 
+_KINDS = flags.DEFINE_list("draft", ["chain", "auto"], "Speculative drafting schemes timed side by side per batch "
+                           "size: chain (--draft_heads-1 drafts every step), auto (chosen per step; docs/decoding.md).")
 
 def _fail(message: str):
   print(f"error: {message}", file=sys.stderr)
@@ -119,7 +121,7 @@ def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[i
         f"lower --prompt_len or --prompts")
 
 
-def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int) -> dict:
+def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int, kind: str = "chain") -> dict:
   """Greedy vs speculative over every prompt, `batch` rows at once, runs interleaved: median seconds for
   all prompts, tokens/s and the statistics pooled over the calls."""
   if _SERVE.value:   # one call: rows are refilled from the queue of prompts as they finish
@@ -128,19 +130,20 @@ def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int) -> 
     calls, slots = [decode.pad_prompts(prompts[i:i + batch], max(map(len, prompts)))
                     for i in range(0, len(prompts), batch)], None
   kw = dict(max_new_tokens=_MAX_NEW.value, eos_id=-1, slots=slots)
-  draft = {"greedy": {}, "speculative": {"draft_heads": _DRAFT.value}}
+  draft = {"greedy": {}, "speculative": {"draft_heads": _DRAFT.value, "draft": kind}}
 
   modes = ("greedy", "speculative")
   outs = {m: [decode.run(params, args, t, l, mode=m, **kw, **draft[m])[0] for t, l in calls] for m in modes}   # compile, warm up
-  runs = {m: [0.0] * repeats for m in modes}
+  runs, costs = {m: [0.0] * repeats for m in modes}, None
   for r in range(repeats):
     for i, (tokens, lengths) in enumerate(calls):   # the two modes back to back on each call: drift hits both
       for m in modes:
         outs[m][i], timing = decode.run(params, args, tokens, lengths, mode=m, **kw, **draft[m])
         runs[m][r] += timing["wall_s"]
+        costs = timing.get("draft_costs", costs) if m == "speculative" else costs
   cat = lambda m, field: np.concatenate([getattr(o, field) for o in outs[m]])
   lengths, forwards, accepted = cat("speculative", "lengths"), cat("speculative", "forwards"), cat("speculative", "accepted")
-  proposed = int(np.sum(forwards - 1))
+  proposed = np.sum(cat("speculative", "proposed"), axis=0)
   res = {m: {"seconds": statistics.median(t), "tokens_per_s": len(prompts) * _MAX_NEW.value / statistics.median(t)}
          for m, t in runs.items()}
   return {**res, "speedup": res["greedy"]["seconds"] / res["speculative"]["seconds"],
@@ -148,7 +151,8 @@ def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int) -> 
           "batch_forwards": {m: sum(int(o.steps) + 1 for o in outs[m]) for m in modes},
           "row_forwards_paid": {m: sum(int(o.row_steps) for o in outs[m]) for m in modes},
           "row_forwards_needed": int(np.sum(forwards)),
-          "acceptance": [float(a) / proposed if proposed else 0.0 for a in np.sum(accepted, axis=0)],
+          "acceptance": [float(a) / p if p else 0.0 for a, p in zip(np.sum(accepted, axis=0), proposed)],
+          "budget_steps": np.sum([o.budget_steps for o in outs["speculative"]], axis=0).tolist(), "draft_costs": costs,
           "identical_to_greedy": bool(np.array_equal(cat("speculative", "tokens"), cat("greedy", "tokens")))}
 
 
@@ -189,12 +193,13 @@ def main(_):
           f"{_MAX_NEW.value} tokens; keep forward_iters * n_future < --max_new_tokens")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   rows = []
-  for b in map(int, _BATCHES.value):
+  cost = {}
+  for b, kind in ((b, kind) for b in map(int, _BATCHES.value) for kind in _KINDS.value):
     t0 = time.time()
-    row = {"batch": b, **time_decodes(params, args, prompts, b, _REPEATS.value),
-           **verify_cost(params, args, prompts[:b], _FWD_REPEATS.value)}
+    cost = verify_cost(params, args, prompts[:b], _FWD_REPEATS.value) if kind == _KINDS.value[0] else cost
+    row = {"batch": b, "draft": kind, **time_decodes(params, args, prompts, b, _REPEATS.value, kind), **cost}
     rows.append(row)
-    print(f"batch {b:3d}: greedy {row['greedy']['tokens_per_s']:8.1f} tok/s, speculative "
+    print(f"batch {b:3d} {kind}: budget steps {row['budget_steps']}, costs {row['draft_costs']}, greedy {row['greedy']['tokens_per_s']:8.1f} tok/s, speculative "
           f"{row['speculative']['tokens_per_s']:8.1f} tok/s, speedup {row['speedup']:.2f}, "
           f"{row['tokens_per_forward']:.2f} tokens/forward, C={row['C']:.2f} (single {row['single_step_s'] * 1e3:.3f} ms, "
           f"verify {row['verify_step_s'] * 1e3:.3f} ms) ({time.time() - t0:.0f}s)", flush=True)
@@ -212,17 +217,18 @@ def main(_):
   lines = [f"Self-speculative greedy decoding vs greedy, {device}; {model_desc}; weights: {origin}; prompts: "
            f"{prompt_desc} ({source}); {_MAX_NEW.value} new tokens per row, EOS off; medians of "
            f"{_REPEATS.value} interleaved runs.", "",
-           f"| batch | greedy tok/s | speculative tok/s | speedup | tokens/forward | batch forwards g/s | "
+           f"| batch | draft | greedy tok/s | speculative tok/s | speedup | tokens/forward | batch forwards g/s | "
            f"row forwards needed/paid | C | "
-           f"speedup / (tokens/forward / C) | {heads} acceptance | same as greedy |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * n_draft + "---|"]
+           f"speedup / (tokens/forward / C) | {heads} acceptance | steps with 0..{n_draft} drafts | same as greedy |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * n_draft + "---|---|"]
   for r in rows:
     acc = " | ".join(f"{a:.2f}" for a in r["acceptance"])
-    lines.append(f"| {r['batch']} | {r['greedy']['tokens_per_s']:.1f} | {r['speculative']['tokens_per_s']:.1f} | "
+    lines.append(f"| {r['batch']} | {r['draft']} | {r['greedy']['tokens_per_s']:.1f} | {r['speculative']['tokens_per_s']:.1f} | "
                  f"{r['speedup']:.2f} | {r['tokens_per_forward']:.2f} | {r['batch_forwards']['greedy']}/"
                  f"{r['batch_forwards']['speculative']} | "
                  f"{r['row_forwards_needed'] / r['row_forwards_paid']['speculative']:.2f} | {r['C']:.2f} | "
                  f"{r['speedup'] / (r['tokens_per_forward'] / r['C']):.2f} | {acc} | "
+                 f"{'/'.join(map(str, r['budget_steps']))} | "
                  f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
   how = ("in one call, `batch` rows at once: as a row finishes, the next prompt takes it (continuous batching)"
          if _SERVE.value else "`batch` per call")
@@ -235,7 +241,10 @@ def main(_):
             "C: one speculative step (a verify forward over n tokens, all heads) / one single-token greedy step, "
             "the decode loop's own steps "
             "(median of the repeats' ratios, each pair timed back to back). "
-            "Acceptance of head i: drafts accepted / drafts proposed (a draft needs every earlier one accepted).",
+            "Acceptance of head i: drafts accepted / drafts proposed (a draft needs every earlier one accepted). "
+            "draft: chain (every step drafts with every head) or auto (the drafts per step chosen from the "
+            "measured step costs and the acceptance so far; docs/decoding.md); steps with 0..k drafts: the "
+            "speculative calls' forward passes by budget. C is the chain's.",
             "", f"Command: `python experiments/speculative.py {' '.join(sys.argv[1:])}`"]
   write_results(_OUT.value, result, lines)
 
