@@ -108,11 +108,15 @@ def _grouped(q, n_kv):
 # ----------------------------------------------------------------------------- xla (the reference)
 
 def _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, self_attention):
+  return _masked(q, k, v, _mask(q_pos, k_pos, q_seg, k_seg), self_attention)
+
+
+def _masked(q, k, v, mask, self_attention=False):
+  """Attention under an explicit mask [B, T, S]."""
   b, t, h, d = q.shape
   if not self_attention and t <= DECODE_MAX_QUERIES:
-    return _streamed(q, k, v, _mask(q_pos, k_pos, q_seg, k_seg))
+    return _streamed(q, k, v, mask)
   qg = _grouped(q, k.shape[1])
-  mask = _mask(q_pos, k_pos, q_seg, k_seg)
   scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
   scores = jnp.where(mask[:, None, None], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1)
@@ -138,9 +142,20 @@ def _streamed(q, k, v, mask):
   return jnp.moveaxis(out, 3, 1).astype(q.dtype).reshape(b, t, h, d)
 
 
-def attend_cache(q, k, v, q_pos, *, impl="auto"):
+def tree_mask(start, ancestors, w: int):
+  """[B, T, w]: a tree block written at slots start..start+T-1 [B] sees the slots before it (the history) and,
+  of the block, query i the slots of its ancestors and itself (ancestors [T, T] bool, static)."""
+  j = jnp.arange(w)[None, :] - start[:, None]                                 # [B, w] index in the block
+  t = ancestors.shape[0]
+  inside = jnp.moveaxis(jnp.asarray(ancestors)[:, jnp.clip(j, 0, t - 1)], 0, 1)   # [B, T, w]
+  return (j < 0)[:, None, :] | (inside & ((j >= 0) & (j < t))[:, None, :])
+
+
+def attend_cache(q, k, v, q_pos, *, impl="auto", tree=None):
   """A decode step: queries q [B, T, H, D] at positions q_pos [B, T] against the whole cache k, v
   [B, KV, S, D], whose slot s holds position s (slots past a row's position are stale: masked).
+  tree: (start [B], ancestors [T, T]): the block is a tree of candidates written at slots start.. in block
+  order, q_pos their positions in the sequence (RoPE); `tree_mask` says what each sees (xla attention).
 
   Only the first slots can be visible: those up to the batch's furthest query. The step reads the
   smallest multiple of CACHE_WINDOW slots that holds them (a lax.switch over the static window
@@ -151,13 +166,16 @@ def attend_cache(q, k, v, q_pos, *, impl="auto"):
 
   def over(w):
     def run(q, k, v, q_pos):
+      kw, vw = k[:, :, :w].astype(q.dtype), v[:, :, :w].astype(q.dtype)
+      if tree is not None:
+        return _masked(q, kw, vw, tree_mask(tree[0], tree[1], w))
       k_pos = jnp.broadcast_to(jnp.arange(w), (b, w))
-      return attend(q, k[:, :, :w].astype(q.dtype), v[:, :, :w].astype(q.dtype), q_pos, k_pos, impl=impl,
-                    self_attention=False)
+      return attend(q, kw, vw, q_pos, k_pos, impl=impl, self_attention=False)
     return run
   if len(sizes) == 1:
     return over(s)(q, k, v, q_pos)
-  index = jnp.minimum(jnp.max(q_pos) // CACHE_WINDOW, len(sizes) - 1)
+  reach = q_pos if tree is None else tree[0] + tree[1].shape[0] - 1   # a tree's last slot lies past its positions
+  index = jnp.minimum(jnp.max(reach) // CACHE_WINDOW, len(sizes) - 1)
   return jax.lax.switch(index, [over(w) for w in sizes], q, k, v, q_pos)
 
 

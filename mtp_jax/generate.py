@@ -80,7 +80,7 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
     finished row takes the next prompt; sampling modes: batches of batch_size, the last one padded.
   prompt_bucket: pad prompts to this length (default: a power of two), fixing the compiled shape.
   draft_heads: speculative modes: heads 2..draft_heads draft (default all n_future); see `decode.run`.
-  draft: speculative modes: "chain" or "auto" (the default where the heads allow); see `decode.run`.
+  draft: speculative modes: "chain", "auto" (the default where the heads allow) or "tree"; see `decode.run`.
   """
   request = decode.Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads, draft)
   check_batching(batch_size, seed)
@@ -303,7 +303,10 @@ def _define_flags():
                        "2..k draft; fewer can be faster where a verify step is bound by arithmetic (CPU, big batches).")
   flags.DEFINE_string("draft", None, "Speculative modes: chain (every step drafts --draft_heads-1 tokens) or auto "
                       "(the default where the heads allow: each step drafts the 0..--draft_heads-1 tokens that pay "
-                      "most, from the measured step costs and acceptance).")
+                      "most, from the measured step costs and acceptance) or tree (mode=speculative: a static tree of "
+                      "the heads' top choices, verified in one forward pass).")
+  flags.DEFINE_integer("draft_vocab", None, "Speculative modes: drafts choose among the N most frequent tokens "
+                       "that W/draft_vocab.npy ranks (decode.with_draft_vocab); default: the whole vocabulary.")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature (sampling modes).")
   flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off; sampling modes).")
   flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off; sampling modes).")
@@ -325,9 +328,14 @@ def main(argv):
   request = decode.Request(f.mode, f.max_new_tokens, f.temperature, f.top_k, f.top_p, f.draft_heads, f.draft,
                            flag="--")
   check_batching(f.batch_size, f.seed, flag="--")
+  if f.draft_vocab is not None and f.draft_vocab < 1:
+    raise DecodeError(f"--draft_vocab={f.draft_vocab}: give how many token ids drafts choose among (>= 1)")
   output = check_output(f.output) if f.output else None
   prompts = read_prompts(f.prompt, f.prompt_file)
   params, config, tokenizer = load_workdir(f.workdir)
+  if f.draft_vocab:
+    ids = workdir_lib.read_draft_vocab(f.workdir, f.draft_vocab)
+    params = decode.with_draft_vocab(params, ids, config.model.vocab_size)
   eos_id, add_bos, shown = f.eos_id, None, prompts
   if f.chat:   # the template writes any BOS itself, and the reply ends with the end-of-turn token
     from mtp_jax import chat

@@ -178,7 +178,7 @@ class Attention(nn.Module):
   args: ModelArgs
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache: Optional[KVCache], cache_index, prefill=False):
+  def __call__(self, x, positions, segment_ids, cache: Optional[KVCache], cache_index, prefill=False, tree=None):
     a = self.args
     b, t, _ = x.shape
     q = _dense((a.n_heads, a.head_dim), ("embed", "heads", "kv"), a, "q")(x)
@@ -198,7 +198,7 @@ class Attention(nn.Module):
       # before the prompt, so attending to its max_len slots would only add masked-out work).
       out = attention.attend(q, k, v, positions, positions, segment_ids, segment_ids, impl=a.attention)
     else:                  # a decode step: the cached slots up to our position (stale ones lie past it)
-      out = attention.attend_cache(q, new_cache[0], new_cache[1], positions, impl=a.attention)
+      out = attention.attend_cache(q, new_cache[0], new_cache[1], positions, impl=a.attention, tree=tree)
     out = _dense(a.d_model, ("heads", "kv", "embed"), a, "o", n_in=2)(out)
     return out, new_cache
 
@@ -208,12 +208,13 @@ class Block(nn.Module):
   args: ModelArgs
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, prefill=False):
+  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, prefill=False, tree=None):
+    """tree: decoding a tree of candidates (`attention.attend_cache`)."""
     a = self.args
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     lean = a.remat == "none"
     h, new_cache = Attention(a, name="attn")(RMSNorm(a.norm_eps, a.param_dtype, lean, name="attn_norm")(x),
-                                             positions, segment_ids, cache, cache_index, prefill)
+                                             positions, segment_ids, cache, cache_index, prefill, tree)
     x = x + h
     y = RMSNorm(a.norm_eps, a.param_dtype, lean, name="mlp_norm")(x)
     gate, up = (nn.with_logical_constraint(_dense(a.d_ff, ("embed", "mlp"), a, name)(y),
@@ -228,7 +229,7 @@ class LinearHead(nn.Module):
   args: ModelArgs
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, prefill=False):
+  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None, prefill=False, tree=None):
     a = self.args
     eye = lambda key, shape, dtype: jnp.eye(*shape, dtype=dtype)
     return _dense(a.d_model, ("embed", "mlp"), a, "proj", init=eye)(x), None

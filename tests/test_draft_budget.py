@@ -81,7 +81,7 @@ def test_generate_reports_the_budget():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(draft="tree"), "draft='tree': choose one of chain, auto"),
+    (dict(draft="bushy"), "draft='bushy': choose one of chain, auto, tree"),
     (dict(mode="greedy", draft="auto"), "mode=greedy drafts nothing"),
 ])
 def test_bad_draft_options(kw, match):
@@ -111,3 +111,34 @@ def test_cli_draft_errors_are_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and len(errors) == 1 and match in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- --draft=tree
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_tree_equals_greedy(monkeypatch, window):
+  """A static tree of the heads' top choices: greedy's tokens at batch 1, in a batch whose rows end at EOS (and
+  leave it), and two rows serving six prompts; fewer forward passes than the chain with copied heads. window=8:
+  steps read the cache in windows of 8 slots, which must reach the tree's last slot."""
+  from mtp_jax import attention as attention_lib
+  monkeypatch.setattr(attention_lib, "CACHE_WINDOW", window)
+  decode.clear_compiled()
+  model, params = tiny_decoder(n=4, shared=True)
+  for prompts, slots, eos in (([MIXED[1]], None, None), (MIXED * 2, None, 26), (MIXED * 2, 2, None)):
+    g = decode_run(model, params, prompts, "greedy", slots=slots, eos_id=eos)
+    t = decode_run(model, params, prompts, "speculative", slots=slots, eos_id=eos, draft="tree")
+    check_same(g, t, 24)
+    assert int(t.budget_steps[-1]) == int(t.steps) and t.accepted.shape == (len(prompts), 3)
+  chain = decode_run(model, params, MIXED, "speculative", draft="chain")
+  tree = decode_run(model, params, MIXED, "speculative", draft="tree")
+  decode.clear_compiled()
+  assert tree.forwards.sum() < chain.forwards.sum(), (tree.forwards, chain.forwards)
+
+
+def test_tree_shape_and_refusals():
+  t = decode.Tree.of(2)                       # depth 1: three choices; depth 2: two children of the argmax, one of
+  assert t.depth.tolist() == [0, 1, 1, 1, 2, 2, 2] and t.choice.tolist() == [0, 0, 1, 2, 0, 1, 0]   # the second
+  assert t.path[5].tolist() == [0, 1, 5] and t.ancestors[5].tolist() == [True, True, False, False, False, True, False]
+  model, params = tiny_decoder(n=3)
+  with pytest.raises(decode.DecodeError, match="draft=tree verifies greedily"):
+    decode_run(model, params, MIXED, "speculative_sample", draft="tree")

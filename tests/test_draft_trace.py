@@ -13,7 +13,7 @@ def test_trace_matches_the_decode_loop(head_type):
   n = 4
   model, params = tiny_decoder(n=n, head_type=head_type, shared=True)    # copied heads: many drafts accepted
   config = tiny_config(vocab_size=48, n_future=n, head_type=head_type, n_layers=n + 1)
-  out = decode_run(model, params, MIXED, "speculative", max_new_tokens=24)
+  out = decode_run(model, params, MIXED, "speculative", max_new_tokens=24, draft="chain")   # the chain it replays
   greedy = decode_run(model, params, MIXED, "greedy", max_new_tokens=24)
   np.testing.assert_array_equal(out.tokens, greedy.tokens)
   for r, prompt in enumerate(MIXED):

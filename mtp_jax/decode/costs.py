@@ -26,7 +26,7 @@ def step_costs(fn, params, tokens, lengths, key, sp, settings: Settings) -> tupl
   if fn in _COSTS:
     return _COSTS[fn], 0.0
   start = time.perf_counter()
-  cap = settings.block - 1
+  cap = settings.depths
   steps = min(TIMED_STEPS, (settings.max_new_tokens - 1) // (cap + 1))
   per_step = np.full(cap + 1, np.inf)
   no_eos = sp._replace(eos_id=jnp.int32(-1))

@@ -85,7 +85,7 @@ def init_decode_cache(args: ModelArgs, batch: int, max_len: int, n_heads: int, p
           "drafter": drafter}
 
 
-def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_index, prefill=False):
+def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_index, prefill=False, tree=None):
   """Stacked heads on trunk output z [B, k, d]: hidden [n_heads, B, k, d] and their updated stacked cache.
 
   Parallel and linear heads all read z, so they run as ONE batched layer (vmap over the stacked
@@ -93,7 +93,8 @@ def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_in
   head's output and run in turn.
   """
   layer = args.heads.first(args)   # heads that run in the verify pass are all of head 0's class
-  apply = lambda p, x, c: layer.apply({"params": p}, x, positions, segment_ids, c, cache_index, prefill)
+  extra = {} if tree is None else {"tree": tree}   # a head layer without tree decoding never sees the argument
+  apply = lambda p, x, c: layer.apply({"params": p}, x, positions, segment_ids, c, cache_index, prefill, **extra)
   if isinstance(heads, tuple):      # one layer per head (`decode_weights(per_head=True)`), each with its cache
     outs, new, h = [], [], z
     for p, c in zip(heads, cache if cache is not None else (None,) * len(heads)):
@@ -112,19 +113,22 @@ def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_in
   return jnp.stack(outs), cache
 
 
-def forward_hidden(model: MTPTransformer, w: Weights, tokens, positions, cache, cache_index, prefill=False):
+def forward_hidden(model: MTPTransformer, w: Weights, tokens, positions, cache, cache_index, prefill=False,
+                   tree=None):
   """Trunk + heads with the cache: hidden states [n_heads, B, k, d] and the new cache.
 
   The same layers as the model's forward (Block), unrolled over the trunk: static code, no per-step copies.
   prefill=True: the cache is empty and `tokens` start at position 0, so attention stays within the block.
+  tree: (block start [B], ancestors [k, k]): the block is a tree of candidates (decode/tree.py).
   """
   _, segment_ids = default_positions(tokens, positions)
   z = model.apply({"params": w.params}, tokens, method=MTPTransformer.embed_tokens)
   block, trunk_cache = Block(model.args), []
   for layer, c in zip(w.layers, cache["trunk"]):
-    z, c = block.apply({"params": layer}, z, positions, segment_ids, c, cache_index, prefill)
+    z, c = block.apply({"params": layer}, z, positions, segment_ids, c, cache_index, prefill, tree=tree)
     trunk_cache.append(c)
-  hidden, head_cache = run_heads(model.args, w.heads, z, positions, segment_ids, cache["heads"], cache_index, prefill)
+  hidden, head_cache = run_heads(model.args, w.heads, z, positions, segment_ids, cache["heads"], cache_index, prefill,
+                                 tree)
   return hidden, {**cache, "trunk": tuple(trunk_cache), "heads": head_cache}
 
 

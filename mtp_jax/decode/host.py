@@ -25,7 +25,7 @@ from mtp_jax.model import MTPTransformer, ModelArgs
 MIN_TEMPERATURE = 1e-5   # as vLLM's sampling epsilon: sampling below it is argmax in effect, and far below
 # it logits / temperature overflows float32 (temperature=1e-45 gave NaN probabilities, all token 0)
 SPECULATIVE_MODES = ("speculative", "speculative_sample")
-DRAFTS = ("chain", "auto")
+DRAFTS = ("chain", "auto", "tree")
 
 
 def _is_int(x) -> bool:
@@ -45,7 +45,7 @@ class Request:
   top_k: int = 0
   top_p: float = 1.0
   draft_heads: Optional[int] = None   # speculative modes: the block k, 2..n_future (None: n_future)
-  draft: Optional[str] = None   # speculative modes: "chain" or "auto" (None: auto where the heads allow, `draft_kind`)
+  draft: Optional[str] = None   # speculative modes: chain, auto or tree (None: auto where the heads allow, `draft_kind`)
   flag: str = dataclasses.field(default="", compare=False)
 
   def __post_init__(self):
@@ -82,12 +82,16 @@ class Request:
     if k is not None and not 2 <= k <= args.n_future:
       raise DecodeError(f"{self.flag}draft_heads={k}: the speculative block is 2..n_future={args.n_future} tokens "
                         f"(this model has {args.n_future} heads); leave it unset to use them all")
-    if self.draft == "auto" and args.n_future < 2:
-      raise DecodeError(f"{self.flag}draft=auto chooses how many draft heads draft, but this model has none "
-                        f"(n_future={args.n_future}); leave {self.flag}draft unset or use {self.flag}draft=chain")
-    if self.draft == "auto" and args.heads.reads_ahead:
-      raise DecodeError(f"{self.flag}draft=auto: sequential modules (head_type={args.head_type}) draft one after "
-                        f"another after the verify pass, in a chain only; use {self.flag}draft=chain")
+    f, d = self.flag, self.draft
+    if d in ("auto", "tree") and args.n_future < 2:
+      raise DecodeError(f"{f}draft={d} chooses how many draft heads draft, but this model has none "
+                        f"(n_future={args.n_future}); leave {f}draft unset or use {f}draft=chain")
+    if d in ("auto", "tree") and args.heads.reads_ahead:
+      raise DecodeError(f"{f}draft={d}: sequential modules (head_type={args.head_type}) draft one after "
+                        f"another after the verify pass, in a chain only; use {f}draft=chain")
+    if d == "tree" and self.mode != "speculative":
+      raise DecodeError(f"{f}draft=tree verifies greedily: use {f}mode=speculative ({f}mode={self.mode} needs "
+                        f"multi-draft rejection sampling over the tree, not built; use {f}draft=chain or auto)")
 
   def draft_kind(self, args: ModelArgs) -> str:
     """The drafting scheme this request runs on this model: auto by default where the heads draft in the
@@ -173,10 +177,10 @@ def compiled_decode(params, args: ModelArgs, settings: Settings, tokens, lengths
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0
   start = time.perf_counter()
-  per_head = settings.draft == "auto"
+  per_head = settings.draft != "chain"
   weights = jax.jit(lambda p: decode_weights(p, args, settings.heads_run, per_head)).lower(params).compile()
   loop = jax.jit(lambda *xs: decode(*xs, model=MTPTransformer(args), settings=settings))
-  loop = loop.lower(weights(params), tokens, lengths, key, sp, Budget.of(settings.block - 1)).compile()
+  loop = loop.lower(weights(params), tokens, lengths, key, sp, Budget.of(settings.depths)).compile()
   _COMPILED[cache_key] = lambda params, *rest: loop(weights(params), *rest)
   return _COMPILED[cache_key], time.perf_counter() - start
 
@@ -198,7 +202,8 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   step costs k tokens' forward; where a step is bound by arithmetic (a CPU, large batches) a shorter
   block can pay more than the last heads' rarely accepted drafts (experiments/results/speculative.md).
   draft: "chain" (every step drafts draft_heads-1 tokens) or "auto" (the default where the heads allow:
-  each step picks 0..draft_heads-1 drafts, see docs/decoding.md); draft_costs [cap+1] / draft_prior
+  each step picks 0..draft_heads-1 drafts) or "tree" (mode=speculative: a static tree of the heads' top
+  choices in one verify pass; docs/decoding.md); draft_costs [cap+1] / draft_prior
   [2, cap] replace auto's timed cost table and its prior (proposed, accepted) counts per depth.
   wall_s is the decode alone (compile and auto's one-off cost timing, costs_s, excluded), measured until the
   results are on the host; draft_costs: the cost table auto used.
@@ -221,7 +226,7 @@ def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=
   sp = request.sampling_params(eos_id)
   tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
   fn, compile_s = compiled_decode(params, args, settings, tokens, lengths, key, sp)
-  cap, costs_s, timing = settings.block - 1, 0.0, {}
+  cap, costs_s, timing = settings.depths, 0.0, {}
   if settings.draft == "auto":
     if draft_costs is None:
       draft_costs, costs_s = step_costs(fn, params, tokens, lengths, key, sp, settings)

@@ -24,7 +24,9 @@ import jax.numpy as jnp
 
 from mtp_jax.decode.draft import drafter_for, verify
 from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, take_at, unembed
-from mtp_jax.decode.types import PAD, Array, Budget, DecodeOutput, DecodeState, SamplingParams, Settings, choose_budget
+from mtp_jax.decode.tree import keep_path, tree_drafts, tree_verify
+from mtp_jax.decode.types import (PAD, Array, Budget, DecodeOutput, DecodeState, SamplingParams, Settings, Tree,
+                                  choose_budget)
 from mtp_jax.model import MTPTransformer
 
 
@@ -33,23 +35,24 @@ def _pad_drafts(x, cap: int):
   return None if x is None else jnp.pad(x, ((0, 0), (0, cap - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
 
 
-def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts, draft_logq, key, active, costs):
+def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts, draft_logq, key, active, costs,
+          verified=None):
   """Verify a block, append the accepted tokens (up to EOS / max_new_tokens), draft the next block.
 
   The block's index 0 sits at state.position; rows that are not `active` keep their state. The block
   verifies j = drafts.shape[1] drafts; --draft=auto then picks the next budget from the counts, at most the
-  drafts just made (heads past it stop running for good, so their caches are never read stale).
+  drafts just made (heads past it stop running for good, so their caches are never read stale). verified:
+  (a, token) already known (a tree's path, as a chain in `drafts`).
   """
   k_verify, k_draft = jax.random.split(key) if settings.sampling else (key, key)   # argmax modes draw nothing
-  a, token, _ = verify(p_logits, drafts, draft_logq, k_verify, sp, settings.sampling)
+  a, token = verify(p_logits, drafts, draft_logq, k_verify, sp, settings.sampling)[:2] if verified is None else verified
   new_drafts, new_logq, updates = drafter(a, token, k_draft)
-  cap, made = settings.block - 1, new_drafts.shape[1]
-  new_drafts, new_logq = _pad_drafts(new_drafts, cap), _pad_drafts(new_logq, cap)
+  made = new_drafts.shape[1]
+  new_drafts, new_logq = _pad_drafts(new_drafts, settings.block - 1), _pad_drafts(new_logq, settings.block - 1)
   if updates is not None:   # sequential modules: their cache, and the positions before the next block
     state = state.replace(cache={**state.cache, "drafter": updates["cache"]}, recent=updates["recent"])
 
-  kk = p_logits.shape[1]
-  idx = jnp.arange(kk)[None, :]
+  idx = jnp.arange(drafts.shape[1] + 1)[None, :]
   new = jnp.where(idx == a[:, None], token[:, None], jnp.pad(drafts, ((0, 0), (0, 1))))   # d_1..d_a, token
   m = jnp.minimum(a + 1, settings.max_new_tokens - state.count)
   is_eos = (new == sp.eos_id) & (idx < m[:, None])
@@ -63,6 +66,7 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
       return None
     return jnp.where(active.reshape(active.shape + (1,) * (new_val.ndim - 1)), new_val, old_val)
 
+  cap = settings.depths
   depth = jnp.arange(cap)[None, :]
   proposed = active[:, None] & (depth < drafts.shape[1])
   accepted = active[:, None] & (a[:, None] > depth)
@@ -83,16 +87,16 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
   """Run the padded prompts through the model, emit each row's first token and first drafts."""
   args, (b, p) = model.args, tokens.shape
   k = settings.block
-  budget = Budget.of(k - 1) if budget is None else budget
-  cache = init_decode_cache(args, b, p + settings.max_new_tokens + args.n_future, settings.heads_run,
-                            per_head=settings.draft == "auto")
+  budget = Budget.of(settings.depths) if budget is None else budget
+  cache = init_decode_cache(args, b, p + settings.max_new_tokens + args.n_future + k, settings.heads_run,
+                            per_head=settings.draft != "chain")
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
   zero = jnp.zeros((b,), jnp.int32)
   hidden, cache = forward_hidden(model, w, tokens, positions, cache, zero, prefill=True)
   last = lengths - 1
   h_last = take_at(hidden[0], last)[:, None]                            # head 0 at each prompt's end [B, 1, d]
   key, sub = jax.random.split(key)
-  per_head = jnp.zeros((b, k - 1), jnp.int32)
+  per_head = jnp.zeros((b, settings.depths), jnp.int32)
   state = DecodeState(
       cache=cache, tokens=jnp.zeros((b, settings.max_new_tokens + k), jnp.int32),
       count=jnp.zeros((b,), jnp.int32), position=last.astype(jnp.int32),
@@ -100,12 +104,16 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
       draft_logq=jnp.zeros((b, k - 1, args.vocab_size), jnp.float32) if settings.sampling else None,
       done=jnp.zeros((b,), bool), key=key, steps=jnp.zeros((), jnp.int32),
       forwards=jnp.zeros((b,), jnp.int32), accepted=per_head, proposed=per_head,
-      budget=jnp.int32(k - 1), stats=budget.prior.astype(jnp.float32), budget_steps=jnp.zeros((k,), jnp.int32),
+      budget=jnp.int32(settings.depths), stats=budget.prior.astype(jnp.float32),
+      budget_steps=jnp.zeros((settings.depths + 1,), jnp.int32),
       recent=None if w.drafter is None else (jnp.zeros((b, k - 2, args.d_model), hidden.dtype),
                                              jnp.zeros((b, k - 2), jnp.int32)))
   no_drafts = jnp.zeros((b, 0), jnp.int32)
   no_logq = jnp.zeros((b, 0, args.vocab_size), jnp.float32) if settings.sampling else None
   drafter = drafter_for(model, w, settings, sp, state, hidden, tokens, zero, last, True)
+  if settings.draft == "tree" and settings.speculative:
+    h = jax.vmap(lambda hh: take_at(hh, last)[:, None])(hidden[1:])
+    drafter = lambda a, token, key: (tree_drafts(model, w, h, a, Tree.of(settings.depths)), None, None)
   return _emit(settings, sp, state, unembed(model, w.params, h_last), drafter, no_drafts, no_logq, sub,
                jnp.ones((b,), bool), budget.costs)
 
@@ -116,10 +124,12 @@ def step(model, w: Weights, settings: Settings, sp, state: DecodeState, budget: 
   --draft=auto: one branch per draft length j = 0..k-1 (`jax.lax.switch` on state.budget; only the taken
   branch runs), branch j feeding [last token, j drafts] through the trunk and heads 0..j, so a shorter
   block costs less and j = 0 is a greedy step."""
-  budget = Budget.of(settings.block - 1) if budget is None else budget
+  budget = Budget.of(settings.depths) if budget is None else budget
+  if settings.draft == "tree" and settings.speculative:
+    return _tree_step(model, w, settings, sp, state)
   if settings.draft != "auto":
-    return _block_step(model, w, settings, sp, state, settings.block - 1, budget.costs)
-  branches = [lambda s, j=j: _block_step(model, w, settings, sp, s, j, budget.costs) for j in range(settings.block)]
+    return _block_step(model, w, settings, sp, state, settings.depths, budget.costs)
+  branches = [lambda s, j=j: _block_step(model, w, settings, sp, s, j, budget.costs) for j in range(settings.depths + 1)]
   return jax.lax.switch(state.budget, branches, state)
 
 
@@ -129,10 +139,25 @@ def _steps_while(model, w: Weights, settings: Settings, sp, budget: Budget, cond
   `lax.switch` over the branches copied the caches in and out of it every step)."""
   if settings.draft != "auto":
     return jax.lax.while_loop(cond, lambda s: step(model, w, settings, sp, s, budget), state)
-  for j in reversed(range(settings.block)):
+  for j in reversed(range(settings.depths + 1)):
     state = jax.lax.while_loop(lambda s, j=j: cond(s) & (s.budget == j),
                                lambda s, j=j: _block_step(model, w, settings, sp, s, j, budget.costs), state)
   return state
+
+
+def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
+  """One forward pass over every row's tree block [last token, the tree's nodes] (decode/tree.py)."""
+  tree = Tree.of(settings.depths)
+  block = jnp.concatenate([take_at(state.tokens, state.count - 1)[:, None], state.drafts], axis=1)
+  positions = state.position[:, None] + tree.depth[None, :]
+  hidden, cache = forward_hidden(model, w, block, positions, state.cache, state.position,
+                                 tree=(state.position, tree.ancestors))
+  p_logits = unembed(model, w.params, hidden[0])
+  best, a, token, chain, slots = tree_verify(p_logits, block, tree)
+  state = state.replace(cache=keep_path(cache, state.position, slots), steps=state.steps + 1,
+                        budget_steps=state.budget_steps.at[settings.depths].add(1))
+  drafter = lambda *_: (tree_drafts(model, w, hidden[1:], best, tree), None, None)
+  return _emit(settings, sp, state, p_logits, drafter, chain, None, state.key, ~state.done, None, (a, token))
 
 
 def _block_step(model, w: Weights, settings: Settings, sp, state: DecodeState, j: int, costs) -> DecodeState:
@@ -167,7 +192,7 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, budget: Budget 
   costs and prior, and a step limit (default: none)."""
   _TRACES[0] += 1   # runs only while tracing: the tests count compilations with it
   n_prompts, b = tokens.shape[0], settings.batch(tokens.shape[0])
-  budget = Budget.of(settings.block - 1) if budget is None else budget
+  budget = Budget.of(settings.depths) if budget is None else budget
   state = prefill(model, w, settings, sp, tokens[:b], lengths[:b], key, budget)
   # `slots` maps the loop's rows to the caller's prompts; `done_rows` collects every prompt's results
   # as its row finishes (refill) or its stage ends (compaction).

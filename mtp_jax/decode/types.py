@@ -9,6 +9,7 @@ from typing import Any, NamedTuple, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtp_jax.errors import UserError
 
@@ -33,7 +34,8 @@ class Settings:
   slots: int = 0          # rows decoded at once; fewer than the prompts: finished rows take the next prompt
                           # (argmax modes). 0: every prompt at once
   draft: str = "chain"    # speculative modes: "chain" drafts draft_block-1 tokens every step; "auto" chooses
-                          # 0..draft_block-1 per step (`choose_budget`), one compiled branch per length
+                          # 0..draft_block-1 per step (`choose_budget`), one while_loop per length;
+                          # "tree" verifies a static tree of the heads' top choices (tree.py)
 
   def stages(self, batch: int) -> tuple:
     """Batch sizes the loop runs at, in turn (see `decode`): halving while the half is >= 2 rows and
@@ -58,12 +60,47 @@ class Settings:
     return self.mode in ("sample", "speculative_sample")
 
   @property
-  def block(self) -> int:       # tokens fed per step: last token + k-1 drafts
-    return self.draft_block if self.speculative else 1
+  def depths(self) -> int:      # draft depths: heads 2..k draft the tokens 1..k-1 after the next one
+    return self.draft_block - 1 if self.speculative else 0
+
+  @property
+  def block(self) -> int:       # tokens fed per step: last token + k-1 drafts (a tree: + its nodes)
+    return len(Tree.of(self.depths).depth) if self.draft == "tree" and self.speculative else self.depths + 1
 
   @property
   def heads_run(self) -> int:   # greedy and sample need head 0 only
-    return self.block
+    return self.depths + 1
+
+
+# --draft=tree's static tree (Medusa-style): each path names, per depth d, which of head d+1's top choices
+# (0: its argmax) the node drafts. Chosen by hand for heads whose acceptance falls with depth: three choices
+# at depth 1, the top two paths extended at depth 2, the top three at depth 3. Parents precede children.
+TREE_PATHS = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0), (0, 0, 0, 1),
+              (0, 0, 1, 0), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0, 0))
+TREE_TOP = 3     # the most choices per head a path uses
+
+
+class Tree(NamedTuple):
+  """A static tree of T = 1 + nodes block slots (slot 0: the last token, the root), as numpy arrays."""
+  depth: np.ndarray      # [T] the slot's depth (root 0): its position is the block's start + depth
+  choice: np.ndarray     # [T] which of head depth's top choices it drafts (root: 0)
+  ancestors: np.ndarray  # [T, T] bool: slot j is slot i or one of its ancestors
+  path: np.ndarray       # [T, D+1] the slots on the path to slot i, by depth (past its depth: i again)
+
+  @classmethod
+  def of(cls, depths: int) -> "Tree":
+    paths = [()] + [p for p in TREE_PATHS if len(p) <= depths]
+    index = {p: i for i, p in enumerate(paths)}
+    t = len(paths)
+    anc = np.zeros((t, t), bool)
+    path = np.zeros((t, depths + 1), np.int32)
+    for i, p in enumerate(paths):
+      for d in range(depths + 1):
+        path[i, d] = index[p[:d]] if d <= len(p) else i
+        if d <= len(p):
+          anc[i, index[p[:d]]] = True
+    return cls(np.array([len(p) for p in paths], np.int32), np.array([p[-1] if p else 0 for p in paths], np.int32),
+               anc, path)
 
 
 class Budget(NamedTuple):
