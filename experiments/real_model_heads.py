@@ -164,9 +164,11 @@ def main(_):
     out = f"{_OUT_WORKDIR.value}_{init}" if _OUT_WORKDIR.value and not quick else None
     config.data.seq_len = seq
 
+    ranking = feature_heads.draft_vocab_ranking(feats.greedy, config.model.vocab_size)
+
     def save(step, trained):   # the model so far, every --save_every steps, so a long run can be cut short
       if out and (step % _SAVE_EVERY.value == 0 or step == steps):
-        write_model(out, config, trained, tok)
+        write_model(out, config, trained, tok, ranking)
         print(f"wrote {out} ({init} init, heads trained {step} steps)", flush=True)
 
     trained, log = feature_heads.train_heads(model, params, feats, steps=steps, batch=batch, lr=_LR.value,
@@ -180,11 +182,13 @@ def main(_):
     report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, cost, runs, t_start, quick)
 
 
-def write_model(out: str, config, params, tok) -> None:
-  """The model as a workdir at `out`, replaced whole: written beside it, then renamed over it."""
+def write_model(out: str, config, params, tok, ranking) -> None:
+  """The model as a workdir at `out`, replaced whole: written beside it, then renamed over it. With it,
+  draft_vocab.npy: token ids by how often the base model emits them on the training windows."""
   tmp = out + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   workdir_lib.write_workdir(tmp, config, jax.tree.map(np.asarray, params), tok)
+  np.save(os.path.join(tmp, "draft_vocab.npy"), ranking)
   shutil.rmtree(out, ignore_errors=True)
   os.replace(tmp, out)
 

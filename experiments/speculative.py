@@ -53,10 +53,12 @@ _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Text prompts, one per l
                                    "held-out windows; the first --prompts of them are used.")
 _CHAT = flags.DEFINE_bool("chat", False, "With --prompt_file: wrap each prompt in the model's chat template.")
 _DRAFT = flags.DEFINE_integer("draft_heads", None, "Speculative block k (2..n_future; default n_future): heads 2..k draft.")
-_OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
-
+_DRAFT_VOCAB = flags.DEFINE_integer("draft_vocab", 0, "Drafts choose among the N most frequent tokens of "
+                                    "<workdir>/draft_vocab.npy (decode.with_draft_vocab); 0: the whole vocabulary.")
 _KINDS = flags.DEFINE_list("draft", ["chain", "auto"], "Speculative drafting schemes timed side by side per batch "
                            "size: chain (--draft_heads-1 drafts every step), auto (chosen per step; docs/decoding.md).")
+_OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
+
 
 def _fail(message: str):
   print(f"error: {message}", file=sys.stderr)
@@ -179,9 +181,30 @@ def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
   return {"single_step_s": med["single"], "verify_step_s": med["verify"], "C": ratio}
 
 
+def cpu_name() -> str:
+  with open("/proc/cpuinfo") as f:
+    return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown CPU")
+
+
+def with_draft_vocab(params, args: ModelArgs):
+  """params drafting among the --draft_vocab most frequent tokens the workdir ranks (draft_vocab.npy)."""
+  if not _DRAFT_VOCAB.value:
+    return params
+  from mtp_jax import workdir as workdir_lib
+  from mtp_jax.errors import UserError
+  if _RANDOM.value:
+    _fail("--draft_vocab reads the ranking a workdir holds; it does not go with --random_init")
+  try:
+    ids = workdir_lib.read_draft_vocab(_WORKDIR.value, _DRAFT_VOCAB.value)
+    return decode.with_draft_vocab(params, ids, args.vocab_size)
+  except UserError as e:
+    _fail(str(e))
+
+
 def main(_):
   params, config, prompts, source = load_model()
   args = ModelArgs.from_config(config.model)
+  params = with_draft_vocab(params, args)
   try:
     decode.Request("speculative", draft_heads=_DRAFT.value, flag="--").check_model(args)
   except decode.DecodeError as e:
@@ -192,6 +215,8 @@ def main(_):
     _fail(f"--forward_iters={_FWD_ITERS.value}: {_FWD_ITERS.value} speculative steps could finish the "
           f"{_MAX_NEW.value} tokens; keep forward_iters * n_future < --max_new_tokens")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+  if jax.devices()[0].platform == "cpu":
+    device += f" ({cpu_name()})"
   rows = []
   cost = {}
   for b, kind in ((b, kind) for b in map(int, _BATCHES.value) for kind in _KINDS.value):
@@ -206,6 +231,7 @@ def main(_):
 
   model_desc = (f"n_future={args.n_future}{f' (draft_heads={_DRAFT.value})' if _DRAFT.value else ''}, "
                 f"head_type={args.head_type}, d_model={args.d_model}, "
+                f"{f'drafts among the {_DRAFT_VOCAB.value} most frequent tokens, ' if _DRAFT_VOCAB.value else ''}"
                 f"n_layers={args.n_layers}, vocab={args.vocab_size}")
   origin = "random init" if _RANDOM.value else _WORKDIR.value
   result = {"device": device, "model": model_desc, "weights": origin, "prompts": source,

@@ -263,3 +263,11 @@ def head_acceptance(model: MTPTransformer, params, feats: Features, batch: int =
           "accuracy": [float(x) for x in h.sum(axis=(1, 2)) / positions],
           "chain_acceptance": [float(a / max(g, 1)) for a, g in zip(chain.sum(axis=(1, 2)), given)],
           "expected_tokens_per_forward": float(1 + chain.sum() / positions)}
+
+
+def draft_vocab_ranking(greedy: np.ndarray, vocab_size: int) -> np.ndarray:
+  """Every token id, the base model's most frequent greedy tokens first (ties by id): the ranking whose head
+  `decode.with_draft_vocab` drafts among (FR-Spec ranks by corpus frequency; greedy's own tokens are
+  what speculative decoding has to draft)."""
+  counts = np.bincount(np.asarray(greedy).ravel(), minlength=vocab_size)
+  return np.argsort(-counts, kind="stable").astype(np.int32)

@@ -334,6 +334,7 @@ def main(argv):
   prompts = read_prompts(f.prompt, f.prompt_file)
   params, config, tokenizer = load_workdir(f.workdir)
   if f.draft_vocab:
+    from mtp_jax import workdir as workdir_lib
     ids = workdir_lib.read_draft_vocab(f.workdir, f.draft_vocab)
     params = decode.with_draft_vocab(params, ids, config.model.vocab_size)
   eos_id, add_bos, shown = f.eos_id, None, prompts

@@ -10,6 +10,7 @@
     W/special_tokens.json
     W/data.json                    what the run reads: source, tokenizer, token counts (data_record.py)
     W/metrics.jsonl                train and validation records (metrics.py)
+    W/draft_vocab.npy              token ids, most frequent first: what drafts may choose among (--draft_vocab)
     W/.lock                        held while a run lives (io.lock_workdir)
 
 Every module that reads or writes one of these takes its name from here; nothing else spells them. A run
@@ -35,6 +36,7 @@ HF_TOKENIZER = "tokenizer.json"
 HF_SPECIAL_TOKENS = "special_tokens.json"
 DATA_RECORD = "data.json"
 METRICS = "metrics.jsonl"
+DRAFT_VOCAB = "draft_vocab.npy"
 LOCK = io.LOCK
 
 
@@ -50,6 +52,21 @@ def is_run(workdir) -> bool:
 def has_pretrained(workdir) -> bool:
   """Whether `convert import` wrote parameters here (W/pretrained)."""
   return (io.path(workdir) / PRETRAINED).is_dir()
+
+
+def read_draft_vocab(workdir, n: int, flag: str = "--draft_vocab"):
+  """The first n ids of W/draft_vocab.npy (the ranking experiments/real_model_heads.py writes)."""
+  import numpy as np
+  path = io.path(workdir) / DRAFT_VOCAB
+  if not path.exists():
+    raise UserError(f"{flag}={n} needs {path}, token ids ranked by frequency (experiments/real_model_heads.py "
+                    f"writes it); leave {flag} unset to draft over the whole vocabulary")
+  with path.open("rb") as f:
+    try:
+      ranking = np.load(f)
+    except ValueError as e:
+      raise UserError(f"{path} is not a numpy array of token ids ({e}); write it again")
+  return ranking[:n]
 
 
 def write_config(config, workdir) -> None:

@@ -1,11 +1,16 @@
 """A draft vocabulary (decode.with_draft_vocab): drafts choose among N token ids only; verification keeps
 the full vocabulary, so greedy output and the sampling law are unchanged."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from mtp_jax import decode
 
-from helpers import MIXED, chi2_pvalue, check_same, decode_run, exact_joint, tiny_decoder
+from helpers import MIXED, ROOT, bytes_workdir, chi2_pvalue, check_same, decode_run, exact_joint, tiny_decoder
 
 
 @pytest.mark.parametrize("head_type", ["parallel", "sequential"])
@@ -45,3 +50,25 @@ def test_bad_draft_vocabularies_are_refused():
                      ([v], "distinct"), ([-1], "distinct")):
     with pytest.raises(decode.DecodeError, match=match):
       decode.with_draft_vocab(params, np.array(ids), v)
+
+
+def _generate(*args):
+  return subprocess.run([sys.executable, "-m", "mtp_jax.generate", *args], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_generate_cli_reads_the_workdirs_ranking(tmp_path):
+  w = tmp_path / "run"
+  bytes_workdir(w, vocab_size=258, n_future=3)
+  common = [f"--workdir={w}", "--prompt=def f(x):", "--max_new_tokens=8"]
+  proc = _generate(*common, "--mode=speculative", "--draft_vocab=64")
+  assert proc.returncode == 2 and "draft_vocab.npy" in proc.stderr and "Traceback" not in proc.stderr
+  np.save(w / "draft_vocab.npy", np.random.default_rng(0).permutation(258).astype(np.int32))
+  outs = []
+  for extra in (["--mode=greedy"], ["--mode=speculative", "--draft_vocab=64"]):
+    proc = _generate(*common, *extra, f"--output={tmp_path / 'out.jsonl'}")
+    assert proc.returncode == 0, proc.stderr
+    outs.append(json.loads((tmp_path / "out.jsonl").read_text())["tokens"])
+  assert outs[0] == outs[1]
+  proc = _generate(*common, "--mode=speculative", "--draft_vocab=0")
+  assert proc.returncode == 2 and "--draft_vocab=0" in proc.stderr

@@ -104,3 +104,10 @@ def test_bad_arguments_are_refused():
     fh.train_heads(one, init_params(one, jax.random.key(0)), feats, steps=1, batch=2, log=None)
   with pytest.raises(UserError, match="fewer than seq_len=64"):
     fh.windows_of([[1, 2, 3]], 64, eos_id=0)
+
+
+def test_draft_vocab_ranking_is_greedy_frequency_then_id():
+  greedy = np.array([[5, 3, 5], [3, 5, 9]])
+  ranking = fh.draft_vocab_ranking(greedy, 10)
+  assert ranking.tolist()[:3] == [5, 3, 9] and sorted(ranking.tolist()) == list(range(10))
+  assert ranking.tolist()[3:] == [0, 1, 2, 4, 6, 7, 8]
