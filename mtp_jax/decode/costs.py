@@ -5,7 +5,9 @@ for the process.
 A timing run forces the draft length to j (a cost table that only j can win) and stops after a given number
 of steps (`Budget.limit`): the difference between a run of 1 + n steps and a run of 1 step is n steps of
 length j, the prefill, refills and copies cancelling. EOS is off and n is small enough that no row finishes,
-so every timed step runs at the full batch. The best of a few repeats, the lengths interleaved.
+so every timed step runs at the full batch. Each round times every length back to back and divides by its own
+greedy step, and the median round counts: on a shared machine a burst of load then spoils one ratio, not the
+table (the fastest of each length, taken apart, gave C(1) = 1.04 at batch 8 where a run showed 1.45).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 from mtp_jax.decode.types import Budget, Settings
 
 TIMED_STEPS = 32     # steps per timing run (fewer where max_new_tokens would let a row finish)
-REPEATS = 3          # timing pairs per draft length; the fastest counts
+REPEATS = 5          # rounds over every draft length; each round's ratios to its own greedy step, the median counts
 _COSTS: dict = {}
 
 
@@ -28,7 +30,7 @@ def step_costs(fn, params, tokens, lengths, key, sp, settings: Settings) -> tupl
   start = time.perf_counter()
   cap = settings.depths
   steps = min(TIMED_STEPS, (settings.max_new_tokens - 1) // (cap + 1))
-  per_step = np.full(cap + 1, np.inf)
+  ratios = []
   no_eos = sp._replace(eos_id=jnp.int32(-1))
 
   def timed(j: int, limit: int):
@@ -40,13 +42,16 @@ def step_costs(fn, params, tokens, lengths, key, sp, settings: Settings) -> tupl
     return time.perf_counter() - t0, ran
 
   for _ in range(REPEATS if steps >= 1 else 0):
+    per_step = np.full(cap + 1, np.nan)
     for j in range(cap + 1):
       (t1, s1), (t2, s2) = timed(j, 1), timed(j, 1 + steps)
       if s2 > s1 and t2 > t1:
-        per_step[j] = min(per_step[j], (t2 - t1) / (s2 - s1))
+        per_step[j] = (t2 - t1) / (s2 - s1)
+    if np.all(np.isfinite(per_step)):
+      ratios.append(per_step / per_step[0])
   costs = np.ones(cap + 1, np.float32)   # unmeasurable (no step to time): every length costs a greedy step
-  if np.all(np.isfinite(per_step)):
-    costs = (per_step / per_step[0]).astype(np.float32)
+  if ratios:
+    costs = np.median(np.stack(ratios), axis=0).astype(np.float32)
   _COSTS[fn] = costs
   return costs, time.perf_counter() - start
 

@@ -114,12 +114,13 @@ def run_heads(args: ModelArgs, heads, z, positions, segment_ids, cache, cache_in
 
 
 def forward_hidden(model: MTPTransformer, w: Weights, tokens, positions, cache, cache_index, prefill=False,
-                   tree=None):
+                   tree=None, trunk_out=False):
   """Trunk + heads with the cache: hidden states [n_heads, B, k, d] and the new cache.
 
   The same layers as the model's forward (Block), unrolled over the trunk: static code, no per-step copies.
   prefill=True: the cache is empty and `tokens` start at position 0, so attention stays within the block.
   tree: (block start [B], ancestors [k, k]): the block is a tree of candidates (decode/tree.py).
+  trunk_out: also return the trunk's output z [B, k, d] (for heads run apart).
   """
   _, segment_ids = default_positions(tokens, positions)
   z = model.apply({"params": w.params}, tokens, method=MTPTransformer.embed_tokens)
@@ -129,7 +130,8 @@ def forward_hidden(model: MTPTransformer, w: Weights, tokens, positions, cache, 
     trunk_cache.append(c)
   hidden, head_cache = run_heads(model.args, w.heads, z, positions, segment_ids, cache["heads"], cache_index, prefill,
                                  tree)
-  return hidden, {**cache, "trunk": tuple(trunk_cache), "heads": head_cache}
+  cache = {**cache, "trunk": tuple(trunk_cache), "heads": head_cache}
+  return (hidden, cache, z) if trunk_out else (hidden, cache)
 
 
 def unembed(model, params, h):

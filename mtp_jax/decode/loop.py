@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.decode.draft import drafter_for, verify
-from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, take_at, unembed
+from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, run_heads, take_at, unembed
 from mtp_jax.decode.tree import keep_path, tree_drafts, tree_verify
 from mtp_jax.decode.types import (PAD, Array, Budget, DecodeOutput, DecodeState, SamplingParams, Settings, Tree,
                                   choose_budget)
-from mtp_jax.model import MTPTransformer
+from mtp_jax.model import MTPTransformer, default_positions
 
 
 def _pad_drafts(x, cap: int):
@@ -83,8 +83,10 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
       accepted=state.accepted + accepted, proposed=state.proposed + proposed, stats=stats, budget=budget)
 
 
-def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, budget: Budget = None) -> DecodeState:
-  """Run the padded prompts through the model, emit each row's first token and first drafts."""
+def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, budget: Budget = None,
+            current=None) -> DecodeState:
+  """Run the padded prompts through the model, emit each row's first token and first drafts. current: the
+  batch's budget when a prompt refills a row (--draft=auto: no drafting head runs where it is 0)."""
   args, (b, p) = model.args, tokens.shape
   k = settings.block
   budget = Budget.of(settings.depths) if budget is None else budget
@@ -92,7 +94,7 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
                             per_head=settings.draft != "chain")
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
   zero = jnp.zeros((b,), jnp.int32)
-  hidden, cache = forward_hidden(model, w, tokens, positions, cache, zero, prefill=True)
+  hidden, cache = _prefill_forward(model, w, settings, budget, tokens, positions, cache, zero, current)
   last = lengths - 1
   h_last = take_at(hidden[0], last)[:, None]                            # head 0 at each prompt's end [B, 1, d]
   key, sub = jax.random.split(key)
@@ -116,6 +118,24 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
     drafter = lambda a, token, key: (tree_drafts(model, w, h, a, Tree.of(settings.depths)), None, None)
   return _emit(settings, sp, state, unembed(model, w.params, h_last), drafter, no_drafts, no_logq, sub,
                jnp.ones((b,), bool), budget.costs)
+
+
+def _prefill_forward(model, w: Weights, settings: Settings, budget: Budget, tokens, positions, cache, zero, current):
+  """The prompts through the trunk and heads. --draft=auto runs the draft heads only where the first budget
+  (from the prior and the costs alone) drafts: with 0 they never run in this call (the budget never grows),
+  so the prefill costs what greedy's does."""
+  if settings.draft != "auto" or cache["heads"] is None:
+    return forward_hidden(model, w, tokens, positions, cache, zero, prefill=True)
+  head0 = {**cache, "heads": cache["heads"][:1]}
+  hidden0, cache0, z = forward_hidden(model, w._replace(heads=w.heads[:1]), tokens, positions, head0, zero,
+                                      prefill=True, trunk_out=True)
+  start = hidden0[0] if model.args.heads.chained else z
+  segment_ids = default_positions(tokens, positions)[1]
+  rest = lambda c: run_heads(model.args, w.heads[1:], start, positions, segment_ids, c, zero, prefill=True)
+  skip = lambda c: (jnp.zeros((len(w.heads) - 1,) + hidden0.shape[1:], hidden0.dtype), c)
+  drafts = choose_budget(budget.costs, budget.prior, settings.depths if current is None else current) > 0
+  hidden_rest, caches = jax.lax.cond(drafts, rest, skip, cache["heads"][1:])
+  return jnp.concatenate([hidden0, hidden_rest.astype(hidden0.dtype)]), {**cache0, "heads": cache0["heads"] + caches}
 
 
 def step(model, w: Weights, settings: Settings, sp, state: DecodeState, budget: Budget = None) -> DecodeState:
@@ -248,7 +268,7 @@ def _serve_queue(model, w, settings: Settings, sp, budget: Budget, tokens, lengt
     finished = _Results(*(getattr(state, f)[r][None] for f in _Results._fields))
     done_rows = done_rows.record(slots[r][None], finished)
     fresh = prefill(model, w, settings, sp, jax.lax.dynamic_slice_in_dim(tokens, nxt, 1),
-                    jax.lax.dynamic_slice_in_dim(lengths, nxt, 1), state.key, budget)
+                    jax.lax.dynamic_slice_in_dim(lengths, nxt, 1), state.key, budget, state.budget)
     return (_put_row(state, r, fresh), slots.at[r].set(nxt), done_rows, row_steps + b * (state.steps - began) + 1,
             nxt + 1)
 
