@@ -3,7 +3,7 @@
     python -m mtp_jax.main --config=configs/default.py --workdir=workdirs/default
 
 Chosen by measurement on 2 CPU cores for both halves of the paper's claim, better training and
-faster self-speculative decoding (experiments/results/speculative.md and speculative_sp.md):
+faster self-speculative decoding (experiments/speed/results/speculative.md and speculative_sp.md):
 - Bytes (258 ids), as in the paper's byte-level models: heads 2-4 predict a few characters ahead,
   which a small model learns in minutes (2.86 tokens per forward pass at batch 1, where the
   2,048-piece `sp` variant drafts 1.84).

@@ -132,9 +132,8 @@ def plotter_for(name: str):
 
 
 def results_files() -> list:
-  """Every committed results JSON: experiments/<group>/results/*.json (and experiments/results/*.json)."""
-  return sorted(glob.glob(os.path.join(EXPERIMENTS, "*", "results", "*.json"))
-                + glob.glob(os.path.join(EXPERIMENTS, "results", "*.json")))
+  """Every committed results JSON: experiments/<group>/results/*.json."""
+  return sorted(glob.glob(os.path.join(EXPERIMENTS, "*", "results", "*.json")))
 
 
 def plot(name: str, result, results_dir: str):

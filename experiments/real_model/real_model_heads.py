@@ -13,7 +13,7 @@
 4. Train heads 2..n on the features (self-distillation to greedy's tokens by default), for each
    --head_inits, with the same steps and batches; teacher-forced acceptance on held-out windows.
 5. Write the trained model as an mtp_jax workdir (--out_workdir) for `generate` and
-   experiments/speculative.py.
+   experiments/speed/speculative.py.
 
 Writes experiments/results/<out_name>.md / .json.
 """

@@ -8,10 +8,10 @@
 #   SMOKE=1 bash experiments/speed/gpu_benchmarks.sh                    # tiny sizes on any backend, ~3 min on
 #                                                                 # 2 CPU cores: checks the script itself
 #
-# Tables go to each script's results/ folder (experiments/memory/results/, experiments/speed/results/,
-# experiments/results/ for speculative.py), or all to $MTP_RESULTS_DIR where set. Where $OUT is set (the device
-# tool's folder of files to bring back, at most 8 of them), they are also packed into one file,
-# $OUT/gpu_tables_<device>.tar.gz. Packages the lent machine lacks travel as wheels: make them here with
+# Tables go to each script's results/ folder (experiments/memory/results/, experiments/speed/results/),
+# or all to $MTP_RESULTS_DIR where set. Where $OUT is set (a
+# folder of files to bring back, at most 8 of them), they are also packed into one file,
+# $OUT/gpu_tables_<device>.tar.gz. Packages the accelerator machine lacks travel as wheels: make them here with
 # `bash experiments/speed/gpu_wheels.sh` and carry .whl; where the interpreter lacks them, this script installs
 # them under /tmp/site first. The image's jax (0.11.2 when last read) is newer than requirements.txt's:
 # the registry here has none that new, so the script has been run end to end on 0.10.2 only (SMOKE=1,
@@ -73,9 +73,9 @@ bench attention_speed experiments/speed/attention_speed.py "${ATTENTION[@]}" --o
 # n=4 / n=1 train-step time at parity on configs/default.py:sp, by part.
 bench step_ratio experiments/speed/step_ratio.py "${RATIO[@]}"
 # Self-speculative decoding, batch 1 / 4 / 16.
-bench speculative experiments/speculative.py "${SPECULATIVE[@]}" --out_name="speculative_$DEV"
+bench speculative experiments/speed/speculative.py "${SPECULATIVE[@]}" --out_name="speculative_$DEV"
 
-if [[ -n "${MTP_RESULTS_DIR:-}" ]]; then DIRS=("$MTP_RESULTS_DIR"); else DIRS=(experiments/*/results experiments/results); fi
+if [[ -n "${MTP_RESULTS_DIR:-}" ]]; then DIRS=("$MTP_RESULTS_DIR"); else DIRS=(experiments/*/results); fi
 TABLES=$(find "${DIRS[@]}" -maxdepth 1 \( -name "*_${DEV}*.md" -o -name "*_${DEV}*.json" \) 2> /dev/null | sort || true)
 if [[ -n "${OUT:-}" && -n "$TABLES" ]]; then
   tar -czf "$OUT/gpu_tables_$DEV.tar.gz" --transform 's#.*/##' $TABLES    # the files by name, without folders

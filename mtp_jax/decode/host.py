@@ -200,7 +200,7 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   slots: rows decoded at once (argmax modes; default all N): as a row finishes, the next prompt takes it.
   draft_heads: the speculative block, k = 2..n_future (default n_future): heads 2..k draft, so a verify
   step costs k tokens' forward; where a step is bound by arithmetic (a CPU, large batches) a shorter
-  block can pay more than the last heads' rarely accepted drafts (experiments/results/speculative.md).
+  block can pay more than the last heads' rarely accepted drafts (experiments/speed/results/speculative.md).
   draft: "chain" (every step drafts draft_heads-1 tokens) or "auto" (the default where the heads allow:
   each step picks 0..draft_heads-1 drafts) or "tree" (mode=speculative: a static tree of the heads' top
   choices in one verify pass; docs/decoding.md); draft_costs [cap+1] / draft_prior

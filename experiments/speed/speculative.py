@@ -1,7 +1,7 @@
 """Self-speculative decoding speed: greedy vs speculative on held-out prompts, batch sizes 1, 4, 16.
 
-    python experiments/speculative.py --workdir=workdirs/default            # a trained run
-    python experiments/speculative.py --config=configs/tiny.py --random_init --out_name=speculative_smoke
+    python experiments/speed/speculative.py --workdir=workdirs/default            # a trained run
+    python experiments/speed/speculative.py --config=configs/tiny.py --random_init --out_name=speculative_smoke
 
 For each batch size, over the same held-out prompts (64 by default, in one call of `batch` rows, each
 finished row taking the next prompt; --noserve: `batch` prompts per call): tokens/s of
@@ -13,7 +13,7 @@ Speculative can only win when tokens per forward > C. After a warm-up the two mo
 back on each call, and the medians over repeats are reported, so drift on a shared machine hits both
 modes alike. EOS is off: every row generates exactly max_new_tokens, so both modes do the same work.
 Speculative output is checked to equal greedy's.
-Writes experiments/results/<out_name>.md and .json.
+Writes experiments/speed/results/<out_name>.md and .json.
 """
 import os
 import statistics
@@ -24,14 +24,14 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from results_io import write_results  # noqa: E402
-from step_timing import decode_step_program  # noqa: E402
+from common.results_io import write_results  # noqa: E402
+from common.step_timing import decode_step_program  # noqa: E402
 from mtp_jax import decode  # noqa: E402
 from mtp_jax.model import ModelArgs, build_model, init_params  # noqa: E402
 
@@ -271,7 +271,7 @@ def main(_):
             "draft: chain (every step drafts with every head) or auto (the drafts per step chosen from the "
             "measured step costs and the acceptance so far; docs/decoding.md); steps with 0..k drafts: the "
             "speculative calls' forward passes by budget. C is the chain's.",
-            "", f"Command: `python experiments/speculative.py {' '.join(sys.argv[1:])}`"]
+            "", f"Command: `python experiments/speed/speculative.py {' '.join(sys.argv[1:])}`"]
   write_results(_OUT.value, result, lines)
 
 
