@@ -197,13 +197,15 @@ def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, 
   """Write the results of the runs so far (after every init, so a long run keeps what it finished)."""
   n_future = config.model.n_future
   cpu = _cpu()
-  result = {"model": _MODEL.value, "file": gguf_path.name, "cpu": cpu, "n_future": n_future, "seq_len": seq,
+  result = {"model": _MODEL.value, "file": gguf_path.name, "cpu": cpu, "n_future": n_future,
+            "head_type": config.model.head_type, "seq_len": seq,
             "train_windows": len(feats), "valid_windows": len(valid), "steps": steps, "batch": batch, "lr": _LR.value,
             "ce_positions": ce_pos, "target": _TARGET.value, "feature_cache_s": cache_s, "cost": cost, "runs": runs,
             "wall_s": time.time() - t_start, "quick": quick}
   m = config.model
   lines = [f"MTP heads on the frozen trunk of {_MODEL.value} ({gguf_path.name}; {m.n_layers - m.n_future} trunk "
-           f"layers + {m.n_future} heads, d {m.d_model}, vocabulary {m.vocab_size}); CPU: {cpu}.", "",
+           f"layers + {m.n_future} heads, head_type={m.head_type}, d {m.d_model}, vocabulary {m.vocab_size}); "
+           f"CPU: {cpu}.", "",
            f"Training data: {len(feats)} windows of {seq} tokens ({len(feats) * seq:,} tokens) of the Python standard "
            f"library's train split; held out: {len(valid)} windows of its valid split. Targets: "
            f"{'greedy tokens of the base model (self-distillation)' if _TARGET.value == 'model' else 'the corpus'}. "
