@@ -169,6 +169,14 @@ def new_dir(dst: PathLike, what: str, last: str | None = None) -> Iterator:
     raise
 
 
+def forget_listings(p: PathLike) -> None:
+  """Drop the store client's cached listings under `p` (gcsfs caches directory listings), so that what is
+  read next is what the store holds now; nothing to do on local disk."""
+  if is_remote(p):
+    fs, rel = fsspec_of(p)
+    fs.invalidate_cache(rel)
+
+
 def fsspec_of(p: PathLike):
   """(fsspec filesystem, path in it) for `p`; local paths get the local filesystem."""
   import fsspec

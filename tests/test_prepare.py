@@ -122,6 +122,27 @@ def test_damaged_shard_is_one_line(tmp_path):
     data.build(c)
 
 
+def test_a_shard_the_store_does_not_show_is_an_error_not_a_smaller_corpus(tmp_path, monkeypatch):
+  """The workers count the documents they write; if --output shows fewer (a shard hidden by a stale
+  listing), prepare says so, exits with an error and leaves nothing, instead of writing a smaller corpus."""
+  from mtp_jax.shards import pipeline
+  c = _config(tmp_path, _corpus(tmp_path, n=30), "bytes")
+  c.data.valid_fraction = 0.3
+  listed = pipeline._listed_shards
+
+  def hiding_one(out, shards):
+    names, docs = listed(out, shards)
+    hidden = names["train"].pop(0)
+    return names, docs - len(fmt.load_npy(out / fmt.lengths_name(hidden)))
+
+  monkeypatch.setattr(pipeline, "_listed_shards", hiding_one)
+  monkeypatch.setattr(pipeline, "_SHOW_TRIES", 2)
+  out = tmp_path / "prepared"
+  with pytest.raises(UserError, match=r"the workers wrote \d+ documents but --output=.* shows \d+ of them"):
+    pipeline.prepare(c, str(out), ["--direct_num_workers=1", "--direct_running_mode=in_memory"])
+  assert not out.exists() or not any(out.iterdir())
+
+
 def _records(workdir):
   return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 
@@ -165,10 +186,14 @@ def test_two_processes_train_from_shards_like_one(tmp_path):
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["6"]
 
 
-def test_prepare_bucket_to_bucket_and_train_reads_it(gcs, tmp_path):
-  """Corpus and output on the bucket (2 worker processes); training copies the shards into its cache."""
+def test_prepare_bucket_to_bucket_and_train_reads_it(gcs, tmp_path, monkeypatch):
+  """Corpus and output on the bucket (2 worker processes); training copies the shards into its cache. The
+  progress bar lists --output while the workers write (every 10 ms here): that listing, which the store
+  client caches, must not hide from the final count the shards written after it."""
   from mtp_jax import io
+  from mtp_jax.shards import pipeline
   from mtp_jax.shards.pipeline import prepare
+  monkeypatch.setattr(pipeline._ShardProgress, "POLL_S", 0.01)
   for i in range(40):
     io.write_text(f"gs://bkt/prep/corpus/f{i:02d}.txt", f"text number {i} " * (i + 1))
   c = _config(tmp_path, "gs://bkt/prep/corpus/*.txt", "bytes")

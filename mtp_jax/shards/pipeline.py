@@ -85,6 +85,9 @@ class _WriteShard(beam.DoFn):
   def __init__(self, output: str, shards: int, vocab: int):
     self.output, self.shards, self.vocab = output, shards, vocab
 
+  def setup(self):
+    self.written = beam.metrics.Metrics.counter(_NAMESPACE, "docs_written")
+
   def process(self, element):
     from array_record.python.array_record_module import ArrayRecordWriter
     (split, index), docs = element
@@ -103,6 +106,7 @@ class _WriteShard(beam.DoFn):
       np.save(os.path.join(tmp, "lengths.npy"), lengths)   # after the shard's other files: marks it done
       io.upload(local, io.path(self.output) / name)
       io.upload(os.path.join(tmp, "lengths.npy"), io.path(self.output) / fmt.lengths_name(name))
+    self.written.inc(len(docs))
     yield split, name
 
 
@@ -136,6 +140,7 @@ def _tokenizer(config, files):
 class _ShardProgress:
   """A progress bar (on a terminal) of the shards written so far, polled from this process while the workers
   run: every runner writes into the same --output, and a shard's lengths file appears last."""
+  POLL_S = 2.0
 
   def __init__(self, out, total: int):
     from tqdm import tqdm
@@ -146,7 +151,7 @@ class _ShardProgress:
     self.thread.start()
 
   def _poll(self):
-    while not self.done.wait(2.0):
+    while not self.done.wait(self.POLL_S):
       try:
         self.bar.update(len(list(self.out.glob("*.lengths.npy"))) - self.bar.n)
       except Exception:   # a listing that fails now is retried; the pipeline reports real failures
@@ -212,6 +217,30 @@ def _clear(out) -> None:
       child.rmtree() if child.is_dir() else child.unlink()
 
 
+def _listed_shards(out, shards: int) -> tuple[dict, int]:
+  """(split -> the shards whose lengths file, written last, --output shows; their documents in all)."""
+  io.forget_listings(out)   # the progress bar's listings, cached by the store's client, predate the last shards
+  names = {split: [n for n in (fmt.shard_name(split, i, shards) for i in range(shards))
+                   if (out / fmt.lengths_name(n)).exists()] for split in fmt.SPLITS}
+  docs = sum(len(fmt.load_npy(out / fmt.lengths_name(n))) for split in names for n in names[split])
+  return names, docs
+
+
+_SHOW_TRIES = 5   # listings of --output, 0.5 s apart and doubling, before a missing shard is an error
+
+
+def _finished_shards(out, shards: int, written) -> dict:
+  """The shards the workers wrote, once --output shows all `written` documents of them (a store may show a
+  new object late): never a silently smaller corpus. written None: a runner without committed counters."""
+  for attempt in range(_SHOW_TRIES):
+    names, docs = _listed_shards(out, shards)
+    if written is None or docs == written:
+      return names
+    time.sleep(0.5 * 2 ** attempt)
+  raise UserError(f"the workers wrote {written} documents but --output={out} shows {docs} of them in its shards; "
+                  f"the store did not show every shard: run prepare again (nothing was left in --output)")
+
+
 def _run(pipeline, config, out, files, tok, kind, proto, shards, start) -> dict:
   progress = _ShardProgress(out, 2 * shards)   # shards per split, some perhaps empty
   try:
@@ -231,9 +260,9 @@ def _run(pipeline, config, out, files, tok, kind, proto, shards, start) -> dict:
           "source": {k: config.data[k] for k in ("source", "path", "text_field", "valid_fraction")},
           "files": len(files), "skipped": counters.get("skipped", 0), "empty": counters.get("empty", 0),
           "bad_records": counters.get("bad_records", 0), "splits": {}}
+  found = _finished_shards(out, shards, counters.get("docs_written"))
   for split in fmt.SPLITS:
-    names = [fmt.shard_name(split, i, shards) for i in range(shards)]
-    names = [n for n in names if (out / fmt.lengths_name(n)).exists()]
+    names = found[split]
     if not names:
       raise UserError(f"the {split} split of data.source={config.data.source!r} came out empty "
                       f"({len(files)} files); add data or change data.valid_fraction (nothing was left in "
