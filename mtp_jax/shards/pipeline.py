@@ -217,25 +217,25 @@ def _clear(out) -> None:
       child.rmtree() if child.is_dir() else child.unlink()
 
 
-def _listed_shards(out, shards: int) -> tuple[dict, int]:
-  """(split -> the shards whose lengths file, written last, --output shows; their documents in all)."""
+def _listed_shards(out, shards: int) -> dict:
+  """split -> {shard: its documents' lengths} for the shards whose lengths file (written last) --output shows."""
   io.forget_listings(out)   # the progress bar's listings, cached by the store's client, predate the last shards
-  names = {split: [n for n in (fmt.shard_name(split, i, shards) for i in range(shards))
-                   if (out / fmt.lengths_name(n)).exists()] for split in fmt.SPLITS}
-  docs = sum(len(fmt.load_npy(out / fmt.lengths_name(n))) for split in names for n in names[split])
-  return names, docs
+  names = {split: [fmt.shard_name(split, i, shards) for i in range(shards)] for split in fmt.SPLITS}
+  return {split: {n: fmt.load_npy(out / fmt.lengths_name(n)) for n in names[split]
+                  if (out / fmt.lengths_name(n)).exists()} for split in fmt.SPLITS}
 
 
 _SHOW_TRIES = 5   # listings of --output, 0.5 s apart and doubling, before a missing shard is an error
 
 
 def _finished_shards(out, shards: int, written) -> dict:
-  """The shards the workers wrote, once --output shows all `written` documents of them (a store may show a
-  new object late): never a silently smaller corpus. written None: a runner without committed counters."""
+  """`_listed_shards`, once --output shows all `written` documents the workers wrote (a store may show a new
+  object late): never a silently smaller corpus. written None: a runner without committed counters."""
   for attempt in range(_SHOW_TRIES):
-    names, docs = _listed_shards(out, shards)
+    found = _listed_shards(out, shards)
+    docs = sum(len(lengths) for split in found.values() for lengths in split.values())
     if written is None or docs == written:
-      return names
+      return found
     time.sleep(0.5 * 2 ** attempt)
   raise UserError(f"the workers wrote {written} documents but --output={out} shows {docs} of them in its shards; "
                   f"the store did not show every shard: run prepare again (nothing was left in --output)")
@@ -262,12 +262,11 @@ def _run(pipeline, config, out, files, tok, kind, proto, shards, start) -> dict:
           "bad_records": counters.get("bad_records", 0), "splits": {}}
   found = _finished_shards(out, shards, counters.get("docs_written"))
   for split in fmt.SPLITS:
-    names = found[split]
+    names, lengths = list(found[split]), list(found[split].values())
     if not names:
       raise UserError(f"the {split} split of data.source={config.data.source!r} came out empty "
                       f"({len(files)} files); add data or change data.valid_fraction (nothing was left in "
                       f"--output={out})")
-    lengths = [fmt.load_npy(out / fmt.lengths_name(n)) for n in names]
     meta["splits"][split] = {"shards": names, "docs": int(sum(len(l) for l in lengths)),
                              "tokens": int(sum(l.sum() for l in lengths))}
     if split == "train":   # the unigram baseline's token frequencies, so training need not read them all
