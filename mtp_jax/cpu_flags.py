@@ -13,10 +13,24 @@ on a flag it does not know.
 from __future__ import annotations
 
 import os
+import platform
 
 TRAINING_FUSIONS = ("xla_cpu_experimental_ynn_fusion_type",
                     "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE")
 MEASURED_JAXLIB = ("0.10.2",)
+
+
+def cpu_model() -> str:
+  """The CPU's name as /proc/cpuinfo gives it (platform.processor() elsewhere): what timing tables and test
+  reports name, since CPUs of one pool differ in speed and in float32 rounding."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def add_xla_flag(name: str, value: str) -> bool:

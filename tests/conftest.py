@@ -1,11 +1,12 @@
 """Shared fixtures (plain helpers are helpers.py's): tiny configs built in code, a bucket emulator."""
 import atexit
 import os
-import platform
 import shutil
 import tempfile
 
 import pytest
+
+from mtp_jax.cpu_flags import cpu_model   # imports no jax: the XLA flags below still apply
 
 # The suite compiles hundreds of small programs and runs each a few times, so compiling is most of its
 # time. LLVM's optimisation passes cost more than they save (a loss-equivalence test 40 s -> 25 s), and
@@ -30,18 +31,6 @@ if "PYTEST_XDIST_WORKER" in os.environ:
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from helpers import tiny_config, train_config  # noqa: E402  (after XLA_FLAGS: it imports jax)
-
-
-def cpu_model() -> str:
-  """The CPU's name as /proc/cpuinfo gives it (platform.processor() elsewhere), for the report header."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def pytest_report_header(config):

@@ -396,7 +396,8 @@ def main(argv):
               and sorted(map(int, r["valid_next_token_loss"])) == lengths()}
     return list(latest.values())
 
-  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+  from mtp_jax.cpu_flags import cpu_model
+  cpu = cpu_model()
   command = "python experiments/findings/mtp_cost_vs_length.py " + " ".join(sys.argv[1:])
   c = make_config(1, 0)
   m = c.model

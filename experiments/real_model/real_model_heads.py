@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from common.results_io import write_results  # noqa: E402
 from mtp_jax import data, feature_heads, interop, pretrained  # noqa: E402
 from mtp_jax.interop import workdir as workdir_lib  # noqa: E402
+from mtp_jax.cpu_flags import cpu_model  # noqa: E402
 from mtp_jax.model import build_model  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "A model of mtp_jax.pretrained.")
@@ -55,18 +56,6 @@ _OUT_WORKDIR = flags.DEFINE_string("out_workdir", "workdirs/smollm2_heads", "Eac
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 100, "Write the trained model every this many steps (and at the end).")
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run: tiny budget, nothing written but the results.")
 _OUT = flags.DEFINE_string("out_name", "real_model_heads", "Results file stem.")
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  import platform
-  return platform.processor() or "unknown CPU"
 
 
 def windows(config, tok, split: str, count: int, seq_len: int) -> np.ndarray:
@@ -196,7 +185,7 @@ def write_model(out: str, config, params, tok, ranking) -> None:
 def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, cost, runs, t_start, quick):
   """Write the results of the runs so far (after every init, so a long run keeps what it finished)."""
   n_future = config.model.n_future
-  cpu = _cpu()
+  cpu = cpu_model()
   result = {"model": _MODEL.value, "file": gguf_path.name, "cpu": cpu, "n_future": n_future,
             "head_type": config.model.head_type, "seq_len": seq,
             "train_windows": len(feats), "valid_windows": len(valid), "steps": steps, "batch": batch, "lr": _LR.value,

@@ -80,17 +80,6 @@ EDGE_STRINGS = [
 ]
 
 
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def _version(name: str) -> str:
   from importlib import metadata
   try:
@@ -336,10 +325,11 @@ def main(argv):
                all(f["disagree_above_tol"] == 0 for f in forced) and
                all(r["disagree_above_tol"] == 0 for r in logit_rows))
   import torch
+  from mtp_jax.cpu_flags import cpu_model
   import transformers
   result = {
       "model": _GGUF.value or _MODEL.value, "gguf": path, "gguf_file": os.path.basename(path),
-      "cpu": _cpu(), "cores": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()],
+      "cpu": cpu_model(), "cores": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()],
       "versions": {"python": platform.python_version(), "torch": torch.__version__,
                    "transformers": transformers.__version__, "gguf": _version("gguf"), "jax": jax.__version__,
                    "jaxlib": _version("jaxlib"), "flax": _version("flax"), "tokenizers": _version("tokenizers"),

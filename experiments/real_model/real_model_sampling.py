@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from common.results_io import write_results  # noqa: E402
 from mtp_jax import decode  # noqa: E402
 from mtp_jax.generate import load_workdir  # noqa: E402
+from mtp_jax.cpu_flags import cpu_model  # noqa: E402
 from mtp_jax.model import build_model  # noqa: E402
 
 # Short hand-written prompts, code and natural language (the heads were trained on code only), of the same
@@ -72,18 +73,6 @@ N_TOKENS = 3
 POWER_P = 1e-6                          # the unit test's bound for the always-accept law
 TEMP_ERRORS = [0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5]
 DRAWS = 200
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  import platform
-  return platform.processor() or "unknown CPU"
 
 
 def chi2_pvalue(samples, probs) -> float:
@@ -282,7 +271,7 @@ def main(_):
 
 def report(config, runs, wall_s):
   m = config.model
-  cpu = _cpu()
+  cpu = cpu_model()
   k = _DRAFT_HEADS.value
   result = {"workdir": _WORKDIR.value, "cpu": cpu, "head_type": m.head_type, "n_future": m.n_future,
             "temperature": _TEMP.value, "top_k": _TOP_K.value, "rows": _ROWS.value, "batch": _BATCH.value,

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from common.results_io import write_results  # noqa: E402
 from common.step_timing import decode_step_program  # noqa: E402
 from mtp_jax import decode  # noqa: E402
+from mtp_jax.cpu_flags import cpu_model  # noqa: E402
 from mtp_jax.model import ModelArgs, build_model, init_params  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Trained run to benchmark.")
@@ -181,11 +182,6 @@ def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
   return {"single_step_s": med["single"], "verify_step_s": med["verify"], "C": ratio}
 
 
-def cpu_name() -> str:
-  with open("/proc/cpuinfo") as f:
-    return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown CPU")
-
-
 def with_draft_vocab(params, args: ModelArgs):
   """params drafting among the --draft_vocab most frequent tokens the workdir ranks (draft_vocab.npy)."""
   if not _DRAFT_VOCAB.value:
@@ -216,7 +212,7 @@ def main(_):
           f"{_MAX_NEW.value} tokens; keep forward_iters * n_future < --max_new_tokens")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   if jax.devices()[0].platform == "cpu":
-    device += f" ({cpu_name()})"
+    device += f" ({cpu_model()})"
   rows = []
   cost = {}
   for b, kind in ((b, kind) for b in map(int, _BATCHES.value) for kind in _KINDS.value):

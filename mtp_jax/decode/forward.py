@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax.decode.types import DecodeError
 from mtp_jax.model import Block, MTPTransformer, ModelArgs, default_positions, init_cache
 
 
@@ -36,7 +37,6 @@ def with_draft_vocab(params, ids, vocab_size: int):
   does): a draft's unembedding then reads N rows instead of the vocabulary's V, which on a small model
   with a large vocabulary is most of a drafting head's cost. Verification still uses head 0's full
   vocabulary, so greedy and sampled outputs stay exact; only drafts outside `ids` are lost."""
-  from mtp_jax.decode.types import DecodeError
   ids = np.asarray(ids)
   if ids.ndim != 1 or not len(ids) or not np.issubdtype(ids.dtype, np.integer):
     raise DecodeError(f"draft vocabulary: need a non-empty list of token ids, got shape {ids.shape} {ids.dtype}")
