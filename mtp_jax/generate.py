@@ -144,6 +144,8 @@ def generate_checked(params, config, prompts, request: decode.Request, tokenizer
     batch = {"batch": start // per_call, "batch_size": rows, "batch_forward_passes": int(out.steps) + 1,
              **({"batch_draft_budget_steps": [int(x) for x in out.budget_steps]} if mode.startswith("speculative")
                 else {}),
+             **({"batch_draft_grows": int(out.grows)} if request.draft_kind(args) == "auto" and mode.startswith("speculative")
+                else {}),
              "batch_new_tokens": int(np.sum(out.lengths[:len(chunk)])), **{f"batch_{k}": v for k, v in timing.items()}}
     for r in range(len(chunk)):
       prompt = prompts[start + r]
@@ -165,7 +167,7 @@ def _result(prompt, prompt_ids, out, r: int, mode: str, eos_id: int, batch: dict
   accepted_per_step   drafts accepted per forward after the prefill (tokens per forward - 1, but for EOS)
   batch_*             of its batch: forward passes (prefill included), wall_s (compile excluded), compile_s,
                       draft_budget_steps (forwards with 0, 1, .. drafts), --draft=auto's draft_costs (C per
-                      draft length) and costs_s (their one-off timing)
+                      draft length), costs_s (their one-off timing) and draft_grows (times the budget grew back)
   """
   n = int(out.lengths[r])
   tokens = [int(t) for t in out.tokens[r, :n]]

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,13 +21,18 @@ SLOPED = [1.0, 1.2, 1.5, 2.5]
 
 
 def test_choose_budget():
-  stats = jnp.array([[10.0, 10.0, 10.0], [9.0, 5.0, 0.0]])        # depth rates 0.9, 0.5, 0
-  pick = lambda costs, most=3, s=stats: int(decode.choose_budget(jnp.array(costs), s, most))
+  stats = jnp.array([[10.0, 10.0, 10.0], [9.0, 5.0, 0.0]])        # conditional rates 0.9, 0.5, 0
+  none = jnp.zeros((2, 3))
+  pick = lambda costs, most=3, s=stats, prior=none: int(decode.choose_budget(jnp.array(costs), s, prior, most))
   assert pick([1, 1, 1, 1]) == 2                  # free drafts: up to the last depth that is ever accepted
-  assert pick([1, 1.5, 2.5, 3.0]) == 1            # 1.9 / 1.5 beats 2.4 / 2.5
+  assert pick([1, 1.5, 2.5, 3.0]) == 1            # 1.9 / 1.5 beats 2.35 / 2.5
   assert pick([1, 1.5, 2.5, 3.0], most=0) == 0    # never past `most`
   assert pick([1, 2.0, 3.0, 4.0]) == 0            # 1.9 tokens for the cost of 2: greedy
   assert pick([1, 1, 1, 1], s=jnp.array([[5.0] * 3, [0.0] * 3])) == 0   # nothing accepted: greedy
+  # an unobserved depth counts at the prior's rate, behind the observed ones: 0.9 * 0.5 * 0.5 more at depth 3
+  prior = jnp.array([[1.0] * 3, [0.5] * 3])
+  assert pick([1, 1, 1, 1.1], s=jnp.array([[10.0, 10.0, 0.0], [9.0, 9.0, 0.0]]), prior=prior) == 3
+  assert pick([1, 1, 1, 1.3], s=jnp.array([[10.0, 10.0, 0.0], [9.0, 9.0, 0.0]]), prior=prior) == 2
 
 
 @pytest.mark.parametrize("head_type", ["parallel", "causal"])
@@ -43,8 +49,50 @@ def test_auto_and_chain_equal_greedy(head_type):
       assert np.all(s.accepted <= s.proposed) and np.all(s.proposed <= s.forwards[:, None] - 1)
       if kw["draft"] == "chain":
         np.testing.assert_array_equal(s.proposed, np.repeat(s.forwards[:, None] - 1, 3, axis=1))
-  s = decode_run(model, params, MIXED, "speculative", draft="auto", draft_costs=SLOPED)
+  s = decode_run(model, params, MIXED, "speculative", draft="auto", draft_costs=SLOPED, draft_prior=[[4] * 3, [4] * 3])
   assert s.budget_steps[2] > 0 and s.budget_steps[:2].sum() > 0, s.budget_steps   # it started at 2, then fell
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "causal"])
+def test_auto_grows_back_and_stays_exact(head_type):
+  """Counts that fade fast and forget in 3 steps: the budget falls, grows back (the heads catching up), and
+  falls again, many times; every output is greedy's, at batch 1, a batch and with continuous batching."""
+  model, params = tiny_decoder(n=4, head_type=head_type)
+  for prompts, slots in (([MIXED[1]], None), (MIXED, None), (MIXED * 2, 2)):
+    g = decode_run(model, params, prompts, "greedy", slots=slots, max_new_tokens=40)
+    s = decode_run(model, params, prompts, "speculative", slots=slots, max_new_tokens=40, draft="auto",
+                   draft_costs=[1.0, 1.05, 1.1, 1.15], draft_decay=0.5, draft_explore=3)
+    check_same(g, s, 40)
+    assert int(s.budget_steps.sum()) == int(s.steps)
+    if len(prompts) > 1:
+      assert int(s.grows) >= 2 and s.budget_steps[:3].sum() > 0 and s.budget_steps[1:].sum() > 0, s.budget_steps
+
+
+def test_heads_that_catch_up_hold_the_caches_they_would_have_written():
+  """Heads 1..3 copies of head 0 (all read the trunk's output): after greedy steps without them and a grow, their
+  caches equal head 0's at every position before the rows' own, and each drafts head 0's token there, the
+  token just emitted."""
+  from mtp_jax.decode import loop
+  model, params = tiny_decoder(n=4, shared=True)
+  settings = decode.Settings("speculative", 24, 4, draft="auto")
+  w = decode.decode_weights(params, model.args, settings.heads_run, per_head=True)
+  tokens, lengths = map(jnp.asarray, decode.pad_prompts(MIXED, 16))
+  greedy_only = decode.Budget.of(3, costs=[1.0, 1e9, 1e9, 1e9])   # drafting never pays: the prefill skips the heads
+  sp = decode.SamplingParams.of()
+  state = decode.prefill(model, w, settings, sp, tokens, lengths, jax.random.key(0), greedy_only)
+  for _ in range(int(loop.CATCH_UP * 1.5)):      # more than a chunk: the catch-up runs in two
+    state = decode.step(model, w, settings, sp, state, greedy_only)
+  assert int(state.drafted) == 0 and np.all(np.asarray(state.stale) == 0)
+  grown = loop._grow(model, w, settings, sp, state.replace(budget=jnp.int32(3)))
+  assert int(grown.drafted) == 3 and int(grown.grows) == 1
+  heads, pos = grown.cache["heads"], np.asarray(state.position)
+  for i in (1, 2, 3):
+    for kv in (0, 1):
+      for r, p in enumerate(pos):
+        np.testing.assert_allclose(np.asarray(heads[i][kv][r, :, :p]), np.asarray(heads[0][kv][r, :, :p]),
+                                   rtol=1e-4, atol=1e-5)
+  last = np.asarray(jnp.take_along_axis(state.tokens, state.count[:, None] - 1, axis=1))
+  np.testing.assert_array_equal(np.asarray(grown.drafts), np.repeat(last, 3, axis=1))
 
 
 @pytest.mark.parametrize("costs,prior", [([1.0, 10.0, 10.0, 10.0], None),            # verify steps cost too much
@@ -64,7 +112,7 @@ def test_auto_speculative_sample_keeps_the_distribution():
   model, params = tiny_decoder(n=3, vocab=v)
   exact, _ = exact_joint(model, params, prompt, 1.0, 0, 1.0)
   out = decode_run(model, params, [prompt] * rows, "speculative_sample", max_new_tokens=3, bucket=2, seed=4,
-                   draft="auto", draft_costs=[1.0, 1.3, 1.9])
+                   draft="auto", draft_costs=[1.0, 1.3, 1.9], draft_prior=[[4, 4], [4, 4]])
   assert out.budget_steps[2] >= 1 and out.budget_steps[1] >= 1, out.budget_steps
   assert chi2_pvalue((out.tokens[:, 0] * v + out.tokens[:, 1]) * v + out.tokens[:, 2], exact) > 1e-4
 

@@ -9,7 +9,7 @@ the same temperature / top-k / top-p (`adjusted_logprobs`).
 
 Every drafting scheme is a drafter behind one interface, `drafter(a, token, key) -> (drafts, log q,
 state updates or None)`, which the compiled loop calls after verifying (`drafter_for` picks it): heads
-that ran in the verify pass read their hidden states there (`_draft`); sequential modules run
+that ran in the verify pass read their hidden states there (`draft_heads_at`); sequential modules run
 afterwards (`_draft_modules`).
 
 DeepSeek-V3's sequential modules (head_type="sequential") read the embedding of a later token
@@ -96,10 +96,9 @@ def _pick(logits, key, sp: SamplingParams, sampling: bool, vocab=None, vocab_siz
   return vocab[0][x], full
 
 
-def _draft(model, params, vocab, hidden, a, token, key, sp: SamplingParams, sampling: bool):
-  """Heads 1..n-1 at block index a: draft tokens [B, n-1], when sampling their log q [B, n-1, V], and no
-  cache to update (these heads ran in the verify pass)."""
-  del token
+def draft_heads_at(model, params, vocab, hidden, a, key, sp: SamplingParams, sampling: bool):
+  """Heads 1..n-1 (hidden [n-1, B, k, d]) at block index a [B]: draft tokens [B, n-1], when sampling their
+  log q [B, n-1, V], and no cache to update (these heads ran in the verify pass)."""
   b, v = a.shape[0], model.args.vocab_size
   if hidden.shape[0] == 0:   # no draft heads run (greedy, sample, n_future=1)
     return jnp.zeros((b, 0), jnp.int32), (jnp.zeros((b, 0, v), jnp.float32) if sampling else None), None
@@ -167,7 +166,7 @@ def drafter_for(model, w: Weights, settings: Settings, sp, state, hidden, block,
   """
   if w.drafter is None:
     h = hidden[1:] if offset is None else jax.vmap(lambda hh: take_at(hh, offset)[:, None])(hidden[1:])
-    return lambda a, token, key: _draft(model, w.params, w.draft_vocab, h, a, token, key, sp, settings.sampling)
+    return lambda a, token, key: draft_heads_at(model, w.params, w.draft_vocab, h, a, key, sp, settings.sampling)
   return lambda a, token, key: _draft_modules(
       model, w, sp, settings.sampling, hidden[0], block, pos0, state.recent, state.cache["drafter"], prefill,
       0 if offset is None else offset, a, token, key)

@@ -193,7 +193,8 @@ def clear_compiled() -> None:
 
 def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_tokens=64, seed=0, key=None,
         temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None, slots: Optional[int] = None,
-        draft_heads: Optional[int] = None, draft: Optional[str] = None, draft_costs=None, draft_prior=None):
+        draft_heads: Optional[int] = None, draft: Optional[str] = None, draft_costs=None, draft_prior=None,
+        draft_decay: Optional[float] = None, draft_explore: Optional[int] = None):
   """Decode padded prompts: (DecodeOutput of numpy arrays, {'compile_s', 'wall_s'}).
 
   `tokens` [N, P] / `lengths` [N] come from `pad_prompts`; the prompts' own checks are `check_request`'s.
@@ -204,7 +205,9 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   draft: "chain" (every step drafts draft_heads-1 tokens) or "auto" (the default where the heads allow:
   each step picks 0..draft_heads-1 drafts) or "tree" (mode=speculative: a static tree of the heads' top
   choices in one verify pass; docs/decoding.md); draft_costs [cap+1] / draft_prior
-  [2, cap] replace auto's timed cost table and its prior (proposed, accepted) counts per depth.
+  [2, cap] replace auto's timed cost table and its prior (reached, accepted) counts per depth; draft_decay
+  (the running counts' factor per step) and draft_explore (steps after which an undrafted depth forgets its
+  counts, so the budget may grow back; 0: never) replace `types.DECAY` and `types.EXPLORE`.
   wall_s is the decode alone (compile and auto's one-off cost timing, costs_s, excluded), measured until the
   results are on the host; draft_costs: the cost table auto used.
   """
@@ -212,11 +215,12 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   request.check_model(args)
   check_slots(mode, slots, len(lengths))
   return execute(params, args, tokens, lengths, request, seed=seed, key=key, eos_id=eos_id, slots=slots,
-                 draft_costs=draft_costs, draft_prior=draft_prior)
+                 draft_costs=draft_costs, draft_prior=draft_prior, draft_decay=draft_decay, draft_explore=draft_explore)
 
 
 def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=0, key=None,
-            eos_id: Optional[int] = None, slots: Optional[int] = None, draft_costs=None, draft_prior=None):
+            eos_id: Optional[int] = None, slots: Optional[int] = None, draft_costs=None, draft_prior=None,
+            draft_decay: Optional[float] = None, draft_explore: Optional[int] = None):
   """`run` for a request its caller has checked (generate() does, once): nothing is checked again."""
   settings = request.settings(args, batch_shards=_batch_shards(tokens),
                               slots=0 if slots is None or slots >= len(lengths) else int(slots))
@@ -231,7 +235,8 @@ def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=
     if draft_costs is None:
       draft_costs, costs_s = step_costs(fn, params, tokens, lengths, key, sp, settings)
     timing = {"costs_s": costs_s, "draft_costs": [round(float(c), 3) for c in np.asarray(draft_costs)]}
-  budget = Budget.of(cap, draft_costs, draft_prior)
+  budget = Budget.of(cap, draft_costs, draft_prior, **({} if draft_decay is None else {"decay": draft_decay}),
+                     **({} if draft_explore is None else {"explore": draft_explore}))
   start = time.perf_counter()
   out = jax.device_get(fn(params, tokens, lengths, key, sp, budget))
   return out, {"compile_s": compile_s, "wall_s": time.perf_counter() - start, **timing}

@@ -22,11 +22,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.decode.draft import drafter_for, verify
+from mtp_jax.decode.draft import draft_heads_at, drafter_for, verify
 from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, run_heads, take_at, unembed
 from mtp_jax.decode.tree import keep_path, tree_drafts, tree_verify
-from mtp_jax.decode.types import (PAD, Array, Budget, DecodeOutput, DecodeState, SamplingParams, Settings, Tree,
-                                  choose_budget)
+from mtp_jax.decode.types import (CATCH_UP, PAD, STALE_NEVER, Array, Budget, DecodeOutput, DecodeState, SamplingParams,
+                                  Settings, Tree, choose_budget)
 from mtp_jax.model import MTPTransformer, default_positions
 
 
@@ -35,14 +35,13 @@ def _pad_drafts(x, cap: int):
   return None if x is None else jnp.pad(x, ((0, 0), (0, cap - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
 
 
-def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts, draft_logq, key, active, costs,
-          verified=None):
+def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts, draft_logq, key, active,
+          budget: Budget = None, verified=None):
   """Verify a block, append the accepted tokens (up to EOS / max_new_tokens), draft the next block.
 
   The block's index 0 sits at state.position; rows that are not `active` keep their state. The block
-  verifies j = drafts.shape[1] drafts; --draft=auto then picks the next budget from the counts, at most the
-  drafts just made (heads past it stop running for good, so their caches are never read stale). verified:
-  (a, token) already known (a tree's path, as a chain in `drafts`).
+  verifies j = drafts.shape[1] drafts; --draft=auto then updates the running counts and picks the next
+  budget from them (`_auto_budget`). verified: (a, token) already known (a tree's path, as a chain in `drafts`).
   """
   k_verify, k_draft = jax.random.split(key) if settings.sampling else (key, key)   # argmax modes draw nothing
   a, token = verify(p_logits, drafts, draft_logq, k_verify, sp, settings.sampling)[:2] if verified is None else verified
@@ -70,8 +69,8 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
   depth = jnp.arange(cap)[None, :]
   proposed = active[:, None] & (depth < drafts.shape[1])
   accepted = active[:, None] & (a[:, None] > depth)
-  stats = state.stats + jnp.stack([jnp.sum(proposed, 0), jnp.sum(accepted, 0)]).astype(state.stats.dtype)
-  budget = choose_budget(costs, stats, made) if settings.draft == "auto" else jnp.int32(cap)
+  if settings.draft == "auto":
+    state = _auto_budget(state, budget, proposed & (a[:, None] >= depth), accepted, drafts.shape[1], made)
   return state.replace(
       tokens=keep(written, state.tokens),
       count=keep(state.count + m, state.count),
@@ -80,7 +79,21 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
       draft_logq=keep(new_logq, state.draft_logq),
       done=state.done | (active & (hit | (state.count + m >= settings.max_new_tokens))),
       forwards=state.forwards + active,
-      accepted=state.accepted + accepted, proposed=state.proposed + proposed, stats=stats, budget=budget)
+      accepted=state.accepted + accepted, proposed=state.proposed + proposed)
+
+
+def _auto_budget(state: DecodeState, budget: Budget, reached, accepted, verified: int, made: int) -> DecodeState:
+  """--draft=auto: fold this step's counts per depth (rows that reached it, rows that accepted its draft) into
+  the fading running counts, let depths not drafted for Budget.explore steps forget theirs, and choose the
+  next budget over every length; past the `made` drafts the rows hold, the loop grows it (`_grow`)."""
+  cap = state.stats.shape[1]
+  seen = jnp.arange(cap) < verified
+  stats = state.stats * budget.decay + jnp.stack([jnp.sum(reached, 0), jnp.sum(accepted, 0)]).astype(jnp.float32)
+  unseen = jnp.where(seen, 0, state.unseen + 1)
+  forget = (budget.explore > 0) & (unseen >= budget.explore)
+  stats, unseen = jnp.where(forget[None], 0.0, stats), jnp.where(forget, 0, unseen)
+  return state.replace(stats=stats, unseen=unseen, drafted=jnp.int32(made),
+                       budget=choose_budget(budget.costs, stats, budget.prior, cap))
 
 
 def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, budget: Budget = None,
@@ -90,11 +103,17 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
   args, (b, p) = model.args, tokens.shape
   k = settings.block
   budget = Budget.of(settings.depths) if budget is None else budget
-  cache = init_decode_cache(args, b, p + settings.max_new_tokens + args.n_future + k, settings.heads_run,
-                            per_head=settings.draft != "chain")
+  slots = p + settings.max_new_tokens + args.n_future + k
+  cache = init_decode_cache(args, b, slots, settings.heads_run, per_head=settings.draft != "chain")
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
   zero = jnp.zeros((b,), jnp.int32)
-  hidden, cache = _prefill_forward(model, w, settings, budget, tokens, positions, cache, zero, current)
+  auto = settings.draft == "auto"
+  cap = settings.depths
+  heads_on = True
+  if auto:   # the first budget comes from the prior and the costs alone; a refill drafts where the batch does
+    no_counts = jnp.zeros((2, cap), jnp.float32)
+    heads_on = choose_budget(budget.costs, no_counts, budget.prior, cap) > 0 if current is None else current > 0
+  hidden, cache, src = _prefill_forward(model, w, settings, heads_on, tokens, positions, cache, zero)
   last = lengths - 1
   h_last = take_at(hidden[0], last)[:, None]                            # head 0 at each prompt's end [B, 1, d]
   key, sub = jax.random.split(key)
@@ -106,8 +125,11 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
       draft_logq=jnp.zeros((b, k - 1, args.vocab_size), jnp.float32) if settings.sampling else None,
       done=jnp.zeros((b,), bool), key=key, steps=jnp.zeros((), jnp.int32),
       forwards=jnp.zeros((b,), jnp.int32), accepted=per_head, proposed=per_head,
-      budget=jnp.int32(settings.depths), stats=budget.prior.astype(jnp.float32),
-      budget_steps=jnp.zeros((settings.depths + 1,), jnp.int32),
+      budget=jnp.int32(cap), stats=jnp.zeros((2, cap), jnp.float32),
+      budget_steps=jnp.zeros((cap + 1,), jnp.int32), drafted=jnp.int32(cap), unseen=jnp.zeros((cap,), jnp.int32),
+      grows=jnp.zeros((), jnp.int32),
+      stale=jnp.where(heads_on, STALE_NEVER, 0) * jnp.ones((b, cap), jnp.int32) if auto else None,
+      src=jnp.pad(src, ((0, 0), (0, slots - p), (0, 0))) if auto else None,
       recent=None if w.drafter is None else (jnp.zeros((b, k - 2, args.d_model), hidden.dtype),
                                              jnp.zeros((b, k - 2), jnp.int32)))
   no_drafts = jnp.zeros((b, 0), jnp.int32)
@@ -116,16 +138,17 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
   if settings.draft == "tree" and settings.speculative:
     h = jax.vmap(lambda hh: take_at(hh, last)[:, None])(hidden[1:])
     drafter = lambda a, token, key: (tree_drafts(model, w, h, a, Tree.of(settings.depths)), None, None)
-  return _emit(settings, sp, state, unembed(model, w.params, h_last), drafter, no_drafts, no_logq, sub,
-               jnp.ones((b,), bool), budget.costs)
+  state = _emit(settings, sp, state, unembed(model, w.params, h_last), drafter, no_drafts, no_logq, sub,
+                jnp.ones((b,), bool), budget)
+  return state.replace(drafted=jnp.where(heads_on, state.drafted, 0)) if auto else state
 
 
-def _prefill_forward(model, w: Weights, settings: Settings, budget: Budget, tokens, positions, cache, zero, current):
-  """The prompts through the trunk and heads. --draft=auto runs the draft heads only where the first budget
-  (from the prior and the costs alone) drafts: with 0 they never run in this call (the budget never grows),
-  so the prefill costs what greedy's does."""
+def _prefill_forward(model, w: Weights, settings: Settings, heads_on, tokens, positions, cache, zero):
+  """The prompts through the trunk and heads: (hidden, cache, what the draft heads read --draft=auto keeps, or
+  None). --draft=auto runs the draft heads only where heads_on (the first budget drafts, or a refilled row's
+  batch does): otherwise the prefill costs what greedy's does, and the heads catch up if the budget grows."""
   if settings.draft != "auto" or cache["heads"] is None:
-    return forward_hidden(model, w, tokens, positions, cache, zero, prefill=True)
+    return (*forward_hidden(model, w, tokens, positions, cache, zero, prefill=True), None)
   head0 = {**cache, "heads": cache["heads"][:1]}
   hidden0, cache0, z = forward_hidden(model, w._replace(heads=w.heads[:1]), tokens, positions, head0, zero,
                                       prefill=True, trunk_out=True)
@@ -133,9 +156,9 @@ def _prefill_forward(model, w: Weights, settings: Settings, budget: Budget, toke
   segment_ids = default_positions(tokens, positions)[1]
   rest = lambda c: run_heads(model.args, w.heads[1:], start, positions, segment_ids, c, zero, prefill=True)
   skip = lambda c: (jnp.zeros((len(w.heads) - 1,) + hidden0.shape[1:], hidden0.dtype), c)
-  drafts = choose_budget(budget.costs, budget.prior, settings.depths if current is None else current) > 0
-  hidden_rest, caches = jax.lax.cond(drafts, rest, skip, cache["heads"][1:])
-  return jnp.concatenate([hidden0, hidden_rest.astype(hidden0.dtype)]), {**cache0, "heads": cache0["heads"] + caches}
+  hidden_rest, caches = jax.lax.cond(heads_on, rest, skip, cache["heads"][1:])
+  return (jnp.concatenate([hidden0, hidden_rest.astype(hidden0.dtype)]), {**cache0, "heads": cache0["heads"] + caches},
+          start)
 
 
 def step(model, w: Weights, settings: Settings, sp, state: DecodeState, budget: Budget = None) -> DecodeState:
@@ -148,21 +171,63 @@ def step(model, w: Weights, settings: Settings, sp, state: DecodeState, budget: 
   if settings.draft == "tree" and settings.speculative:
     return _tree_step(model, w, settings, sp, state)
   if settings.draft != "auto":
-    return _block_step(model, w, settings, sp, state, settings.depths, budget.costs)
-  branches = [lambda s, j=j: _block_step(model, w, settings, sp, s, j, budget.costs) for j in range(settings.depths + 1)]
-  return jax.lax.switch(state.budget, branches, state)
+    return _block_step(model, w, settings, sp, state, settings.depths, budget)
+  branches = [lambda s, j=j: _block_step(model, w, settings, sp, s, j, budget) for j in range(settings.depths + 1)]
+  return jax.lax.switch(jnp.minimum(state.budget, state.drafted), branches, state)
 
 
 def _steps_while(model, w: Weights, settings: Settings, sp, budget: Budget, cond, state: DecodeState) -> DecodeState:
-  """Steps while cond(state). --draft=auto: the budget never grows, so one loop per draft length, longest first,
-  each running while the budget is its length: static blocks and no conditional around the state (a
-  `lax.switch` over the branches copied the caches in and out of it every step)."""
+  """Steps while cond(state). --draft=auto: one loop per draft length, longest first, each running while the
+  budget is its length (static blocks and no conditional around the state: a `lax.switch` over the branches
+  copied the caches in and out of it every step), inside a loop that, where the budget has grown past the
+  drafts the rows hold, lets the heads it needs catch up (`_grow`) and goes round again."""
   if settings.draft != "auto":
     return jax.lax.while_loop(cond, lambda s: step(model, w, settings, sp, s, budget), state)
-  for j in reversed(range(settings.depths + 1)):
-    state = jax.lax.while_loop(lambda s, j=j: cond(s) & (s.budget == j),
-                               lambda s, j=j: _block_step(model, w, settings, sp, s, j, budget.costs), state)
-  return state
+
+  def lengths(s):
+    for j in reversed(range(settings.depths + 1)):
+      s = jax.lax.while_loop(lambda s, j=j: cond(s) & (s.budget == j) & (s.drafted >= j),
+                             lambda s, j=j: _block_step(model, w, settings, sp, s, j, budget), s)
+    return jax.lax.cond(cond(s) & (s.budget > s.drafted), lambda s: _grow(model, w, settings, sp, s), lambda s: s, s)
+  return jax.lax.while_loop(cond, lengths, state)
+
+
+def _grow(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
+  """--draft=auto's budget grown past the drafts the rows hold: heads 1..budget recompute their caches from
+  the first position any of them missed (`stale`) to the row's position, in chunks of CATCH_UP positions read
+  from `src` (what they read in the steps they missed), and draft at the last accepted position, exactly as
+  had they run in every step. Rare: the budget grows back only where the counts say drafting pays again."""
+  args, cap = model.args, settings.depths
+  size = min(CATCH_UP, state.src.shape[1])
+  pos = state.position
+
+  def heads_up_to(b: int, s: DecodeState) -> DecodeState:
+    heads, caches = w.heads[1:b + 1], s.cache["heads"][1:b + 1]
+    lo = jnp.minimum(jnp.min(s.stale[:, :b], axis=1), pos)
+    chunks = jnp.maximum(jnp.max((pos - lo + size - 1) // size), 1)
+
+    def chunk(c, carry):
+      caches, _, _ = carry
+      start = jnp.maximum(jnp.minimum(lo + c * size, pos - size), 0)   # the last chunk ends at pos - 1
+      x = jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, size, 0))(s.src, start)
+      positions = start[:, None] + jnp.arange(size)[None, :]
+      hidden, caches = run_heads(args, heads, x.astype(s.src.dtype), positions, jnp.ones_like(positions), caches,
+                                 start)
+      return caches, hidden, start
+
+    b_rows = pos.shape[0]
+    init = (caches, jnp.zeros((b, b_rows, size, args.d_model), s.src.dtype), jnp.zeros_like(pos))
+    caches, hidden, start = jax.lax.fori_loop(0, chunks, chunk, init)
+    key, sub = jax.random.split(s.key) if settings.sampling else (s.key, s.key)
+    drafts, logq, _ = draft_heads_at(model, w.params, w.draft_vocab, hidden, pos - 1 - start, sub, sp,
+                                     settings.sampling)
+    return s.replace(cache={**s.cache, "heads": s.cache["heads"][:1] + caches + s.cache["heads"][b + 1:]}, key=key,
+                     drafts=_pad_drafts(drafts, settings.block - 1),
+                     draft_logq=_pad_drafts(logq, settings.block - 1) if settings.sampling else s.draft_logq,
+                     stale=s.stale.at[:, :b].set(STALE_NEVER), drafted=jnp.int32(b), grows=s.grows + 1)
+
+  branches = [lambda s, b=b: heads_up_to(b, s) for b in range(1, cap + 1)]
+  return jax.lax.switch(jnp.clip(state.budget - 1, 0, cap - 1), branches, state)
 
 
 def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
@@ -180,7 +245,7 @@ def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState) ->
   return _emit(settings, sp, state, p_logits, drafter, chain, None, state.key, ~state.done, None, (a, token))
 
 
-def _block_step(model, w: Weights, settings: Settings, sp, state: DecodeState, j: int, costs) -> DecodeState:
+def _block_step(model, w: Weights, settings: Settings, sp, state: DecodeState, j: int, budget: Budget) -> DecodeState:
   """A step verifying the first j drafts (j static), with the heads that draft the next j (heads 0..j)."""
   k = j + 1
   last = take_at(state.tokens, state.count - 1)
@@ -191,15 +256,22 @@ def _block_step(model, w: Weights, settings: Settings, sp, state: DecodeState, j
   auto = settings.draft == "auto"
   w_k = w._replace(heads=heads[:k]) if auto else w
   cache = {**state.cache, "heads": caches[:k] if auto and caches is not None else caches}
-  hidden, cache = forward_hidden(model, w_k, block, positions, cache, state.position)
+  hidden, cache, z = forward_hidden(model, w_k, block, positions, cache, state.position, trunk_out=True)
   if auto and caches is not None:
     cache["heads"] = cache["heads"] + caches[k:]
+    # what the draft heads read here, kept for heads that missed it; heads j+1.. miss it from this block on
+    src = hidden[0] if model.args.heads.chained else z
+    write = jax.vmap(lambda r, u, i: jax.lax.dynamic_update_slice_in_dim(r, u, i, 0))
+    missed = jnp.where((~state.done)[:, None], jnp.minimum(state.stale[:, j:], state.position[:, None]),
+                       state.stale[:, j:])
+    state = state.replace(src=write(state.src, src.astype(state.src.dtype), state.position),
+                          stale=state.stale.at[:, j:].set(missed))
   key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
   state = state.replace(cache=cache, key=key, steps=state.steps + 1, budget_steps=state.budget_steps.at[j].add(1))
   drafter = drafter_for(model, w_k, settings, sp, state, hidden, block, state.position, None, False)
   logq = None if state.draft_logq is None else state.draft_logq[:, :j]
   return _emit(settings, sp, state, unembed(model, w.params, hidden[0]), drafter, state.drafts[:, :j], logq,
-               sub, ~state.done, costs)
+               sub, ~state.done, budget)
 
 
 _TRACES = [0]
@@ -243,7 +315,7 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, budget: Budget 
   out = jnp.where(jnp.arange(n)[None, :] < done_rows.count[:, None], done_rows.tokens[:, :n], PAD)
   return DecodeOutput(tokens=out, lengths=done_rows.count, forwards=done_rows.forwards, accepted=done_rows.accepted,
                       steps=state.steps, row_steps=row_steps, proposed=done_rows.proposed,
-                      budget_steps=state.budget_steps)
+                      budget_steps=state.budget_steps, grows=state.grows)
 
 
 def _serve_queue(model, w, settings: Settings, sp, budget: Budget, tokens, lengths, state: DecodeState, done_rows,
@@ -294,7 +366,7 @@ class _Results(NamedTuple):
 # per-row state fields; the step count and the key belong to the whole batch.
 _CACHE_BATCH_AXIS = {"trunk": 0, "heads": 1, "drafter": 1}
 _ROW_FIELDS = ("tokens", "count", "position", "drafts", "draft_logq", "done", "forwards", "accepted", "proposed",
-               "recent")
+               "recent", "stale", "src")
 
 
 def _map_rows(fn, state: DecodeState, *others: DecodeState) -> DecodeState:

@@ -16,7 +16,15 @@ from mtp_jax.errors import UserError
 Array = jax.Array
 MODES = ("greedy", "speculative", "sample", "speculative_sample")
 PAD = -1          # marks output slots past a row's end
-PRIOR_DRAFTS = 16.0   # --draft=auto's prior: drafts counted as proposed and accepted at each depth before any step
+# --draft=auto's defaults (`Budget`): a prior of one draft reached and half of one accepted at every depth
+# (a conditional acceptance of 0.5, as weak as a prior can be and still draft where drafts are cheap); observed
+# counts that fade by DECAY per step (a running estimate over about 64 steps); and a depth not drafted for
+# EXPLORE steps forgets what it saw, so the budget grows back where the heads have come to pay.
+PRIOR_REACHED, PRIOR_ACCEPTED = 1.0, 0.5
+DECAY = 63.0 / 64.0
+EXPLORE = 128
+CATCH_UP = 32     # positions per chunk when heads that stopped drafting catch their caches up (loop._grow)
+STALE_NEVER = 2 ** 30   # `DecodeState.stale` of a head whose cache is current
 
 
 class DecodeError(UserError):
@@ -34,7 +42,8 @@ class Settings:
   slots: int = 0          # rows decoded at once; fewer than the prompts: finished rows take the next prompt
                           # (argmax modes). 0: every prompt at once
   draft: str = "chain"    # speculative modes: "chain" drafts draft_block-1 tokens every step; "auto" chooses
-                          # 0..draft_block-1 per step (`choose_budget`), one while_loop per length;
+                          # 0..draft_block-1 per step (`choose_budget`), one while_loop per length, and
+                          # grows the budget back by catching the stopped heads' caches up (loop._grow);
                           # "tree" verifies a static tree of the heads' top choices (tree.py)
 
   def stages(self, batch: int) -> tuple:
@@ -107,30 +116,39 @@ class Budget(NamedTuple):
   """Traced inputs of --draft=auto (`choose_budget`): new values never recompile.
 
   costs [cap+1]: C(j), the time of a step verifying j drafts over a greedy step's (C(0) = 1);
-  prior [2, cap]: pseudo-counts (proposed, accepted) per draft depth that the loop's counts start from;
-  limit []: stop after this many steps (the host's timing runs; otherwise max int).
+  prior [2, cap]: pseudo-counts (reached, accepted) per draft depth, added to the observed counts;
+  limit []: stop after this many steps (the host's timing runs; otherwise max int);
+  decay []: the observed counts' factor per step (1: never forget);
+  explore []: a depth not drafted for this many steps forgets its counts (the prior alone remains), so the
+  budget can grow back; 0: never.
   """
   costs: Array
   prior: Array
   limit: Array
+  decay: Array
+  explore: Array
 
   @classmethod
-  def of(cls, cap: int, costs=None, prior=None, limit: Optional[int] = None) -> "Budget":
-    """Defaults: every length costs as much as greedy, and a prior of PRIOR_DRAFTS drafts proposed and accepted
-    per depth (optimistic: the loop starts with every head that could pay and drops, for good, the ones that do
-    not; a stop on a few unlucky early steps would cost the rest of the run its speedup)."""
+  def of(cls, cap: int, costs=None, prior=None, limit: Optional[int] = None, decay: float = DECAY,
+         explore: int = EXPLORE) -> "Budget":
+    """Defaults: every length costs as much as greedy, and the weak prior PRIOR_REACHED / PRIOR_ACCEPTED."""
     costs = jnp.ones((cap + 1,), jnp.float32) if costs is None else jnp.asarray(costs, jnp.float32)
-    prior = jnp.full((2, cap), PRIOR_DRAFTS, jnp.float32) if prior is None else jnp.asarray(prior, jnp.float32)
-    return cls(costs, prior, jnp.int32(2 ** 31 - 1 if limit is None else limit))
+    if prior is None:
+      prior = jnp.stack([jnp.full((cap,), PRIOR_REACHED), jnp.full((cap,), PRIOR_ACCEPTED)])
+    prior = jnp.asarray(prior, jnp.float32)
+    return cls(costs, prior, jnp.int32(2 ** 31 - 1 if limit is None else limit), jnp.float32(decay),
+               jnp.int32(explore))
 
 
-def choose_budget(costs, stats, most):
+def choose_budget(costs, stats, prior, most):
   """The draft length j in 0..most (most: an int or a traced scalar) maximising expected tokens per step over
-  its cost, E[tokens | j] / C(j), with E[tokens | j] = 1 + sum over depths d < j of the rate at which depth
-  d's drafts were accepted (stats [2, cap]: proposed, accepted). Ties go to the shorter length, so j = 0
-  (a greedy step) wherever drafting does not pay."""
-  rate = stats[1] / jnp.maximum(stats[0], 1e-6)
-  gain = 1.0 + jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(rate)])
+  its cost, E[tokens | j] / C(j). Depth d's draft is accepted, given the drafts before it were, with
+  probability q_d = accepted / reached (stats + prior [2, cap]: steps that reached depth d, and accepted its
+  draft), so E[tokens | j] = 1 + sum over d < j of q_1 ... q_d. An unobserved depth counts at the prior's
+  rate; ties go to the shorter length, so j = 0 (a greedy step) wherever drafting does not pay."""
+  counts = stats + prior
+  q = counts[1] / jnp.maximum(counts[0], 1e-6)
+  gain = 1.0 + jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(jnp.cumprod(q))])
   score = jnp.where(jnp.arange(gain.shape[0]) <= most, gain / costs, -jnp.inf)
   return jnp.argmax(score).astype(jnp.int32)
 
@@ -164,9 +182,16 @@ class DecodeState:
   accepted: Array    # [B, k-1] drafts of head i (1..k-1) accepted
   proposed: Array    # [B, k-1] drafts of head i proposed (every step in chain mode; --draft=auto: steps of
                      # budget >= i)
-  budget: Array      # [] drafts the next step verifies (chain: k-1; auto: non-increasing, `choose_budget`)
-  stats: Array       # [2, k-1] the batch's (proposed, accepted) per depth, the prior included
+  budget: Array      # [] drafts the next step verifies (chain: k-1; auto: `choose_budget`)
+  stats: Array       # [2, k-1] the batch's (reached, accepted) per depth, fading by Budget.decay per step
   budget_steps: Array  # [k] steps run with each budget 0..k-1
+  drafted: Array = None   # [] --draft=auto: drafts every row holds (the heads that ran last); a budget past it grows
+  unseen: Array = None    # [k-1] --draft=auto: steps since each depth was last drafted (Budget.explore)
+  stale: Array = None     # [B, k-1] --draft=auto: position from which head d+1's cache missed steps (STALE_NEVER:
+                          # none); `loop._grow` recomputes it from `src` before the head drafts again
+  src: Array = None       # [B, S, d] --draft=auto: what the draft heads read at each position (the trunk's output,
+                          # or head 0's for chained heads), kept so that a head that stopped can catch up
+  grows: Array = None     # [] --draft=auto: times the budget grew back (each a catch-up of the heads it needs)
   recent: Any = None  # sequential modules: head 0's hidden states [B, D-1, d] and the tokens [B, D-1] at the
                       # D-1 positions before `position`, where the modules' caches are rewritten next step
 
@@ -182,3 +207,4 @@ class DecodeOutput:
                      # batch x (steps + 1) where compaction dropped finished rows
   proposed: Array    # [B, k-1] drafts proposed per draft head
   budget_steps: Array  # [k] the batch's steps with 0..k-1 drafts
+  grows: Array = None  # [] --draft=auto: times the budget grew back (a catch-up of the heads it needed)
