@@ -30,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.prompts import held_out_prompts  # noqa: E402
 from common.results_io import write_results  # noqa: E402
 from common.step_timing import decode_step_program  # noqa: E402
 from mtp_jax import decode  # noqa: E402
@@ -57,7 +58,8 @@ _DRAFT = flags.DEFINE_integer("draft_heads", None, "Speculative block k (2..n_fu
 _DRAFT_VOCAB = flags.DEFINE_integer("draft_vocab", 0, "Drafts choose among the N most frequent tokens of "
                                     "<workdir>/draft_vocab.npy (decode.with_draft_vocab); 0: the whole vocabulary.")
 _KINDS = flags.DEFINE_list("draft", ["chain", "auto"], "Speculative drafting schemes timed side by side per batch "
-                           "size: chain (--draft_heads-1 drafts every step), auto (chosen per step; docs/decoding.md).")
+                           "size: chain (--draft_heads-1 drafts every step), chainK (K-1 drafts every step), auto (chosen per step, "
+                           "at most --draft_heads-1; docs/decoding.md), tree.")
 _OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
 
 
@@ -85,7 +87,10 @@ def load_model():
         " (chat template)" if _CHAT.value else "")
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   data_cfg.max_train_bytes = 0       # prompts may come from the whole validation split, not the capped one
-  return params, config, held_out_prompts(data.Corpus(data_cfg), tokenizer, n_prompts, length, rng), "valid split"
+  try:
+    return params, config, held_out_prompts(data.Corpus(data_cfg), tokenizer, n_prompts, length, rng), "valid split"
+  except ValueError as e:
+    _fail(str(e))
 
 
 def file_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -101,29 +106,6 @@ def file_prompts(tokenizer, n: int) -> list[list[int]]:
   return [bos + tokenizer.encode(t) for t in texts[:n]]
 
 
-def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[int]]:
-  """n prompts of `length` tokens from the validation documents, each from a random line (code, not just
-  headers): one per document in turn, and when the documents run out, another pass with new starts."""
-  texts = list(corpus.texts("valid"))
-  prompts, seen = [], set()
-  for _ in range(4 * n):                # passes; a pass that finds nothing new ends it
-    found = 0
-    for text in texts:
-      lines = text.splitlines(keepends=True)
-      start = sum(len(l) for l in lines[:rng.integers(0, max(1, len(lines) // 2))])
-      ids = tokenizer.encode(text[start:])[:length]
-      if len(ids) == length and tuple(ids) not in seen:
-        seen.add(tuple(ids))
-        prompts.append(ids)
-        found += 1
-      if len(prompts) == n:
-        return prompts
-    if not found:
-      break
-  _fail(f"the validation split gave only {len(prompts)} distinct prompts of {length} tokens; "
-        f"lower --prompt_len or --prompts")
-
-
 def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int, kind: str = "chain") -> dict:
   """Greedy vs speculative over every prompt, `batch` rows at once, runs interleaved: median seconds for
   all prompts, tokens/s and the statistics pooled over the calls."""
@@ -133,7 +115,7 @@ def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int, kin
     calls, slots = [decode.pad_prompts(prompts[i:i + batch], max(map(len, prompts)))
                     for i in range(0, len(prompts), batch)], None
   kw = dict(max_new_tokens=_MAX_NEW.value, eos_id=-1, slots=slots)
-  draft = {"greedy": {}, "speculative": {"draft_heads": _DRAFT.value, "draft": kind}}
+  draft = {"greedy": {}, "speculative": draft_options(kind)}
 
   modes = ("greedy", "speculative")
   outs = {m: [decode.run(params, args, t, l, mode=m, **kw, **draft[m])[0] for t, l in calls] for m in modes}   # compile, warm up
@@ -156,7 +138,21 @@ def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int, kin
           "row_forwards_needed": int(np.sum(forwards)),
           "acceptance": [float(a) / p if p else 0.0 for a, p in zip(np.sum(accepted, axis=0), proposed)],
           "budget_steps": np.sum([o.budget_steps for o in outs["speculative"]], axis=0).tolist(), "draft_costs": costs,
+          "grows": sum(int(o.grows) for o in outs["speculative"] if o.grows is not None),
           "identical_to_greedy": bool(np.array_equal(cat("speculative", "tokens"), cat("greedy", "tokens")))}
+
+
+def grown(row: dict) -> str:
+  """' (g grows)' where --draft=auto grew its budget back g times, else ''."""
+  return f" ({row['grows']} grows)" if row.get("grows") else ""
+
+
+def draft_options(kind: str) -> dict:
+  """decode.run's draft keywords for a --draft entry: chain, auto, tree (--draft_heads as the cap), or chainK
+  (a chain of K-1 drafts, whatever --draft_heads says)."""
+  if kind.startswith("chain") and kind[5:].isdigit():
+    return {"draft": "chain", "draft_heads": int(kind[5:])}
+  return {"draft": kind, "draft_heads": _DRAFT.value}
 
 
 def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:
@@ -203,6 +199,8 @@ def main(_):
   params = with_draft_vocab(params, args)
   try:
     decode.Request("speculative", draft_heads=_DRAFT.value, flag="--").check_model(args)
+    for kind in _KINDS.value:
+      decode.Request("speculative", **draft_options(kind), flag="--").check_model(args)
   except decode.DecodeError as e:
     _fail(str(e))
   if args.n_future < 2:
@@ -250,7 +248,7 @@ def main(_):
                  f"{r['batch_forwards']['speculative']} | "
                  f"{r['row_forwards_needed'] / r['row_forwards_paid']['speculative']:.2f} | {r['C']:.2f} | "
                  f"{r['speedup'] / (r['tokens_per_forward'] / r['C']):.2f} | {acc} | "
-                 f"{'/'.join(map(str, r['budget_steps']))} | "
+                 f"{'/'.join(map(str, r['budget_steps']))}{grown(r)} | "
                  f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
   how = ("in one call, `batch` rows at once: as a row finishes, the next prompt takes it (continuous batching)"
          if _SERVE.value else "`batch` per call")
@@ -264,9 +262,10 @@ def main(_):
             "the decode loop's own steps "
             "(median of the repeats' ratios, each pair timed back to back). "
             "Acceptance of head i: drafts accepted / drafts proposed (a draft needs every earlier one accepted). "
-            "draft: chain (every step drafts with every head) or auto (the drafts per step chosen from the "
-            "measured step costs and the acceptance so far; docs/decoding.md); steps with 0..k drafts: the "
-            "speculative calls' forward passes by budget. C is the chain's.",
+            "draft: chain (every step drafts with every head), chainK (K-1 drafts every step) or auto (the drafts "
+            "per step chosen from the measured step costs and the acceptance so far; docs/decoding.md); steps with "
+            "0..k drafts: the speculative calls' forward passes by budget (grows: times auto's budget grew back, "
+            "its heads catching up). C is the chain's.",
             "", f"Command: `python experiments/speed/speculative.py {' '.join(sys.argv[1:])}`"]
   write_results(_OUT.value, result, lines)
 

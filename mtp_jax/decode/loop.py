@@ -193,41 +193,34 @@ def _steps_while(model, w: Weights, settings: Settings, sp, budget: Budget, cond
 
 
 def _grow(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
-  """--draft=auto's budget grown past the drafts the rows hold: heads 1..budget recompute their caches from
-  the first position any of them missed (`stale`) to the row's position, in chunks of CATCH_UP positions read
-  from `src` (what they read in the steps they missed), and draft at the last accepted position, exactly as
-  had they run in every step. Rare: the budget grows back only where the counts say drafting pays again."""
-  args, cap = model.args, settings.depths
+  """--draft=auto's budget grown past the drafts the rows hold: every draft head recomputes its cache from the
+  first position any head missed (`stale`) to the row's position, in chunks of CATCH_UP positions read from
+  `src` (what the heads read in the steps they missed), and drafts at the last accepted position, exactly as
+  had it run in every step. Rare: the budget grows back only where the counts say drafting pays again, so all
+  heads catch up at once (one program, not one per budget)."""
+  args = model.args
   size = min(CATCH_UP, state.src.shape[1])
   pos = state.position
+  heads, caches = w.heads[1:], state.cache["heads"][1:]
+  lo = jnp.minimum(jnp.min(state.stale, axis=1), pos)
+  chunks = jnp.maximum(jnp.max((pos - lo + size - 1) // size), 1)
 
-  def heads_up_to(b: int, s: DecodeState) -> DecodeState:
-    heads, caches = w.heads[1:b + 1], s.cache["heads"][1:b + 1]
-    lo = jnp.minimum(jnp.min(s.stale[:, :b], axis=1), pos)
-    chunks = jnp.maximum(jnp.max((pos - lo + size - 1) // size), 1)
+  def chunk(c, carry):
+    caches, _, _ = carry
+    start = jnp.maximum(jnp.minimum(lo + c * size, pos - size), 0)   # the last chunk ends at pos - 1
+    x = jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, size, 0))(state.src, start)
+    positions = start[:, None] + jnp.arange(size)[None, :]
+    hidden, caches = run_heads(args, heads, x, positions, jnp.ones_like(positions), caches, start)
+    return caches, hidden.astype(state.src.dtype), start
 
-    def chunk(c, carry):
-      caches, _, _ = carry
-      start = jnp.maximum(jnp.minimum(lo + c * size, pos - size), 0)   # the last chunk ends at pos - 1
-      x = jax.vmap(lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, size, 0))(s.src, start)
-      positions = start[:, None] + jnp.arange(size)[None, :]
-      hidden, caches = run_heads(args, heads, x.astype(s.src.dtype), positions, jnp.ones_like(positions), caches,
-                                 start)
-      return caches, hidden, start
-
-    b_rows = pos.shape[0]
-    init = (caches, jnp.zeros((b, b_rows, size, args.d_model), s.src.dtype), jnp.zeros_like(pos))
-    caches, hidden, start = jax.lax.fori_loop(0, chunks, chunk, init)
-    key, sub = jax.random.split(s.key) if settings.sampling else (s.key, s.key)
-    drafts, logq, _ = draft_heads_at(model, w.params, w.draft_vocab, hidden, pos - 1 - start, sub, sp,
-                                     settings.sampling)
-    return s.replace(cache={**s.cache, "heads": s.cache["heads"][:1] + caches + s.cache["heads"][b + 1:]}, key=key,
-                     drafts=_pad_drafts(drafts, settings.block - 1),
-                     draft_logq=_pad_drafts(logq, settings.block - 1) if settings.sampling else s.draft_logq,
-                     stale=s.stale.at[:, :b].set(STALE_NEVER), drafted=jnp.int32(b), grows=s.grows + 1)
-
-  branches = [lambda s, b=b: heads_up_to(b, s) for b in range(1, cap + 1)]
-  return jax.lax.switch(jnp.clip(state.budget - 1, 0, cap - 1), branches, state)
+  init = (caches, jnp.zeros((len(heads), pos.shape[0], size, args.d_model), state.src.dtype), jnp.zeros_like(pos))
+  caches, hidden, start = jax.lax.fori_loop(0, chunks, chunk, init)
+  key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
+  drafts, logq, _ = draft_heads_at(model, w.params, w.draft_vocab, hidden, pos - 1 - start, sub, sp, settings.sampling)
+  return state.replace(cache={**state.cache, "heads": state.cache["heads"][:1] + caches}, key=key, drafts=drafts,
+                       draft_logq=logq if settings.sampling else state.draft_logq,
+                       stale=jnp.full_like(state.stale, STALE_NEVER), drafted=jnp.int32(settings.depths),
+                       grows=state.grows + 1)
 
 
 def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:

@@ -1,0 +1,25 @@
+"""Held-out prompts for the decoding benchmarks: windows of the validation split's documents."""
+
+
+def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[int]]:
+  """n distinct prompts of `length` tokens from the validation documents, each from a random line (code, not
+  just headers): one per document in turn, and when the documents run out, another pass with new starts.
+  Raises ValueError where the split cannot give n of them."""
+  texts = list(corpus.texts("valid"))
+  prompts, seen = [], set()
+  for _ in range(4 * n):                # passes; a pass that finds nothing new ends it
+    found = 0
+    for text in texts:
+      lines = text.splitlines(keepends=True)
+      start = sum(len(l) for l in lines[:rng.integers(0, max(1, len(lines) // 2))])
+      ids = tokenizer.encode(text[start:])[:length]
+      if len(ids) == length and tuple(ids) not in seen:
+        seen.add(tuple(ids))
+        prompts.append(ids)
+        found += 1
+      if len(prompts) == n:
+        return prompts
+    if not found:
+      break
+  raise ValueError(f"the validation split gave only {len(prompts)} distinct prompts of {length} tokens; "
+                   f"lower --prompt_len or --prompts")
