@@ -5,7 +5,9 @@
 Rerunning the same command resumes from the newest good checkpoint: parameters, optimizer state,
 RNG key and the data iterator position are all restored, so the resumed run logs bit-identical
 losses (on CPU) for every step after the restored one. SIGTERM / SIGINT finish the current step (and
-an evaluation in progress), save a checkpoint and exit with status 0; a second signal kills at once.
+an evaluation in progress), save a checkpoint and exit with status 0; one that comes during start-up (data,
+compile, restore) ends the run before its first step, with status 0 and nothing new to save; a second
+signal kills at once.
 A NaN/inf loss, parameter or optimizer state stops the run without saving and exits with status 2;
 checkpoints are only ever written finite, so rerunning (say with a lower learning rate) resumes from
 the last good state. config.json binds the workdir to a model shape only once a checkpoint exists.
@@ -69,10 +71,12 @@ def _say(msg: str) -> None:
 
 
 class _StopOnSignal:
-  """SIGTERM/SIGINT ask the loop to stop after the current step; a second signal acts at once."""
+  """SIGTERM/SIGINT ask the run to stop: during start-up before the first step, in the loop after the current
+  step; a second signal acts at once."""
 
   def __init__(self):
     self.signal = None
+    self.training = False   # the loop has begun: a signal then means a step to finish and a checkpoint to save
     self._old = {}
 
   def __enter__(self):
@@ -88,7 +92,8 @@ class _StopOnSignal:
       return
     self.signal = signal.Signals(sig).name
     deadline.stop_requested(self.signal)   # a store that does not answer now is not waited for
-    _say(f"{self.signal}: finishing this step, saving a checkpoint, then exiting (signal again to stop now)")
+    _say(f"{self.signal}: finishing this step, saving a checkpoint, then exiting (signal again to stop now)"
+         if self.training else f"{self.signal}: stopping before the first step (signal again to stop now)")
 
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
@@ -114,8 +119,8 @@ def _memory_line(compiled) -> str:
 def train_and_evaluate(config, workdir) -> dict:
   """Train as config says in workdir (resuming if it holds a checkpoint); returns the final valid record."""
   validate(config)
-  with deadline.watch({"--workdir": workdir, "data.path": config.data.path}):
-    return _train_and_evaluate(config, workdir)
+  with deadline.watch({"--workdir": workdir, "data.path": config.data.path}), _StopOnSignal() as stop:
+    return _train_and_evaluate(config, workdir, stop)
 
 
 def _quiet_libraries() -> None:
@@ -162,7 +167,7 @@ class _Loop:
     return self.config.train.batch_size * self.config.data.seq_len
 
 
-def _train_and_evaluate(config, workdir) -> dict:
+def _train_and_evaluate(config, workdir, stop: "_StopOnSignal") -> dict:
   _quiet_libraries()
   workdir, data, lock, resuming, saved = _open_workdir(config, workdir)
   t = config.train
@@ -210,7 +215,7 @@ def _train_and_evaluate(config, workdir) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, t.steps, model_flops_per_token(config, abstract_state.params, model),
                                      _peak_flops())
   loop = _Loop(config, compiled, to_device, train_iter, evaluate, ckpt, writer, unigram)
-  return _run_and_close(loop, state, rng, start, lock)
+  return _run_and_close(loop, state, rng, start, lock, stop)
 
 
 def _carry_trainable(restored, tx, state_shardings, trainable: str, was_trainable: str, start: int):
@@ -249,18 +254,21 @@ def _evaluation(config, model, mesh, data, state_shardings):
   return to_device, evaluate, unigram
 
 
-def _run_and_close(loop: _Loop, state, rng, start: int, lock) -> dict:
+def _run_and_close(loop: _Loop, state, rng, start: int, lock, stop: _StopOnSignal) -> dict:
   """Train from `start` (or only evaluate, if already done), then close the checkpointer, the metrics writer and
   the lock; returns the last validation record."""
   config, t, ckpt, writer = loop.config, loop.config.train, loop.ckpt, loop.writer
   last_record = None
   try:
-    if start >= t.steps:
+    if stop.signal:   # came during start-up: nothing ran, so nothing is new to save
+      resume = f"a rerun resumes from the checkpoint of step {start}" if start else "a rerun starts it afresh"
+      _say(f"stopped by {stop.signal} during start-up, before step {start + 1}: nothing to save; {resume}")
+    elif start >= t.steps:
       _say(f"{ckpt.workdir} is already trained to step {start} (train.steps={t.steps}); evaluating only")
       last_record = metrics_lib.valid_record(start, loop.evaluate(state.params), loss_weights(config, start),
                                              unigram_loss=loop.unigram)
     else:
-      last_record = _train_loop(loop, state, rng, start)
+      last_record = _train_loop(loop, state, rng, start, stop)
   except BaseException as e:
     _raise_if_store_failed(e, ckpt)
     _close_quietly(ckpt.close, writer.close, lock and lock.close)   # the error in flight is the one to report
@@ -298,7 +306,7 @@ def _close_quietly(*closers) -> None:
         logging.warning("while closing after an error: %s", e)
 
 
-def _train_loop(loop: _Loop, state, rng, start: int):
+def _train_loop(loop: _Loop, state, rng, start: int, stop: _StopOnSignal):
   config, ckpt, writer, train_iter = loop.config, loop.ckpt, loop.writer, loop.train_iter
   t = config.train
   bad = jnp.zeros((), jnp.int32)
@@ -318,7 +326,8 @@ def _train_loop(loop: _Loop, state, rng, start: int):
     writer.train(step, metrics, loop.tokens_per_step / per_step, per_step)
     last_log, paused = (step, now), 0.0
 
-  with _StopOnSignal() as stop, contextlib.closing(profile):
+  stop.training = True
+  with contextlib.closing(profile):
     for step in range(start + 1, t.steps + 1):
       profile.before(step)
       state, metrics = loop.compiled(state, loop.to_device(next(train_iter)))

@@ -85,6 +85,32 @@ def small_filesystem(path, kib: int):
 
 # ----------------------------------------------------------------------------- broken item 1: signals
 
+@pytest.mark.parametrize("resuming", [False, True])
+def test_signal_during_start_up_ends_before_the_first_step(tmp_path, cache_dir, monkeypatch, capsys, resuming):
+  """SIGTERM while the run starts (here: while its train step compiles): exit 0 with one line before any step,
+  the workdir as it was (a resumed run's checkpoint kept), and the rerun trains on from there."""
+  c = train_config(cache_dir, steps=4, eval_every=4, checkpoint_every=2)
+  if resuming:
+    train.train_and_evaluate(c, tmp_path)
+    c = train_config(cache_dir, steps=8, eval_every=4, checkpoint_every=2)
+  capsys.readouterr()
+  compile_step = train.compile_train_step
+
+  def signalling(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return compile_step(*args, **kwargs)
+
+  monkeypatch.setattr(train, "compile_train_step", signalling)
+  assert train.train_and_evaluate(c, tmp_path) is None
+  out = capsys.readouterr().out
+  before = "before step 5: nothing to save; a rerun resumes from the checkpoint of step 4" if resuming else \
+      "before step 1: nothing to save; a rerun starts it afresh"
+  assert f"stopped by SIGTERM during start-up, {before}" in out, out
+  assert Checkpointer(tmp_path, read_only=True).steps() == ([2, 4] if resuming else [])
+  monkeypatch.undo()
+  assert train.train_and_evaluate(c, tmp_path)["step"] == c.train.steps
+
+
 def test_signal_during_evaluation_ends_in_a_real_checkpoint(tmp_path, cache_dir, monkeypatch, capsys):
   """SIGTERM sent from inside the evaluation's compiled step (a host callback, while it runs): the save
   decision is taken after the evaluation, so the checkpoint exists and the rerun resumes from it."""
