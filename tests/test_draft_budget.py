@@ -187,6 +187,16 @@ def test_tree_shape_and_refusals():
   t = decode.Tree.of(2)                       # depth 1: three choices; depth 2: two children of the argmax, one of
   assert t.depth.tolist() == [0, 1, 1, 1, 2, 2, 2] and t.choice.tolist() == [0, 0, 1, 2, 0, 1, 0]   # the second
   assert t.path[5].tolist() == [0, 1, 5] and t.ancestors[5].tolist() == [True, True, False, False, False, True, False]
-  model, params = tiny_decoder(n=3)
-  with pytest.raises(decode.DecodeError, match="draft=tree verifies greedily"):
-    decode_run(model, params, MIXED, "speculative_sample", draft="tree")
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 3, 1.0), (1.3, 0, 0.8)])
+def test_tree_speculative_sample_keeps_the_distribution(temperature, top_k, top_p):
+  """Multi-draft rejection sampling over the tree (three choices at depth 1, of a vocabulary of 8): the first
+  three tokens follow sample's exact law, also where top-k leaves the candidates all the mass."""
+  v, rows, prompt = 8, 16384, [1, 2]
+  model, params = tiny_decoder(n=3, vocab=v)
+  exact, _ = exact_joint(model, params, prompt, temperature, top_k, top_p)
+  out = decode_run(model, params, [prompt] * rows, "speculative_sample", max_new_tokens=3, bucket=2, seed=5,
+                   draft="tree", temperature=temperature, top_k=top_k, top_p=top_p)
+  assert out.accepted[:, 0].sum() > rows // 4 and out.accepted[:, 1].sum() > 0, out.accepted.sum(0)   # trees paid
+  assert chi2_pvalue((out.tokens[:, 0] * v + out.tokens[:, 1]) * v + out.tokens[:, 2], exact) > 1e-4

@@ -89,9 +89,6 @@ class Request:
     if d in ("auto", "tree") and args.heads.reads_ahead:
       raise DecodeError(f"{f}draft={d}: sequential modules (head_type={args.head_type}) draft one after "
                         f"another after the verify pass, in a chain only; use {f}draft=chain")
-    if d == "tree" and self.mode != "speculative":
-      raise DecodeError(f"{f}draft=tree verifies greedily: use {f}mode=speculative ({f}mode={self.mode} needs "
-                        f"multi-draft rejection sampling over the tree, not built; use {f}draft=chain or auto)")
 
   def draft_kind(self, args: ModelArgs) -> str:
     """The drafting scheme this request runs on this model: auto by default where the heads draft in the
@@ -203,7 +200,7 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   step costs k tokens' forward; where a step is bound by arithmetic (a CPU, large batches) a shorter
   block can pay more than the last heads' rarely accepted drafts (experiments/speed/results/speculative.md).
   draft: "chain" (every step drafts draft_heads-1 tokens) or "auto" (the default where the heads allow:
-  each step picks 0..draft_heads-1 drafts) or "tree" (mode=speculative: a static tree of the heads' top
+  each step picks 0..draft_heads-1 drafts) or "tree" (a static tree of the heads' top
   choices in one verify pass; docs/decoding.md); draft_costs [cap+1] / draft_prior
   [2, cap] replace auto's timed cost table and its prior (reached, accepted) counts per depth; draft_decay
   (the running counts' factor per step) and draft_explore (steps after which an undrafted depth forgets its

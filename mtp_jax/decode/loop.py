@@ -231,8 +231,9 @@ def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState) ->
   hidden, cache = forward_hidden(model, w, block, positions, state.cache, state.position,
                                  tree=(state.position, tree.ancestors))
   p_logits = unembed(model, w.params, hidden[0])
-  best, a, token, chain, slots = tree_verify(p_logits, block, tree)
-  state = state.replace(cache=keep_path(cache, state.position, slots), steps=state.steps + 1,
+  key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
+  best, a, token, chain, slots = tree_verify(p_logits, block, tree, sub, sp, settings.sampling)
+  state = state.replace(cache=keep_path(cache, state.position, slots), steps=state.steps + 1, key=key,
                         budget_steps=state.budget_steps.at[settings.depths].add(1))
   drafter = lambda *_: (tree_drafts(model, w, hidden[1:], best, tree), None, None)
   return _emit(settings, sp, state, p_logits, drafter, chain, None, state.key, ~state.done, None, (a, token))
