@@ -144,17 +144,21 @@ def _streamed(q, k, v, mask):
 
 def tree_mask(start, ancestors, w: int):
   """[B, T, w]: a tree block written at slots start..start+T-1 [B] sees the slots before it (the history) and,
-  of the block, query i the slots of its ancestors and itself (ancestors [T, T] bool, static)."""
+  of the block, query i the slots of its ancestors and itself (ancestors [T, T] bool, static, or [B, T, T]: a
+  tree per row)."""
   j = jnp.arange(w)[None, :] - start[:, None]                                 # [B, w] index in the block
-  t = ancestors.shape[0]
-  inside = jnp.moveaxis(jnp.asarray(ancestors)[:, jnp.clip(j, 0, t - 1)], 0, 1)   # [B, T, w]
+  t = ancestors.shape[-1]
+  if ancestors.ndim == 3:
+    inside = jax.vmap(lambda a, jj: a[:, jnp.clip(jj, 0, t - 1)])(ancestors, j)   # [B, T, w]
+  else:
+    inside = jnp.moveaxis(jnp.asarray(ancestors)[:, jnp.clip(j, 0, t - 1)], 0, 1)   # [B, T, w]
   return (j < 0)[:, None, :] | (inside & ((j >= 0) & (j < t))[:, None, :])
 
 
 def attend_cache(q, k, v, q_pos, *, impl="auto", tree=None):
   """A decode step: queries q [B, T, H, D] at positions q_pos [B, T] against the whole cache k, v
   [B, KV, S, D], whose slot s holds position s (slots past a row's position are stale: masked).
-  tree: (start [B], ancestors [T, T]): the block is a tree of candidates written at slots start.. in block
+  tree: (start [B], ancestors [T, T] or [B, T, T]): the block is a tree of candidates written at slots start.. in block
   order, q_pos their positions in the sequence (RoPE); `tree_mask` says what each sees (xla attention).
 
   Only the first slots can be visible: those up to the batch's furthest query. The step reads the
@@ -174,7 +178,7 @@ def attend_cache(q, k, v, q_pos, *, impl="auto", tree=None):
     return run
   if len(sizes) == 1:
     return over(s)(q, k, v, q_pos)
-  reach = q_pos if tree is None else tree[0] + tree[1].shape[0] - 1   # a tree's last slot lies past its positions
+  reach = q_pos if tree is None else tree[0] + tree[1].shape[-1] - 1   # a tree's last slot lies past its positions
   index = jnp.minimum(jnp.max(reach) // CACHE_WINDOW, len(sizes) - 1)
   return jax.lax.switch(index, [over(w) for w in sizes], q, k, v, q_pos)
 

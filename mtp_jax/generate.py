@@ -80,7 +80,7 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
     finished row takes the next prompt; sampling modes: batches of batch_size, the last one padded.
   prompt_bucket: pad prompts to this length (default: a power of two), fixing the compiled shape.
   draft_heads: speculative modes: heads 2..draft_heads draft (default all n_future); see `decode.run`.
-  draft: speculative modes: "chain", "auto" (the default where the heads allow) or "tree"; see `decode.run`.
+  draft: speculative modes: "chain", "auto" (the default where the heads allow), "tree" or "bestfirst"; see `decode.run`.
   """
   request = decode.Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads, draft)
   check_batching(batch_size, seed)
@@ -305,8 +305,9 @@ def _define_flags():
                        "2..k draft; fewer can be faster where a verify step is bound by arithmetic (CPU, big batches).")
   flags.DEFINE_string("draft", None, "Speculative modes: chain (every step drafts --draft_heads-1 tokens) or auto "
                       "(the default where the heads allow: each step drafts the 0..--draft_heads-1 tokens that pay "
-                      "most, from the measured step costs and acceptance) or tree (mode=speculative: a static tree of "
-                      "the heads' top choices, verified in one forward pass).")
+                      "most, from the measured step costs and acceptance) or tree (a static tree of the heads' top choices, "
+                      "verified in one forward pass) or bestfirst (a tree of as many nodes, each row's most probable "
+                      "under the heads at every step).")
   flags.DEFINE_integer("draft_vocab", None, "Speculative modes: drafts choose among the N most frequent tokens "
                        "that W/draft_vocab.npy ranks (decode.with_draft_vocab); default: the whole vocabulary.")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature (sampling modes).")

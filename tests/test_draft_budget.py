@@ -129,7 +129,7 @@ def test_generate_reports_the_budget():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(draft="bushy"), "draft='bushy': choose one of chain, auto, tree"),
+    (dict(draft="bushy"), "draft='bushy': choose one of chain, auto, tree, bestfirst"),
     (dict(mode="greedy", draft="auto"), "mode=greedy drafts nothing"),
 ])
 def test_bad_draft_options(kw, match):
@@ -163,22 +163,23 @@ def test_cli_draft_errors_are_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- --draft=tree
 
-@pytest.mark.parametrize("window", [0, 8])
-def test_tree_equals_greedy(monkeypatch, window):
-  """A static tree of the heads' top choices: greedy's tokens at batch 1, in a batch whose rows end at EOS (and
-  leave it), and two rows serving six prompts; fewer forward passes than the chain with copied heads. window=8:
-  steps read the cache in windows of 8 slots, which must reach the tree's last slot."""
+@pytest.mark.parametrize("kind,window", [("tree", 0), ("tree", 8), ("bestfirst", 0), ("bestfirst", 8)])
+def test_tree_equals_greedy(monkeypatch, kind, window):
+  """A static tree of the heads' top choices, or each row's most probable tree: greedy's tokens at batch 1, in a
+  batch whose rows end at EOS (and leave it), and two rows serving six prompts; fewer forward passes than the
+  chain with copied heads. window=8: steps read the cache in windows of 8 slots, which must reach the tree's
+  last slot."""
   from mtp_jax import attention as attention_lib
   monkeypatch.setattr(attention_lib, "CACHE_WINDOW", window)
   decode.clear_compiled()
   model, params = tiny_decoder(n=4, shared=True)
   for prompts, slots, eos in (([MIXED[1]], None, None), (MIXED * 2, None, 26), (MIXED * 2, 2, None)):
     g = decode_run(model, params, prompts, "greedy", slots=slots, eos_id=eos)
-    t = decode_run(model, params, prompts, "speculative", slots=slots, eos_id=eos, draft="tree")
+    t = decode_run(model, params, prompts, "speculative", slots=slots, eos_id=eos, draft=kind)
     check_same(g, t, 24)
     assert int(t.budget_steps[-1]) == int(t.steps) and t.accepted.shape == (len(prompts), 3)
   chain = decode_run(model, params, MIXED, "speculative", draft="chain")
-  tree = decode_run(model, params, MIXED, "speculative", draft="tree")
+  tree = decode_run(model, params, MIXED, "speculative", draft=kind)
   decode.clear_compiled()
   assert tree.forwards.sum() < chain.forwards.sum(), (tree.forwards, chain.forwards)
 
@@ -189,14 +190,28 @@ def test_tree_shape_and_refusals():
   assert t.path[5].tolist() == [0, 1, 5] and t.ancestors[5].tolist() == [True, True, False, False, False, True, False]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 3, 1.0), (1.3, 0, 0.8)])
-def test_tree_speculative_sample_keeps_the_distribution(temperature, top_k, top_p):
-  """Multi-draft rejection sampling over the tree (three choices at depth 1, of a vocabulary of 8): the first
-  three tokens follow sample's exact law, also where top-k leaves the candidates all the mass."""
+def test_best_first_trees_are_trees():
+  """Candidates chosen as the static tree's paths give the static tree exactly: depths, masks and paths."""
+  from mtp_jax.decode.tree import RowTrees
+  cands, static = decode.Candidates.of(2, 4), decode.Tree.of(2)
+  index = {tuple(int(cands.choice[cands.path[i, e]]) for e in range(d)): i for i, d in enumerate(cands.depth)}
+  sel = jnp.array([[index[p] for p in decode.types.TREE_PATHS if len(p) <= 2]] * 2)
+  rows, want = RowTrees.best_first(sel, cands), RowTrees.static(static, 2)
+  for got, exp in zip(rows, want):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(exp))
+
+
+@pytest.mark.parametrize("kind,temperature,top_k,top_p", [("tree", 1.0, 0, 1.0), ("tree", 0.6, 3, 1.0),
+                                                          ("tree", 1.3, 0, 0.8), ("bestfirst", 1.0, 0, 1.0),
+                                                          ("bestfirst", 0.6, 3, 1.0)])
+def test_tree_speculative_sample_keeps_the_distribution(kind, temperature, top_k, top_p):
+  """Multi-draft rejection sampling over the tree (static: three choices at depth 1; best-first: each row's six
+  most probable paths; a vocabulary of 8): the first three tokens follow sample's exact law, also where top-k
+  leaves the candidates all the mass."""
   v, rows, prompt = 8, 16384, [1, 2]
   model, params = tiny_decoder(n=3, vocab=v)
   exact, _ = exact_joint(model, params, prompt, temperature, top_k, top_p)
   out = decode_run(model, params, [prompt] * rows, "speculative_sample", max_new_tokens=3, bucket=2, seed=5,
-                   draft="tree", temperature=temperature, top_k=top_k, top_p=top_p)
+                   draft=kind, temperature=temperature, top_k=top_k, top_p=top_p)
   assert out.accepted[:, 0].sum() > rows // 4 and out.accepted[:, 1].sum() > 0, out.accepted.sum(0)   # trees paid
   assert chi2_pvalue((out.tokens[:, 0] * v + out.tokens[:, 1]) * v + out.tokens[:, 2], exact) > 1e-4

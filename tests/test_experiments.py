@@ -311,11 +311,11 @@ def test_gpu_benchmarks_script_goes_on_past_a_benchmark_that_runs_out_of_time(tm
 
 
 def test_batch_invariance_quick(tmp_path):
-  """Greedy, chain, tree and auto (its budget falling and growing back) at batch 1 and 8 with continuous
+  """Greedy, chain, tree, bestfirst and auto (its budget falling and growing back) at batch 1 and 8 with continuous
   batching and EOS: every prompt's tokens equal greedy's at batch 1 (the script exits 1 otherwise)."""
   res = run_quick("speed/batch_invariance.py", tmp_path)
   assert res["all_identical"] and res["n_prompts"] == 24
-  assert [(r["scheme"], r["batch"]) for r in res["rows"]] == [(s, b) for s in ("greedy", "chain", "tree", "auto")
+  assert [(r["scheme"], r["batch"]) for r in res["rows"]] == [(s, b) for s in ("greedy", "chain", "tree", "bestfirst", "auto")
                                                               for b in (1, 8)]
   assert all(r["identical"] == 24 and r["first_difference"] is None for r in res["rows"])
   assert "| auto | 8 | 24/24 | none |" in (tmp_path / "batch_invariance_quick.md").read_text()

@@ -1,4 +1,4 @@
-"""Bit-exact regardless of batch: greedy, chain, tree and auto decoding of the same held-out prompts at batch
+"""Bit-exact regardless of batch: greedy, chain, tree, bestfirst and auto decoding of the same held-out prompts at batch
 1, 8 and 64, token for token against greedy at batch 1.
 
     python experiments/speed/batch_invariance.py --workdir=workdirs/default --prompts=512
@@ -38,7 +38,8 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Longest prompt in tokens (
                                    "[prompt_len / 2, prompt_len]).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt at most (EOS on).")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Rows decoded at once.")
-_DRAFTS = flags.DEFINE_list("draft", ["chain", "tree", "auto"], "Speculative drafting schemes beside greedy.")
+_DRAFTS = flags.DEFINE_list("draft", ["chain", "tree", "bestfirst", "auto"], "Speculative drafting schemes beside "
+                            "greedy.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt selection seed.")
 _QUICK = flags.DEFINE_bool("quick", False, "A random tiny model and 24 random prompts at batch 1 and 8; auto with "
                            "a fixed cost table and counts that fade fast (its budget falls and grows back often).")

@@ -10,7 +10,8 @@ The package by concern:
                 batching and compaction of finished rows
     host.py     the host side: a caller's options checked once (Request), prompts padded, programs cached
     costs.py    --draft=auto's cost table: a step of j drafts over a greedy step, timed once per program
-    tree.py     --draft=tree: a static tree of the heads' top choices, verified in one pass, its path kept
+    tree.py     --draft=tree / bestfirst: a static or per-row best-first tree of the heads' top choices, verified
+                in one pass (greedy or by multi-draft rejection sampling), its path kept
 
 Everything a caller uses is importable from here: `from mtp_jax import decode; decode.run(...)`.
 """
@@ -20,11 +21,11 @@ from mtp_jax.decode.forward import (Weights, decode_weights, forward_hidden, ini
 from mtp_jax.decode.host import (DRAFTS, MIN_TEMPERATURE, Request, check_request, check_slots, clear_compiled,
                                  compiled_decode, execute, max_prompt_len, pad_prompts, prompt_bucket, run)
 from mtp_jax.decode.loop import decode, prefill, step, trace_count
-from mtp_jax.decode.types import (MODES, PAD, Budget, DecodeError, DecodeOutput, DecodeState, SamplingParams, Settings,
+from mtp_jax.decode.types import (MODES, PAD, Budget, Candidates, DecodeError, DecodeOutput, DecodeState, SamplingParams, Settings,
                                   Tree, choose_budget)
 
 __all__ = [
-    "DRAFTS", "MIN_TEMPERATURE", "MODES", "PAD", "Budget", "DecodeError", "DecodeOutput", "DecodeState", "Request",
+    "DRAFTS", "MIN_TEMPERATURE", "MODES", "PAD", "Budget", "Candidates", "DecodeError", "DecodeOutput", "DecodeState", "Request",
     "SamplingParams", "Settings", "Tree", "Weights", "adjusted_logprobs", "check_request", "check_slots", "choose_budget",
     "clear_compiled", "compiled_decode", "decode", "decode_weights", "execute", "forward_hidden",
     "init_decode_cache", "max_prompt_len", "pad_prompts", "prefill", "prompt_bucket", "run", "run_heads", "step",

@@ -25,7 +25,7 @@ from mtp_jax.model import MTPTransformer, ModelArgs
 MIN_TEMPERATURE = 1e-5   # as vLLM's sampling epsilon: sampling below it is argmax in effect, and far below
 # it logits / temperature overflows float32 (temperature=1e-45 gave NaN probabilities, all token 0)
 SPECULATIVE_MODES = ("speculative", "speculative_sample")
-DRAFTS = ("chain", "auto", "tree")
+DRAFTS = ("chain", "auto", "tree", "bestfirst")
 
 
 def _is_int(x) -> bool:
@@ -83,10 +83,10 @@ class Request:
       raise DecodeError(f"{self.flag}draft_heads={k}: the speculative block is 2..n_future={args.n_future} tokens "
                         f"(this model has {args.n_future} heads); leave it unset to use them all")
     f, d = self.flag, self.draft
-    if d in ("auto", "tree") and args.n_future < 2:
+    if d in ("auto", "tree", "bestfirst") and args.n_future < 2:
       raise DecodeError(f"{f}draft={d} chooses how many draft heads draft, but this model has none "
                         f"(n_future={args.n_future}); leave {f}draft unset or use {f}draft=chain")
-    if d in ("auto", "tree") and args.heads.reads_ahead:
+    if d in ("auto", "tree", "bestfirst") and args.heads.reads_ahead:
       raise DecodeError(f"{f}draft={d}: sequential modules (head_type={args.head_type}) draft one after "
                         f"another after the verify pass, in a chain only; use {f}draft=chain")
 
@@ -201,7 +201,7 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   block can pay more than the last heads' rarely accepted drafts (experiments/speed/results/speculative.md).
   draft: "chain" (every step drafts draft_heads-1 tokens) or "auto" (the default where the heads allow:
   each step picks 0..draft_heads-1 drafts) or "tree" (a static tree of the heads' top
-  choices in one verify pass; docs/decoding.md); draft_costs [cap+1] / draft_prior
+  choices in one verify pass) or "bestfirst" (as many nodes, the most probable per row and step; docs/decoding.md); draft_costs [cap+1] / draft_prior
   [2, cap] replace auto's timed cost table and its prior (reached, accepted) counts per depth; draft_decay
   (the running counts' factor per step) and draft_explore (steps after which an undrafted depth forgets its
   counts, so the budget may grow back; 0: never) replace `types.DECAY` and `types.EXPLORE`.

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 
 from mtp_jax.decode.draft import draft_heads_at, drafter_for, verify
 from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, run_heads, take_at, unembed
-from mtp_jax.decode.tree import keep_path, tree_drafts, tree_verify
-from mtp_jax.decode.types import (CATCH_UP, PAD, STALE_NEVER, Array, Budget, DecodeOutput, DecodeState, SamplingParams,
-                                  Settings, Tree, choose_budget)
+from mtp_jax.decode.tree import RowTrees, best_first_drafts, keep_path, tree_drafts, tree_verify
+from mtp_jax.decode.types import (CATCH_UP, PAD, STALE_NEVER, Array, Budget, Candidates, DecodeOutput, DecodeState,
+                                  SamplingParams, Settings, Tree, choose_budget)
 from mtp_jax.model import MTPTransformer, default_positions
 
 
@@ -48,7 +48,9 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
   new_drafts, new_logq, updates = drafter(a, token, k_draft)
   made = new_drafts.shape[1]
   new_drafts, new_logq = _pad_drafts(new_drafts, settings.block - 1), _pad_drafts(new_logq, settings.block - 1)
-  if updates is not None:   # sequential modules: their cache, and the positions before the next block
+  if updates is not None and "tree_sel" in updates:   # --draft=bestfirst: the trees the drafts make up
+    state = state.replace(tree_sel=jnp.where(active[:, None], updates["tree_sel"], state.tree_sel))
+  elif updates is not None:   # sequential modules: their cache, and the positions before the next block
     state = state.replace(cache={**state.cache, "drafter": updates["cache"]}, recent=updates["recent"])
 
   idx = jnp.arange(drafts.shape[1] + 1)[None, :]
@@ -130,14 +132,15 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
       grows=jnp.zeros((), jnp.int32),
       stale=jnp.where(heads_on, STALE_NEVER, 0) * jnp.ones((b, cap), jnp.int32) if auto else None,
       src=jnp.pad(src, ((0, 0), (0, slots - p), (0, 0))) if auto else None,
+      tree_sel=jnp.zeros((b, k - 1), jnp.int32) if settings.draft == "bestfirst" and settings.speculative else None,
       recent=None if w.drafter is None else (jnp.zeros((b, k - 2, args.d_model), hidden.dtype),
                                              jnp.zeros((b, k - 2), jnp.int32)))
   no_drafts = jnp.zeros((b, 0), jnp.int32)
   no_logq = jnp.zeros((b, 0, args.vocab_size), jnp.float32) if settings.sampling else None
   drafter = drafter_for(model, w, settings, sp, state, hidden, tokens, zero, last, True)
-  if settings.draft == "tree" and settings.speculative:
+  if settings.tree:
     h = jax.vmap(lambda hh: take_at(hh, last)[:, None])(hidden[1:])
-    drafter = lambda a, token, key: (tree_drafts(model, w, h, a, Tree.of(settings.depths)), None, None)
+    drafter = _tree_drafter(model, w, settings, h)
   state = _emit(settings, sp, state, unembed(model, w.params, h_last), drafter, no_drafts, no_logq, sub,
                 jnp.ones((b,), bool), budget)
   return state.replace(drafted=jnp.where(heads_on, state.drafted, 0)) if auto else state
@@ -168,7 +171,7 @@ def step(model, w: Weights, settings: Settings, sp, state: DecodeState, budget: 
   branch runs), branch j feeding [last token, j drafts] through the trunk and heads 0..j, so a shorter
   block costs less and j = 0 is a greedy step."""
   budget = Budget.of(settings.depths) if budget is None else budget
-  if settings.draft == "tree" and settings.speculative:
+  if settings.tree:
     return _tree_step(model, w, settings, sp, state)
   if settings.draft != "auto":
     return _block_step(model, w, settings, sp, state, settings.depths, budget)
@@ -225,18 +228,36 @@ def _grow(model, w: Weights, settings: Settings, sp, state: DecodeState) -> Deco
 
 def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
   """One forward pass over every row's tree block [last token, the tree's nodes] (decode/tree.py)."""
-  tree = Tree.of(settings.depths)
   block = jnp.concatenate([take_at(state.tokens, state.count - 1)[:, None], state.drafts], axis=1)
-  positions = state.position[:, None] + tree.depth[None, :]
-  hidden, cache = forward_hidden(model, w, block, positions, state.cache, state.position,
-                                 tree=(state.position, tree.ancestors))
+  b = block.shape[0]
+  if settings.draft == "bestfirst":
+    trees = RowTrees.best_first(state.tree_sel, Candidates.of(settings.depths))
+    mask = trees.ancestors
+  else:
+    trees = RowTrees.static(Tree.of(settings.depths), b)
+    mask = Tree.of(settings.depths).ancestors   # one static mask for every row
+  positions = state.position[:, None] + trees.depth
+  hidden, cache = forward_hidden(model, w, block, positions, state.cache, state.position, tree=(state.position, mask))
   p_logits = unembed(model, w.params, hidden[0])
   key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
-  best, a, token, chain, slots = tree_verify(p_logits, block, tree, sub, sp, settings.sampling)
+  best, a, token, chain, slots = tree_verify(p_logits, block, trees, sub, sp, settings.sampling)
   state = state.replace(cache=keep_path(cache, state.position, slots), steps=state.steps + 1, key=key,
                         budget_steps=state.budget_steps.at[settings.depths].add(1))
-  drafter = lambda *_: (tree_drafts(model, w, hidden[1:], best, tree), None, None)
+  drafter = _tree_drafter(model, w, settings, hidden[1:], best)
   return _emit(settings, sp, state, p_logits, drafter, chain, None, state.key, ~state.done, None, (a, token))
+
+
+def _tree_drafter(model, w: Weights, settings: Settings, hidden, at=None):
+  """The drafter of a tree step: the next tree's tokens from the draft heads' states hidden [D, B, k, d] at
+  block index `at` (the accepted path's end; the prefill's: the drafter's own argument)."""
+  if settings.draft == "bestfirst":
+    def draft(a, token, key):
+      tokens, sel = best_first_drafts(model, w, hidden, a if at is None else at, Candidates.of(settings.depths),
+                                      settings.block - 1)
+      return tokens, None, {"tree_sel": sel}
+    return draft
+  return lambda a, token, key: (tree_drafts(model, w, hidden, a if at is None else at, Tree.of(settings.depths)),
+                                None, None)
 
 
 def _block_step(model, w: Weights, settings: Settings, sp, state: DecodeState, j: int, budget: Budget) -> DecodeState:
@@ -360,7 +381,7 @@ class _Results(NamedTuple):
 # per-row state fields; the step count and the key belong to the whole batch.
 _CACHE_BATCH_AXIS = {"trunk": 0, "heads": 1, "drafter": 1}
 _ROW_FIELDS = ("tokens", "count", "position", "drafts", "draft_logq", "done", "forwards", "accepted", "proposed",
-               "recent", "stale", "src")
+               "recent", "stale", "src", "tree_sel")
 
 
 def _map_rows(fn, state: DecodeState, *others: DecodeState) -> DecodeState:

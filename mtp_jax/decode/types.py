@@ -44,7 +44,8 @@ class Settings:
   draft: str = "chain"    # speculative modes: "chain" drafts draft_block-1 tokens every step; "auto" chooses
                           # 0..draft_block-1 per step (`choose_budget`), one while_loop per length, and
                           # grows the budget back by catching the stopped heads' caches up (loop._grow);
-                          # "tree" verifies a static tree of the heads' top choices (tree.py)
+                          # "tree" verifies a static tree of the heads' top choices (tree.py); "bestfirst" a tree
+                          # of as many nodes built per row and step from the heads' probabilities
 
   def stages(self, batch: int) -> tuple:
     """Batch sizes the loop runs at, in turn (see `decode`): halving while the half is >= 2 rows and
@@ -73,8 +74,12 @@ class Settings:
     return self.draft_block - 1 if self.speculative else 0
 
   @property
+  def tree(self) -> bool:       # a tree of candidates per step (static or best-first), not a chain
+    return self.draft in ("tree", "bestfirst") and self.speculative
+
+  @property
   def block(self) -> int:       # tokens fed per step: last token + k-1 drafts (a tree: + its nodes)
-    return len(Tree.of(self.depths).depth) if self.draft == "tree" and self.speculative else self.depths + 1
+    return len(Tree.of(self.depths).depth) if self.tree else self.depths + 1
 
   @property
   def heads_run(self) -> int:   # greedy and sample need head 0 only
@@ -87,6 +92,7 @@ class Settings:
 TREE_PATHS = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0), (0, 0, 0, 1),
               (0, 0, 1, 0), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0, 0))
 TREE_TOP = 3     # the most choices per head a path uses
+BEST_FIRST_TOP = 4   # --draft=bestfirst: each head's top choices its trees choose among
 
 
 class Tree(NamedTuple):
@@ -110,6 +116,30 @@ class Tree(NamedTuple):
           anc[i, index[p[:d]]] = True
     return cls(np.array([len(p) for p in paths], np.int32), np.array([p[-1] if p else 0 for p in paths], np.int32),
                anc, path)
+
+
+class Candidates(NamedTuple):
+  """--draft=bestfirst's candidate nodes, static: every path of 1..D choices among each head's top K, parents
+  before children (breadth first). A step's tree is the N most probable of them (`tree.best_first_drafts`)."""
+  depth: np.ndarray      # [C] the candidate's depth (1..D)
+  choice: np.ndarray     # [C] which of head depth's top K choices it drafts
+  path: np.ndarray       # [C, D] the candidates on its path by depth 1..D (past its depth: itself)
+  picks: np.ndarray      # [C, D*K] 1 where the path takes choice c of head d (column d*K + c): its log-probability
+                         # is picks @ the heads' top-K log-probabilities
+
+  @classmethod
+  def of(cls, depths: int, top: int = BEST_FIRST_TOP) -> "Candidates":
+    paths, level = [], [()]
+    for _ in range(depths):
+      level = [p + (c,) for p in level for c in range(top)]
+      paths += level
+    index = {p: i for i, p in enumerate(paths)}
+    path = np.array([[index[p[:e + 1]] if e < len(p) else index[p] for e in range(depths)] for p in paths], np.int32)
+    picks = np.zeros((len(paths), depths * top), np.float32)
+    for i, p in enumerate(paths):
+      for d, c in enumerate(p):
+        picks[i, d * top + c] = 1.0
+    return cls(np.array([len(p) for p in paths], np.int32), np.array([p[-1] for p in paths], np.int32), path, picks)
 
 
 class Budget(NamedTuple):
@@ -192,6 +222,7 @@ class DecodeState:
   src: Array = None       # [B, S, d] --draft=auto: what the draft heads read at each position (the trunk's output,
                           # or head 0's for chained heads), kept so that a head that stopped can catch up
   grows: Array = None     # [] --draft=auto: times the budget grew back (each a catch-up of the heads it needs)
+  tree_sel: Array = None  # [B, N] --draft=bestfirst: the candidates (`Candidates`) the drafted tree holds, ascending
   recent: Any = None  # sequential modules: head 0's hidden states [B, D-1, d] and the tokens [B, D-1] at the
                       # D-1 positions before `position`, where the modules' caches are rewritten next step
 
