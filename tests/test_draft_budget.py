@@ -68,6 +68,18 @@ def test_auto_grows_back_and_stays_exact(head_type):
       assert int(s.grows) >= 2 and s.budget_steps[:3].sum() > 0 and s.budget_steps[1:].sum() > 0, s.budget_steps
 
 
+def test_auto_probes_where_the_prior_would_never_draft():
+  """Verify steps that cost 10 greedy steps: auto drafts nothing, but every `explore` steps without a draft it
+  probes one (a catch-up and a step of one draft), so heads better than the prior are found again."""
+  model, params = tiny_decoder(n=4, shared=True)
+  g = decode_run(model, params, MIXED, "greedy", max_new_tokens=40)
+  s = decode_run(model, params, MIXED, "speculative", max_new_tokens=40, draft="auto",
+                 draft_costs=[1.0, 10.0, 10.0, 10.0], draft_explore=8)
+  check_same(g, s, 40)
+  assert 2 <= s.budget_steps[1] <= s.steps // 6 and int(s.grows) == s.budget_steps[1], s.budget_steps
+  assert s.budget_steps[2:].sum() == 0
+
+
 def test_heads_that_catch_up_hold_the_caches_they_would_have_written():
   """Heads 1..3 copies of head 0 (all read the trunk's output): after greedy steps without them and a grow, their
   caches equal head 0's at every position before the rows' own, and each drafts head 0's token there, the

@@ -86,16 +86,20 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
 
 def _auto_budget(state: DecodeState, budget: Budget, reached, accepted, verified: int, made: int) -> DecodeState:
   """--draft=auto: fold this step's counts per depth (rows that reached it, rows that accepted its draft) into
-  the fading running counts, let depths not drafted for Budget.explore steps forget theirs, and choose the
-  next budget over every length; past the `made` drafts the rows hold, the loop grows it (`_grow`)."""
+  the fading running counts, let depths not drafted for Budget.explore steps forget theirs (the first depth
+  then gets one probing draft), and choose the next budget over every length; past the `made` drafts the rows
+  hold, the loop grows it (`_grow`)."""
   cap = state.stats.shape[1]
   seen = jnp.arange(cap) < verified
   stats = state.stats * budget.decay + jnp.stack([jnp.sum(reached, 0), jnp.sum(accepted, 0)]).astype(jnp.float32)
   unseen = jnp.where(seen, 0, state.unseen + 1)
   forget = (budget.explore > 0) & (unseen >= budget.explore)
   stats, unseen = jnp.where(forget[None], 0.0, stats), jnp.where(forget, 0, unseen)
+  # A first depth left undrafted that long is tried once (a probe) even where the prior alone would not pay:
+  # heads better than the prior, behind a step cost above its 1.5 tokens, are found again.
+  chosen = choose_budget(budget.costs, stats, budget.prior, cap)
   return state.replace(stats=stats, unseen=unseen, drafted=jnp.int32(made),
-                       budget=choose_budget(budget.costs, stats, budget.prior, cap))
+                       budget=jnp.where(forget[0], jnp.maximum(chosen, 1), chosen))
 
 
 def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, budget: Budget = None,
