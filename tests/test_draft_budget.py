@@ -69,15 +69,17 @@ def test_auto_grows_back_and_stays_exact(head_type):
 
 
 def test_auto_probes_where_the_prior_would_never_draft():
-  """Verify steps that cost 10 greedy steps: auto drafts nothing, but every `explore` steps without a draft it
-  probes one (a catch-up and a step of one draft), so heads better than the prior are found again."""
+  """Verify steps that cost 10 greedy steps: auto drafts nothing but probes, at the first step and every
+  `explore` steps without a draft (a catch-up and a step of every draft), so heads better than the prior are
+  found again."""
   model, params = tiny_decoder(n=4, shared=True)
   g = decode_run(model, params, MIXED, "greedy", max_new_tokens=40)
   s = decode_run(model, params, MIXED, "speculative", max_new_tokens=40, draft="auto",
                  draft_costs=[1.0, 10.0, 10.0, 10.0], draft_explore=8)
   check_same(g, s, 40)
-  assert 2 <= s.budget_steps[1] <= s.steps // 6 and int(s.grows) == s.budget_steps[1], s.budget_steps
-  assert s.budget_steps[2:].sum() == 0
+  probes = int(s.budget_steps[3])   # the first step, then one every 8 steps without a draft
+  assert 3 <= probes <= s.steps // 6 and int(s.grows) == probes - 1, s.budget_steps
+  assert s.budget_steps[1:3].sum() == 0
 
 
 def test_heads_that_catch_up_hold_the_caches_they_would_have_written():
@@ -112,7 +114,8 @@ def test_heads_that_catch_up_hold_the_caches_they_would_have_written():
 def test_auto_drafts_nothing_where_drafting_does_not_pay(costs, prior):
   model, params = tiny_decoder(n=4, shared=True)
   g = decode_run(model, params, MIXED, "greedy")
-  s = decode_run(model, params, MIXED, "speculative", draft="auto", draft_costs=costs, draft_prior=prior)
+  s = decode_run(model, params, MIXED, "speculative", draft="auto", draft_costs=costs, draft_prior=prior,
+                 draft_explore=0)   # no probes
   check_same(g, s, 24)
   np.testing.assert_array_equal(s.forwards, g.forwards)              # one token per forward, as greedy
   assert int(s.budget_steps[0]) == int(s.steps) and s.proposed.sum() == 0

@@ -37,7 +37,7 @@ def step_costs(fn, params, tokens, lengths, key, sp, settings: Settings) -> tupl
     forced = np.full(cap + 1, 1e9, np.float32)
     forced[j] = 1.0
     t0 = time.perf_counter()
-    out = fn(params, tokens, lengths, key, no_eos, Budget.of(cap, forced, limit=limit))
+    out = fn(params, tokens, lengths, key, no_eos, Budget.of(cap, forced, limit=limit, explore=0))   # no probes
     ran = int(out.steps)   # waits for the whole program
     return time.perf_counter() - t0, ran
 

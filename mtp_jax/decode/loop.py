@@ -95,11 +95,11 @@ def _auto_budget(state: DecodeState, budget: Budget, reached, accepted, verified
   unseen = jnp.where(seen, 0, state.unseen + 1)
   forget = (budget.explore > 0) & (unseen >= budget.explore)
   stats, unseen = jnp.where(forget[None], 0.0, stats), jnp.where(forget, 0, unseen)
-  # A first depth left undrafted that long is tried once (a probe) even where the prior alone would not pay:
-  # heads better than the prior, behind a step cost above its 1.5 tokens, are found again.
+  # A first depth left undrafted that long gets one step of every draft (a probe) even where the prior alone
+  # would not pay: heads better than the prior, behind a step cost above its tokens, are found again.
   chosen = choose_budget(budget.costs, stats, budget.prior, cap)
   return state.replace(stats=stats, unseen=unseen, drafted=jnp.int32(made),
-                       budget=jnp.where(forget[0], jnp.maximum(chosen, 1), chosen))
+                       budget=jnp.where(forget[0], cap, chosen))
 
 
 def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, budget: Budget = None,
@@ -116,9 +116,8 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
   auto = settings.draft == "auto"
   cap = settings.depths
   heads_on = True
-  if auto:   # the first budget comes from the prior and the costs alone; a refill drafts where the batch does
-    no_counts = jnp.zeros((2, cap), jnp.float32)
-    heads_on = choose_budget(budget.costs, no_counts, budget.prior, cap) > 0 if current is None else current > 0
+  if auto and current is not None:   # a refilled row drafts where the batch does
+    heads_on = current > 0
   hidden, cache, src = _prefill_forward(model, w, settings, heads_on, tokens, positions, cache, zero)
   last = lengths - 1
   h_last = take_at(hidden[0], last)[:, None]                            # head 0 at each prompt's end [B, 1, d]
@@ -147,7 +146,11 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
     drafter = _tree_drafter(model, w, settings, h)
   state = _emit(settings, sp, state, unembed(model, w.params, h_last), drafter, no_drafts, no_logq, sub,
                 jnp.ones((b,), bool), budget)
-  return state.replace(drafted=jnp.where(heads_on, state.drafted, 0)) if auto else state
+  if not auto:
+    return state
+  if current is None:   # the first step probes every draft: one observation per depth before the counts decide
+    return state.replace(budget=jnp.where(budget.explore > 0, cap, state.budget))
+  return state.replace(drafted=jnp.where(heads_on, state.drafted, 0))
 
 
 def _prefill_forward(model, w: Weights, settings: Settings, heads_on, tokens, positions, cache, zero):

@@ -150,7 +150,8 @@ class Budget(NamedTuple):
   limit []: stop after this many steps (the host's timing runs; otherwise max int);
   decay []: the observed counts' factor per step (1: never forget);
   explore []: a depth not drafted for this many steps forgets its counts (the prior alone remains), so the
-  budget can grow back; 0: never.
+  budget can grow back, and the first depth left that long gets a probe (a step of every draft), as does the
+  first step; 0: never (no probes either).
   """
   costs: Array
   prior: Array
