@@ -2,9 +2,12 @@
 once per compiled program (batch size, prompt bucket, model, settings) with that program itself, and kept
 for the process.
 
-A timing run forces the draft length to j (a cost table that only j can win) and stops after a given number
-of steps (`Budget.limit`): the difference between a run of 1 + n steps and a run of 1 step is n steps of
-length j, the prefill, refills and copies cancelling. EOS is off and n is small enough that no row finishes,
+A timing run forces the draft length to j (a cost table that only j can win, no probes) and stops after a given
+number of steps (`Budget.limit`): the difference between a run of 1 + n steps and a run of 1 step is n steps of
+length j, the prefill, refills and copies cancelling. Every draft counts as rejected there (`Budget.timing`), so
+each length is timed over the same positions: a run that accepted drafts would reach longer contexts, whose
+attention costs more, and overstate the cost of drafting (C(1) = 1.75 where a whole generation's steps gave
+1.38 on the n=4 bytes model). EOS is off and n is small enough that no row finishes,
 so every timed step runs at the full batch. Each round times every length back to back and divides by its own
 greedy step, and the median round counts: on a shared machine a burst of load then spoils one ratio, not the
 table (the fastest of each length, taken apart, gave C(1) = 1.04 at batch 8 where a run showed 1.45).
@@ -29,7 +32,7 @@ def step_costs(fn, params, tokens, lengths, key, sp, settings: Settings) -> tupl
     return _COSTS[fn], 0.0
   start = time.perf_counter()
   cap = settings.depths
-  steps = min(TIMED_STEPS, (settings.max_new_tokens - 1) // (cap + 1))
+  steps = min(TIMED_STEPS, settings.max_new_tokens - 2)   # one token a step (Budget.timing): no row finishes
   ratios = []
   no_eos = sp._replace(eos_id=jnp.int32(-1))
 
@@ -37,7 +40,7 @@ def step_costs(fn, params, tokens, lengths, key, sp, settings: Settings) -> tupl
     forced = np.full(cap + 1, 1e9, np.float32)
     forced[j] = 1.0
     t0 = time.perf_counter()
-    out = fn(params, tokens, lengths, key, no_eos, Budget.of(cap, forced, limit=limit, explore=0))   # no probes
+    out = fn(params, tokens, lengths, key, no_eos, Budget.of(cap, forced, limit=limit, explore=0, timing=True))
     ran = int(out.steps)   # waits for the whole program
     return time.perf_counter() - t0, ran
 

@@ -45,6 +45,8 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
   """
   k_verify, k_draft = jax.random.split(key) if settings.sampling else (key, key)   # argmax modes draw nothing
   a, token = verify(p_logits, drafts, draft_logq, k_verify, sp, settings.sampling)[:2] if verified is None else verified
+  if settings.draft == "auto" and budget is not None:   # a cost timing run: nothing accepted (Budget.timing)
+    a = jnp.where(budget.timing, 0, a)
   new_drafts, new_logq, updates = drafter(a, token, k_draft)
   made = new_drafts.shape[1]
   new_drafts, new_logq = _pad_drafts(new_drafts, settings.block - 1), _pad_drafts(new_logq, settings.block - 1)

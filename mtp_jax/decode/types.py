@@ -151,24 +151,27 @@ class Budget(NamedTuple):
   decay []: the observed counts' factor per step (1: never forget);
   explore []: a depth not drafted for this many steps forgets its counts (the prior alone remains), so the
   budget can grow back, and the first depth left that long gets a probe (a step of every draft), as does the
-  first step; 0: never (no probes either).
+  first step; 0: never (no probes either);
+  timing []: the host's cost timing runs: every draft is counted rejected (the output is not greedy's), so a
+  run of any draft length advances one position per step and each length is timed over the same positions.
   """
   costs: Array
   prior: Array
   limit: Array
   decay: Array
   explore: Array
+  timing: Array
 
   @classmethod
   def of(cls, cap: int, costs=None, prior=None, limit: Optional[int] = None, decay: float = DECAY,
-         explore: int = EXPLORE) -> "Budget":
+         explore: int = EXPLORE, timing: bool = False) -> "Budget":
     """Defaults: every length costs as much as greedy, and the weak prior PRIOR_REACHED / PRIOR_ACCEPTED."""
     costs = jnp.ones((cap + 1,), jnp.float32) if costs is None else jnp.asarray(costs, jnp.float32)
     if prior is None:
       prior = jnp.stack([jnp.full((cap,), PRIOR_REACHED), jnp.full((cap,), PRIOR_ACCEPTED)])
     prior = jnp.asarray(prior, jnp.float32)
     return cls(costs, prior, jnp.int32(2 ** 31 - 1 if limit is None else limit), jnp.float32(decay),
-               jnp.int32(explore))
+               jnp.int32(explore), jnp.bool_(timing))
 
 
 def choose_budget(costs, stats, prior, most):
