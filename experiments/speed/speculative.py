@@ -242,7 +242,7 @@ def main(_):
            f"speedup / (tokens/forward / C) | {heads} acceptance | steps with 0..{n_draft} drafts | same as greedy |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * n_draft + "---|---|"]
   for r in rows:
-    acc = " | ".join(f"{a:.2f}" for a in r["acceptance"])
+    acc = " | ".join([f"{a:.2f}" for a in r["acceptance"]] + ["—"] * (n_draft - len(r["acceptance"])))   # chainK: fewer
     lines.append(f"| {r['batch']} | {r['draft']} | {r['greedy']['tokens_per_s']:.1f} | {r['speculative']['tokens_per_s']:.1f} | "
                  f"{r['speedup']:.2f} | {r['tokens_per_forward']:.2f} | {r['batch_forwards']['greedy']}/"
                  f"{r['batch_forwards']['speculative']} | "
