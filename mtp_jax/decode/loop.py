@@ -176,9 +176,10 @@ def _prefill_forward(model, w: Weights, settings: Settings, heads_on, tokens, po
 def step(model, w: Weights, settings: Settings, sp, state: DecodeState, budget: Budget = None) -> DecodeState:
   """One forward pass over every row's block [last token, drafts] at its own cache position.
 
-  --draft=auto: one branch per draft length j = 0..k-1 (`jax.lax.switch` on state.budget; only the taken
-  branch runs), branch j feeding [last token, j drafts] through the trunk and heads 0..j, so a shorter
-  block costs less and j = 0 is a greedy step."""
+  --draft=auto: one branch per draft length j = 0..k-1 (`jax.lax.switch` on the budget, at most the drafts the
+  rows hold; only the taken branch runs), branch j feeding [last token, j drafts] through the trunk and heads
+  0..j, so a shorter block costs less and j = 0 is a greedy step. (The decode loop itself runs one loop per
+  length and grows the budget back with `_grow`; this single step is for tools that time one step.)"""
   budget = Budget.of(settings.depths) if budget is None else budget
   if settings.tree:
     return _tree_step(model, w, settings, sp, state)
