@@ -91,12 +91,12 @@ def test_heads_that_catch_up_hold_the_caches_they_would_have_written():
   settings = decode.Settings("speculative", 24, 4, draft="auto")
   w = decode.decode_weights(params, model.args, settings.heads_run, per_head=True)
   tokens, lengths = map(jnp.asarray, decode.pad_prompts(MIXED, 16))
-  greedy_only = decode.Budget.of(3, costs=[1.0, 1e9, 1e9, 1e9])   # drafting never pays: the prefill skips the heads
+  greedy_only = decode.Budget.of(3, costs=[1.0, 1e9, 1e9, 1e9], explore=0)   # never drafts, no probe: heads stop at once
   sp = decode.SamplingParams.of()
   state = decode.prefill(model, w, settings, sp, tokens, lengths, jax.random.key(0), greedy_only)
-  for _ in range(int(loop.CATCH_UP * 1.5)):      # more than a chunk: the catch-up runs in two
+  for _ in range(int(loop.CATCH_UP * 1.5)):      # more than a chunk missed: the catch-up runs in two
     state = decode.step(model, w, settings, sp, state, greedy_only)
-  assert int(state.drafted) == 0 and np.all(np.asarray(state.stale) == 0)
+  assert int(state.drafted) == 0 and np.all(np.asarray(state.stale) == np.asarray(lengths)[:, None])   # missed from there
   grown = loop._grow(model, w, settings, sp, state.replace(budget=jnp.int32(3)))
   assert int(grown.drafted) == 3 and int(grown.grows) == 1
   heads, pos = grown.cache["heads"], np.asarray(state.position)
