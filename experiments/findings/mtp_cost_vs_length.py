@@ -39,6 +39,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 from common.matmul_work import matmul_macs  # noqa: E402
+from common.seed_stats import interval  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
@@ -67,15 +68,7 @@ flags.DEFINE_string("out_dir", results_folder(__file__), "results directory")
 PAPER = ("Paper (Gloeckle et al. 2024, Figure 3 and section 3.1): at 0.3-1B parameters on code, n=4 scores below "
          "n=1 and the gap closes with model size, turning into a gain from about 3B; the paper does not vary the "
          "training length at a fixed size. DeepSeek-V3 reports MTP gains at 16B-671B.")
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
-
-def interval(xs):
-  """(mean, half-width of the 95% t-interval over xs); half-width nan for fewer than 2 values."""
-  xs = np.asarray(xs, float)
-  if len(xs) < 2:
-    return float(xs.mean()), float("nan")
-  return float(xs.mean()), float(T975.get(len(xs) - 1, 1.96) * xs.std(ddof=1) / math.sqrt(len(xs)))
 
 
 def parse_variant(v: str) -> tuple:

@@ -33,6 +33,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
+from common.seed_stats import interval  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
 from common.run_metrics import train_curve  # noqa: E402
 from parity_runs import decode_batch1, held_out_prompts, run_config  # noqa: E402
@@ -46,15 +47,7 @@ PAPER = ("Paper (Gloeckle et al. 2024): at 7B parameters, n=4 is best with a 32k
 MIN_TRUNK = 2    # layers the trunk keeps at the largest n (the sp recipe's own trunk at n = 4)
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
-
-def interval(xs) -> tuple:
-  """(mean, half-width of the 95% t-interval over xs; nan for one value)."""
-  xs = np.asarray(xs, float)
-  if len(xs) < 2:
-    return float(xs.mean()), float("nan")
-  return float(xs.mean()), float(T975.get(len(xs) - 1, 1.96) * xs.std(ddof=1) / math.sqrt(len(xs)))
 
 
 def verdict(mean: float, half: float) -> str:
