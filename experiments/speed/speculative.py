@@ -60,6 +60,9 @@ _DRAFT_VOCAB = flags.DEFINE_integer("draft_vocab", 0, "Drafts choose among the N
 _KINDS = flags.DEFINE_list("draft", ["chain", "auto"], "Speculative drafting schemes timed side by side per batch "
                            "size: chain (--draft_heads-1 drafts every step), chainK (K-1 drafts every step), auto (chosen per step, "
                            "at most --draft_heads-1; docs/decoding.md), tree.")
+_CARRY = flags.DEFINE_bool("carry_counts", True, "--draft=auto: each call starts from the acceptance counts the "
+                           "call before it ended with (decode.run's draft_counts), as a server keeps them across "
+                           "requests: no start probe once counts exist. --nocarry_counts: every call starts afresh.")
 _OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
 
 
@@ -118,12 +121,23 @@ def time_decodes(params, args: ModelArgs, prompts, batch: int, repeats: int, kin
   draft = {"greedy": {}, "speculative": draft_options(kind)}
 
   modes = ("greedy", "speculative")
-  outs = {m: [decode.run(params, args, t, l, mode=m, **kw, **draft[m])[0] for t, l in calls] for m in modes}   # compile, warm up
+  carry = _CARRY.value and draft["speculative"]["draft"] == "auto"
+  counts = None   # --carry_counts: the acceptance counts the previous auto call ended with
+
+  def call(m, tokens, lengths):
+    nonlocal counts
+    out, timing = decode.run(params, args, tokens, lengths, mode=m, **kw, **draft[m],
+                             **({"draft_counts": counts} if carry and m == "speculative" else {}))
+    if carry and m == "speculative":
+      counts = out.draft_counts
+    return out, timing
+
+  outs = {m: [call(m, t, l)[0] for t, l in calls] for m in modes}   # compile, warm up
   runs, costs = {m: [0.0] * repeats for m in modes}, None
   for r in range(repeats):
     for i, (tokens, lengths) in enumerate(calls):   # the two modes back to back on each call: drift hits both
       for m in modes:
-        outs[m][i], timing = decode.run(params, args, tokens, lengths, mode=m, **kw, **draft[m])
+        outs[m][i], timing = call(m, tokens, lengths)
         runs[m][r] += timing["wall_s"]
         costs = timing.get("draft_costs", costs) if m == "speculative" else costs
   cat = lambda m, field: np.concatenate([getattr(o, field) for o in outs[m]])
@@ -252,7 +266,10 @@ def main(_):
                  f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
   how = ("in one call, `batch` rows at once: as a row finishes, the next prompt takes it (continuous batching)"
          if _SERVE.value else "`batch` per call")
-  lines += ["", f"Every batch size decodes the same {len(prompts)} prompts, {how}. "
+  carried = (" --draft=auto carries its acceptance counts from each call to the next (the warm-up's into the "
+             "first timed call): no start probe once counts exist." if _CARRY.value else
+             " --draft=auto starts every call afresh, with a probe of every draft.")
+  lines += ["", f"Every batch size decodes the same {len(prompts)} prompts, {how}.{carried} "
             "tokens/forward: all rows' tokens / all rows' forward passes (prefill included). "
             "batch forwards: forward passes the whole batch ran, the first prefill included (refills are one-row prefills). "
             "row forwards needed/paid (speculative): the rows' own forward passes over the rows x passes the batch "

@@ -191,7 +191,7 @@ def clear_compiled() -> None:
 def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_tokens=64, seed=0, key=None,
         temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None, slots: Optional[int] = None,
         draft_heads: Optional[int] = None, draft: Optional[str] = None, draft_costs=None, draft_prior=None,
-        draft_decay: Optional[float] = None, draft_explore: Optional[int] = None):
+        draft_decay: Optional[float] = None, draft_explore: Optional[int] = None, draft_counts=None):
   """Decode padded prompts: (DecodeOutput of numpy arrays, {'compile_s', 'wall_s'}).
 
   `tokens` [N, P] / `lengths` [N] come from `pad_prompts`; the prompts' own checks are `check_request`'s.
@@ -204,7 +204,9 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   choices in one verify pass) or "bestfirst" (as many nodes, the most probable per row and step; docs/decoding.md); draft_costs [cap+1] / draft_prior
   [2, cap] replace auto's timed cost table and its prior (reached, accepted) counts per depth; draft_decay
   (the running counts' factor per step) and draft_explore (steps after which an undrafted depth forgets its
-  counts, so the budget may grow back; 0: never) replace `types.DECAY` and `types.EXPLORE`.
+  counts, so the budget may grow back; 0: never) replace `types.DECAY` and `types.EXPLORE`; draft_counts
+  [2, cap]: an earlier call's `out.draft_counts` (same model and draft cap), to go on from what it saw: no
+  start probe, and no draft heads in the prefill where those counts say drafting does not pay.
   wall_s is the decode alone (compile and auto's one-off cost timing, costs_s, excluded), measured until the
   results are on the host; draft_costs: the cost table auto used.
   """
@@ -212,12 +214,13 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   request.check_model(args)
   check_slots(mode, slots, len(lengths))
   return execute(params, args, tokens, lengths, request, seed=seed, key=key, eos_id=eos_id, slots=slots,
-                 draft_costs=draft_costs, draft_prior=draft_prior, draft_decay=draft_decay, draft_explore=draft_explore)
+                 draft_costs=draft_costs, draft_prior=draft_prior, draft_decay=draft_decay, draft_explore=draft_explore,
+                 draft_counts=draft_counts)
 
 
 def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=0, key=None,
             eos_id: Optional[int] = None, slots: Optional[int] = None, draft_costs=None, draft_prior=None,
-            draft_decay: Optional[float] = None, draft_explore: Optional[int] = None):
+            draft_decay: Optional[float] = None, draft_explore: Optional[int] = None, draft_counts=None):
   """`run` for a request its caller has checked (generate() does, once): nothing is checked again."""
   settings = request.settings(args, batch_shards=_batch_shards(tokens),
                               slots=0 if slots is None or slots >= len(lengths) else int(slots))
@@ -232,8 +235,14 @@ def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=
     if draft_costs is None:
       draft_costs, costs_s = step_costs(fn, params, tokens, lengths, key, sp, settings)
     timing = {"costs_s": costs_s, "draft_costs": [round(float(c), 3) for c in np.asarray(draft_costs)]}
+  if draft_counts is not None and settings.draft != "auto":
+    raise DecodeError(f"draft_counts carries --draft=auto's acceptance counts; this call drafts with "
+                      f"draft={settings.draft!r}: leave draft_counts out or use draft='auto'")
+  if draft_counts is not None and np.shape(draft_counts) != (2, cap):
+    raise DecodeError(f"draft_counts has shape {np.shape(draft_counts)}, this program drafts up to {cap} tokens: pass "
+                      f"`out.draft_counts` of a call with the same model and draft_heads (shape (2, {cap}))")
   budget = Budget.of(cap, draft_costs, draft_prior, **({} if draft_decay is None else {"decay": draft_decay}),
-                     **({} if draft_explore is None else {"explore": draft_explore}))
+                     **({} if draft_explore is None else {"explore": draft_explore}), counts=draft_counts)
   start = time.perf_counter()
   out = jax.device_get(fn(params, tokens, lengths, key, sp, budget))
   return out, {"compile_s": compile_s, "wall_s": time.perf_counter() - start, **timing}

@@ -117,9 +117,12 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
   zero = jnp.zeros((b,), jnp.int32)
   auto = settings.draft == "auto"
   cap = settings.depths
-  heads_on = True
+  heads_on, first = True, cap
   if auto and current is not None:   # a refilled row drafts where the batch does
     heads_on = current > 0
+  elif auto:                         # carried counts choose the first budget; else the start probe drafts all
+    first = jnp.where(budget.carried, choose_budget(budget.costs, budget.counts, budget.prior, cap), cap)
+    heads_on = first > 0
   hidden, cache, src = _prefill_forward(model, w, settings, heads_on, tokens, positions, cache, zero)
   last = lengths - 1
   h_last = take_at(hidden[0], last)[:, None]                            # head 0 at each prompt's end [B, 1, d]
@@ -132,7 +135,7 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
       draft_logq=jnp.zeros((b, k - 1, args.vocab_size), jnp.float32) if settings.sampling else None,
       done=jnp.zeros((b,), bool), key=key, steps=jnp.zeros((), jnp.int32),
       forwards=jnp.zeros((b,), jnp.int32), accepted=per_head, proposed=per_head,
-      budget=jnp.int32(cap), stats=jnp.zeros((2, cap), jnp.float32),
+      budget=jnp.int32(cap), stats=budget.counts if auto else jnp.zeros((2, cap), jnp.float32),
       budget_steps=jnp.zeros((cap + 1,), jnp.int32), drafted=jnp.int32(cap), unseen=jnp.zeros((cap,), jnp.int32),
       grows=jnp.zeros((), jnp.int32),
       stale=jnp.where(heads_on, STALE_NEVER, 0) * jnp.ones((b, cap), jnp.int32) if auto else None,
@@ -150,8 +153,10 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
                 jnp.ones((b,), bool), budget)
   if not auto:
     return state
-  if current is None:   # the first step probes every draft: one observation per depth before the counts decide
-    return state.replace(budget=jnp.where(budget.explore > 0, cap, state.budget))
+  if current is None:   # the first step probes every draft (one observation per depth before the counts
+    #                     decide), unless counts were carried in
+    start = jnp.where(budget.carried, first, jnp.where(budget.explore > 0, cap, state.budget))
+    return state.replace(budget=start, drafted=jnp.where(heads_on, state.drafted, 0))
   return state.replace(drafted=jnp.where(heads_on, state.drafted, 0))
 
 
@@ -340,7 +345,7 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, budget: Budget 
   out = jnp.where(jnp.arange(n)[None, :] < done_rows.count[:, None], done_rows.tokens[:, :n], PAD)
   return DecodeOutput(tokens=out, lengths=done_rows.count, forwards=done_rows.forwards, accepted=done_rows.accepted,
                       steps=state.steps, row_steps=row_steps, proposed=done_rows.proposed,
-                      budget_steps=state.budget_steps, grows=state.grows)
+                      budget_steps=state.budget_steps, grows=state.grows, draft_counts=state.stats)
 
 
 def _serve_queue(model, w, settings: Settings, sp, budget: Budget, tokens, lengths, state: DecodeState, done_rows,

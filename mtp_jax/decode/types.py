@@ -153,7 +153,10 @@ class Budget(NamedTuple):
   budget can grow back, and the first depth left that long gets a probe (a step of every draft), as does the
   first step; 0: never (no probes either);
   timing []: the host's cost timing runs: every draft is counted rejected (the output is not greedy's), so a
-  run of any draft length advances one position per step and each length is timed over the same positions.
+  run of any draft length advances one position per step and each length is timed over the same positions;
+  counts [2, cap]: the running counts to start from (an earlier call's `DecodeOutput.draft_counts`, as a
+  server keeps them across requests); carried []: whether they are such counts: then the first budget is
+  theirs, with no start probe, and the prefill runs the draft heads only if that budget drafts.
   """
   costs: Array
   prior: Array
@@ -161,17 +164,22 @@ class Budget(NamedTuple):
   decay: Array
   explore: Array
   timing: Array
+  counts: Array
+  carried: Array
 
   @classmethod
   def of(cls, cap: int, costs=None, prior=None, limit: Optional[int] = None, decay: float = DECAY,
-         explore: int = EXPLORE, timing: bool = False) -> "Budget":
-    """Defaults: every length costs as much as greedy, and the weak prior PRIOR_REACHED / PRIOR_ACCEPTED."""
+         explore: int = EXPLORE, timing: bool = False, counts=None) -> "Budget":
+    """Defaults: every length costs as much as greedy, the weak prior PRIOR_REACHED / PRIOR_ACCEPTED, and no
+    counts carried in (the first step is a probe)."""
     costs = jnp.ones((cap + 1,), jnp.float32) if costs is None else jnp.asarray(costs, jnp.float32)
     if prior is None:
       prior = jnp.stack([jnp.full((cap,), PRIOR_REACHED), jnp.full((cap,), PRIOR_ACCEPTED)])
     prior = jnp.asarray(prior, jnp.float32)
+    carried = counts is not None
+    counts = jnp.zeros((2, cap), jnp.float32) if counts is None else jnp.asarray(counts, jnp.float32)
     return cls(costs, prior, jnp.int32(2 ** 31 - 1 if limit is None else limit), jnp.float32(decay),
-               jnp.int32(explore), jnp.bool_(timing))
+               jnp.int32(explore), jnp.bool_(timing), counts, jnp.bool_(carried))
 
 
 def choose_budget(costs, stats, prior, most):
@@ -243,3 +251,5 @@ class DecodeOutput:
   proposed: Array    # [B, k-1] drafts proposed per draft head
   budget_steps: Array  # [k] the batch's steps with 0..k-1 drafts
   grows: Array = None  # [] --draft=auto: times the budget grew back (a catch-up of the heads it needed)
+  draft_counts: Array = None  # [2, k-1] --draft=auto: the running (reached, accepted) counts per depth at the
+                              # end; `run(draft_counts=...)` starts the next call from them
