@@ -45,13 +45,14 @@ def decode_batch1(params, args, prompts, max_new: int, repeats: int) -> dict:
   calls = [decode.pad_prompts([p], len(p)) for p in prompts]
   kw = dict(max_new_tokens=max_new, eos_id=-1)
   modes = ("greedy", "speculative")
-  outs = {m: [decode.run(params, args, t, l, mode=m, **kw)[0] for t, l in calls] for m in modes}   # compile
+  chain = {"greedy": {}, "speculative": {"draft": "chain"}}   # every head drafts every step: the acceptance per position
+  outs = {m: [decode.run(params, args, t, l, mode=m, **kw, **chain[m])[0] for t, l in calls] for m in modes}   # compile
   seconds = {m: [] for m in modes}
   for _ in range(repeats):
     total = dict.fromkeys(modes, 0.0)
     for i, (t, l) in enumerate(calls):
       for m in modes:                      # back to back on each prompt: drift hits both modes
-        outs[m][i], timing = decode.run(params, args, t, l, mode=m, **kw)
+        outs[m][i], timing = decode.run(params, args, t, l, mode=m, **kw, **chain[m])
         total[m] += timing["wall_s"]
     for m in modes:
       seconds[m].append(total[m])

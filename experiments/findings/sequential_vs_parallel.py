@@ -108,7 +108,7 @@ def acceptance_only(params, args, prompts, max_new: int) -> dict:
   import numpy as np
   from mtp_jax import decode
   outs = [decode.run(params, args, *decode.pad_prompts([p], len(p)), mode="speculative",
-                     max_new_tokens=max_new, eos_id=-1)[0] for p in prompts]
+                     max_new_tokens=max_new, eos_id=-1, draft="chain")[0] for p in prompts]
   forwards = sum(int(o.forwards.sum()) for o in outs)
   proposed = sum(int((o.forwards - 1).sum()) for o in outs)
   accepted = np.sum([o.accepted.sum(0) for o in outs], axis=0)
