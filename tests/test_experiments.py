@@ -319,3 +319,46 @@ def test_batch_invariance_quick(tmp_path):
                                                               for b in (1, 8)]
   assert all(r["identical"] == 24 and r["first_difference"] is None for r in res["rows"])
   assert "| auto | 8 | 24/24 | none |" in (tmp_path / "batch_invariance_quick.md").read_text()
+
+
+def test_sequential_vs_parallel_pairs_seeds_and_weights():
+  """The seeds summary of experiments/findings/sequential_vs_parallel.py on made-up rows: differences paired by
+  seed, each topology against the other at its own and at the other's head weights, specs refused in one line.
+  (In a subprocess: the script defines its absl flags at import.)"""
+  code = r'''
+import sys
+sys.path[:0] = ["experiments/findings", "experiments"]
+import sequential_vs_parallel as S
+assert S.parse_runs(["parallel:1", "sequential:4:uniform", "parallel:4:deepseek"]) == [
+    ("parallel", 1, "own"), ("sequential", 4, "uniform"), ("parallel", 4, "deepseek")]
+for bad in ("parallel:4:uniform", "sequential:4:deepseek", "causal:1", "parallel", "sequential:4:own:x"):
+  try:
+    S.parse_runs([bad])
+    raise AssertionError(bad)
+  except SystemExit as e:
+    assert str(e).startswith("error: --runs=") and "\n" not in str(e), e
+rows = []
+for seed, shift in ((0, 0.0), (1, 0.1), (2, 0.2)):          # seeds move every model alike: pairing removes it
+  for head_type, n, weights, loss, acc in (("parallel", 1, "own", 1.30, None), ("parallel", 4, "own", 1.50, 0.5),
+                                           ("sequential", 4, "own", 1.40, 0.7), ("sequential", 4, "uniform", 1.45, 0.8),
+                                           ("parallel", 4, "deepseek", 1.35, 0.4)):
+    rows.append({"name": S.name_of(head_type, n, weights), "seed": seed, "head_type": head_type, "n_future": n,
+                 "weights": weights, "valid_next_token_loss": loss + shift + 0.001 * seed * (n > 1),
+                 "valid_head_losses": [loss + shift, 2.0 + shift], "acceptance": [] if acc is None else [acc, 0.3]})
+models, pairs = S.summary(rows, [0, 1, 2])
+by = {m["name"]: m for m in models}
+assert by["parallel_n1"]["loss"][1] > 0.2 and "diff_n1" not in by["parallel_n1"]
+mean, half = by["parallel_n4"]["diff_n1"]
+assert abs(mean - 0.201) < 1e-9 and half < 0.01                      # paired: the seeds' shift is gone
+got = {(p["sequential"], p["parallel"], p["weights"]): p["next_token"][0] for p in pairs}
+assert set(got) == {("sequential_D3", "parallel_n4", "each its own"),
+                    ("sequential_D3", "parallel_n4_deepseek", "sequential's"),
+                    ("sequential_D3_uniform", "parallel_n4", "parallel's")}, got
+assert abs(got[("sequential_D3", "parallel_n4_deepseek", "sequential's")] - 0.05) < 1e-9
+lines = S.summary_lines(models, pairs, 600)
+assert any("sequential_D3_uniform | parallel_n4 | parallel's" in line and "sequential better" in line for line in lines)
+print("ok")
+'''
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

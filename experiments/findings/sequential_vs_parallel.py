@@ -143,8 +143,8 @@ def summary(rows, seeds) -> tuple:
       continue
     for pw in ("own", "deepseek"):
       p = name_of("parallel", n, pw)
-      if p not in names or (weights == "uniform") == (pw == "deepseek"):
-        continue             # compare own with own, and each side at the other's weights
+      if p not in names or (weights == "uniform" and pw == "deepseek"):
+        continue             # own with own, and each side at the other's weights; both swapped is no pair
       pair = {"sequential": m, "parallel": p, "weights": "sequential's" if pw == "deepseek" else
               "parallel's" if weights == "uniform" else "each its own"}
       for key, get in (("next_token", lambda r: r["valid_next_token_loss"]),
