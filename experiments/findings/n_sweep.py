@@ -92,6 +92,8 @@ def run_one(recipe, n, max_n, a, root, prompts_n, prompt_len, seed=0, decode=Tru
                          + (f"_seed{seed}" if seed else ""))
   began = time.time()
   final = train_and_evaluate(config, workdir)
+  if final is None:   # stopped by a signal: the checkpoint is saved, the table would be partial
+    raise SystemExit(f"stopped while training {workdir}; rerun the same command to resume")
   params, config, tokenizer = load_workdir(workdir)
   steps, losses, seconds = train_curve(workdir, config.train.batch_size * config.data.seq_len)
   tpb = tokens_per_byte(config, tokenizer)

@@ -220,6 +220,8 @@ def main(_):
       workdir = os.path.join(_ROOT.value, name + (f"_seed{seed}" if seed else ""))
       t0 = time.time()
       final = train_and_evaluate(config, workdir)
+      if final is None:   # stopped by a signal: the checkpoint is saved, the table would be partial
+        raise SystemExit(f"stopped while training {workdir}; rerun the same command to resume")
       params, config, tokenizer = load_workdir(workdir)
       args = ModelArgs.from_config(config.model)
       steps, losses, seconds = train_curve(workdir, config.train.batch_size * config.data.seq_len)
