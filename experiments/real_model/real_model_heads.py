@@ -64,7 +64,7 @@ def windows(config, tok, split: str, count: int, seq_len: int) -> np.ndarray:
   return feature_heads.windows_of(ids, seq_len, tok.eos_id, max_windows=count)
 
 
-_FROM_CACHE = False
+_FROM_CACHE = True    # every split's features were found cached (none computed by this run)
 
 
 def cached_features(model, params, config, tok, split: str, count: int, seq_len: int, batch: int):
@@ -72,7 +72,7 @@ def cached_features(model, params, config, tok, split: str, count: int, seq_len:
   global _FROM_CACHE
   kind = "_head1" if model.args.heads.chained else ""   # chained heads read head 1's state, not the trunk's
   path = pretrained.cache_root() / "features" / f"{_MODEL.value}_{split}_{count}x{seq_len}{kind}.npz"
-  _FROM_CACHE = path.exists()
+  _FROM_CACHE = _FROM_CACHE and path.exists()
   if path.exists():
     with np.load(path) as f:
       import ml_dtypes
