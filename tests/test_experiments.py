@@ -32,8 +32,10 @@ def test_marginalisation_quick(tmp_path):
 
 
 def test_induction_quick(tmp_path):
-  res = run_quick("findings/induction.py", tmp_path, f"--workdir={tmp_path / 'runs'}")
-  assert [(row["size"], row["n"]) for row in res["rows"]] == [("xs", 1), ("xs", 2)]
+  res = run_quick("findings/induction.py", tmp_path, f"--workdir={tmp_path / 'runs'}", "--model_seeds=0,1")
+  assert [(row["size"], row["n"], row["seed"]) for row in res["rows"]] == [("xs", 1, 0), ("xs", 2, 0), ("xs", 1, 1),
+                                                                             ("xs", 2, 1)]
+  assert "| xs |" in (tmp_path / "induction_quick.md").read_text().split("| size | d_model")[0]   # the seeds summary
   for row in res["rows"]:
     assert row["repeat_mentions"] > 0 and row["first_mentions"] > 0 and row["steps"] == res["steps"]
     assert 0 <= row["induction_accuracy"] <= 1 and 0 <= row["first_mention_accuracy"] <= 1

@@ -14,6 +14,7 @@ import sys
 from collections import defaultdict
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -94,9 +95,14 @@ def _frozen_heads(result, ax):
 
 def _induction(result, ax):
   for n, style in ((1, "o-"), (2, "s-")):
-    rows = sorted((r for r in result["rows"] if r["n"] == n), key=lambda r: r["params"])
-    line, = ax.plot([r["params"] for r in rows], [r["induction_accuracy"] for r in rows], style, label=f"n={n}")
-    ax.plot([r["params"] for r in rows], [r["first_mention_accuracy"] for r in rows], style[0] + ":",
+    rows = [r for r in result["rows"] if r["n"] == n]
+    sizes = sorted({r["params"] for r in rows})
+    mean = lambda key: [np.mean([r[key] for r in rows if r["params"] == p]) for p in sizes]   # over model seeds
+    line, = ax.plot(sizes, mean("induction_accuracy"), style, label=f"n={n}")
+    if len(rows) > len(sizes):
+      ax.plot([r["params"] for r in rows], [r["induction_accuracy"] for r in rows], style[0], color=line.get_color(),
+              alpha=0.3, label=f"n={n}, each seed")
+    ax.plot(sizes, mean("first_mention_accuracy"), style[0] + ":",
             color=line.get_color(), alpha=0.6, label=f"n={n}, first mentions (control)")
   ax.set_xscale("log")
   ax.set_ylim(0, 1)

@@ -3,6 +3,8 @@
     python experiments/findings/induction.py --steps=6000 --sizes=xxs,xs --stories=16000   # the committed results: ~30 min on 2 CPU cores
     python experiments/findings/induction.py --steps=6000 --sizes=xxs,xs,s --stories=16000 # with the third size: about an hour more (estimated)
     python experiments/findings/induction.py --steps=6000 --sizes=s --stories=16000 --out_name=induction_s   # the third size alone: 21 min
+    python experiments/findings/induction.py --steps=6000 --sizes=s --stories=16000 --model_seeds=0,1,2 \
+        --out_name=induction_s_seeds      # 3 model seeds at the size that learns it: about an hour of one core (estimated)
     python experiments/findings/induction.py --quick         # toy sizes and steps (CI): checks the pipeline, measures nothing
 
 The corpus is generated (experiments/findings/induction_stories.py, seed 0: children's stories whose three
@@ -24,7 +26,10 @@ Measured (experiments/findings/results/induction.md, `--steps=6000 --sizes=xxs,x
 xs copy nothing within 12M bytes (second byte at chance, 0.04, for n = 1 and 2). At s
 (experiments/findings/results/induction_s.md, `--sizes=s --out_name=induction_s`, 21 min) both copy: n = 1 0.862,
 n = 2 0.998 at the same parameters. Size m is the next run.
-Writes
+With --model_seeds, every (size, n) trains once per model seed (initialisation and data order; n=1 and
+n=2 of one seed read the same batches), and a summary gives the mean induction accuracy with its 95%
+t-interval over seeds and n=2 - n=1 paired by seed; a difference is called only where its interval
+excludes zero. Writes
 experiments/findings/results/induction[_quick].{md,json,png}; rerunning resumes or re-evaluates the runs.
 """
 import os
@@ -40,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from common.jsonl_runs import byte_config, write_texts  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
 from common.run_metrics import last_valid, train_curve  # noqa: E402
+from common.seed_stats import interval, mean_pm, separable  # noqa: E402
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff)
 SIZES = {"xxs": (16, 3, 2, 1, 48), "xs": (32, 3, 2, 1, 96), "s": (64, 4, 4, 2, 176), "m": (128, 6, 4, 2, 352)}
@@ -90,6 +96,7 @@ def define_flags():
   flags.DEFINE_integer("eval_stories", 400, "held-out stories scored")
   flags.DEFINE_integer("seed", 0, "corpus seed (the model seed is the config's, 0)")
   flags.DEFINE_string("sizes", "xs,s,m", f"comma list of model sizes among {', '.join(SIZES)}")
+  flags.DEFINE_string("model_seeds", "0", "comma list of model seeds (init and data order); one summary over them")
 
 
 def main(_):
@@ -110,39 +117,63 @@ def main(_):
   if unknown and not q:
     raise SystemExit(f"error: --sizes={a.sizes}: unknown size {unknown[0]!r}; choose among {', '.join(SIZES)}")
   sizes = QUICK_SIZES if q else {x: SIZES[x] for x in a.sizes.split(",")}
-  for size_name, size in sizes.items():
-    for n in (1, 2):
-      config = byte_config(corpus, size, n, steps, seq_len=64 if q else 256, valid_fraction=0.05)
-      workdir = os.path.join(root, f"{size_name}_n{n}")
-      began = time.time()
-      train_and_evaluate(config, workdir)
-      valid = last_valid(workdir)
-      steps_logged, losses, seconds = train_curve(workdir, config.train.batch_size * config.data.seq_len)
-      row = {"size": size_name, "n": n, "d_model": size[0], "n_layers": size[1],
-             "params": param_counts(load_workdir(workdir)[0])["params_total"], "steps": valid["step"],
-             "valid_next_token_loss": valid["head_losses"][0], "valid_head_losses": valid["head_losses"],
-             "train_seconds": round(seconds[-1], 1), "wall_seconds": round(time.time() - began, 1),
-             "curve": {"steps": steps_logged, "loss": losses},
-             **induction_accuracy(workdir, a.eval_stories)}
-      rows.append(row)
-      print(f"{size_name} n={n}: induction {row['induction_accuracy']:.3f} (first mentions "
-            f"{row['first_mention_accuracy']:.3f}), valid loss {row['valid_next_token_loss']:.4f}", flush=True)
+  if not all(x.isdigit() for x in a.model_seeds.split(",")):
+    raise SystemExit(f"error: --model_seeds={a.model_seeds}: write non-negative integers, e.g. --model_seeds=0,1,2")
+  seeds = [int(x) for x in a.model_seeds.split(",")]
+  for seed, (size_name, size), n in ((s, z, n) for s in seeds for z in sizes.items() for n in (1, 2)):
+    config = byte_config(corpus, size, n, steps, seq_len=64 if q else 256, valid_fraction=0.05)
+    config.seed = seed
+    workdir = os.path.join(root, f"{size_name}_n{n}" + (f"_seed{seed}" if seed else ""))
+    began = time.time()
+    train_and_evaluate(config, workdir)
+    valid = last_valid(workdir)
+    steps_logged, losses, seconds = train_curve(workdir, config.train.batch_size * config.data.seq_len)
+    row = {"size": size_name, "n": n, "seed": seed, "d_model": size[0], "n_layers": size[1],
+           "params": param_counts(load_workdir(workdir)[0])["params_total"], "steps": valid["step"],
+           "valid_next_token_loss": valid["head_losses"][0], "valid_head_losses": valid["head_losses"],
+           "train_seconds": round(seconds[-1], 1), "wall_seconds": round(time.time() - began, 1),
+           "curve": {"steps": steps_logged, "loss": losses},
+           **induction_accuracy(workdir, a.eval_stories)}
+    rows.append(row)
+    print(f"{size_name} n={n} seed {seed}: induction {row['induction_accuracy']:.3f} (first mentions "
+          f"{row['first_mention_accuracy']:.3f}), valid loss {row['valid_next_token_loss']:.4f}", flush=True)
 
   md = [f"# Induction at small scale{' (quick: toy sizes, not a measurement)' if q else ''}", "",
         f"Command: `python experiments/findings/induction.py {' '.join(sys.argv[1:])}`; corpus: {stories} generated stories "
-        f"(seed {a.seed}), bytes, {steps} steps of 8 x {config.data.seq_len} bytes per run, model seed 0; parallel transformer heads under parity (n=2 has the n=1 parameter count). "
+        f"(seed {a.seed}), bytes, {steps} steps of 8 x {config.data.seq_len} bytes per run, model seeds "
+        f"{', '.join(map(str, seeds))}; parallel transformer heads under parity (n=2 has the n=1 parameter count). "
         f"Induction: head-1 accuracy on a name's second byte at repeated mentions, over "
         f"{rows[0]['stories']} held-out stories ({rows[0]['repeat_mentions']} mentions); control: the same at "
         f"first mentions (chance ~ 1/26).", "",
-        "| size | d_model x layers | params | n | induction accuracy | first-mention accuracy | "
-        "first byte at repeats | valid next-token loss | train s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        *seed_summary(rows, seeds),
+        "| size | d_model x layers | params | n | seed | induction accuracy | first-mention accuracy | "
+        "first byte at repeats | valid next-token loss | train s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
-    md.append(f"| {r['size']} | {r['d_model']} x {r['n_layers']} | {r['params']:,} | {r['n']} | "
+    md.append(f"| {r['size']} | {r['d_model']} x {r['n_layers']} | {r['params']:,} | {r['n']} | {r['seed']} | "
               f"{r['induction_accuracy']:.3f} | {r['first_mention_accuracy']:.3f} | {r['repeat_first_byte_accuracy']:.3f} | "
               f"{r['valid_next_token_loss']:.4f} | {r['train_seconds']:.0f} |")
   md += ["", "Paper (Gloeckle et al. 2024, Figure 7, 1M-1B parameters on children's stories): n=2 gives the "
          "smaller models higher induction success, and the advantage disappears at around 30M parameters and above."]
-  write_results(name, {"quick": q, "steps": steps, "stories": stories, "seed": a.seed, "rows": rows}, md, out_dir)
+  write_results(name, {"quick": q, "steps": steps, "stories": stories, "seed": a.seed, "model_seeds": seeds,
+                       "rows": rows}, md, out_dir)
+
+
+def seed_summary(rows, seeds) -> list:
+  """Per size over the model seeds: induction accuracy of n=1 and n=2 and their paired difference."""
+  if len(seeds) < 2:
+    return []
+  by = {(r["size"], r["n"], r["seed"]): r["induction_accuracy"] for r in rows}
+  lines = [f"Over model seeds {', '.join(map(str, seeds))} (mean ± 95% t-interval; n=2 - n=1 paired by seed):", "",
+           "| size | n=1 induction | n=2 induction | n=2 - n=1 | per seed | verdict |", "|---|---:|---:|---:|---|---|"]
+  for size in dict.fromkeys(r["size"] for r in rows):
+    one, two = ([by[(size, n, s)] for s in seeds] for n in (1, 2))
+    diff = [b - a for a, b in zip(one, two)]
+    d = interval(diff)
+    verdict = ("n=2 better (as the paper)" if d[0] > 0 else "n=1 better") if separable(*d) else \
+        "not separable at this budget"
+    lines.append(f"| {size} | {mean_pm(*interval(one), digits=3)} | {mean_pm(*interval(two), digits=3)} | "
+                 f"{mean_pm(*d, digits=3, sign=True)} | {', '.join(f'{x:+.3f}' for x in diff)} | {verdict} |")
+  return lines + [""]
 
 
 if __name__ == "__main__":
