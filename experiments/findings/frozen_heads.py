@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from common.results_io import results_folder, write_results  # noqa: E402
 from common.run_metrics import last_valid  # noqa: E402
+from parity_runs import CHAIN  # noqa: E402
 
 
 def recipes(quick: bool, steps: int = 0):
@@ -88,13 +89,12 @@ def decode_speed(workdir, prompts, max_new: int, repeats: int) -> dict:
   calls = [decode.pad_prompts([p], len(p)) for p in prompts]
   kw = dict(max_new_tokens=max_new, eos_id=-1)
   modes = ("greedy", "speculative")
-  chain = {"greedy": {}, "speculative": {"draft": "chain"}}   # every head drafts every step: the acceptance per position
-  outs = {m: [decode.run(params, args, t, l, mode=m, **kw, **chain[m])[0] for t, l in calls] for m in modes}   # compile
+  outs = {m: [decode.run(params, args, t, l, mode=m, **kw, **CHAIN[m])[0] for t, l in calls] for m in modes}   # compile
   seconds = {m: [0.0] * repeats for m in modes}
   for r in range(repeats):
     for i, (t, l) in enumerate(calls):
       for m in modes:
-        outs[m][i], timing = decode.run(params, args, t, l, mode=m, **kw, **chain[m])
+        outs[m][i], timing = decode.run(params, args, t, l, mode=m, **kw, **CHAIN[m])
         seconds[m][r] += timing["wall_s"]
   cat = lambda m, f: np.concatenate([getattr(o, f) for o in outs[m]])
   forwards, accepted = cat("speculative", "forwards"), cat("speculative", "accepted")

@@ -39,7 +39,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 from common.matmul_work import matmul_macs  # noqa: E402
-from common.seed_stats import interval  # noqa: E402
+from common.seed_stats import interval, separable  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
@@ -68,7 +68,6 @@ flags.DEFINE_string("out_dir", results_folder(__file__), "results directory")
 PAPER = ("Paper (Gloeckle et al. 2024, Figure 3 and section 3.1): at 0.3-1B parameters on code, n=4 scores below "
          "n=1 and the gap closes with model size, turning into a gain from about 3B; the paper does not vary the "
          "training length at a fixed size. DeepSeek-V3 reports MTP gains at 16B-671B.")
-
 
 
 def parse_variant(v: str) -> tuple:
@@ -283,7 +282,7 @@ def markdown(res: dict, command: str) -> list:
       cells = []
       for n in others:
         d = row.get(f"vs_parallel_n{n}")
-        sep = d and not math.isnan(d["ci95"]) and abs(d["mean"]) > d["ci95"]
+        sep = d and separable(d["mean"], d["ci95"])
         cells.append(f(d) + (" (separable)" if sep else " (not separable)" if d else ""))
       md.append(f"| {row['steps']} | " + " | ".join(cells) + " |")
   md += ["", "Matmul work per step (experiments/common/matmul_work.py, FLOPs = 2 x multiply-accumulates): "

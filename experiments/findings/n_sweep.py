@@ -33,7 +33,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
-from common.seed_stats import interval  # noqa: E402
+from common.seed_stats import interval, separable  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
 from common.run_metrics import train_curve  # noqa: E402
 from parity_runs import decode_batch1, held_out_prompts, run_config  # noqa: E402
@@ -47,12 +47,9 @@ PAPER = ("Paper (Gloeckle et al. 2024): at 7B parameters, n=4 is best with a 32k
 MIN_TRUNK = 2    # layers the trunk keeps at the largest n (the sp recipe's own trunk at n = 4)
 
 
-
-
-
 def verdict(mean: float, half: float) -> str:
   """The paper's direction at this size: n > 1 scores a worse (higher) next-token loss than n=1."""
-  if math.isnan(half) or abs(mean) <= half:
+  if not separable(mean, half):
     return "not separable at this budget"
   return "reproduced (n=1 better)" if mean > 0 else "not reproduced: n>1 better"
 

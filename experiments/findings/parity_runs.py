@@ -38,6 +38,10 @@ def held_out_prompts(config, tokenizer, n: int, length: int):
                    f"lower --prompt_len or --prompts")
 
 
+# Every head drafts every step (not auto's budget): the acceptance per draft position.
+CHAIN = {"greedy": {}, "speculative": {"draft": "chain"}}
+
+
 def decode_batch1(params, args, prompts, max_new: int, repeats: int) -> dict:
   """Greedy vs speculative at batch 1 over the prompts, max_new tokens each: median of repeats of
   seconds, speedup, tokens/forward, acceptance."""
@@ -45,25 +49,37 @@ def decode_batch1(params, args, prompts, max_new: int, repeats: int) -> dict:
   calls = [decode.pad_prompts([p], len(p)) for p in prompts]
   kw = dict(max_new_tokens=max_new, eos_id=-1)
   modes = ("greedy", "speculative")
-  chain = {"greedy": {}, "speculative": {"draft": "chain"}}   # every head drafts every step: the acceptance per position
-  outs = {m: [decode.run(params, args, t, l, mode=m, **kw, **chain[m])[0] for t, l in calls] for m in modes}   # compile
+  outs = {m: [decode.run(params, args, t, l, mode=m, **kw, **CHAIN[m])[0] for t, l in calls] for m in modes}   # compile
   seconds = {m: [] for m in modes}
   for _ in range(repeats):
     total = dict.fromkeys(modes, 0.0)
     for i, (t, l) in enumerate(calls):
       for m in modes:                      # back to back on each prompt: drift hits both modes
-        outs[m][i], timing = decode.run(params, args, t, l, mode=m, **kw, **chain[m])
+        outs[m][i], timing = decode.run(params, args, t, l, mode=m, **kw, **CHAIN[m])
         total[m] += timing["wall_s"]
     for m in modes:
       seconds[m].append(total[m])
   spec = outs["speculative"]
-  forwards = sum(int(o.forwards.sum()) for o in spec)
-  proposed = sum(int((o.forwards - 1).sum()) for o in spec)
-  accepted = np.sum([o.accepted.sum(0) for o in spec], axis=0)
   med = {m: statistics.median(v) for m, v in seconds.items()}
   same = all(np.array_equal(a.tokens, b.tokens) for a, b in zip(outs["greedy"], spec))
   return {"greedy_tok_s": len(prompts) * max_new / med["greedy"],
           "speculative_tok_s": len(prompts) * max_new / med["speculative"],
           "speedup": med["greedy"] / med["speculative"],
-          "tokens_per_forward": len(prompts) * max_new / forwards,
-          "acceptance": [float(a) / proposed for a in accepted], "identical_to_greedy": same}
+          **_chain_stats(spec, len(prompts) * max_new), "identical_to_greedy": same}
+
+
+def chain_acceptance(params, args, prompts, max_new: int) -> dict:
+  """decode_batch1's tokens/forward and acceptance from one untimed speculative pass."""
+  from mtp_jax import decode
+  outs = [decode.run(params, args, *decode.pad_prompts([p], len(p)), mode="speculative", max_new_tokens=max_new,
+                     eos_id=-1, **CHAIN["speculative"])[0] for p in prompts]
+  return _chain_stats(outs, len(prompts) * max_new)
+
+
+def _chain_stats(outs, tokens: int) -> dict:
+  """Tokens per forward, and per draft position the drafts accepted over the verify steps (a draft is proposed
+  only where the drafts before it were accepted)."""
+  forwards = sum(int(o.forwards.sum()) for o in outs)
+  proposed = sum(int((o.forwards - 1).sum()) for o in outs)
+  accepted = np.sum([o.accepted.sum(0) for o in outs], axis=0)
+  return {"tokens_per_forward": tokens / forwards, "acceptance": [float(a) / proposed for a in accepted]}

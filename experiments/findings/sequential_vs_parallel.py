@@ -46,7 +46,7 @@ import time
 from absl import app, flags
 
 from mtp_jax.config import HEAD_TYPES
-from parity_runs import decode_batch1, held_out_prompts, run_config
+from parity_runs import chain_acceptance, decode_batch1, held_out_prompts, run_config
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 from common.results_io import results_folder  # noqa: E402
@@ -103,19 +103,6 @@ def apply_weights(config, weights: str) -> None:
     config.loss.head_weights = ",".join(["1"] + [repr(DEEPSEEK_LAMBDA / (n - 1))] * (n - 1))
 
 
-def acceptance_only(params, args, prompts, max_new: int) -> dict:
-  """One untimed speculative pass at batch 1: tokens per forward and acceptance per draft position."""
-  import numpy as np
-  from mtp_jax import decode
-  outs = [decode.run(params, args, *decode.pad_prompts([p], len(p)), mode="speculative",
-                     max_new_tokens=max_new, eos_id=-1, draft="chain")[0] for p in prompts]
-  forwards = sum(int(o.forwards.sum()) for o in outs)
-  proposed = sum(int((o.forwards - 1).sum()) for o in outs)
-  accepted = np.sum([o.accepted.sum(0) for o in outs], axis=0)
-  return {"tokens_per_forward": len(prompts) * max_new / forwards,
-          "acceptance": [float(a) / proposed for a in accepted]}
-
-
 def summary(rows, seeds) -> tuple:
   """Per model over seeds, and sequential vs parallel paired by seed (see the module docstring)."""
   by = {(r["name"], r["seed"]): r for r in rows}
@@ -138,8 +125,9 @@ def summary(rows, seeds) -> tuple:
     models.append(row)
   pairs = []
   for m in names:
-    head_type, n, weights = by[(m, done[0])]["head_type"], by[(m, done[0])]["n_future"], by[(m, done[0])]["weights"]
-    if head_type != "sequential":
+    first = by[(m, done[0])]
+    n, weights = first["n_future"], first["weights"]
+    if first["head_type"] != "sequential":
       continue
     for pw in ("own", "deepseek"):
       p = name_of("parallel", n, pw)
@@ -235,7 +223,7 @@ def main(_):
       elif seed == seeds[0]:
         row.update(decode_batch1(params, args, prompts, _MAX_NEW.value, _REPEATS.value))
       else:
-        row.update(acceptance_only(params, args, prompts, _MAX_NEW.value))
+        row.update(chain_acceptance(params, args, prompts, _MAX_NEW.value))
       rows.append(row)
       print(f"{name} seed {seed}: valid next-token loss {row['valid_next_token_loss']:.4f}, "
             f"{row['tokens_per_forward']:.2f} tokens/forward, acceptance {row['acceptance']} "
