@@ -221,26 +221,28 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
 def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=0, key=None,
             eos_id: Optional[int] = None, slots: Optional[int] = None, draft_costs=None, draft_prior=None,
             draft_decay: Optional[float] = None, draft_explore: Optional[int] = None, draft_counts=None):
-  """`run` for a request its caller has checked (generate() does, once): nothing is checked again."""
+  """`run` for a request its caller has checked (generate() does, once): nothing is checked again but
+  draft_counts, which is not part of the request, before anything compiles."""
   settings = request.settings(args, batch_shards=_batch_shards(tokens),
                               slots=0 if slots is None or slots >= len(lengths) else int(slots))
-  key = jax.random.key(seed) if key is None else key
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):   # a raw uint32 PRNGKey: one compiled signature
-    key = jax.random.wrap_key_data(key)
-  sp = request.sampling_params(eos_id)
-  tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
-  fn, compile_s = compiled_decode(params, args, settings, tokens, lengths, key, sp)
-  cap, costs_s, timing = settings.depths, 0.0, {}
-  if settings.draft == "auto":
-    if draft_costs is None:
-      draft_costs, costs_s = step_costs(fn, params, tokens, lengths, key, sp, settings)
-    timing = {"costs_s": costs_s, "draft_costs": [round(float(c), 3) for c in np.asarray(draft_costs)]}
+  cap = settings.depths
   if draft_counts is not None and settings.draft != "auto":
     raise DecodeError(f"draft_counts carries --draft=auto's acceptance counts; this call drafts with "
                       f"draft={settings.draft!r}: leave draft_counts out or use draft='auto'")
   if draft_counts is not None and np.shape(draft_counts) != (2, cap):
     raise DecodeError(f"draft_counts has shape {np.shape(draft_counts)}, this program drafts up to {cap} tokens: pass "
                       f"`out.draft_counts` of a call with the same model and draft_heads (shape (2, {cap}))")
+  key = jax.random.key(seed) if key is None else key
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):   # a raw uint32 PRNGKey: one compiled signature
+    key = jax.random.wrap_key_data(key)
+  sp = request.sampling_params(eos_id)
+  tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
+  fn, compile_s = compiled_decode(params, args, settings, tokens, lengths, key, sp)
+  costs_s, timing = 0.0, {}
+  if settings.draft == "auto":
+    if draft_costs is None:
+      draft_costs, costs_s = step_costs(fn, params, tokens, lengths, key, sp, settings)
+    timing = {"costs_s": costs_s, "draft_costs": [round(float(c), 3) for c in np.asarray(draft_costs)]}
   budget = Budget.of(cap, draft_costs, draft_prior, **({} if draft_decay is None else {"decay": draft_decay}),
                      **({} if draft_explore is None else {"explore": draft_explore}), counts=draft_counts)
   start = time.perf_counter()

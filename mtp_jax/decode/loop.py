@@ -153,11 +153,11 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
                 jnp.ones((b,), bool), budget)
   if not auto:
     return state
+  state = state.replace(drafted=jnp.where(heads_on, state.drafted, 0))
   if current is None:   # the first step probes every draft (one observation per depth before the counts
     #                     decide), unless counts were carried in
-    start = jnp.where(budget.carried, first, jnp.where(budget.explore > 0, cap, state.budget))
-    return state.replace(budget=start, drafted=jnp.where(heads_on, state.drafted, 0))
-  return state.replace(drafted=jnp.where(heads_on, state.drafted, 0))
+    state = state.replace(budget=jnp.where(budget.carried, first, jnp.where(budget.explore > 0, cap, state.budget)))
+  return state
 
 
 def _prefill_forward(model, w: Weights, settings: Settings, heads_on, tokens, positions, cache, zero):
