@@ -10,6 +10,10 @@ next token at every position. The added heads then train on the cached features 
     params, log = train_heads(model, params, feats, steps=..., batch=...)
     accept = head_acceptance(model, params, feats_valid)          # teacher-forced, per head
 
+or, from a corpus with the features kept on disk (what experiments/real_model/real_model_heads.py and
+notebook 02 do): `features_for(model, params, config, tokenizer, "train", count, seq_len, cache_key=...)`,
+then `save_workdir(out, config, params, tokenizer, ranking)` for `generate` and the speculative benchmarks.
+
 Targets: `target="model"` (default) trains head i to predict what greedy decoding of the base model
 would emit i tokens later (head 1's argmax at position t+i-1), which is what self-speculative decoding
 accepts: self-distillation, as in Medusa-2 and EAGLE. `target="data"` uses the corpus' tokens, as the
@@ -21,7 +25,10 @@ gradient for the frozen unembedding).
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import time
+from pathlib import Path
 from typing import Optional
 
 import jax
@@ -29,8 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtp_jax import data
 from mtp_jax.errors import UserError
+from mtp_jax.interop import workdir as workdir_lib
 from mtp_jax.model import MTPTransformer
+from mtp_jax.pretrained import cache_root
 
 
 @dataclasses.dataclass
@@ -271,3 +281,50 @@ def draft_vocab_ranking(greedy: np.ndarray, vocab_size: int) -> np.ndarray:
   what speculative decoding has to draft)."""
   counts = np.bincount(np.asarray(greedy).ravel(), minlength=vocab_size)
   return np.argsort(-counts, kind="stable").astype(np.int32)
+
+
+def corpus_windows(config, tokenizer, split: str, count: int, seq_len: int) -> np.ndarray:
+  """Up to `count` windows of `seq_len` tokens from `config.data`'s corpus split, in the model's tokenizer."""
+  corpus = data.Corpus(config.data)
+  ids = (tokenizer.encode(t) for t in corpus.texts(split))
+  return windows_of(ids, seq_len, tokenizer.eos_id, max_windows=count)
+
+
+def features_path(cache_key: str, split: str, count: int, seq_len: int, chained: bool) -> Path:
+  kind = "_head1" if chained else ""   # chained heads read head 1's state, not the trunk's
+  return cache_root() / "features" / f"{cache_key}_{split}_{count}x{seq_len}{kind}.npz"
+
+
+def features_for(model: MTPTransformer, params, config, tokenizer, split: str, count: int, seq_len: int, *,
+                 batch: int = 8, cache_key: Optional[str] = None, log=print) -> Features:
+  """The features of a corpus split's first `count` windows. With `cache_key` (name it after the model
+  file: the features belong to its trunk), they are computed once and kept under the cache's features/."""
+  path = features_path(cache_key, split, count, seq_len, model.args.heads.chained) if cache_key else None
+  if path is not None and path.exists():
+    import ml_dtypes
+    with np.load(path) as f:
+      return Features(f["z"].view(ml_dtypes.bfloat16), f["greedy"], f["tokens"])
+  feats = cache_features(model, params, corpus_windows(config, tokenizer, split, count, seq_len), batch, log=log)
+  if path is not None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")    # written whole, then renamed: a cut run leaves no half file
+    np.savez(tmp, z=feats.z.view(np.uint16), greedy=feats.greedy, tokens=feats.tokens)
+    os.replace(tmp, path)
+  return feats
+
+
+def save_workdir(out: str, config, params, tokenizer, ranking: Optional[np.ndarray] = None) -> None:
+  """The model as an mtp_jax workdir at `out` (for `generate`, export and the speculative benchmarks),
+  written beside it and renamed over it. `ranking` (draft_vocab_ranking) goes with it as draft_vocab.npy."""
+  out = str(out)
+  tmp = out + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  workdir_lib.write_workdir(tmp, config, jax.tree.map(np.asarray, params), tokenizer)
+  if ranking is not None:
+    np.save(os.path.join(tmp, "draft_vocab.npy"), ranking)
+  old = out + ".old"
+  if os.path.exists(out):
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)      # the previous model stays whole until the new one is in place
+  os.replace(tmp, out)
+  shutil.rmtree(old, ignore_errors=True)

@@ -18,7 +18,6 @@
 Writes experiments/results/<out_name>.md / .json.
 """
 import os
-import shutil
 import sys
 import time
 
@@ -31,8 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.results_io import write_results  # noqa: E402
-from mtp_jax import data, feature_heads, interop, pretrained  # noqa: E402
-from mtp_jax.interop import workdir as workdir_lib  # noqa: E402
+from mtp_jax import feature_heads, interop, pretrained  # noqa: E402
 from mtp_jax.cpu_flags import cpu_model  # noqa: E402
 from mtp_jax.model import build_model  # noqa: E402
 
@@ -58,31 +56,16 @@ _QUICK = flags.DEFINE_bool("quick", False, "A smoke run: tiny budget, nothing wr
 _OUT = flags.DEFINE_string("out_name", "real_model_heads", "Results file stem.")
 
 
-def windows(config, tok, split: str, count: int, seq_len: int) -> np.ndarray:
-  corpus = data.Corpus(config.data)
-  ids = (tok.encode(t) for t in corpus.texts(split))
-  return feature_heads.windows_of(ids, seq_len, tok.eos_id, max_windows=count)
-
-
 _FROM_CACHE = True    # every split's features were found cached (none computed by this run)
 
 
 def cached_features(model, params, config, tok, split: str, count: int, seq_len: int, batch: int):
   """The split's features, computed once per (model file, split, count, seq_len) and kept in the cache."""
   global _FROM_CACHE
-  kind = "_head1" if model.args.heads.chained else ""   # chained heads read head 1's state, not the trunk's
-  path = pretrained.cache_root() / "features" / f"{_MODEL.value}_{split}_{count}x{seq_len}{kind}.npz"
-  _FROM_CACHE = _FROM_CACHE and path.exists()
-  if path.exists():
-    with np.load(path) as f:
-      import ml_dtypes
-      return feature_heads.Features(f["z"].view(ml_dtypes.bfloat16), f["greedy"], f["tokens"])
-  feats = feature_heads.cache_features(model, params, windows(config, tok, split, count, seq_len), batch)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, z=feats.z.view(np.uint16), greedy=feats.greedy, tokens=feats.tokens)
-  os.replace(tmp, path)
-  return feats
+  _FROM_CACHE = _FROM_CACHE and feature_heads.features_path(_MODEL.value, split, count, seq_len,
+                                                            model.args.heads.chained).exists()
+  return feature_heads.features_for(model, params, config, tok, split, count, seq_len, batch=batch,
+                                    cache_key=_MODEL.value)
 
 
 def cost_per_token(model, params, feats, steps: int, batch: int, ce_positions: int) -> list[dict]:
@@ -157,7 +140,7 @@ def main(_):
 
     def save(step, trained):   # the model so far, every --save_every steps, so a long run can be cut short
       if out and (step % _SAVE_EVERY.value == 0 or step == steps):
-        write_model(out, config, trained, tok, ranking)
+        feature_heads.save_workdir(out, config, trained, tok, ranking)
         print(f"wrote {out} ({init} init, heads trained {step} steps)", flush=True)
 
     trained, log = feature_heads.train_heads(model, params, feats, steps=steps, batch=batch, lr=_LR.value,
@@ -169,17 +152,6 @@ def main(_):
           f"{after['expected_tokens_per_forward']:.3f}; accuracy per head {after['accuracy']}", flush=True)
     runs.append({"head_init": init, "train_s": train_s, "before": before, "after": after, "log": log})
     report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, cost, runs, t_start, quick)
-
-
-def write_model(out: str, config, params, tok, ranking) -> None:
-  """The model as a workdir at `out`, replaced whole: written beside it, then renamed over it. With it,
-  draft_vocab.npy: token ids by how often the base model emits them on the training windows."""
-  tmp = out + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  workdir_lib.write_workdir(tmp, config, jax.tree.map(np.asarray, params), tok)
-  np.save(os.path.join(tmp, "draft_vocab.npy"), ranking)
-  shutil.rmtree(out, ignore_errors=True)
-  os.replace(tmp, out)
 
 
 def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, cost, runs, t_start, quick):
