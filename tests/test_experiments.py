@@ -364,3 +364,13 @@ print("ok")
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_row_cost_quick(tmp_path):
+  res = run_quick("speed/row_cost.py", tmp_path)
+  assert [r["kernel"] for r in res["results"]] == ["xla", "eigen", "numpy"]
+  for r in res["results"]:
+    assert sorted(r["ms"]) == ["1", "2"] and all(t > 0 for t in r["ms"].values())
+  take = {r["kernel"]: r["two_rows_take"] for r in res["results"]}
+  assert take["eigen"] == "dot" and take["numpy"] == ""    # the flag moves two rows off YNNPACK
+  assert "| rows |" in (tmp_path / "row_cost_quick.md").read_text()
