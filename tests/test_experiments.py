@@ -29,6 +29,8 @@ def test_marginalisation_quick(tmp_path):
     assert 0 <= row["acc_t2"] <= 1 and row["nll_t2"] > 0
   assert (tmp_path / "marginalisation_quick.png").stat().st_size > 10_000
   assert "| predictor |" in (tmp_path / "marginalisation_quick.md").read_text()
+  pair = res["pairs"][0]                                  # head 2 against the exact marginal, paired by position
+  assert pair["marginal"].endswith("(all)") and pair["nll"][1] <= pair["nll"][0] <= pair["nll"][2]
 
 
 def test_induction_quick(tmp_path):

@@ -72,9 +72,21 @@ def last_position_probs(params, config, rows: int):
 
 
 def score(dist, target):
-  """(accuracy, mean nll in nats) of distributions [P, V] on targets [P]."""
+  """(hits [P], nll [P] in nats) of distributions [P, V] on targets [P], per position."""
   p = dist[np.arange(len(target)), target]
-  return float(np.mean(np.argmax(dist, -1) == target)), float(np.mean(-np.log(np.maximum(p, 1e-30))))
+  return (np.argmax(dist, -1) == target).astype(np.float64), -np.log(np.maximum(p, 1e-30))
+
+
+BOOTSTRAP = 2000   # resamples of the scored positions
+
+
+def paired_bootstrap(a, b, seed: int = 0) -> tuple:
+  """(mean of a - b, 2.5th and 97.5th percentiles of its mean over resampled positions): the same
+  resample for both predictors, since every predictor is scored on the same positions."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  picks = np.random.default_rng(seed).integers(0, len(d), size=(BOOTSTRAP, len(d)))
+  means = d[picks].mean(axis=1)
+  return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def marginalised(probs, ctx, p_next, k: int):
@@ -108,6 +120,7 @@ def define_flags():
   flags.DEFINE_integer("rows", 256, "rows per forward batch")
   flags.DEFINE_integer("seed", 0, "seed of the scored positions")
   flags.DEFINE_string("out_dir", None, "results directory (default: results/ beside this script)")
+  flags.DEFINE_string("out_name", None, "results file stem (default marginalisation[_quick])")
 
 
 def main(_):
@@ -130,15 +143,19 @@ def main(_):
   began = time.perf_counter()
   p_next = probs(ctx)[0]
   base_s = time.perf_counter() - began
-  acc1, nll1 = score(p_next, nxt)
+  hits1, nlls1 = score(p_next, nxt)
+  acc1, nll1 = float(hits1.mean()), float(nlls1.mean())
+  per_position = {}   # predictor -> (hits, nll) at every position, for the paired intervals
   rows = []
   vocab = config.model.vocab_size
   for k in [vocab if k == "all" else int(k) for k in a.k.split(",")]:
     k = min(k, vocab)
     began = time.perf_counter()
-    acc, nll = score(marginalised(probs, ctx, p_next, k), after)
-    rows.append({"predictor": f"n=1 marginalised, top-{k}" + (" (all)" if k == vocab else ""), "k": k,
-                 "acc_t2": acc, "nll_t2": nll, "extra_positions": k,
+    hits, nlls = score(marginalised(probs, ctx, p_next, k), after)
+    name = f"n=1 marginalised, top-{k}" + (" (all)" if k == vocab else "")
+    per_position[name] = (hits, nlls)
+    rows.append({"predictor": name, "k": k, "acc_t2": float(hits.mean()), "nll_t2": float(nlls.mean()),
+                 "extra_positions": k,
                  "seconds": round(base_s + time.perf_counter() - began, 2)})
   for d in mtp_dirs:
     p, c, t = load_workdir(d)
@@ -148,15 +165,26 @@ def main(_):
     head_probs(ctx[:1])                                                  # compile before timing
     began = time.perf_counter()
     head2 = head_probs(ctx)[1]
-    acc, nll = score(head2, after)
-    rows.append({"predictor": f"head 2 of {os.path.basename(os.path.normpath(d))} (n={c.model.n_future}, "
-                              f"{c.model.head_type})", "k": 0, "acc_t2": acc, "nll_t2": nll, "extra_positions": 0,
+    hits, nlls = score(head2, after)
+    name = f"head 2 of {os.path.basename(os.path.normpath(d))} (n={c.model.n_future}, {c.model.head_type})"
+    per_position[name] = (hits, nlls)
+    rows.append({"predictor": name, "k": 0, "acc_t2": float(hits.mean()), "nll_t2": float(nlls.mean()),
+                 "extra_positions": 0,
                  "seconds": round(time.perf_counter() - began, 2)})
 
-  name = "marginalisation_quick" if a.quick else "marginalisation"
+  # Each MTP head against the widest marginal (the exact one with k = all), paired over the same positions.
+  widest = max((r for r in rows if r["k"]), key=lambda r: r["k"], default=None)
+  pairs = []
+  for r in rows:
+    if r["k"] == 0 and widest is not None:
+      (h_a, n_a), (h_b, n_b) = per_position[r["predictor"]], per_position[widest["predictor"]]
+      pairs.append({"head": r["predictor"], "marginal": widest["predictor"],
+                    "nll": paired_bootstrap(n_a, n_b, a.seed), "acc": paired_bootstrap(h_a, h_b, a.seed)})
+  name = a.out_name or ("marginalisation_quick" if a.quick else "marginalisation")
   command = "python experiments/findings/marginalisation.py " + " ".join(sys.argv[1:])
   result = {"quick": a.quick, "n1": n1_dir, "mtp": mtp_dirs, "positions": len(ctx), "window": window,
-            "seed": a.seed, "vocab": vocab, "n1_acc_t1": acc1, "n1_nll_t1": nll1, "rows": rows, "command": command}
+            "seed": a.seed, "vocab": vocab, "n1_acc_t1": acc1, "n1_nll_t1": nll1, "rows": rows, "pairs": pairs,
+            "bootstrap": BOOTSTRAP, "command": command}
   md = [f"# Predicting x_(t+2): marginalising a next-token model vs MTP heads{' (quick: not a measurement)' if a.quick else ''}",
         "", f"Command: `{command}`", "",
         f"{len(ctx)} validation positions (seed {a.seed}), each with the same {window}-token context for every "
@@ -164,6 +192,14 @@ def main(_):
         "| predictor | t+2 accuracy | t+2 nll (nats) | extra forward positions | seconds |", "|---|---:|---:|---:|---:|"]
   md += [f"| {r['predictor']} | {r['acc_t2']:.3f} | {r['nll_t2']:.3f} | {r['extra_positions']} | {r['seconds']} |"
          for r in rows]
+  if pairs:
+    verdict = lambda lo, hi: "separable" if lo > 0 or hi < 0 else "not separable"
+    md += ["", f"Each head 2 against the widest marginal, paired over the same positions (mean difference and the "
+           f"95% interval of {BOOTSTRAP} bootstrap resamples of the positions):", "",
+           "| head 2 - marginal | t+2 nll difference | t+2 accuracy difference |", "|---|---:|---:|"]
+    md += [f"| {p['head']} - {p['marginal']} | {p['nll'][0]:+.3f} [{p['nll'][1]:+.3f}, {p['nll'][2]:+.3f}] "
+           f"({verdict(*p['nll'][1:])}) | {p['acc'][0]:+.3f} [{p['acc'][1]:+.3f}, {p['acc'][2]:+.3f}] "
+           f"({verdict(*p['acc'][1:])}) |" for p in pairs]
   write_results(name, result, md, a.out_dir or results_folder(__file__))
 
 
