@@ -24,11 +24,9 @@ against the n=4 model trained from scratch, all through the converter.
 Writes experiments/findings/results/frozen_heads[_quick].json and .md (or under --out_dir).
 """
 import os
-import statistics
 import sys
 import time
 
-import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
@@ -36,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from common.results_io import results_folder, write_results  # noqa: E402
 from common.run_metrics import last_valid  # noqa: E402
 from mtp_jax.cpu_flags import cpu_model  # noqa: E402
-from parity_runs import CHAIN  # noqa: E402
+from parity_runs import decode_batch1  # noqa: E402
 
 
 def recipes(quick: bool, steps: int = 0):
@@ -85,30 +83,16 @@ def held_out_prompts(config, tokenizer, n: int, length: int) -> list:
 
 
 def decode_speed(workdir, prompts, max_new: int, repeats: int) -> dict:
-  """Batch 1, greedy and speculative back to back per prompt, median total seconds over repeats."""
-  from mtp_jax import decode
+  """Batch 1, greedy and speculative back to back per prompt (parity_runs.decode_batch1), as median total
+  seconds over repeats."""
   from mtp_jax.generate import load_workdir
   from mtp_jax.model import ModelArgs
   params, config, _ = load_workdir(str(workdir))
-  args = ModelArgs.from_config(config.model)
-  calls = [decode.pad_prompts([p], len(p)) for p in prompts]
-  kw = dict(max_new_tokens=max_new, eos_id=-1)
-  modes = ("greedy", "speculative")
-  outs = {m: [decode.run(params, args, t, l, mode=m, **kw, **CHAIN[m])[0] for t, l in calls] for m in modes}   # compile
-  seconds = {m: [0.0] * repeats for m in modes}
-  for r in range(repeats):
-    for i, (t, l) in enumerate(calls):
-      for m in modes:
-        outs[m][i], timing = decode.run(params, args, t, l, mode=m, **kw, **CHAIN[m])
-        seconds[m][r] += timing["wall_s"]
-  cat = lambda m, f: np.concatenate([getattr(o, f) for o in outs[m]])
-  forwards, accepted = cat("speculative", "forwards"), cat("speculative", "accepted")
-  proposed = int(np.sum(forwards - 1))
-  med = {m: statistics.median(s) for m, s in seconds.items()}
-  return {"greedy_s": med["greedy"], "speculative_s": med["speculative"], "speedup": med["greedy"] / med["speculative"],
-          "tokens_per_forward": float(np.sum(cat("speculative", "lengths")) / np.sum(forwards)),
-          "draft_acceptance": [float(a) / max(proposed, 1) for a in np.sum(accepted, axis=0)],
-          "identical_to_greedy": bool(np.array_equal(cat("speculative", "tokens"), cat("greedy", "tokens")))}
+  r = decode_batch1(params, ModelArgs.from_config(config.model), prompts, max_new, repeats)
+  tokens = len(prompts) * max_new
+  return {"greedy_s": tokens / r["greedy_tok_s"], "speculative_s": tokens / r["speculative_tok_s"],
+          "speedup": r["speedup"], "tokens_per_forward": r["tokens_per_forward"],
+          "draft_acceptance": r["acceptance"], "identical_to_greedy": r["identical_to_greedy"]}
 
 
 def train(config, workdir) -> float:

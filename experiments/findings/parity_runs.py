@@ -82,4 +82,4 @@ def _chain_stats(outs, tokens: int) -> dict:
   forwards = sum(int(o.forwards.sum()) for o in outs)
   proposed = sum(int((o.forwards - 1).sum()) for o in outs)
   accepted = np.sum([o.accepted.sum(0) for o in outs], axis=0)
-  return {"tokens_per_forward": tokens / forwards, "acceptance": [float(a) / proposed for a in accepted]}
+  return {"tokens_per_forward": tokens / forwards, "acceptance": [float(a) / max(proposed, 1) for a in accepted]}

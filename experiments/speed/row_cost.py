@@ -68,25 +68,14 @@ def _matrices(shape, seed=0):
   return mats
 
 
-def _step_numpy(x, mats, layers):
+def _step(x, mats, layers, silu):
+  """The decode step's matrix products over the rows of x (numpy or jax arrays alike): the logits."""
   for i in range(layers):
     q, k, v, o, g, u, dn = mats[7 * i:7 * i + 7]
     a = (x @ q)[:, :o.shape[0]] + 0 * (x @ k).sum() + 0 * (x @ v).sum()
     x = x + a @ o
-    hg = x @ g
-    x = x + (hg / (1 + np.exp(-hg)) * (x @ u)) @ dn
+    x = x + (silu(x @ g) * (x @ u)) @ dn
   return x @ mats[-1]
-
-
-def _step_jax(x, mats, layers):
-  import jax
-  import jax.numpy as jnp
-  for i in range(layers):
-    q, k, v, o, g, u, dn = mats[7 * i:7 * i + 7]
-    a = (x @ q)[:, :o.shape[0]] + 0 * (x @ k).sum() + 0 * (x @ v).sum()
-    x = x + a @ o
-    x = x + (jax.nn.silu(x @ g) * (x @ u)) @ dn
-  return jnp.argmax(x @ mats[-1], axis=-1)
 
 
 def worker(kernel: str, shape_name: str, rows: list[int], repeats: int) -> dict:
@@ -95,12 +84,13 @@ def worker(kernel: str, shape_name: str, rows: list[int], repeats: int) -> dict:
   layers = shape[5]
   xs = {m: np.random.default_rng(m).standard_normal((m, shape[0]), dtype=np.float32) for m in rows}
   if kernel == "numpy":
-    calls = {m: (lambda m=m: _step_numpy(xs[m], mats, layers)) for m in rows}
+    silu = lambda h: h / (1 + np.exp(-h))
+    calls = {m: (lambda m=m: _step(xs[m], mats, layers, silu)) for m in rows}
   else:
     import jax
     import jax.numpy as jnp
     jmats = [jnp.asarray(w) for w in mats]
-    step = jax.jit(lambda x, ms: _step_jax(x, ms, layers))
+    step = jax.jit(lambda x, ms: jnp.argmax(_step(x, ms, layers, jax.nn.silu), axis=-1))
     calls = {}
     for m in rows:
       x = jnp.asarray(xs[m])
@@ -116,7 +106,6 @@ def worker(kernel: str, shape_name: str, rows: list[int], repeats: int) -> dict:
       times[m].append(time.perf_counter() - t0)
   hlo = ""
   if kernel != "numpy":   # which kernel a lone two-row product takes, from its compiled program
-    import jax.numpy as jnp
     text = jax.jit(jnp.matmul).lower(jnp.ones((2, shape[0])), jmats[-1]).compile().as_text()
     hlo = "__ynn_fusion" if "__ynn_fusion" in text else "dot"
   weight_bytes = sum(w.nbytes for w in mats)
