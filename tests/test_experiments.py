@@ -31,6 +31,48 @@ def test_marginalisation_quick(tmp_path):
   assert "| predictor |" in (tmp_path / "marginalisation_quick.md").read_text()
   pair = res["pairs"][0]                                  # head 2 against the exact marginal, paired by position
   assert pair["marginal"].endswith("(all)") and pair["nll"][1] <= pair["nll"][0] <= pair["nll"][2]
+  assert res["positions"] == res["windows"] * (res["length"] - res["context"] - 1)   # every position with the context
+  # --pool summarises per-seed results files (here the same one twice) over seeds
+  r = subprocess.run([sys.executable, "experiments/findings/marginalisation.py", f"--out_dir={tmp_path}",
+                      "--pool=marginalisation_quick,marginalisation_quick", "--out_name=pooled"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+  assert r.returncode == 0, r.stderr[-3000:]
+  pooled = json.loads((tmp_path / "pooled.json").read_text())["rows"][0]
+  assert pooled["per_seed"] == [pair["nll"][0]] * 2 and pooled["interval"][0] == pytest.approx(pair["nll"][0])
+  r = subprocess.run([sys.executable, "experiments/findings/marginalisation.py", f"--out_dir={tmp_path}",
+                      "--pool=missing_seed"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                     env={**os.environ, "PYTHONPATH": ROOT})
+  assert r.returncode != 0 and "error: --pool: no results file" in r.stderr
+
+
+def test_cached_marginal_matches_one_row_per_candidate(tmp_path):
+  """The marginal from one tree-attention pass over [x_t, c_1..c_k] at the cached window equals the plain one: a
+  separate forward pass over x_0..x_t c for every candidate c, weighted by p(c)."""
+  import jax
+  import numpy as np
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  sys.path.insert(0, os.path.join(ROOT, "experiments", "findings"))
+  import marginalisation
+  from mtp_jax import interop
+  from mtp_jax.generate import load_workdir
+  from mtp_jax.model import build_model
+  interop.import_checkpoint(os.path.join(ROOT, "tests", "fixtures", "pretrained", "hf_gqa_untied"), str(tmp_path / "w"),
+                            n_future=1, head_init="random")
+  params, config, _ = load_workdir(str(tmp_path / "w"))
+  vocab = config.model.vocab_size
+  window = np.random.default_rng(0).integers(0, vocab, size=12).astype(np.int32)
+  ts = np.arange(2, 10)
+  p_next = marginalisation.head_probs(params, config)(window[None])[0, 0]                    # [L, V]
+  model = build_model(config.model)
+  last = jax.jit(lambda t: jax.nn.softmax(model.apply({"params": params}, t)[0][0, :, -1], -1))
+  for k in (3, vocab):
+    p_target, argmax = marginalisation.cached_marginal(params, config, k, rows=3)(window, p_next, window[ts + 2], ts)
+    for i, t in enumerate(ts):
+      top = np.argsort(-p_next[t])[:k]
+      rows = np.concatenate([np.repeat(window[None, :t + 1], k, 0), top[:, None]], 1)
+      marginal = p_next[t, top] @ np.asarray(last(rows)) / p_next[t, top].sum()
+      np.testing.assert_allclose(p_target[i], marginal[window[t + 2]], rtol=2e-5)
+      assert argmax[i] == np.argmax(marginal)
 
 
 def test_induction_quick(tmp_path):

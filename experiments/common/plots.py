@@ -66,6 +66,16 @@ def _dry_run(result, ax):
 
 
 def _marginalisation(result, ax):
+  if "pool" in result:   # the per-seed differences, summarised over seeds
+    for i, r in enumerate(result["rows"]):
+      ax.scatter([i] * len(r["per_seed"]), r["per_seed"], color="tab:gray", s=12)
+      ax.errorbar([i], [r["interval"][0]], yerr=[[r["interval"][1]], [r["interval"][1]]], fmt="o", capsize=4)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(result["rows"])), [r["difference"].replace(" - ", "\n- ") for r in result["rows"]],
+                  fontsize=6)
+    ax.set_ylabel("t+2 nll: head 2 - exact marginal (nats)")
+    ax.set_title("head 2 against the exact marginal: seeds (gray), mean and 95% t-interval", fontsize=8)
+    return
   rows = result["rows"]
   names = [r["predictor"].replace(" (", "\n(").replace(", top", "\ntop") for r in rows]
   bars = ax.bar(range(len(rows)), [r["nll_t2"] for r in rows],
@@ -75,8 +85,8 @@ def _marginalisation(result, ax):
                 (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=6)
   ax.set_xticks(range(len(rows)), names, fontsize=6)
   ax.set_ylabel("nll of x(t+2), nats (lower is better)")
-  ax.set_title(f"x(t+2): marginalised n=1 (blue) vs MTP head 2 (orange), {result['positions']} positions, "
-               f"{result['window']}-token context", fontsize=8)
+  ax.set_title(f"x(t+2): marginalised n=1 (blue) vs MTP head 2 (orange), {result['positions']:,} positions "
+               f"in {result['windows']} windows", fontsize=8)
 
 
 def _frozen_heads(result, ax):
