@@ -68,7 +68,8 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_id: Optional[int] = None, batch_size: Optional[int] = None, add_bos: Optional[bool] = None,
              prompt_bucket: Optional[int] = None, draft_heads: Optional[int] = None,
-             draft: Optional[str] = None) -> list[dict]:
+             draft: Optional[str] = None, tree_nodes: Optional[int] = None,
+             tree_top: Optional[int] = None) -> list[dict]:
   """Continue each prompt; returns one dict per prompt (see `_result`).
 
   params: the model's parameters; config: the training config (or its ModelArgs).
@@ -81,8 +82,9 @@ def generate(params, config, prompts, tokenizer=None, *, mode: str = "greedy", m
   prompt_bucket: pad prompts to this length (default: a power of two), fixing the compiled shape.
   draft_heads: speculative modes: heads 2..draft_heads draft (default all n_future); see `decode.run`.
   draft: speculative modes: "chain", "auto" (the default where the heads allow), "tree" or "bestfirst"; see `decode.run`.
+  tree_nodes, tree_top: the tree's size and each head's choices (draft="tree" / "bestfirst"); see `decode.run`.
   """
-  request = decode.Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads, draft)
+  request = decode.Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads, draft, tree_nodes, tree_top)
   check_batching(batch_size, seed)
   return generate_checked(params, config, prompts, request, tokenizer, seed=seed, eos_id=eos_id,
                           batch_size=batch_size, add_bos=add_bos, prompt_bucket=prompt_bucket)
@@ -308,6 +310,10 @@ def _define_flags():
                       "most, from the measured step costs and acceptance) or tree (a static tree of the heads' top choices, "
                       "verified in one forward pass) or bestfirst (a tree of as many nodes, each row's most probable "
                       "under the heads at every step).")
+  flags.DEFINE_integer("tree_nodes", None, "--draft=tree / bestfirst: the tree's nodes, so a verify step feeds "
+                       "1 + tree_nodes tokens (default: the static tree's count, 9 with 4 heads; tree: at most that).")
+  flags.DEFINE_integer("tree_top", None, "--draft=bestfirst: each head's top choices the trees choose among "
+                       "(default 4).")
   flags.DEFINE_integer("draft_vocab", None, "Speculative modes: drafts choose among the N most frequent tokens "
                        "that W/draft_vocab.npy ranks (decode.with_draft_vocab); default: the whole vocabulary.")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature (sampling modes).")
@@ -329,10 +335,13 @@ def main(argv):
     raise DecodeError("need --workdir=<training run directory>")
   # Every flag is checked once, here, before loading or generating anything, whatever the mode.
   request = decode.Request(f.mode, f.max_new_tokens, f.temperature, f.top_k, f.top_p, f.draft_heads, f.draft,
+                           f.tree_nodes, f.tree_top,
                            flag="--")
   check_batching(f.batch_size, f.seed, flag="--")
   if f.draft_vocab is not None and f.draft_vocab < 1:
     raise DecodeError(f"--draft_vocab={f.draft_vocab}: give how many token ids drafts choose among (>= 1)")
+  if f.draft_vocab and f.tree_top and f.tree_top > f.draft_vocab:
+    raise DecodeError(f"--tree_top={f.tree_top}: drafts choose among --draft_vocab={f.draft_vocab} tokens only")
   output = check_output(f.output) if f.output else None
   prompts = read_prompts(f.prompt, f.prompt_file)
   params, config, tokenizer = load_workdir(f.workdir)

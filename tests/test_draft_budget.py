@@ -200,7 +200,9 @@ def test_cli_draft_errors_are_one_line(tmp_path):
                                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
   for args, match in (([f"--workdir={tmp_path / 'one_head'}", "--mode=speculative", "--draft=auto"],
                        "draft=auto chooses how many draft heads draft, but this model has none"),
-                      (["--workdir=/tmp", "--mode=speculative", "--draft=bushy"], "--draft='bushy': choose one of")):
+                      (["--workdir=/tmp", "--mode=speculative", "--draft=bushy"], "--draft='bushy': choose one of"),
+                      (["--workdir=/tmp", "--mode=speculative", "--draft=chain", "--tree_nodes=4"],
+                       "--tree_nodes=4 sizes a tree, but --draft=chain")):
     proc = cli(*args)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and len(errors) == 1 and match in errors[0], proc.stderr
@@ -230,6 +232,34 @@ def test_tree_equals_greedy(monkeypatch, kind, window):
     tree = decode_run(model, params, MIXED, "speculative", draft=kind)
     assert tree.forwards.sum() < chain.forwards.sum(), (tree.forwards, chain.forwards)
   decode.clear_compiled()
+
+
+@pytest.mark.parametrize("kind,nodes,top", [("tree", 4, None), ("bestfirst", 20, 3), ("bestfirst", 2, 1)])
+def test_tree_budgets_equal_greedy(kind, nodes, top):
+  """--tree_nodes / --tree_top: a static tree cut to its first paths, and best-first trees smaller and larger than
+  the default over fewer or more choices per head, in a batch whose rows end at EOS: greedy's tokens."""
+  decode.clear_compiled()
+  model, params = tiny_decoder(n=4, shared=True)
+  request = decode.Request("speculative", 24, draft=kind, tree_nodes=nodes, tree_top=top)
+  assert request.settings(model.args).block == nodes + 1
+  g = decode_run(model, params, MIXED * 2, "greedy", eos_id=26)
+  t = decode_run(model, params, MIXED * 2, "speculative", eos_id=26, draft=kind, tree_nodes=nodes, tree_top=top)
+  check_same(g, t, 24)
+  decode.clear_compiled()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(draft="chain", tree_nodes=4), "tree_nodes=4 sizes a tree, but draft=chain: use draft=tree or draft=bestfirst"),
+    (dict(draft="tree", tree_top=2), "tree_top=2 sizes a tree, but draft=tree: use draft=bestfirst"),
+    (dict(draft="bestfirst", tree_nodes=0), "tree_nodes=0: must be a positive integer"),
+    (dict(draft="tree", tree_nodes=10), "tree_nodes=10: the static tree has 9 nodes at 3 draft depths"),
+    (dict(draft="bestfirst", tree_nodes=15, tree_top=2), r"tree_nodes=15: at most 14 nodes \(the paths of 1..3"),
+    (dict(draft="bestfirst", tree_top=49), "tree_top=49: at most 32 choices per head"),
+])
+def test_tree_budget_refusals(kw, match):
+  model, params = tiny_decoder(n=4, vocab=48)
+  with pytest.raises(decode.DecodeError, match=match):
+    decode_run(model, params, MIXED, "speculative", **kw)
 
 
 def test_tree_shape_and_refusals():

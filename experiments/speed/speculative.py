@@ -59,7 +59,8 @@ _DRAFT_VOCAB = flags.DEFINE_integer("draft_vocab", 0, "Drafts choose among the N
                                     "<workdir>/draft_vocab.npy (decode.with_draft_vocab); 0: the whole vocabulary.")
 _KINDS = flags.DEFINE_list("draft", ["chain", "auto"], "Speculative drafting schemes timed side by side per batch "
                            "size: chain (--draft_heads-1 drafts every step), chainK (K-1 drafts every step), auto (chosen per step, "
-                           "at most --draft_heads-1; docs/decoding.md), tree.")
+                           "at most --draft_heads-1; docs/decoding.md), tree, bestfirst; treeN / bestfirstN: a tree of N nodes, "
+                           "bestfirstNxK: N nodes among each head's top K.")
 _CARRY = flags.DEFINE_bool("carry_counts", True, "--draft=auto: each call starts from the acceptance counts the "
                            "call before it ended with (decode.run's draft_counts), as a server keeps them across "
                            "requests: no start probe once counts exist. --nocarry_counts: every call starts afresh.")
@@ -162,10 +163,16 @@ def grown(row: dict) -> str:
 
 
 def draft_options(kind: str) -> dict:
-  """decode.run's draft keywords for a --draft entry: chain, auto, tree (--draft_heads as the cap), or chainK
-  (a chain of K-1 drafts, whatever --draft_heads says)."""
+  """decode.run's draft keywords for a --draft entry: chain, auto, tree, bestfirst (--draft_heads as the cap),
+  chainK (a chain of K-1 drafts, whatever --draft_heads says), treeN / bestfirstN (N nodes) or bestfirstNxK (N
+  nodes among each head's top K)."""
   if kind.startswith("chain") and kind[5:].isdigit():
     return {"draft": "chain", "draft_heads": int(kind[5:])}
+  for tree in ("bestfirst", "tree"):
+    size = kind[len(tree):].split("x") if kind.startswith(tree) and kind != tree else None
+    if size and all(part.isdigit() for part in size) and len(size) <= (2 if tree == "bestfirst" else 1):
+      return {"draft": tree, "draft_heads": _DRAFT.value, "tree_nodes": int(size[0]),
+              **({"tree_top": int(size[1])} if len(size) == 2 else {})}
   return {"draft": kind, "draft_heads": _DRAFT.value}
 
 

@@ -19,13 +19,15 @@ import numpy as np
 from mtp_jax.decode.costs import clear_costs, step_costs
 from mtp_jax.decode.forward import decode_weights
 from mtp_jax.decode.loop import decode
-from mtp_jax.decode.types import MODES, Budget, DecodeError, SamplingParams, Settings
+from mtp_jax.decode.types import BEST_FIRST_TOP, MODES, Budget, DecodeError, SamplingParams, Settings, Tree
 from mtp_jax.model import MTPTransformer, ModelArgs
 
 MIN_TEMPERATURE = 1e-5   # as vLLM's sampling epsilon: sampling below it is argmax in effect, and far below
 # it logits / temperature overflows float32 (temperature=1e-45 gave NaN probabilities, all token 0)
 SPECULATIVE_MODES = ("speculative", "speculative_sample")
 DRAFTS = ("chain", "auto", "tree", "bestfirst")
+MAX_TREE_TOP = 32     # --tree_top: a head's choices (the candidate paths grow as top ** depths)
+MAX_TREE_NODES = 256  # --tree_nodes: a verify step's tokens, past which no CPU or accelerator gains
 
 
 def _is_int(x) -> bool:
@@ -46,6 +48,8 @@ class Request:
   top_p: float = 1.0
   draft_heads: Optional[int] = None   # speculative modes: the block k, 2..n_future (None: n_future)
   draft: Optional[str] = None   # speculative modes: chain, auto or tree (None: auto where the heads allow, `draft_kind`)
+  tree_nodes: Optional[int] = None   # draft=tree / bestfirst: the tree's nodes (None: the static tree's count)
+  tree_top: Optional[int] = None     # draft=bestfirst: each head's top choices a tree chooses among (None: 4)
   flag: str = dataclasses.field(default="", compare=False)
 
   def __post_init__(self):
@@ -73,6 +77,16 @@ class Request:
       raise DecodeError(f"{f}draft={self.draft} chooses how speculative modes draft, but {f}mode={self.mode} drafts "
                         f"nothing; use {f}mode=speculative or speculative_sample, or leave {f}draft unset")
 
+    for name, value, drafts in (("tree_nodes", self.tree_nodes, ("tree", "bestfirst")),
+                                ("tree_top", self.tree_top, ("bestfirst",))):
+      if value is None:
+        continue
+      if self.draft not in drafts:
+        raise DecodeError(f"{f}{name}={value} sizes a tree, but {f}draft={self.draft}: use "
+                          f"{' or '.join(f'{f}draft={d}' for d in drafts)}, or leave {f}{name} unset")
+      if not _is_int(value) or value < 1:
+        raise DecodeError(f"{f}{name}={value!r}: must be a positive integer")
+
   @property
   def sampling(self) -> bool:
     return self.mode in ("sample", "speculative_sample")
@@ -90,6 +104,28 @@ class Request:
       raise DecodeError(f"{f}draft={d}: sequential modules (head_type={args.head_type}) draft one after "
                         f"another after the verify pass, in a chain only; use {f}draft=chain")
 
+    self._check_tree(args)
+
+  def _check_tree(self, args: ModelArgs) -> None:
+    """--tree_nodes and --tree_top within what this model's heads can draft."""
+    f, depths = self.flag, (self.draft_heads or args.n_future) - 1
+    if self.tree_top is not None and self.tree_top > min(args.vocab_size, MAX_TREE_TOP):
+      raise DecodeError(f"{f}tree_top={self.tree_top}: at most {min(args.vocab_size, MAX_TREE_TOP)} choices per head "
+                        f"(the vocabulary has {args.vocab_size} tokens)")
+    if self.tree_nodes is None:
+      return
+    if self.draft == "tree":
+      most = len(Tree.of(depths).depth) - 1
+      if self.tree_nodes > most:
+        raise DecodeError(f"{f}tree_nodes={self.tree_nodes}: the static tree has {most} nodes at {depths} draft "
+                          f"depths; use {f}draft=bestfirst for a larger tree")
+    else:
+      top = self.tree_top or BEST_FIRST_TOP
+      most = min(sum(top ** d for d in range(1, depths + 1)), MAX_TREE_NODES)
+      if self.tree_nodes > most:
+        raise DecodeError(f"{f}tree_nodes={self.tree_nodes}: at most {most} nodes (the paths of 1..{depths} choices "
+                          f"among each head's top {top}, and no more than {MAX_TREE_NODES})")
+
   def draft_kind(self, args: ModelArgs) -> str:
     """The drafting scheme this request runs on this model: auto by default where the heads draft in the
     verify pass (parallel, causal, linear), else chain."""
@@ -100,7 +136,8 @@ class Request:
 
   def settings(self, args: ModelArgs, batch_shards: int = 1, slots: int = 0) -> Settings:
     return Settings(self.mode, int(self.max_new_tokens), self.draft_heads or args.n_future,
-                    batch_shards=batch_shards, slots=slots, draft=self.draft_kind(args))
+                    batch_shards=batch_shards, slots=slots, draft=self.draft_kind(args),
+                    tree_nodes=self.tree_nodes or 0, tree_top=self.tree_top or 0)
 
   def sampling_params(self, eos_id: Optional[int] = None) -> SamplingParams:
     return SamplingParams.of(self.temperature, self.top_k, self.top_p, eos_id)
@@ -191,7 +228,8 @@ def clear_compiled() -> None:
 def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_tokens=64, seed=0, key=None,
         temperature=1.0, top_k=0, top_p=1.0, eos_id: Optional[int] = None, slots: Optional[int] = None,
         draft_heads: Optional[int] = None, draft: Optional[str] = None, draft_costs=None, draft_prior=None,
-        draft_decay: Optional[float] = None, draft_explore: Optional[int] = None, draft_counts=None):
+        draft_decay: Optional[float] = None, draft_explore: Optional[int] = None, draft_counts=None,
+        tree_nodes: Optional[int] = None, tree_top: Optional[int] = None):
   """Decode padded prompts: (DecodeOutput of numpy arrays, {'compile_s', 'wall_s'}).
 
   `tokens` [N, P] / `lengths` [N] come from `pad_prompts`; the prompts' own checks are `check_request`'s.
@@ -201,7 +239,9 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   block can pay more than the last heads' rarely accepted drafts (experiments/speed/results/speculative.md).
   draft: "chain" (every step drafts draft_heads-1 tokens) or "auto" (the default where the heads allow:
   each step picks 0..draft_heads-1 drafts) or "tree" (a static tree of the heads' top
-  choices in one verify pass) or "bestfirst" (as many nodes, the most probable per row and step; docs/decoding.md); draft_costs [cap+1] / draft_prior
+  choices in one verify pass) or "bestfirst" (as many nodes, the most probable per row and step; docs/decoding.md);
+  tree_nodes: a tree's nodes (tree: the first of its paths; bestfirst: default the static tree's count) and
+  tree_top: each head's choices a best-first tree chooses among (default 4); draft_costs [cap+1] / draft_prior
   [2, cap] replace auto's timed cost table and its prior (reached, accepted) counts per depth; draft_decay
   (the running counts' factor per step) and draft_explore (steps after which an undrafted depth forgets its
   counts, so the budget may grow back; 0: never) replace `types.DECAY` and `types.EXPLORE`; draft_counts
@@ -210,7 +250,7 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
   wall_s is the decode alone (compile and auto's one-off cost timing, costs_s, excluded), measured until the
   results are on the host; draft_costs: the cost table auto used.
   """
-  request = Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads, draft)
+  request = Request(mode, max_new_tokens, temperature, top_k, top_p, draft_heads, draft, tree_nodes, tree_top)
   request.check_model(args)
   check_slots(mode, slots, len(lengths))
   return execute(params, args, tokens, lengths, request, seed=seed, key=key, eos_id=eos_id, slots=slots,
@@ -220,7 +260,8 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
 
 def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=0, key=None,
             eos_id: Optional[int] = None, slots: Optional[int] = None, draft_costs=None, draft_prior=None,
-            draft_decay: Optional[float] = None, draft_explore: Optional[int] = None, draft_counts=None):
+            draft_decay: Optional[float] = None, draft_explore: Optional[int] = None, draft_counts=None,
+        tree_nodes: Optional[int] = None, tree_top: Optional[int] = None):
   """`run` for a request its caller has checked (generate() does, once): nothing is checked again but
   draft_counts, which is not part of the request, before anything compiles."""
   settings = request.settings(args, batch_shards=_batch_shards(tokens),

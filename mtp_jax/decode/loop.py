@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from mtp_jax.decode.draft import draft_heads_at, drafter_for, verify
 from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, run_heads, take_at, unembed
 from mtp_jax.decode.tree import RowTrees, best_first_drafts, keep_path, tree_drafts, tree_verify
-from mtp_jax.decode.types import (CATCH_UP, PAD, STALE_NEVER, Array, Budget, Candidates, DecodeOutput, DecodeState,
-                                  SamplingParams, Settings, Tree, choose_budget)
+from mtp_jax.decode.types import (CATCH_UP, PAD, STALE_NEVER, Array, Budget, DecodeOutput, DecodeState,
+                                  SamplingParams, Settings, choose_budget)
 from mtp_jax.model import MTPTransformer, default_positions
 
 
@@ -246,11 +246,11 @@ def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState) ->
   block = jnp.concatenate([take_at(state.tokens, state.count - 1)[:, None], state.drafts], axis=1)
   b = block.shape[0]
   if settings.draft == "bestfirst":
-    trees = RowTrees.best_first(state.tree_sel, Candidates.of(settings.depths))
+    trees = RowTrees.best_first(state.tree_sel, settings.candidates())
     mask = trees.ancestors
   else:
-    trees = RowTrees.static(Tree.of(settings.depths), b)
-    mask = Tree.of(settings.depths).ancestors   # one static mask for every row
+    trees = RowTrees.static(settings.static_tree(), b)
+    mask = settings.static_tree().ancestors   # one static mask for every row
   positions = state.position[:, None] + trees.depth
   hidden, cache = forward_hidden(model, w, block, positions, state.cache, state.position, tree=(state.position, mask))
   p_logits = unembed(model, w.params, hidden[0])
@@ -267,11 +267,11 @@ def _tree_drafter(model, w: Weights, settings: Settings, hidden, at=None):
   block index `at` (the accepted path's end; the prefill's: the drafter's own argument)."""
   if settings.draft == "bestfirst":
     def draft(a, token, key):
-      tokens, sel = best_first_drafts(model, w, hidden, a if at is None else at, Candidates.of(settings.depths),
+      tokens, sel = best_first_drafts(model, w, hidden, a if at is None else at, settings.candidates(),
                                       settings.block - 1)
       return tokens, None, {"tree_sel": sel}
     return draft
-  return lambda a, token, key: (tree_drafts(model, w, hidden, a if at is None else at, Tree.of(settings.depths)),
+  return lambda a, token, key: (tree_drafts(model, w, hidden, a if at is None else at, settings.static_tree()),
                                 None, None)
 
 

@@ -2,9 +2,10 @@
 pass (mode=speculative, and speculative_sample by multi-draft rejection sampling).
 
 --draft=tree uses a static Medusa-style tree (`types.Tree`). --draft=bestfirst builds each row's tree at every
-step, as DDTree does from per-position marginals: of every path of 1..D choices among each head's top
-BEST_FIRST_TOP tokens (`types.Candidates`), the N most probable under the heads' own probabilities (a path's
-probability: the product of its choices'), N the static tree's node count. A parent is at least as probable as
+step, as DDTree does from per-position marginals: of every path of 1..D choices among each head's top K
+tokens (`types.Candidates`; K = --tree_top, default BEST_FIRST_TOP), the N most probable under the heads' own
+probabilities (a path's probability: the product of its choices'), N = --tree_nodes (default: the static tree's
+node count; --draft=tree takes the first --tree_nodes of its paths). A parent is at least as probable as
 its child, so the N form a tree; in block order (breadth first) parents come first. The verify step reads each
 row's tree from the candidates it drafted (`DecodeState.tree_sel`), so the masks and positions are per row.
 
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 
 from mtp_jax.decode.draft import adjusted_logprobs, draft_logits
 from mtp_jax.decode.forward import Weights, take_at
-from mtp_jax.decode.types import BEST_FIRST_TOP, TREE_TOP, Candidates, Tree
+from mtp_jax.decode.types import TREE_TOP, Candidates, Tree
 from mtp_jax.model import MTPTransformer
 
 
@@ -92,9 +93,9 @@ def best_first_drafts(model, w: Weights, hidden, idx, cands: Candidates, n: int)
   """(the node tokens [B, n], the candidates chosen [B, n], ascending): each row's n most probable candidate
   paths under the heads' log-probabilities at block index idx."""
   logp = jax.nn.log_softmax(_head_logits(model, w, hidden, idx), axis=-1)        # [D, B, V or N]
-  vals, top = jax.lax.top_k(logp, BEST_FIRST_TOP)                              # [D, B, K]
+  vals, top = jax.lax.top_k(logp, cands.top)                                   # [D, B, K]
   d, b = top.shape[:2]
-  flat = jnp.moveaxis(vals, 0, 1).reshape(b, d * BEST_FIRST_TOP)               # [B, D*K]
+  flat = jnp.moveaxis(vals, 0, 1).reshape(b, d * cands.top)                    # [B, D*K]
   score = flat @ jnp.asarray(cands.picks).T                                    # [B, C] a path's log-probability
   sel = jnp.sort(jax.lax.top_k(score, n)[1].astype(jnp.int32), axis=1)
   tokens = _ids(w, top.astype(jnp.int32))[jnp.asarray(cands.depth)[sel] - 1, jnp.arange(b)[:, None],

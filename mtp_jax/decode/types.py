@@ -46,6 +46,9 @@ class Settings:
                           # grows the budget back by catching the stopped heads' caches up (loop._grow);
                           # "tree" verifies a static tree of the heads' top choices (tree.py); "bestfirst" a tree
                           # of as many nodes built per row and step from the heads' probabilities
+  tree_nodes: int = 0     # tree and bestfirst: the tree's nodes, its verify step feeds 1 + tree_nodes tokens
+                          # (0: the static tree's count at this depth, `Tree.of`)
+  tree_top: int = 0       # bestfirst: each head's top choices its trees choose among (0: BEST_FIRST_TOP)
 
   def stages(self, batch: int) -> tuple:
     """Batch sizes the loop runs at, in turn (see `decode`): halving while the half is >= 2 rows and
@@ -79,7 +82,19 @@ class Settings:
 
   @property
   def block(self) -> int:       # tokens fed per step: last token + k-1 drafts (a tree: + its nodes)
-    return len(Tree.of(self.depths).depth) if self.tree else self.depths + 1
+    return 1 + self.nodes if self.tree else self.depths + 1
+
+  @property
+  def nodes(self) -> int:       # a tree's nodes: tree_nodes, or the static tree's count at this depth
+    return self.tree_nodes or len(Tree.of(self.depths).depth) - 1
+
+  def static_tree(self) -> "Tree":
+    """--draft=tree's tree."""
+    return Tree.of(self.depths, self.tree_nodes)
+
+  def candidates(self) -> "Candidates":
+    """--draft=bestfirst's candidate paths."""
+    return Candidates.of(self.depths, self.tree_top or BEST_FIRST_TOP)
 
   @property
   def heads_run(self) -> int:   # greedy and sample need head 0 only
@@ -103,8 +118,11 @@ class Tree(NamedTuple):
   path: np.ndarray       # [T, D+1] the slots on the path to slot i, by depth (past its depth: i again)
 
   @classmethod
-  def of(cls, depths: int) -> "Tree":
-    paths = [()] + [p for p in TREE_PATHS if len(p) <= depths]
+  def of(cls, depths: int, nodes: int = 0) -> "Tree":
+    """The tree of TREE_PATHS up to `depths`, its first `nodes` paths (0: all; parents come first, so any prefix
+    is a tree)."""
+    paths = [p for p in TREE_PATHS if len(p) <= depths]
+    paths = [()] + (paths[:nodes] if nodes else paths)
     index = {p: i for i, p in enumerate(paths)}
     t = len(paths)
     anc = np.zeros((t, t), bool)
@@ -126,6 +144,10 @@ class Candidates(NamedTuple):
   path: np.ndarray       # [C, D] the candidates on its path by depth 1..D (past its depth: itself)
   picks: np.ndarray      # [C, D*K] 1 where the path takes choice c of head d (column d*K + c): its log-probability
                          # is picks @ the heads' top-K log-probabilities
+
+  @property
+  def top(self) -> int:         # K, each head's choices
+    return self.picks.shape[1] // self.path.shape[1]
 
   @classmethod
   def of(cls, depths: int, top: int = BEST_FIRST_TOP) -> "Candidates":
