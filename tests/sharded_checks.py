@@ -78,6 +78,9 @@ def check_decode_matches_single_device():
   into a smaller stage; tensor8 (batch unsharded) decodes 2 rows, one stage, to keep the compiles few."""
   from mtp_jax import decode
   from mtp_jax.model import init_params
+  # Chains: auto's cost timing would run every draft length's program several times per mesh, and auto, trees and
+  # chains run the same sharded forward pass (tests/test_draft_budget.py checks them against greedy).
+  chain = lambda mode: {"draft": "chain"} if mode == "speculative" else {}
   for head_type in ("parallel", "causal", "sequential"):
     config = sharding_config(n_future=3, head_type=head_type)
     model = build_model(config.model)
@@ -90,7 +93,7 @@ def check_decode_matches_single_device():
     meshes = {"d2f2t2": MESHES["d2f2t2"]} if head_type == "causal" else MESHES
     padded = {rows: decode.pad_prompts(prompts[:rows], 16)
               for rows in {8 if d * f > 1 else 2 for d, f, _ in meshes.values()}}
-    ref = {(rows, mode): decode.run(params, model.args, *padded[rows], mode=mode, max_new_tokens=12)[0].tokens
+    ref = {(rows, mode): decode.run(params, model.args, *padded[rows], mode=mode, max_new_tokens=12, **chain(mode))[0].tokens
            for rows in padded for mode in ("greedy", "speculative")}
     for rows in padded:
       np.testing.assert_array_equal(ref[rows, "greedy"], ref[rows, "speculative"])
@@ -104,8 +107,13 @@ def check_decode_matches_single_device():
       with sharding.activate(mesh, config):
         for mode in ("greedy", "speculative"):
           out = decode.run(sharded, model.args, jax.device_put(tokens, batch_sh), jax.device_put(lengths, batch_sh),
-                           mode=mode, max_new_tokens=12)[0]
+                           mode=mode, max_new_tokens=12, **chain(mode))[0]
           np.testing.assert_array_equal(out.tokens, ref[rows, mode], err_msg=f"{head_type} {name} {mode}")
+        if head_type == "parallel" and name == "d2f2t2":   # auto's per-length loops on the mesh (a given cost
+          out = decode.run(sharded, model.args, jax.device_put(tokens, batch_sh),   # table: no timing runs)
+                           jax.device_put(lengths, batch_sh), mode="speculative", max_new_tokens=12, draft="auto",
+                           draft_costs=[1.0, 1.1, 1.2])[0]
+          np.testing.assert_array_equal(out.tokens, ref[rows, "greedy"], err_msg=f"auto {name}")
       print(f"{head_type} {name}: greedy and speculative tokens match one device", flush=True)
 
 
