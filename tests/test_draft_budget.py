@@ -234,18 +234,16 @@ def test_tree_equals_greedy(monkeypatch, kind, window):
   decode.clear_compiled()
 
 
-@pytest.mark.parametrize("kind,nodes,top", [("tree", 4, None), ("bestfirst", 20, 3), ("bestfirst", 2, 1)])
-def test_tree_budgets_equal_greedy(kind, nodes, top):
-  """--tree_nodes / --tree_top: a static tree cut to its first paths, and best-first trees smaller and larger than
-  the default over fewer or more choices per head, in a batch whose rows end at EOS: greedy's tokens."""
-  decode.clear_compiled()
+def test_tree_budgets_equal_greedy():
+  """--tree_nodes / --tree_top: a static tree cut to its first paths, and a best-first tree larger than the default
+  over fewer choices per head, in a batch whose rows end at EOS: greedy's tokens."""
   model, params = tiny_decoder(n=4, shared=True)
-  request = decode.Request("speculative", 24, draft=kind, tree_nodes=nodes, tree_top=top)
-  assert request.settings(model.args).block == nodes + 1
   g = decode_run(model, params, MIXED * 2, "greedy", eos_id=26)
-  t = decode_run(model, params, MIXED * 2, "speculative", eos_id=26, draft=kind, tree_nodes=nodes, tree_top=top)
-  check_same(g, t, 24)
-  decode.clear_compiled()
+  for kind, nodes, top in (("tree", 4, None), ("bestfirst", 20, 3)):
+    assert decode.Request("speculative", 24, draft=kind, tree_nodes=nodes, tree_top=top).settings(
+        model.args).block == nodes + 1
+    t = decode_run(model, params, MIXED * 2, "speculative", eos_id=26, draft=kind, tree_nodes=nodes, tree_top=top)
+    check_same(g, t, 24)
 
 
 @pytest.mark.parametrize("kw,match", [

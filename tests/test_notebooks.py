@@ -91,7 +91,12 @@ def source(tmp_path_factory):
   return ie.source_copy(tmp_path_factory.mktemp("source") / "mtp_jax")
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+# Notebook 02 fetches SmolLM2-135M into its fresh runtime and trains heads on it: two minutes and more, so it runs
+# with -m slow; CI's real-model checks are tests/test_real_model.py, its library calls tests/test_feature_heads.py.
+RUNS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith("02_") else n for n in sorted(TINY)]
+
+
+@pytest.mark.parametrize("name", RUNS)
 def test_notebook_runs_from_a_fresh_runtime(name, tmp_path, runtime_packages, source):
   py = ie.make_venv(tmp_path / "venv", [runtime_packages])
   content = tmp_path / "content"   # Colab's working directory: no clone above it
