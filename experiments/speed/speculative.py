@@ -260,15 +260,15 @@ def main(_):
            f"{_REPEATS.value} interleaved runs.", "",
            f"| batch | draft | greedy tok/s | speculative tok/s | speedup | tokens/forward | batch forwards g/s | "
            f"row forwards needed/paid | C | "
-           f"speedup / (tokens/forward / C) | {heads} acceptance | steps with 0..{n_draft} drafts | same as greedy |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * n_draft + "---|---|"]
+           f"speedup / (tokens/forward / C) | step cost | {heads} acceptance | steps with 0..{n_draft} drafts | same as greedy |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * n_draft + "---|---|"]
   for r in rows:
     acc = " | ".join([f"{a:.2f}" for a in r["acceptance"]] + ["—"] * (n_draft - len(r["acceptance"])))   # chainK: fewer
     lines.append(f"| {r['batch']} | {r['draft']} | {r['greedy']['tokens_per_s']:.1f} | {r['speculative']['tokens_per_s']:.1f} | "
                  f"{r['speedup']:.2f} | {r['tokens_per_forward']:.2f} | {r['batch_forwards']['greedy']}/"
                  f"{r['batch_forwards']['speculative']} | "
                  f"{r['row_forwards_needed'] / r['row_forwards_paid']['speculative']:.2f} | {r['C']:.2f} | "
-                 f"{r['speedup'] / (r['tokens_per_forward'] / r['C']):.2f} | {acc} | "
+                 f"{r['speedup'] / (r['tokens_per_forward'] / r['C']):.2f} | {r['tokens_per_forward'] / r['speedup']:.2f} | {acc} | "
                  f"{'/'.join(map(str, r['budget_steps']))}{grown(r)} | "
                  f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
   how = ("in one call, `batch` rows at once: as a row finishes, the next prompt takes it (continuous batching)"
@@ -285,6 +285,9 @@ def main(_):
             "C: one speculative step (a verify forward over n tokens, all heads) / one single-token greedy step, "
             "the decode loop's own steps "
             "(median of the repeats' ratios, each pair timed back to back). "
+            "step cost: what this scheme's step cost in greedy steps over the whole generation, drafting and the "
+            "tree's selection included (tokens/forward / speedup): where a step costs one greedy step (an "
+            "accelerator, bound by reading the weights), the speedup would be the tokens per forward. "
             "Acceptance of head i: drafts accepted / drafts proposed (a draft needs every earlier one accepted). "
             "draft: chain (every step drafts with every head), chainK (K-1 drafts every step) or auto (the drafts "
             "per step chosen from the measured step costs and the acceptance so far; docs/decoding.md); steps with "
