@@ -54,10 +54,11 @@ def test_auto_and_chain_equal_greedy():
   assert s.budget_steps[2] > 0 and s.budget_steps[:2].sum() > 0, s.budget_steps   # it started at 2, then fell
 
 
-@pytest.mark.parametrize("head_type", ["parallel", "causal"])
+@pytest.mark.parametrize("head_type", ["parallel", "causal", "linear"])
 def test_auto_grows_back_and_stays_exact(head_type):
   """Counts that fade fast and forget in 3 steps: the budget falls, grows back (the heads catching up), and
-  falls again, many times; every output is greedy's, at batch 1, a batch and with continuous batching."""
+  falls again, many times; every output is greedy's, at batch 1, a batch and with continuous batching. Linear
+  heads (the default recipe's) hold no cache: they catch up by reading the trunk's output at the last position."""
   model, params = tiny_decoder(n=4, head_type=head_type)
   for prompts, slots in (([MIXED[1]], None), (MIXED, None), (MIXED * 2, 2)):
     g = decode_run(model, params, prompts, "greedy", slots=slots, max_new_tokens=40)
@@ -66,7 +67,9 @@ def test_auto_grows_back_and_stays_exact(head_type):
     check_same(g, s, 40)
     assert int(s.budget_steps.sum()) == int(s.steps)
     if len(prompts) > 1:
-      assert int(s.grows) >= 2 and s.budget_steps[:3].sum() > 0 and s.budget_steps[1:].sum() > 0, s.budget_steps
+      # (the random linear heads' acceptance lets the budget grow back once in this run, the others' twice or more)
+      assert int(s.grows) >= 1 + (head_type != "linear") and s.budget_steps[:3].sum() > 0 and \
+          s.budget_steps[1:].sum() > 0, s.budget_steps
 
 
 def test_auto_probes_where_the_prior_would_never_draft():

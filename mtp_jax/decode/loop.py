@@ -164,8 +164,10 @@ def _prefill_forward(model, w: Weights, settings: Settings, heads_on, tokens, po
   """The prompts through the trunk and heads: (hidden, cache, what the draft heads read --draft=auto keeps, or
   None). --draft=auto runs the draft heads only where heads_on (the first budget drafts, or a refilled row's
   batch does): otherwise the prefill costs what greedy's does, and the heads catch up if the budget grows."""
-  if settings.draft != "auto" or cache["heads"] is None:
+  if settings.draft != "auto":
     return (*forward_hidden(model, w, tokens, positions, cache, zero, prefill=True), None)
+  if cache["heads"] is None:   # heads without caches (linear) read the trunk's output: nothing to catch up
+    return forward_hidden(model, w, tokens, positions, cache, zero, prefill=True, trunk_out=True)
   head0 = {**cache, "heads": cache["heads"][:1]}
   hidden0, cache0, z = forward_hidden(model, w._replace(heads=w.heads[:1]), tokens, positions, head0, zero,
                                       prefill=True, trunk_out=True)
@@ -219,7 +221,8 @@ def _grow(model, w: Weights, settings: Settings, sp, state: DecodeState) -> Deco
   args = model.args
   size = min(CATCH_UP, state.src.shape[1])
   pos = state.position
-  heads, caches = w.heads[1:], state.cache["heads"][1:]
+  held = state.cache["heads"]   # None: heads without caches (linear), which need only the last position's input
+  heads, caches = w.heads[1:], None if held is None else held[1:]
   lo = jnp.minimum(jnp.min(state.stale, axis=1), pos)
   chunks = jnp.maximum(jnp.max((pos - lo + size - 1) // size), 1)
 
@@ -235,7 +238,7 @@ def _grow(model, w: Weights, settings: Settings, sp, state: DecodeState) -> Deco
   caches, hidden, start = jax.lax.fori_loop(0, chunks, chunk, init)
   key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
   drafts, logq, _ = draft_heads_at(model, w.params, w.draft_vocab, hidden, pos - 1 - start, sub, sp, settings.sampling)
-  return state.replace(cache={**state.cache, "heads": state.cache["heads"][:1] + caches}, key=key, drafts=drafts,
+  return state.replace(cache={**state.cache, "heads": None if held is None else held[:1] + caches}, key=key, drafts=drafts,
                        draft_logq=logq if settings.sampling else state.draft_logq,
                        stale=jnp.full_like(state.stale, STALE_NEVER), drafted=jnp.int32(settings.depths),
                        grows=state.grows + 1)
@@ -287,8 +290,9 @@ def _block_step(model, w: Weights, settings: Settings, sp, state: DecodeState, j
   w_k = w._replace(heads=heads[:k]) if auto else w
   cache = {**state.cache, "heads": caches[:k] if auto and caches is not None else caches}
   hidden, cache, z = forward_hidden(model, w_k, block, positions, cache, state.position, trunk_out=True)
-  if auto and caches is not None:
-    cache["heads"] = cache["heads"] + caches[k:]
+  if auto:
+    if caches is not None:
+      cache["heads"] = cache["heads"] + caches[k:]
     # what the draft heads read here, kept for heads that missed it; heads j+1.. miss it from this block on
     src = hidden[0] if model.args.heads.chained else z
     write = jax.vmap(lambda r, u, i: jax.lax.dynamic_update_slice_in_dim(r, u, i, 0))
