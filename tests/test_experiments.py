@@ -220,6 +220,25 @@ def test_poly_arithmetic_quick(tmp_path):
   assert "| run |" in (tmp_path / "poly_arithmetic_quick.md").read_text()
 
 
+def test_poly_arithmetic_seeds_summary_pairs_runs_by_seed():
+  """Means over seeds, and each run minus n1 paired by seed, on made-up rows (3 operations in domain of 4)."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  sys.path.insert(0, os.path.join(ROOT, "experiments", "findings"))
+  import poly_arithmetic
+  by_k = lambda e, c: [{"k": k, "exact_match": e * k, "coefficient_accuracy": c} for k in (1, 2, 3, 4)]
+  rows = [{"run": run, "seed": seed, "valid_next_token_loss": 1.0 + 0.1 * (run == "n2") + 0.01 * seed,
+           "by_k": by_k(0.01 * (1 + seed) * (2 if run == "n2" else 1), 0.2)} for seed in (0, 1, 2) for run in ("n1", "n2")]
+  summary = {(e["metric"], e["run"]): e for e in poly_arithmetic.seeds_summary(rows, 3)}
+  loss = summary["valid next-token loss", "n2"]
+  assert loss["per_seed"] == pytest.approx([1.1, 1.11, 1.12]) and loss["minus_n1"]["per_seed"] == pytest.approx([0.1] * 3)
+  assert loss["minus_n1"]["interval"] == pytest.approx((0.1, 0.0), abs=1e-9)
+  exact = summary["exact match, k in domain", "n2"]["minus_n1"]["per_seed"]   # mean over k = 1..3 of 0.01 (1+s) k
+  assert exact == pytest.approx([0.02, 0.04, 0.06])
+  assert "minus_n1" not in summary["valid next-token loss", "n1"]
+  lines = poly_arithmetic.summary_lines(list(summary.values()), [0, 1, 2])
+  assert any(line.startswith("| valid next-token loss | n2 |") and line.endswith("| separable |") for line in lines)
+
+
 def test_decode_profile_quick(tmp_path):
   """Both probs x V paths are built, timed and profiled, and the profile shows which one each program ran."""
   res = run_quick("speed/decode_profile.py", tmp_path)

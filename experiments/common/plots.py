@@ -123,10 +123,14 @@ def _induction(result, ax):
 
 
 def _poly_arithmetic(result, ax):
-  for r in result["rows"]:
-    ks = [x["k"] for x in r["by_k"]]
-    line, = ax.plot(ks, [x["coefficient_accuracy"] for x in r["by_k"]], "o-", label=f"{r['run']} coefficients")
-    ax.plot(ks, [x["exact_match"] for x in r["by_k"]], "s--", color=line.get_color(), label=f"{r['run']} exact")
+  runs = {}
+  for r in result["rows"]:   # several seeds: each run's mean over them
+    runs.setdefault(r["run"], []).append(r["by_k"])
+  for run, by_ks in runs.items():
+    ks = [x["k"] for x in by_ks[0]]
+    mean = lambda key: np.mean([[x[key] for x in by_k] for by_k in by_ks], axis=0)
+    line, = ax.plot(ks, mean("coefficient_accuracy"), "o-", label=f"{run} coefficients")
+    ax.plot(ks, mean("exact_match"), "s--", color=line.get_color(), label=f"{run} exact")
   ax.axvspan(result["train_ops"] + 0.5, result["test_ops"] + 0.5, color="gray", alpha=0.15, label="out of domain")
   ax.axhline(1 / 7, color="gray", lw=0.8)
   ax.set_ylim(0, 1)

@@ -6,7 +6,7 @@
 The corpus is generated (experiments/findings/poly_ring.py, seed 0): one problem per document,
 "<expression>=<answer>", with 1 to --train_ops operations each (negation, +, *, composition), written
 as JSONL under --workdir and read by the library's own pipeline (byte tokenizer). Models, all with
-the same seed and the same tokens: n = 1, 2 and 4 at one size (parallel transformer heads under
+the same seed and the same tokens (--seeds: each seed trains them all): n = 1, 2 and 4 at one size (parallel transformer heads under
 parity, so all three have one parameter count), and n = 1 at about three times the parameters (the
 paper's comparison: does a bigger next-token model gain as much as extra heads?).
 
@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from common.jsonl_runs import byte_config, write_texts  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
 from common.run_metrics import last_valid, train_curve  # noqa: E402
+from common.seed_stats import interval, mean_pm, separable  # noqa: E402
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff, n_future)
 RUNS = {"n1": (64, 6, 4, 2, 176, 1), "n2": (64, 6, 4, 2, 176, 2), "n4": (64, 6, 4, 2, 176, 4),
@@ -82,6 +83,45 @@ def accuracy_by_k(workdir: str, test_ops: int, per_k: int, seen: set) -> list:
   return out
 
 
+METRICS = (("valid next-token loss", lambda r, ops: r["valid_next_token_loss"]),
+           ("exact match, k in domain", lambda r, ops: float(np.mean([x["exact_match"] for x in r["by_k"][:ops]]))),
+           ("coefficient accuracy, k out of domain",
+            lambda r, ops: float(np.mean([x["coefficient_accuracy"] for x in r["by_k"][ops:]] or [np.nan]))))
+
+
+def seeds_summary(rows, train_ops: int) -> list:
+  """Per run and metric the mean and 95% t-interval over seeds, and each run minus n1 paired by seed."""
+  by_run = {}
+  for r in rows:
+    by_run.setdefault(r["run"], {})[r["seed"]] = r
+  out = []
+  for name, fn in METRICS:
+    for run, per_seed in by_run.items():
+      vals = [fn(per_seed[s], train_ops) for s in sorted(per_seed)]
+      entry = {"metric": name, "run": run, "per_seed": vals, "interval": interval(vals)}
+      if run != "n1" and "n1" in by_run:
+        diffs = [fn(per_seed[s], train_ops) - fn(by_run["n1"][s], train_ops) for s in sorted(per_seed)
+                 if s in by_run["n1"]]
+        entry["minus_n1"] = {"per_seed": diffs, "interval": interval(diffs)}
+      out.append(entry)
+  return out
+
+
+def summary_lines(summary, seeds) -> list:
+  if not summary:
+    return []
+  md = ["", f"Over seeds {', '.join(map(str, seeds))} (mean ± 95% t-interval; minus n1: paired by seed, every run of "
+        "a seed on the same batches):", "", "| metric | run | mean | minus n1 (per seed) | minus n1 | verdict |",
+        "|---|---|---:|---|---:|---|"]
+  for e in summary:
+    d = e.get("minus_n1")
+    verdict = "" if d is None else ("separable" if separable(*d["interval"]) else "not separable at this budget")
+    md.append(f"| {e['metric']} | {e['run']} | {mean_pm(*e['interval'])} | "
+              + ("" if d is None else ", ".join(f"{v:+.4f}" for v in d["per_seed"])) + " | "
+              + ("" if d is None else mean_pm(*d["interval"], sign=True)) + f" | {verdict} |")
+  return md
+
+
 def define_flags():
   """The flags (defined when run as a script, so tests can import this module)."""
   flags.DEFINE_bool("quick", False, "toy sizes and steps: checks the pipeline, measures nothing")
@@ -93,6 +133,8 @@ def define_flags():
   flags.DEFINE_integer("test_ops", 6, "test k = 1..test_ops operations")
   flags.DEFINE_integer("per_k", None, "test problems per k (default 1000; quick: 64)")
   flags.DEFINE_string("runs", ",".join(RUNS), f"comma list among {', '.join(RUNS)}")
+  flags.DEFINE_list("seeds", ["0"], "model seeds (init and batch order; the problems stay seed 0's): each seed trains "
+                    "every run; with several, the table adds means over seeds and differences to n1 paired by seed")
 
 
 def main(_):
@@ -119,20 +161,22 @@ def main(_):
   from mtp_jax.generate import load_workdir
   from mtp_jax.train import train_and_evaluate
   rows = []
-  for run_name, shape in runs.items():
+  seeds = [int(x) for x in a.seeds]
+  for seed, (run_name, shape) in ((seed, run) for seed in seeds for run in runs.items()):
     config = byte_config(corpus, shape[:5], shape[5], steps, seq_len=64 if q else 256, valid_fraction=0.02)
-    workdir = os.path.join(root, run_name)
+    config.seed = seed
+    workdir = os.path.join(root, *([f"seed{seed}"] if seed else []), run_name)   # seed 0: where one seed ran before
     began = time.time()
     train_and_evaluate(config, workdir)
     valid = last_valid(workdir)
     _, _, seconds = train_curve(workdir, config.train.batch_size * config.data.seq_len)
-    row = {"run": run_name, "n": shape[5], "d_model": shape[0], "n_layers": shape[1],
+    row = {"run": run_name, "seed": seed, "n": shape[5], "d_model": shape[0], "n_layers": shape[1],
            "params": param_counts(load_workdir(workdir)[0])["params_total"], "steps": valid["step"],
            "valid_next_token_loss": valid["head_losses"][0], "train_seconds": round(seconds[-1], 1),
            "by_k": accuracy_by_k(workdir, a.test_ops, per_k, seen)}
     row["wall_seconds"] = round(time.time() - began, 1)
     rows.append(row)
-    print(f"{run_name}: exact match by k {[round(x['exact_match'], 3) for x in row['by_k']]} "
+    print(f"{run_name} seed {seed}: exact match by k {[round(x['exact_match'], 3) for x in row['by_k']]} "
           f"({time.time() - began:.0f}s)", flush=True)
 
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
@@ -140,23 +184,26 @@ def main(_):
   md = [f"# Polynomial arithmetic in F_7[X]/(X^5){' (quick: toy sizes, not a measurement)' if q else ''}", "",
         f"Command: `python experiments/findings/poly_arithmetic.py {' '.join(sys.argv[1:])}`; {device}; {problems} generated "
         f"training problems (seed 0) with 1-{a.train_ops} operations, bytes, {'/'.join(sorted({str(r['steps']) for r in rows}))} steps of 8 x {config.data.seq_len} "
-        f"bytes per run, model seed 0; parallel transformer heads under parity. Test: {per_k} fresh problems (seed 1, none "
+        f"bytes per run, model seeds {', '.join(map(str, seeds))}; parallel transformer heads under parity. Test: {per_k} fresh problems (seed 1, none "
         f"in the training corpus) per number of operations k; k > {a.train_ops} is out of domain. Cells: answer exact "
         f"match (all 5 coefficients: what greedy decoding would write) / per-coefficient accuracy (teacher-forced: "
         f"each coefficient given the right ones before it; chance 0.143). Wall-clock of this invocation: "
         f"{sum(r['wall_seconds'] for r in rows) / 60:.0f} min.", "",
-        "| run | d_model x layers | params | n | valid loss | train s | " + " | ".join(
+        "| run | seed | d_model x layers | params | n | valid loss | train s | " + " | ".join(
             f"k={k}{'' if k <= a.train_ops else ' (ood)'}" for k in ks) + " |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * len(ks)]
+        "|---|---:|---|---:|---:|---:|---:|" + "---:|" * len(ks)]
   for r in rows:
-    md.append(f"| {r['run']} | {r['d_model']} x {r['n_layers']} | {r['params']:,} | {r['n']} | "
+    md.append(f"| {r['run']} | {r['seed']} | {r['d_model']} x {r['n_layers']} | {r['params']:,} | {r['n']} | "
               f"{r['valid_next_token_loss']:.4f} | {r['train_seconds']:.0f} | " + " | ".join(
                   f"{x['exact_match']:.3f} / {x['coefficient_accuracy']:.3f}" for x in r["by_k"]) + " |")
+  summary = seeds_summary(rows, a.train_ops) if len(seeds) > 1 else []
+  md += summary_lines(summary, seeds)
   md += ["", "Paper (Gloeckle et al. 2024, Figure 8): n = 2 and n = 4 answer more problems correctly than n = 1 at "
          "every number of operations, most clearly out of domain, and tripling the model size helps less than the "
          "extra heads.", "", f"![accuracy by number of operations]({name}.png)"]
   write_results(name, {"quick": q, "device": device, "steps": steps, "problems": problems, "train_ops": a.train_ops,
-                       "test_ops": a.test_ops, "per_k": per_k, "rows": rows}, md, a.out_dir)
+                       "test_ops": a.test_ops, "per_k": per_k, "seeds": seeds, "rows": rows, "summary": summary},
+                md, a.out_dir)
 
 
 if __name__ == "__main__":
