@@ -91,9 +91,10 @@ def source(tmp_path_factory):
   return ie.source_copy(tmp_path_factory.mktemp("source") / "mtp_jax")
 
 
-# Notebook 02 fetches SmolLM2-135M into its fresh runtime and trains heads on it: two minutes and more, so it runs
-# with -m slow; CI's real-model checks are tests/test_real_model.py, its library calls tests/test_feature_heads.py.
-RUNS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith("02_") else n for n in sorted(TINY)]
+# Notebook 02 fetches SmolLM2-135M into its fresh runtime and trains heads on it (two minutes and more), notebook 03
+# runs the mesh checks on 8 host devices: both run with -m slow. CI's real-model checks are tests/test_real_model.py
+# (the notebook's library calls: tests/test_feature_heads.py), its mesh checks tests/test_sharding.py.
+RUNS = [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("02_", "03_")) else n for n in sorted(TINY)]
 
 
 @pytest.mark.parametrize("name", RUNS)
