@@ -166,6 +166,13 @@ def main(_):
     config = byte_config(corpus, shape[:5], shape[5], steps, seq_len=64 if q else 256, valid_fraction=0.02)
     config.seed = seed
     workdir = os.path.join(root, *([f"seed{seed}"] if seed else []), run_name)   # seed 0: where one seed ran before
+    saved = os.path.join(workdir, "poly_row.json")   # a finished run's row: a rerun (e.g. over more seeds) reuses it
+    if os.path.exists(saved):
+      with open(saved) as f:
+        row = json.load(f)
+      if (row.get("steps"), row.get("per_k"), row.get("test_ops"), row.get("seed")) == (steps, per_k, a.test_ops, seed):
+        rows.append(row)
+        continue
     began = time.time()
     train_and_evaluate(config, workdir)
     valid = last_valid(workdir)
@@ -174,8 +181,11 @@ def main(_):
            "params": param_counts(load_workdir(workdir)[0])["params_total"], "steps": valid["step"],
            "valid_next_token_loss": valid["head_losses"][0], "train_seconds": round(seconds[-1], 1),
            "by_k": accuracy_by_k(workdir, a.test_ops, per_k, seen)}
-    row["wall_seconds"] = round(time.time() - began, 1)
+    row.update(wall_seconds=round(time.time() - began, 1), per_k=per_k, test_ops=a.test_ops)
     rows.append(row)
+    with open(saved + ".tmp", "w") as f:
+      json.dump(row, f)
+    os.replace(saved + ".tmp", saved)
     print(f"{run_name} seed {seed}: exact match by k {[round(x['exact_match'], 3) for x in row['by_k']]} "
           f"({time.time() - began:.0f}s)", flush=True)
 
