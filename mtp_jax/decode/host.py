@@ -260,8 +260,7 @@ def run(params, args: ModelArgs, tokens, lengths, *, mode="greedy", max_new_toke
 
 def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=0, key=None,
             eos_id: Optional[int] = None, slots: Optional[int] = None, draft_costs=None, draft_prior=None,
-            draft_decay: Optional[float] = None, draft_explore: Optional[int] = None, draft_counts=None,
-        tree_nodes: Optional[int] = None, tree_top: Optional[int] = None):
+            draft_decay: Optional[float] = None, draft_explore: Optional[int] = None, draft_counts=None):
   """`run` for a request its caller has checked (generate() does, once): nothing is checked again but
   draft_counts, which is not part of the request, before anything compiles."""
   settings = request.settings(args, batch_shards=_batch_shards(tokens),

@@ -252,8 +252,9 @@ def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState) ->
     trees = RowTrees.best_first(state.tree_sel, settings.candidates())
     mask = trees.ancestors
   else:
-    trees = RowTrees.static(settings.static_tree(), b)
-    mask = settings.static_tree().ancestors   # one static mask for every row
+    tree = settings.static_tree()
+    trees = RowTrees.static(tree, b)
+    mask = tree.ancestors   # one static mask for every row
   positions = state.position[:, None] + trees.depth
   hidden, cache = forward_hidden(model, w, block, positions, state.cache, state.position, tree=(state.position, mask))
   p_logits = unembed(model, w.params, hidden[0])
