@@ -118,6 +118,11 @@ def nll_hits(p_target, argmax, target):
   return (argmax == target).astype(np.float64), -np.log(np.maximum(p_target, 1e-30))
 
 
+def score(dist, target):
+  """(hits, nll in nats) of distributions [..., V] on targets [...]."""
+  return nll_hits(np.take_along_axis(dist, target[..., None], -1)[..., 0], np.argmax(dist, -1), target)
+
+
 def window_bootstrap(a, b, seed: int = 0) -> tuple:
   """(mean of a - b, 2.5th and 97.5th percentiles of that mean over windows resampled with replacement), for a,
   b [N windows, P positions] scored on the same positions: the windows, not the positions, are the independent
@@ -184,8 +189,7 @@ def evaluate(a):
   began = time.perf_counter()
   p_next = probs(win)[0]                                                      # [N, L, V]
   base_s = time.perf_counter() - began
-  hits1 = (np.argmax(p_next[:, ts], -1) == nxt)
-  nll1 = -np.log(np.maximum(np.take_along_axis(p_next[:, ts], nxt[..., None], -1)[..., 0], 1e-30))
+  hits1, nll1 = score(p_next[:, ts], nxt)
   per_position = {}   # predictor -> (hits, nll) [N, P], for the paired intervals
   rows = []
   vocab = config.model.vocab_size
@@ -208,8 +212,7 @@ def evaluate(a):
     mtp_probs(win[:1])                                                        # compile before timing
     began = time.perf_counter()
     head2 = mtp_probs(win)[1][:, ts]                                          # [N, P, V]: head 2 at t predicts x_{t+2}
-    hits = (np.argmax(head2, -1) == after).astype(np.float64)
-    nlls = -np.log(np.maximum(np.take_along_axis(head2, after[..., None], -1)[..., 0], 1e-30))
+    hits, nlls = score(head2, after)
     name = f"head 2 of {os.path.basename(os.path.normpath(d))} (n={c.model.n_future}, {c.model.head_type})"
     per_position[name] = (hits, nlls)
     rows.append({"predictor": name, "k": 0, "acc_t2": float(hits.mean()), "nll_t2": float(nlls.mean()),
