@@ -194,14 +194,26 @@ def glob(pattern: str) -> list[str]:
   return sorted(f"{scheme}://{k}" for k, v in hits.items() if v.get("type") == "file")
 
 
+_COMPRESSED = {".gz": "gzip", ".zst": "zstandard", ".bz2": "bz2", ".xz": "lzma"}
+
+
 def open_text(p: PathLike):
   """A text stream of `p`, decompressed by its suffix (.gz, .zst, .bz2, .xz), local or on a bucket. Bytes
   that are not UTF-8 arrive as lone surrogates (U+DC80..U+DCFF), never as U+FFFD: a reader can tell them
   from text, and skip what holds them."""
-  import fsspec
   if str(p).endswith(".zst"):
     require("zstandard", "pods", f"{p}: a .zst file")
-  return fsspec.open(str(path(p)), "rt", compression="infer", encoding="utf-8", errors="surrogateescape").open()
+  import fsspec
+  from fsspec.utils import infer_compression
+  suffix = os.path.splitext(str(p))[1].lower()
+  compression = infer_compression(str(p))
+  if suffix in _COMPRESSED and compression is None:
+    # fsspec registers its codecs once, at its first import: one imported while the codec's package was
+    # missing would read the compressed bytes as text, silently.
+    raise UserError(f"{p}: fsspec has no {suffix} codec in this process (it was imported before "
+                    f"{_COMPRESSED[suffix]} was installed); restart Python with {_COMPRESSED[suffix]} installed")
+  return fsspec.open(str(path(p)), "rt", compression=compression, encoding="utf-8",
+                     errors="surrogateescape").open()
 
 
 def open_binary(p: PathLike):

@@ -86,9 +86,19 @@ def test_missing_extras_are_one_line_naming_pods(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "gcsfs", None)   # import gcsfs -> ImportError, as when not installed
   with pytest.raises(UserError, match=r"gs://b/run: a gs:// path needs gcsfs, .* pip install 'mtp_jax\[pods\]'"):
     io.path("gs://b/run")
-  monkeypatch.setitem(sys.modules, "zstandard", None)
+  import fsspec.compression   # registered now, with zstandard present: hiding it below must not leak
+  monkeypatch.setitem(sys.modules, "zstandard", None)   # into fsspec's codecs for later tests in this worker
   (tmp_path / "a.jsonl.zst").write_bytes(b"")
   with pytest.raises(UserError, match=r"needs zstandard.*mtp_jax\[pods\]"):
+    io.open_text(tmp_path / "a.jsonl.zst")
+
+
+def test_a_codec_fsspec_lacks_is_one_line_not_raw_bytes(monkeypatch, tmp_path):
+  import fsspec.compression
+  import fsspec.utils
+  monkeypatch.delitem(fsspec.utils.compressions, "zst")   # as when fsspec was imported without zstandard
+  (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+  with pytest.raises(UserError, match=r"a.jsonl.zst: fsspec has no .zst codec in this process"):
     io.open_text(tmp_path / "a.jsonl.zst")
 
 
