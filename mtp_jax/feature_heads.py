@@ -39,7 +39,7 @@ import optax
 from mtp_jax import data
 from mtp_jax.errors import UserError
 from mtp_jax.interop import workdir as workdir_lib
-from mtp_jax.model import MTPTransformer
+from mtp_jax.model import MTPTransformer, unembedding_rows
 from mtp_jax.pretrained import cache_root
 
 
@@ -110,21 +110,40 @@ def cache_features(model: MTPTransformer, params, windows: np.ndarray, batch: in
   return Features(np.concatenate(zs), np.concatenate(gs), np.asarray(windows, np.int32))
 
 
+TARGETS = ("model", "greedy_path", "data")
+
+
+def on_greedy_path(feats_greedy, tokens, i: int):
+  """[B, T]: the text after position t follows greedy for i tokens (x_{t+j} = head 1's argmax at t+j-1,
+  j = 1..i). There, head 1's argmax at t+i is exactly what greedy decoding from x_{<=t} emits i+1 tokens
+  on: the token a chain of drafts from position t has to guess at depth i."""
+  t = tokens.shape[1]
+  ok = jnp.ones(tokens.shape, bool)
+  for j in range(1, i + 1):
+    ok &= jnp.roll(tokens, -j, axis=1) == jnp.roll(feats_greedy, -(j - 1), axis=1)
+  return ok & (jnp.arange(t)[None, :] < t - i)
+
+
 def head_targets(feats_greedy, tokens, i: int, target: str):
   """(targets, mask) [B, T] of head i (0-based, i >= 1): the token i+1 positions ahead of each position.
 
-  model: head 1's argmax at t+i (what greedy decoding emits there); data: the corpus token x[t+i+1].
+  model: head 1's argmax at t+i (what greedy decoding emits there, given the text up to t+i);
+  greedy_path: the same, only where the text up to t+i is greedy's own (`on_greedy_path`), so every
+  target is exactly the token that speculative decoding verifies the draft against;
+  data: the corpus token x[t+i+1].
   """
   t = tokens.shape[1]
-  if target == "model":
+  if target in ("model", "greedy_path"):
     src, shift = feats_greedy, i
   elif target == "data":
     src, shift = tokens, i + 1
   else:
-    raise UserError(f"target={target!r}: choose model (the base model's greedy tokens) or data (the corpus)")
+    raise UserError(f"target={target!r}: choose one of {', '.join(TARGETS)}")
   rolled = jnp.roll(src, -shift, axis=1)
-  mask = jnp.arange(t)[None, :] < t - shift
-  return jnp.where(mask, rolled, 0), jnp.broadcast_to(mask, src.shape)
+  mask = jnp.broadcast_to(jnp.arange(t)[None, :] < t - shift, src.shape)
+  if target == "greedy_path":
+    mask = mask & on_greedy_path(feats_greedy, tokens, i)
+  return jnp.where(mask, rolled, 0), mask
 
 
 def ahead_tokens(tokens, i: int):
@@ -146,8 +165,30 @@ def _added(params, n_future: int) -> dict:
   return {f"heads_{i}": params[f"heads_{i}"] for i in range(1, n_future)}
 
 
-def make_loss(model: MTPTransformer, target: str = "model"):
+def _vocab_logits(model: MTPTransformer, params, h, i: int, vocab):
+  """Head i's logits [..., V] or, with a draft vocabulary (token ids [N]), over those tokens only [..., N]:
+  the unembedding then reads N of its V rows, as drafting does (`decode.with_draft_vocab`)."""
+  if vocab is None:
+    return model.apply({"params": params}, h, i, method=MTPTransformer.logits).astype(jnp.float32)
+  normed = model.apply({"params": params}, i, h, method=MTPTransformer.output_norm)
+  rows = unembedding_rows(model.args, params, vocab).astype(normed.dtype)
+  return jnp.einsum("...d,nd->...n", normed, rows).astype(jnp.float32)
+
+
+def _in_vocab(targets, mask, vocab, vocab_size: int):
+  """Targets as indices into the draft vocabulary; those outside it are masked (no draft can hit them)."""
+  if vocab is None:
+    return targets, mask
+  index = jnp.full((vocab_size,), -1, jnp.int32).at[vocab].set(jnp.arange(len(vocab), dtype=jnp.int32))
+  where = index[targets]
+  return jnp.maximum(where, 0), mask & (where >= 0)
+
+
+def make_loss(model: MTPTransformer, target: str = "model", vocab=None):
   """loss(head_params, frozen_params, z, greedy, tokens, picks) -> (mean CE over added heads, per-head metrics).
+
+  vocab: token ids [N] of a draft vocabulary; the cross-entropy is then over those tokens only (targets
+  outside it do not count): the softmax the heads draft from, at N/V of the unembedding's cost.
 
   picks [B, K] or None: the positions whose cross-entropy counts. The unembedding (d x V) costs each
   head several times its own layer, so scoring K of T positions (drawn afresh each step) cuts that
@@ -162,7 +203,8 @@ def make_loss(model: MTPTransformer, target: str = "model"):
     if picks is not None:
       take = lambda x: jnp.take_along_axis(x, picks.reshape(picks.shape + (1,) * (x.ndim - 2)), axis=1)
       h, targets, mask = take(h), take(targets), take(mask)
-    logits = model.apply({"params": params}, h, i, method=MTPTransformer.logits).astype(jnp.float32)
+    logits = _vocab_logits(model, params, h, i, vocab)
+    targets, mask = _in_vocab(targets, mask, vocab, model.args.vocab_size)
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
     hits = (jnp.argmax(logits, -1) == targets) & mask
     count = jnp.maximum(jnp.sum(mask), 1)
@@ -187,10 +229,11 @@ def make_loss(model: MTPTransformer, target: str = "model"):
 
 def train_heads(model: MTPTransformer, params, feats: Features, *, steps: int, batch: int = 8, lr: float = 1e-3,
                 warmup: int = 20, target: str = "model", ce_positions: int = 0, seed: int = 0, log=print,
-                log_every: int = 20, on_log=None):
+                log_every: int = 20, on_log=None, vocab: Optional[np.ndarray] = None):
   """Adam on heads 2..n over the cached features; returns (params with the trained heads, log rows).
 
   ce_positions: score the cross-entropy at this many random positions per window (0: all of them).
+  vocab: a draft vocabulary's token ids (see make_loss); None: the whole vocabulary.
   on_log(step, params): called at every log row (for example to write the model so far).
   """
   n = model.args.n_future
@@ -203,7 +246,7 @@ def train_heads(model: MTPTransformer, params, feats: Features, *, steps: int, b
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1),
                    weight_decay=0.0)
   opt_state = tx.init(added)
-  loss_fn = make_loss(model, target)
+  loss_fn = make_loss(model, target, None if vocab is None else jnp.asarray(vocab, jnp.int32))
 
   seq_len = feats.tokens.shape[1]
   if not 0 <= ce_positions <= seq_len:
@@ -242,29 +285,38 @@ def train_heads(model: MTPTransformer, params, feats: Features, *, steps: int, b
   return dict(frozen, **added), rows
 
 
-def head_acceptance(model: MTPTransformer, params, feats: Features, batch: int = 8) -> dict:
-  """Teacher-forced acceptance on cached features: head i's argmax equal to greedy's token i positions
-  ahead, overall (accuracy) and given heads 2..i-1 were all right (what a speculative chain keeps)."""
+def head_acceptance(model: MTPTransformer, params, feats: Features, batch: int = 8,
+                    vocab: Optional[np.ndarray] = None) -> dict:
+  """Teacher-forced acceptance on cached features: head i's argmax (among `vocab`'s tokens if given, as
+  drafts choose) equal to greedy's token i positions ahead, overall (accuracy), given heads 2..i-1 were
+  all right (what a speculative chain keeps), and where the text is greedy's own up to there
+  (greedy_path_*: there a hit is exactly a draft that verification accepts at that depth, and
+  greedy_path_tokens_per_forward is a chain's 1 + sum over depths of P(drafts 2..i all accepted))."""
   n = model.args.n_future
+  ids = None if vocab is None else jnp.asarray(vocab, jnp.int32)
 
   @jax.jit
   def hits(params, z, greedy, tokens):
-    out = []
+    out, path = [], []
     z = h = z.astype(model.args.dtype)
+    # Only positions where every head can be scored, so the chain's conditional rates share positions.
+    common = jnp.arange(tokens.shape[1])[None, :] < tokens.shape[1] - (n - 1)
     for i in range(1, n):
       targets, mask = head_targets(greedy, tokens, i, "model")
       h = _run_added_head(model, params, i, z, h, tokens)
-      pred = jnp.argmax(model.apply({"params": params}, h, i, method=MTPTransformer.logits), -1)
-      # Only positions where every head can be scored, so the chain's conditional rates share positions.
-      common = jnp.arange(tokens.shape[1])[None, :] < tokens.shape[1] - (n - 1)
+      pred = jnp.argmax(_vocab_logits(model, params, h, i, ids), -1)
+      pred = pred if ids is None else ids[pred]
       out.append((pred == targets) & mask & common)
-    return jnp.stack(out)
+      path.append(on_greedy_path(greedy, tokens, i) & common)
+    return jnp.stack(out), jnp.stack(path)
 
-  all_hits = []
+  all_hits, all_path = [], []
   for i in range(0, len(feats) - batch + 1, batch):
     sl = slice(i, i + batch)
-    all_hits.append(np.asarray(hits(params, feats.z[sl], feats.greedy[sl], feats.tokens[sl])))
-  h = np.concatenate(all_hits, axis=1)                      # [n-1, N, T]
+    h, p = hits(params, feats.z[sl], feats.greedy[sl], feats.tokens[sl])
+    all_hits.append(np.asarray(h))
+    all_path.append(np.asarray(p))
+  h, p = np.concatenate(all_hits, axis=1), np.concatenate(all_path, axis=1)    # [n-1, N, T]
   t = feats.tokens.shape[1]
   positions = h.shape[1] * (t - (n - 1))
   chain = np.cumprod(h, axis=0)
@@ -272,7 +324,11 @@ def head_acceptance(model: MTPTransformer, params, feats: Features, batch: int =
   return {"positions": int(positions),
           "accuracy": [float(x) for x in h.sum(axis=(1, 2)) / positions],
           "chain_acceptance": [float(a / max(g, 1)) for a, g in zip(chain.sum(axis=(1, 2)), given)],
-          "expected_tokens_per_forward": float(1 + chain.sum() / positions)}
+          "greedy_path_accuracy": [float((hi & pi).sum() / max(pi.sum(), 1)) for hi, pi in zip(h, p)],
+          "greedy_path_positions": [int(pi.sum()) for pi in p],
+          "expected_tokens_per_forward": float(1 + chain.sum() / positions),
+          "greedy_path_tokens_per_forward": float(1 + sum((ci & pi).sum() / max(pi.sum(), 1)
+                                                          for ci, pi in zip(chain, p)))}
 
 
 def draft_vocab_ranking(greedy: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -385,6 +385,12 @@ class MTPTransformer(nn.Module):
     return jnp.stack(outs), new_cache
 
 
+def unembedding_rows(args: ModelArgs, params, ids):
+  """The unembedding's rows [N, d] of token ids [N]: what a head's logits over those tokens only read
+  (a draft vocabulary)."""
+  return params["embed"]["embedding"][ids] if args.tie_embeddings else params["unembed"]["kernel"][:, ids].T
+
+
 def default_positions(tokens, positions=None, segment_ids=None):
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)

@@ -86,7 +86,7 @@ def test_missing_extras_are_one_line_naming_pods(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "gcsfs", None)   # import gcsfs -> ImportError, as when not installed
   with pytest.raises(UserError, match=r"gs://b/run: a gs:// path needs gcsfs, .* pip install 'mtp_jax\[pods\]'"):
     io.path("gs://b/run")
-  import fsspec.compression   # registered now, with zstandard present: hiding it below must not leak
+  import fsspec.compression  # noqa: F401  registered now, with zstandard present: hiding it below must not leak
   monkeypatch.setitem(sys.modules, "zstandard", None)   # into fsspec's codecs for later tests in this worker
   (tmp_path / "a.jsonl.zst").write_bytes(b"")
   with pytest.raises(UserError, match=r"needs zstandard.*mtp_jax\[pods\]"):

@@ -111,3 +111,44 @@ def test_draft_vocab_ranking_is_greedy_frequency_then_id():
   ranking = fh.draft_vocab_ranking(greedy, 10)
   assert ranking.tolist()[:3] == [5, 3, 9] and sorted(ranking.tolist()) == list(range(10))
   assert ranking.tolist()[3:] == [0, 1, 2, 4, 6, 7, 8]
+
+
+def test_draft_vocab_loss_and_acceptance_are_the_full_softmax_restricted_to_it():
+  config, model, params, feats = _setup("parallel")
+  vocab = np.random.default_rng(1).permutation(config.model.vocab_size)[:config.model.vocab_size // 2].astype(np.int32)
+  logits = np.asarray(_forward(model, params, feats.tokens))[:, :, :, vocab]   # [n, B, T, N]
+  index = np.full(config.model.vocab_size, -1)
+  index[vocab] = np.arange(len(vocab))
+  want = []
+  for i in range(1, N):   # model targets: head 1's argmax i positions ahead, where the vocabulary holds it
+    tg = index[np.roll(feats.greedy, -i, axis=1)]
+    keep = (tg >= 0) & (np.arange(T)[None, :] < T - i)
+    lg = logits[i]
+    nll = jax.nn.logsumexp(lg, -1) - np.take_along_axis(lg, np.maximum(tg, 0)[..., None], -1)[..., 0]
+    want.append(np.sum(np.where(keep, nll, 0)) / keep.sum())
+  added, frozen = _split(params)
+  got = fh.make_loss(model, "model", jnp.asarray(vocab))(added, frozen, feats.z, feats.greedy, feats.tokens)[1]
+  assert_close(got["head_losses"], np.array(want), network_k(config, len(feats.tokens)))
+  common = T - (N - 1)
+  greedy = np.asarray(_forward(model, params, feats.tokens))[0].argmax(-1)
+  hits = np.stack([vocab[logits[i].argmax(-1)][:, :common] == greedy[:, i:i + common] for i in range(1, N)])
+  acc = fh.head_acceptance(model, params, feats, batch=4, vocab=vocab)
+  np.testing.assert_allclose(acc["accuracy"], hits.mean(axis=(1, 2)))
+
+
+def test_greedy_path_keeps_the_positions_where_the_text_is_greedys_own():
+  rng = np.random.default_rng(0)
+  greedy = rng.integers(0, 3, (4, 12)).astype(np.int32)
+  tokens = rng.integers(0, 3, (4, 12)).astype(np.int32)
+  for i in (1, 2, 3):
+    want = np.zeros_like(tokens, bool)
+    for b in range(4):
+      for t in range(12 - i):
+        want[b, t] = all(tokens[b, t + j] == greedy[b, t + j - 1] for j in range(1, i + 1))
+    np.testing.assert_array_equal(fh.on_greedy_path(jnp.asarray(greedy), jnp.asarray(tokens), i), want)
+    targets, mask = fh.head_targets(jnp.asarray(greedy), jnp.asarray(tokens), i, "greedy_path")
+    np.testing.assert_array_equal(mask, want)
+    np.testing.assert_array_equal(np.asarray(targets)[want], np.roll(greedy, -i, axis=1)[want])
+  _, model, params, feats = _setup("parallel")
+  acc = fh.head_acceptance(model, params, feats, batch=4)
+  assert acc["greedy_path_positions"][0] >= acc["greedy_path_positions"][1]

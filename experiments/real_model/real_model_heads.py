@@ -43,7 +43,11 @@ _STEPS = flags.DEFINE_integer("steps", 400, "Head training steps.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Windows per step.")
 _LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate (warmup, cosine decay to a tenth).")
 _CE_POS = flags.DEFINE_integer("ce_positions", 64, "Positions per window whose cross-entropy is scored.")
-_TARGET = flags.DEFINE_enum("target", "model", ["model", "data"], "model: greedy's tokens; data: the corpus'.")
+_TARGET = flags.DEFINE_enum("target", "model", list(feature_heads.TARGETS),
+                            "model: greedy's tokens; greedy_path: the same, only where the text is greedy's own up to "
+                            "there (what verification compares a draft with); data: the corpus'.")
+_VOCAB = flags.DEFINE_integer("draft_vocab", 0, "Train and score the heads over the base model's N most frequent greedy "
+                              "tokens only (what `--draft_vocab=N` decoding drafts among); 0: the whole vocabulary.")
 _HEAD_TYPE = flags.DEFINE_enum("head_type", "parallel", ["parallel", "causal", "sequential"],
                                "The added heads: transformer layers reading the trunk (parallel), each the previous "
                                "head (causal), or DeepSeek-V3 modules also reading the next token's embedding.")
@@ -68,8 +72,9 @@ def cached_features(model, params, config, tok, split: str, count: int, seq_len:
                                     cache_key=_MODEL.value)
 
 
-def cost_per_token(model, params, feats, steps: int, batch: int, ce_positions: int) -> list[dict]:
-  """Seconds per head-token of a heads-only step: trunk every step vs cached features (all or K positions)."""
+def cost_per_token(model, params, feats, steps: int, batch: int, ce_positions: int, vocab=None) -> list[dict]:
+  """Seconds per head-token of a heads-only step: trunk every step vs cached features (all or K positions, and
+  with a draft vocabulary every position over its tokens)."""
   n = model.args.n_future
   added = {f"heads_{i}": params[f"heads_{i}"] for i in range(1, n)}
   frozen = {k: v for k, v in params.items() if k not in added}
@@ -85,6 +90,9 @@ def cost_per_token(model, params, feats, steps: int, batch: int, ce_positions: i
   def from_features(added, z, greedy, tokens, picks):
     return grad(added, frozen, z, greedy, tokens, picks)
 
+  grad_vocab = None if vocab is None else jax.jit(jax.grad(
+      lambda *a: feature_heads.make_loss(model, "model", jnp.asarray(vocab))(*a)[0]))
+
   sl = slice(0, batch)
   z, g, t = feats.z[sl], feats.greedy[sl], feats.tokens[sl]
   picks = np.tile(np.arange(0, t.shape[1], t.shape[1] // ce_positions)[:ce_positions], (batch, 1)).astype(np.int32)
@@ -93,6 +101,9 @@ def cost_per_token(model, params, feats, steps: int, batch: int, ce_positions: i
               ("cached trunk features, every position scored", lambda: from_features(added, z, g, t, None)),
               (f"cached trunk features, {ce_positions} of {t.shape[1]} positions scored",
                lambda: from_features(added, z, g, t, picks))]
+  if vocab is not None:
+    variants.append((f"cached trunk features, every position scored over a {len(vocab):,}-token draft vocabulary",
+                     lambda: grad_vocab(added, frozen, z, g, t, None)))
   for _, f in variants:
     jax.block_until_ready(f())   # compile
   times = {name: [] for name, _ in variants}
@@ -128,15 +139,15 @@ def main(_):
       valid = cached_features(model, params, config, tok, "valid", valid_w, seq, batch)
       cache_s = time.time() - t0
       print(f"cached {len(feats)} + {len(valid)} windows of {seq} tokens in {cache_s:.0f} s", flush=True)
-      cost = cost_per_token(model, params, feats, 1 if quick else _COST_STEPS.value, batch, ce_pos)
+      ranking = feature_heads.draft_vocab_ranking(feats.greedy, config.model.vocab_size)
+      vocab = ranking[:_VOCAB.value] if _VOCAB.value else None
+      cost = cost_per_token(model, params, feats, 1 if quick else _COST_STEPS.value, batch, ce_pos, vocab)
       for c in cost:
         print(f"cost: {c['variant']}: {c['head_tokens_per_s']:.0f} head-tokens/s ({c['speedup']:.2f}x)", flush=True)
-    before = feature_heads.head_acceptance(model, params, valid, batch)
+    before = feature_heads.head_acceptance(model, params, valid, batch, vocab)
     t0 = time.time()
     out = f"{_OUT_WORKDIR.value}_{init}" if _OUT_WORKDIR.value and not quick else None
     config.data.seq_len = seq
-
-    ranking = feature_heads.draft_vocab_ranking(feats.greedy, config.model.vocab_size)
 
     def save(step, trained):   # the model so far, every --save_every steps, so a long run can be cut short
       if out and (step % _SAVE_EVERY.value == 0 or step == steps):
@@ -145,13 +156,19 @@ def main(_):
 
     trained, log = feature_heads.train_heads(model, params, feats, steps=steps, batch=batch, lr=_LR.value,
                                              target=_TARGET.value, ce_positions=ce_pos, log_every=max(1, steps // 20),
-                                             on_log=save)
+                                             on_log=save, vocab=vocab)
     train_s = time.time() - t0
-    after = feature_heads.head_acceptance(model, trained, valid, batch)
+    after = feature_heads.head_acceptance(model, trained, valid, batch, vocab)
     print(f"{init}: expected tokens per forward {before['expected_tokens_per_forward']:.3f} -> "
           f"{after['expected_tokens_per_forward']:.3f}; accuracy per head {after['accuracy']}", flush=True)
     runs.append({"head_init": init, "train_s": train_s, "before": before, "after": after, "log": log})
     report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, cost, runs, t_start, quick)
+
+
+_TARGET_WORDS = {"model": "greedy tokens of the base model (self-distillation)",
+                 "greedy_path": "greedy tokens of the base model, only where the text up to there is greedy's own "
+                                "(what verification compares each draft with)",
+                 "data": "the corpus"}
 
 
 def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, cost, runs, t_start, quick):
@@ -161,7 +178,7 @@ def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, 
   result = {"model": _MODEL.value, "file": gguf_path.name, "cpu": cpu, "n_future": n_future,
             "head_type": config.model.head_type, "seq_len": seq,
             "train_windows": len(feats), "valid_windows": len(valid), "steps": steps, "batch": batch, "lr": _LR.value,
-            "ce_positions": ce_pos, "target": _TARGET.value, "feature_cache_s": cache_s, "cost": cost, "runs": runs,
+            "ce_positions": ce_pos, "target": _TARGET.value, "draft_vocab": _VOCAB.value, "feature_cache_s": cache_s, "cost": cost, "runs": runs,
             "wall_s": time.time() - t_start, "quick": quick}
   m = config.model
   lines = [f"MTP heads on the frozen trunk of {_MODEL.value} ({gguf_path.name}; {m.n_layers - m.n_future} trunk "
@@ -169,9 +186,10 @@ def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, 
            f"CPU: {cpu}.", "",
            f"Training data: {len(feats)} windows of {seq} tokens ({len(feats) * seq:,} tokens) of the Python standard "
            f"library's train split; held out: {len(valid)} windows of its valid split. Targets: "
-           f"{'greedy tokens of the base model (self-distillation)' if _TARGET.value == 'model' else 'the corpus'}. "
-           f"{steps} steps of {batch} windows, Adam, peak lr {_LR.value}, cross-entropy scored at {ce_pos} random "
-           f"positions per window. " + (f"Caching the features took {cache_s:.0f} s." if not _FROM_CACHE else
+           f"{_TARGET_WORDS[_TARGET.value]}. {steps} steps of {batch} windows, Adam, peak lr {_LR.value}, "
+           f"cross-entropy scored at {f'{ce_pos} random positions' if ce_pos else 'every position'} per window"
+           + (f", over the base model's {_VOCAB.value:,} most frequent greedy tokens on the training windows (the draft "
+              f"vocabulary; drafts and accuracies below are among them too). " if _VOCAB.value else ". ") + (f"Caching the features took {cache_s:.0f} s." if not _FROM_CACHE else
                                         f"The features were read from the cache ({cache_s:.0f} s), computed by an "
                                         f"earlier run of this command."), "",
            "Cost of one heads-only training step (3 added heads; medians of interleaved steps):", "",
@@ -179,14 +197,17 @@ def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, 
   for c in cost:
     lines.append(f"| {c['variant']} | {c['step_s']:.2f} | {c['head_tokens_per_s']:.0f} | {c['speedup']:.2f} |")
   lines += ["", "Held-out, teacher-forced: head i at position t against the token greedy decoding emits at t+i; chain "
-            "acceptance: given heads 2..i-1 right; expected tokens per forward = 1 + sum of the chain's products.", "",
-            "| head init | trained | " + " | ".join(f"head {i + 2} acc / chain" for i in range(n_future - 1))
-            + " | expected tokens/forward | train s |", "|---|---|" + "---:|" * (n_future + 1)]
+            "acceptance: given heads 2..i-1 right; expected tokens per forward = 1 + sum of the chain's products. "
+            "On greedy's path: the same where the text up to t+i-1 is greedy's own, so that a hit is exactly a draft "
+            "that verification accepts (head i's accuracy there, and a chain's 1 + sum of P(drafts 2..i accepted)).", "",
+            "| head init | trained | " + " | ".join(f"head {i + 2} acc / chain / on path" for i in range(n_future - 1))
+            + " | expected tokens/forward | on greedy's path | train s |", "|---|---|" + "---:|" * (n_future + 2)]
   for r in runs:
     for label, a in (("no", r["before"]), ("yes", r["after"])):
-      cells = " | ".join(f"{x:.3f} / {y:.3f}" for x, y in zip(a["accuracy"], a["chain_acceptance"]))
+      cells = " | ".join(f"{x:.3f} / {y:.3f} / {z:.3f}" for x, y, z in
+                         zip(a["accuracy"], a["chain_acceptance"], a["greedy_path_accuracy"]))
       lines.append(f"| {r['head_init']} | {label} | {cells} | {a['expected_tokens_per_forward']:.3f} | "
-                   f"{r['train_s'] if label == 'yes' else 0:.0f} |")
+                   f"{a['greedy_path_tokens_per_forward']:.3f} | {r['train_s'] if label == 'yes' else 0:.0f} |")
   lines += ["", f"Wall time {result['wall_s'] / 60:.0f} min.", "",
             f"Command: `python experiments/real_model/real_model_heads.py {' '.join(sys.argv[1:])}`"]
   write_results(_OUT.value, result, lines)

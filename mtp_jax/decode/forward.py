@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.decode.types import DecodeError
-from mtp_jax.model import Block, MTPTransformer, ModelArgs, default_positions, init_cache
+from mtp_jax.model import Block, MTPTransformer, ModelArgs, default_positions, init_cache, unembedding_rows
 
 
 class Weights(NamedTuple):
@@ -66,8 +66,7 @@ def decode_weights(params, args: ModelArgs, n_heads: int, per_head: bool = False
   vocab = None
   if DRAFT_VOCAB in params:
     ids = params[DRAFT_VOCAB]
-    rows = params["embed"]["embedding"][ids] if args.tie_embeddings else params["unembed"]["kernel"][:, ids].T
-    vocab = (ids, rows)
+    vocab = (ids, unembedding_rows(args, params, ids))
   heads = tuple(params[f"heads_{i}"] for i in range(n_verify)) if per_head else stack(range(n_verify))
   return Weights(shared, layers, heads, stack(range(n_verify, n_heads)), vocab)
 
