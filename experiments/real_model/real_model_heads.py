@@ -95,11 +95,12 @@ def cost_per_token(model, params, feats, steps: int, batch: int, ce_positions: i
 
   sl = slice(0, batch)
   z, g, t = feats.z[sl], feats.greedy[sl], feats.tokens[sl]
-  picks = np.tile(np.arange(0, t.shape[1], t.shape[1] // ce_positions)[:ce_positions], (batch, 1)).astype(np.int32)
+  k = ce_positions or 32   # training on every position still compares against scoring a subset
+  picks = np.tile(np.arange(0, t.shape[1], t.shape[1] // k)[:k], (batch, 1)).astype(np.int32)
   variants = [("trunk recomputed every step (train.trainable=heads), every position scored",
                lambda: with_trunk(added, t, g)),
               ("cached trunk features, every position scored", lambda: from_features(added, z, g, t, None)),
-              (f"cached trunk features, {ce_positions} of {t.shape[1]} positions scored",
+              (f"cached trunk features, {k} of {t.shape[1]} positions scored",
                lambda: from_features(added, z, g, t, picks))]
   if vocab is not None:
     variants.append((f"cached trunk features, every position scored over a {len(vocab):,}-token draft vocabulary",
