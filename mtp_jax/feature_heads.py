@@ -16,8 +16,14 @@ then `save_workdir(out, config, params, tokenizer, ranking)` for `generate` and 
 
 Targets: `target="model"` (default) trains head i to predict what greedy decoding of the base model
 would emit i tokens later (head 1's argmax at position t+i-1), which is what self-speculative decoding
-accepts: self-distillation, as in Medusa-2 and EAGLE. `target="data"` uses the corpus' tokens, as the
-MTP loss does. Only the added heads (heads 2..n) train; the trunk, head 1, the final norm and the
+accepts: self-distillation, as in Medusa-2 and EAGLE. `target="greedy_path"` keeps only the positions
+where the text up to there is greedy's own, where each target is exactly the token verification
+compares the draft with. `target="data"` uses the corpus' tokens, as the MTP loss does.
+
+`vocab=ids` (a draft vocabulary: the base model's most frequent greedy tokens, `draft_vocab_ranking`)
+trains the heads' softmax over those tokens only, the one they draft from at decode time
+(`decode.with_draft_vocab`): on SmolLM2 an 8,192-token vocabulary makes scoring every position cost
+what scoring 32 of 256 does over the whole vocabulary. Only the added heads (heads 2..n) train; the trunk, head 1, the final norm and the
 unembedding stay as imported, so the model's greedy output is unchanged and every draft is verified
 by the original model. Gradients flow to the head layers only (no optimizer state, no kernel
 gradient for the frozen unembedding).
