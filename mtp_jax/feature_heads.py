@@ -23,10 +23,12 @@ compares the draft with. `target="data"` uses the corpus' tokens, as the MTP los
 `vocab=ids` (a draft vocabulary: the base model's most frequent greedy tokens, `draft_vocab_ranking`)
 trains the heads' softmax over those tokens only, the one they draft from at decode time
 (`decode.with_draft_vocab`): on SmolLM2 an 8,192-token vocabulary makes scoring every position cost
-what scoring 32 of 256 does over the whole vocabulary. Only the added heads (heads 2..n) train; the trunk, head 1, the final norm and the
-unembedding stay as imported, so the model's greedy output is unchanged and every draft is verified
-by the original model. Gradients flow to the head layers only (no optimizer state, no kernel
-gradient for the frozen unembedding).
+what scoring 32 of 256 does over the whole vocabulary.
+
+Only the added heads (heads 2..n) train; the trunk, head 1, the final norm and the unembedding stay
+as imported, so the model's greedy output is unchanged and every draft is verified by the original
+model. Gradients flow to the head layers only (no optimizer state, no kernel gradient for the frozen
+unembedding).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ import numpy as np
 import optax
 
 from mtp_jax import data
+from mtp_jax.decode.draft import draft_logits
 from mtp_jax.errors import UserError
 from mtp_jax.interop import workdir as workdir_lib
 from mtp_jax.model import MTPTransformer, unembedding_rows
@@ -173,12 +176,10 @@ def _added(params, n_future: int) -> dict:
 
 def _vocab_logits(model: MTPTransformer, params, h, i: int, vocab):
   """Head i's logits [..., V] or, with a draft vocabulary (token ids [N]), over those tokens only [..., N]:
-  the unembedding then reads N of its V rows, as drafting does (`decode.with_draft_vocab`)."""
-  if vocab is None:
-    return model.apply({"params": params}, h, i, method=MTPTransformer.logits).astype(jnp.float32)
+  what decoding's drafts are chosen from (`decode.with_draft_vocab`)."""
   normed = model.apply({"params": params}, i, h, method=MTPTransformer.output_norm)
-  rows = unembedding_rows(model.args, params, vocab).astype(normed.dtype)
-  return jnp.einsum("...d,nd->...n", normed, rows).astype(jnp.float32)
+  rows = None if vocab is None else (vocab, unembedding_rows(model.args, params, vocab))
+  return draft_logits(model, params, rows, normed)
 
 
 def _in_vocab(targets, mask, vocab, vocab_size: int):

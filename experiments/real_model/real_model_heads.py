@@ -179,7 +179,8 @@ def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, 
   result = {"model": _MODEL.value, "file": gguf_path.name, "cpu": cpu, "n_future": n_future,
             "head_type": config.model.head_type, "seq_len": seq,
             "train_windows": len(feats), "valid_windows": len(valid), "steps": steps, "batch": batch, "lr": _LR.value,
-            "ce_positions": ce_pos, "target": _TARGET.value, "draft_vocab": _VOCAB.value, "feature_cache_s": cache_s, "cost": cost, "runs": runs,
+            "ce_positions": ce_pos, "target": _TARGET.value, "draft_vocab": _VOCAB.value, "feature_cache_s": cache_s,
+            "cost": cost, "runs": runs,
             "wall_s": time.time() - t_start, "quick": quick}
   m = config.model
   lines = [f"MTP heads on the frozen trunk of {_MODEL.value} ({gguf_path.name}; {m.n_layers - m.n_future} trunk "
@@ -190,9 +191,10 @@ def report(config, gguf_path, seq, feats, valid, steps, batch, ce_pos, cache_s, 
            f"{_TARGET_WORDS[_TARGET.value]}. {steps} steps of {batch} windows, Adam, peak lr {_LR.value}, "
            f"cross-entropy scored at {f'{ce_pos} random positions' if ce_pos else 'every position'} per window"
            + (f", over the base model's {_VOCAB.value:,} most frequent greedy tokens on the training windows (the draft "
-              f"vocabulary; drafts and accuracies below are among them too). " if _VOCAB.value else ". ") + (f"Caching the features took {cache_s:.0f} s." if not _FROM_CACHE else
-                                        f"The features were read from the cache ({cache_s:.0f} s), computed by an "
-                                        f"earlier run of this command."), "",
+              f"vocabulary; drafts and accuracies below are among them too). " if _VOCAB.value else ". ")
+           + (f"Caching the features took {cache_s:.0f} s." if not _FROM_CACHE else
+              f"The features were read from the cache ({cache_s:.0f} s), computed by an earlier run of this command."),
+           "",
            "Cost of one heads-only training step (3 added heads; medians of interleaved steps):", "",
            "| variant | step s | head-tokens/s | speedup |", "|---|---:|---:|---:|"]
   for c in cost:
