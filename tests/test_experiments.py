@@ -431,9 +431,9 @@ print("ok")
 
 def test_row_cost_quick(tmp_path):
   res = run_quick("speed/row_cost.py", tmp_path)
-  assert [r["kernel"] for r in res["results"]] == ["xla", "eigen", "numpy"]
+  assert [r["kernel"] for r in res["results"]] == ["xla", "eigen", "rows", "numpy"]
   for r in res["results"]:
-    assert sorted(r["ms"]) == ["1", "2"] and all(t > 0 for t in r["ms"].values())
+    assert sorted(r["ms"]) == ["1", "2"] and all(t > 0 for t in r["ms"].values()) and r["core_gflops"] > 0
   take = {r["kernel"]: r["two_rows_take"] for r in res["results"]}
-  assert take["eigen"] == "dot" and take["numpy"] == ""    # the flag moves two rows off YNNPACK
+  assert take["eigen"] == "dot" and take["numpy"] == take["rows"] == ""    # the flag moves two rows off YNNPACK
   assert "| rows |" in (tmp_path / "row_cost_quick.md").read_text()

@@ -15,11 +15,19 @@ once per process):
   YNNPACK (the `__ynn_fusion` custom fusion in the compiled HLO).
 - eigen: YNNPACK takes no dots (--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE), so 2+ rows
   take the dot XLA emits itself (Eigen's GEMM).
+- rows: the default kernels, with every product over k rows written as k one-row products (one matrix-vector
+  product per row, stacked), each the product a greedy step runs: the weights are read k times, but the
+  reads after the first find the matrix in cache.
 - numpy: the same products in numpy (its BLAS), for a reference outside XLA.
 
-Each is timed interleaved over the row counts (medians), single-threaded, so a busy machine slows every
-row count alike. The table gives C(k) per kernel, the weight bytes read per second at one row and the
-arithmetic rate each extra row adds.
+(XLA's XNNPACK and oneDNN dot fusions take no dot whose weights are arguments, so they time as eigen.)
+Each process is pinned to one core and one thread, as a decode loop pinned to a core runs (unpinned, a
+library may spread an extra row's arithmetic over a second core), and is timed interleaved over the row
+counts (medians), so a busy machine slows every row count alike. The table gives C(k) per kernel, the
+weight bytes read per second at one row and the arithmetic rate each extra row adds. The floor beside it is
+what the core allows: k rows' time can be no less than reading the weights once (the one-row step) or than
+their arithmetic at the core's own GEMM rate (a 1024 x 1024 product, timed in the same process), whichever
+is longer.
 """
 import json
 import os
@@ -44,12 +52,13 @@ SHAPES = {
 KERNELS = {
     "xla": "",
     "eigen": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE",
+    "rows": "",
 }
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false"
 
 _SHAPES = flags.DEFINE_list("shapes", ["smollm2", "default"], f"Model shapes: {', '.join(SHAPES)}.")
 _ROWS = flags.DEFINE_list("rows", ["1", "2", "3", "4", "6", "8", "16"], "Rows per step (1 must be among them).")
-_KERNELS = flags.DEFINE_list("kernels", ["xla", "eigen", "numpy"], "Kernels to time (see the docstring).")
+_KERNELS = flags.DEFINE_list("kernels", ["xla", "eigen", "rows", "numpy"], "Kernels to time (see the docstring).")
 _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed calls per row count (interleaved).")
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run: the default shape, 1 and 2 rows, 2 repeats.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: time one kernel for one shape and print JSON.")
@@ -64,18 +73,46 @@ def _matrices(shape, seed=0):
   for _ in range(layers):
     for a, b in ((d, h * hd), (d, kv * hd), (d, kv * hd), (h * hd, d), (d, ff), (d, ff), (ff, d)):
       mats.append((rng.standard_normal((a, b), dtype=np.float32) * a ** -0.5))
-  mats.append(rng.standard_normal((d, vocab), dtype=np.float32) * d ** -0.5)   # the unembedding
+  mats.append(rng.standard_normal((vocab, d), dtype=np.float32) * d ** -0.5)   # the tied embedding, [V, d]
   return mats
 
 
-def _step(x, mats, layers, silu):
-  """The decode step's matrix products over the rows of x (numpy or jax arrays alike): the logits."""
+def _step(x, mats, layers, silu, mm=lambda x, w: x @ w):
+  """The decode step's matrix products over the rows of x (numpy or jax arrays alike): the logits. The
+  unembedding reads the embedding [V, d] transposed, as the model's tied output does."""
   for i in range(layers):
     q, k, v, o, g, u, dn = mats[7 * i:7 * i + 7]
-    a = (x @ q)[:, :o.shape[0]] + 0 * (x @ k).sum() + 0 * (x @ v).sum()
-    x = x + a @ o
-    x = x + (silu(x @ g) * (x @ u)) @ dn
-  return x @ mats[-1]
+    a = mm(x, q)[:, :o.shape[0]] + 0 * mm(x, k).sum() + 0 * mm(x, v).sum()
+    x = x + mm(a, o)
+    x = x + mm(silu(mm(x, g)) * mm(x, u), dn)
+  return mm(x, mats[-1].T)
+
+
+def _one_row_products(x, w):
+  """x @ w as one matrix-vector product per row of x: the product a greedy step runs, k times."""
+  import jax.numpy as jnp
+  return jnp.stack([x[i] @ w for i in range(x.shape[0])])
+
+
+def _pin_to_one_core():
+  """Run this process on one core (the last it may use), where the OS allows it."""
+  if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+
+
+def _core_gflops(jax, jnp) -> float:
+  """The core's f32 GEMM rate: a 1024 x 1024 product, best of 5."""
+  a = jnp.ones((1024, 1024), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
+  return 2 * 1024 ** 3 / best / 1e9
+
+
+def _timed(f) -> float:
+  t0 = time.perf_counter()
+  f()
+  return time.perf_counter() - t0
 
 
 def worker(kernel: str, shape_name: str, rows: list[int], repeats: int) -> dict:
@@ -83,14 +120,16 @@ def worker(kernel: str, shape_name: str, rows: list[int], repeats: int) -> dict:
   mats = _matrices(shape)
   layers = shape[5]
   xs = {m: np.random.default_rng(m).standard_normal((m, shape[0]), dtype=np.float32) for m in rows}
+  import jax
+  import jax.numpy as jnp
+  gflops = _core_gflops(jax, jnp)
   if kernel == "numpy":
     silu = lambda h: h / (1 + np.exp(-h))
     calls = {m: (lambda m=m: _step(xs[m], mats, layers, silu)) for m in rows}
   else:
-    import jax
-    import jax.numpy as jnp
     jmats = [jnp.asarray(w) for w in mats]
-    step = jax.jit(lambda x, ms: jnp.argmax(_step(x, ms, layers, jax.nn.silu), axis=-1))
+    mm = _one_row_products if kernel == "rows" else (lambda x, w: x @ w)
+    step = jax.jit(lambda x, ms: jnp.argmax(_step(x, ms, layers, jax.nn.silu, mm), axis=-1))
     calls = {}
     for m in rows:
       x = jnp.asarray(xs[m])
@@ -105,13 +144,13 @@ def worker(kernel: str, shape_name: str, rows: list[int], repeats: int) -> dict:
       calls[m]()
       times[m].append(time.perf_counter() - t0)
   hlo = ""
-  if kernel != "numpy":   # which kernel a lone two-row product takes, from its compiled program
-    text = jax.jit(jnp.matmul).lower(jnp.ones((2, shape[0])), jmats[-1]).compile().as_text()
+  if kernel not in ("numpy", "rows"):   # which kernel a lone two-row product takes, from its compiled program
+    text = jax.jit(jnp.matmul).lower(jnp.ones((2, shape[0])), jmats[-1].T).compile().as_text()
     hlo = "__ynn_fusion" if "__ynn_fusion" in text else "dot"
   weight_bytes = sum(w.nbytes for w in mats)
   flops_per_row = 2 * sum(w.size for w in mats)
   return {"kernel": kernel, "shape": shape_name, "ms": {m: 1e3 * float(np.median(t)) for m, t in times.items()},
-          "weight_bytes": weight_bytes, "flops_per_row": flops_per_row, "two_rows_take": hlo}
+          "weight_bytes": weight_bytes, "flops_per_row": flops_per_row, "two_rows_take": hlo, "core_gflops": gflops}
 
 
 def run_worker(kernel: str, shape: str, rows: list[int], repeats: int) -> dict:
@@ -131,6 +170,7 @@ def run_worker(kernel: str, shape: str, rows: list[int], repeats: int) -> dict:
 
 def main(_):
   if _WORKER.value:
+    _pin_to_one_core()
     print(json.dumps(worker(_WORKER.value, _SHAPES.value[0], [int(r) for r in _ROWS.value], _REPEATS.value)))
     return
   quick = _QUICK.value
@@ -155,10 +195,17 @@ def main(_):
   report(results, rows, repeats, time.time() - t0, quick)
 
 
+def _floor(r, m: int) -> float:
+  """The least C(m) this core allows: m rows cost at least one row's read of the weights and at least their
+  arithmetic at the core's GEMM rate."""
+  one = r["ms"][1] / 1e3
+  return max(one, m * r["flops_per_row"] / (r["core_gflops"] * 1e9)) / one
+
+
 def report(results, rows, repeats, wall, quick):
   cpu = cpu_model()
   lines = ["# What one more row costs in a decode step's weight matrices, by kernel", "",
-           f"CPU: {cpu}, one thread per process; the q, k, v, o, gate, up, down matrices of every layer and the "
+           f"CPU: {cpu}, each process pinned to one core, one thread; the q, k, v, o, gate, up, down matrices of every layer and the "
            f"unembedding, f32, one compiled program per row count; medians of {repeats} calls interleaved over "
            f"the row counts. C(k): k rows' time / one row's, in the same process.", ""]
   for shape in dict.fromkeys(r["shape"] for r in results):
@@ -166,11 +213,16 @@ def report(results, rows, repeats, wall, quick):
     d, h, kv, hd, ff, layers, vocab = SHAPES[shape]
     lines += [f"## {shape}: {layers} layers, d {d}, d_ff {ff}, vocabulary {vocab}; "
               f"{rs[0]['weight_bytes'] / 2 ** 20:.0f} MiB of weights", "",
-              "| rows | " + " | ".join(f"{r['kernel']} ms | {r['kernel']} C(k)" for r in rs) + " |",
-              "|---:|" + "---:|---:|" * len(rs)]
+              "| rows | " + " | ".join(f"{r['kernel']} ms | {r['kernel']} C(k)" for r in rs) + " | floor C(k) |",
+              "|---:|" + "---:|---:|" * len(rs) + "---:|"]
     for m in rows:
-      lines.append(f"| {m} | " + " | ".join(f"{r['ms'][m]:.2f} | {r['ms'][m] / r['ms'][1]:.2f}" for r in rs) + " |")
+      lines.append(f"| {m} | " + " | ".join(f"{r['ms'][m]:.2f} | {r['ms'][m] / r['ms'][1]:.2f}" for r in rs)
+                   + f" | {_floor(rs[0], m):.2f} |")
     lines.append("")
+    lines.append(f"- floor: the core's GEMM rate is {rs[0]['core_gflops']:.0f} GFLOP/s ({rs[0]['kernel']}'s process), "
+                 f"so {max(rows)} rows' {max(rows) * rs[0]['flops_per_row'] / 1e6:.0f} MFLOP need at least "
+                 f"{max(rows) * rs[0]['flops_per_row'] / rs[0]['core_gflops'] / 1e6:.2f} ms beside the one-row "
+                 f"step's {rs[0]['ms'][1]:.2f} ms of reading the weights")
     for r in rs:
       one = r["ms"][1] / 1e3
       extra = [(r["ms"][m] - r["ms"][1]) / 1e3 / (m - 1) for m in rows if m > 1]
@@ -184,7 +236,8 @@ def report(results, rows, repeats, wall, quick):
             "weights: k tokens per forward must then beat C(k), not 1, for drafting to pay "
             "(docs/decoding.md, the cost model).", "",
             f"Wall time {wall:.0f} s.", "",
-            "Command: `python experiments/speed/row_cost.py" + (" --quick" if quick else "") + "`"]
+            "Command: `python experiments/speed/row_cost.py" + (" --quick" if quick else "")
+            + (f" --out_name={_OUT.value}" if _OUT.value != "row_cost" else "") + "`"]
   results_io.write_results(_OUT.value + ("_quick" if quick else ""),
                            {"cpu": cpu, "rows": rows, "repeats": repeats, "results": results, "wall_s": wall},
                            lines, _OUT_DIR.value)
