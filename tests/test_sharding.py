@@ -13,16 +13,20 @@ from mtp_jax.sharding import check_divisibility, mesh_shape
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def sharded():
+def run_checks(all_meshes: bool = False) -> dict:
   """{check name: "ok" or its traceback} from one 8-device run of every check."""
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", SHARDED_CHECKS_ALL_MESHES="1" if all_meshes else "0")
   r = subprocess.run([sys.executable, os.path.join(HERE, "sharded_checks.py")], env=env, capture_output=True,
-                     text=True, timeout=1800)
+                     text=True, timeout=3600)
   lines = [l for l in r.stdout.splitlines() if l.startswith("RESULTS ")]
   assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-5000:]
   return {**json.loads(lines[-1][len("RESULTS "):]), "log": r.stdout}
+
+
+@pytest.fixture(scope="module")
+def sharded():
+  return run_checks()
 
 
 def check(sharded, name):
@@ -43,6 +47,13 @@ def test_decoding_on_meshes_matches_single_device(sharded):
 
 def test_checkpoint_restores_onto_another_mesh(sharded):
   check(sharded, "restore_on_another_mesh")
+
+
+@pytest.mark.slow   # every check on all four meshes: about 10 min on 2 cores
+def test_every_check_on_every_mesh():
+  results = run_checks(all_meshes=True)
+  failed = {k: v for k, v in results.items() if k != "log" and v != "ok"}
+  assert not failed, "\n".join(failed.values()) + results["log"][-3000:]
 
 
 def test_mesh_shape_resolution():
