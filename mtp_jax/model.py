@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtp_jax import attention
+from mtp_jax import attention, row_products
 from mtp_jax.lean_ops import rms_norm, rms_norm_lean, swiglu_project
 
 Array = jax.Array
@@ -120,8 +120,7 @@ class Projection(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
     if self.swiglu_input:
       return swiglu_project(gate.astype(self.dtype), up.astype(self.dtype), kernel.astype(self.dtype))
-    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), in_axes)
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    return row_products.project(x.astype(self.dtype), kernel.astype(self.dtype), self.n_in)
 
 
 def _dense(features, axes, args, name, n_in=1, init=None, swiglu_input=False):

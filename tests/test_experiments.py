@@ -376,11 +376,12 @@ def test_gpu_benchmarks_script_goes_on_past_a_benchmark_that_runs_out_of_time(tm
 
 
 def test_batch_invariance_quick(tmp_path):
-  """Greedy, chain, tree, bestfirst and auto (its budget falling and growing back) at batch 1 and 8 with continuous
-  batching and EOS: every prompt's tokens equal greedy's at batch 1 (the script exits 1 otherwise)."""
-  res = run_quick("speed/batch_invariance.py", tmp_path)
+  """Greedy, chain, tree and auto (its budget falling and growing back) at batch 1 and 8 with continuous batching
+  and EOS: every prompt's tokens equal greedy's at batch 1 (the script exits 1 otherwise). (Best-first trees with
+  continuous batching: tests/test_draft_budget.py.)"""
+  res = run_quick("speed/batch_invariance.py", tmp_path, "--draft=chain,tree,auto")
   assert res["all_identical"] and res["n_prompts"] == 24
-  assert [(r["scheme"], r["batch"]) for r in res["rows"]] == [(s, b) for s in ("greedy", "chain", "tree", "bestfirst", "auto")
+  assert [(r["scheme"], r["batch"]) for r in res["rows"]] == [(s, b) for s in ("greedy", "chain", "tree", "auto")
                                                               for b in (1, 8)]
   assert all(r["identical"] == 24 and r["first_difference"] is None for r in res["rows"])
   assert "| auto | 8 | 24/24 | none |" in (tmp_path / "batch_invariance_quick.md").read_text()
@@ -437,3 +438,11 @@ def test_row_cost_quick(tmp_path):
   take = {r["kernel"]: r["two_rows_take"] for r in res["results"]}
   assert take["eigen"] == "dot" and take["numpy"] == take["rows"] == ""    # the flag moves two rows off YNNPACK
   assert "| rows |" in (tmp_path / "row_cost_quick.md").read_text()
+
+
+def test_row_products_quick(tmp_path):
+  """The split on and off, side by side: both settings' outputs equal greedy's, and the table says so."""
+  res = run_quick("speed/row_products.py", tmp_path)
+  assert res["all_identical"] and [r["scheme"] for r in res["rows"]] == ["greedy", "chain2"]
+  assert all(r["on_tokens_per_s"] > 0 and r["off_tokens_per_s"] > 0 for r in res["rows"])
+  assert "| chain2 |" in (tmp_path / "row_products_quick.md").read_text()

@@ -137,3 +137,26 @@ def test_lean_ops_keep_bfloat16_inputs_in_bfloat16():
   w = jnp.ones((8, 4), jnp.bfloat16)
   grads = jax.grad(lambda a, b, w: jnp.sum(swiglu_project(a, b, w).astype(jnp.float32)), (0, 1, 2))(x, x, w)
   assert all(g.dtype == jnp.bfloat16 for g in grads)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_few_rows_are_one_product_per_row_and_each_is_the_one_row_product(rows):
+  """row_products.project: the same values as one contraction for any rows and contracted axes (n_in = 2: the
+  attention output's heads x head_dim), split per row for 2..ROWS_UP_TO rows on CPU, where each row is then
+  bit-for-bit what a one-row product gives it (a batch-1 greedy step's arithmetic)."""
+  from mtp_jax import row_products
+  key1, key2 = jax.random.split(jax.random.key(rows))
+  x = jax.random.normal(key1, (rows, 1, 4, 8))
+  kernel = jax.random.normal(key2, (4, 8, 16))
+  out = jax.jit(lambda x, k: row_products.project(x, k, n_in=2))(x, kernel)
+  assert out.shape == (rows, 1, 16)
+  np.testing.assert_allclose(out, jnp.einsum("bthd,hdf->btf", x, kernel), rtol=1e-5, atol=1e-5)
+  split = row_products.split_rows(rows)
+  assert split == (1 < rows <= row_products.ROWS_UP_TO)   # these tests run on CPU
+  one_row = jax.jit(lambda x, k: row_products.project(x, k, n_in=2))
+  if split:
+    for i in range(rows):
+      np.testing.assert_array_equal(out[i], one_row(x[i:i + 1], kernel)[0])
+  grad = jax.grad(lambda k: jnp.sum(row_products.project(x, k, n_in=2) ** 2))(kernel)
+  np.testing.assert_allclose(grad, jax.grad(lambda k: jnp.sum(jnp.einsum("bthd,hdf->btf", x, k) ** 2))(kernel),
+                             rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax import row_products
 from mtp_jax.decode.costs import clear_costs, step_costs
 from mtp_jax.decode.forward import decode_weights
 from mtp_jax.decode.loop import decode
@@ -207,7 +208,8 @@ def compiled_decode(params, args: ModelArgs, settings: Settings, tokens, lengths
   # Shardings are part of the signature: the same shapes on a mesh are another program.
   sig = tuple((x.shape, str(x.dtype), str(getattr(x, "sharding", None))) for x in jax.tree.leaves(params))
   sig += (str(getattr(tokens, "sharding", None)),)
-  cache_key = (args, settings, tokens.shape, jax.tree.structure(params), sig)
+  # The trace reads row_products' threshold: a program per setting (experiments/speed/row_products.py sets both).
+  cache_key = (args, settings, tokens.shape, jax.tree.structure(params), sig, row_products.ROWS_UP_TO)
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0
   start = time.perf_counter()

@@ -1,0 +1,38 @@
+"""A weight matrix times a few rows, on CPU: one matrix-vector product per row.
+
+A speculative verify step at batch 1 feeds 2-4 tokens through every weight matrix. XLA:CPU gives a product
+over 2+ rows to a GEMM kernel (YNNPACK), which on one core costs far more than the weights' read that bounds
+the one-row product: C(2) = 1.88 on SmolLM2-135M's matrices where the core's arithmetic allows 1.00
+(experiments/speed/results/row_cost_amd.md). The one-row product XLA emits itself, repeated per row, reads
+the matrix again from cache and costs less up to 3 rows (C(2) = 1.57 on SmolLM2's matrices, 1.03 on the
+default model's). Each row is then computed exactly as a batch-1 greedy step computes it.
+
+Only on CPU and only for 2..ROWS_UP_TO rows: a training step or a prefill has far more rows, and on an
+accelerator a few rows cost what one does.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+ROWS_UP_TO = 3   # from 4 rows on YNNPACK's GEMM is as fast (row_cost_amd.md)
+
+
+def split_rows(rows: int) -> bool:
+  """Whether a product over `rows` rows runs as one matrix-vector product per row here."""
+  return 1 < rows <= ROWS_UP_TO and jax.default_backend() == "cpu"
+
+
+def project(x, kernel, n_in: int = 1):
+  """x [..., *in] contracted over its last n_in axes with kernel [*in, *out] -> [..., *out]."""
+  lead = x.shape[:x.ndim - n_in]
+  rows = math.prod(lead)
+  if not split_rows(rows):
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+  flat = x.reshape((rows,) + x.shape[x.ndim - n_in:])
+  per_row = (tuple(range(n_in)), tuple(range(n_in)))
+  out = jnp.stack([jax.lax.dot_general(flat[i], kernel, (per_row, ((), ()))) for i in range(rows)])
+  return out.reshape(lead + kernel.shape[n_in:])
