@@ -215,6 +215,28 @@ def test_one_head_speculative_is_greedy():
   assert s.accepted.shape == (3, 0)
 
 
+def test_few_row_steps_split_per_row_and_stay_greedy():
+  """Matrices past row_products.MIN_WEIGHTS (d_model = d_ff = 128): verify steps of 2 and 3 tokens at batch 1 and
+  greedy over 2 rows run one matrix-vector product per row, and give batch-1 greedy's tokens."""
+  from mtp_jax import row_products
+  from mtp_jax.model import build_model
+  from helpers import random_params
+  c = tiny_config(vocab_size=48, n_future=3, n_layers=4, d_model=128, d_ff=128)
+  model = build_model(c.model)
+  params = random_params(model, 0)
+  params = {**params, "heads_1": params["heads_0"], "heads_2": params["heads_0"]}   # drafts often right
+  assert row_products.split_rows(3, c.model.d_model * c.model.d_ff)
+  prompts = MIXED[:2]
+  alone = [decode_run(model, params, [p], "greedy", max_new_tokens=12) for p in prompts]
+  pair = decode_run(model, params, prompts, "greedy", max_new_tokens=12)
+  for i, g in enumerate(alone):
+    np.testing.assert_array_equal(pair.tokens[i], g.tokens[0])
+    for k in (2, 3):
+      s = decode_run(model, params, [prompts[i]], "speculative", max_new_tokens=12, draft="chain", draft_heads=k)
+      check_same(g, s, 12)
+      assert s.accepted.sum() > 0
+
+
 # ----------------------------------------------------------------------------- speculative sampling
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
