@@ -49,7 +49,7 @@ def test_checkpoint_restores_onto_another_mesh(sharded):
   check(sharded, "restore_on_another_mesh")
 
 
-@pytest.mark.slow   # every check on all four meshes: about 10 min on 2 cores
+@pytest.mark.slow   # every check on all four meshes: about 3 min on 2 idle cores
 def test_every_check_on_every_mesh():
   results = run_checks(all_meshes=True)
   failed = {k: v for k, v in results.items() if k != "log" and v != "ok"}
