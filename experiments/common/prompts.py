@@ -23,3 +23,13 @@ def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[i
       break
   raise ValueError(f"the validation split gave only {len(prompts)} distinct prompts of {length} tokens; "
                    f"lower --prompt_len or --prompts")
+
+
+def valid_split_prompts(config, tokenizer, n: int, length: int, rng) -> list[list[int]]:
+  """held_out_prompts from a run's whole validation split (its config's training-bytes cap lifted, which would
+  otherwise cap the split read too)."""
+  import ml_collections
+  from mtp_jax import data
+  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+  data_cfg.max_train_bytes = 0
+  return held_out_prompts(data.Corpus(data_cfg), tokenizer, n, length, rng)

@@ -18,7 +18,6 @@ import os
 import sys
 import time
 
-import ml_collections
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
@@ -26,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.prompts import held_out_prompts  # noqa: E402
+from common.decode_models import tiny_drafting_model  # noqa: E402
+from common.prompts import valid_split_prompts  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
 from mtp_jax import decode  # noqa: E402
 from mtp_jax.cpu_flags import cpu_model  # noqa: E402
@@ -55,22 +55,13 @@ def _fail(message: str):
 def load(rng):
   """(params, args, prompts, eos id, where the weights and prompts came from)."""
   if _QUICK.value:
-    from mtp_jax.config import load as load_recipe
-    from mtp_jax.model import build_model, init_params
-    config = load_recipe("tiny")
-    config.model.update(dict(vocab_size=48, n_layers=5, n_future=4))
-    params = jax.jit(lambda k: init_params(build_model(config.model), k))(jax.random.key(0))
+    params, config = tiny_drafting_model()
     prompts = [rng.integers(1, 48, rng.integers(4, 17)).tolist() for _ in range(24)]
-    # the random heads seldom agree with head 0: copies of it draft often enough to exercise every path
-    params = {**params, **{f"heads_{i}": params["heads_0"] for i in range(1, 4)}}
     return params, ModelArgs.from_config(config.model), prompts, 0, "random init (heads copies of head 0), random tokens"
-  from mtp_jax import data
   from mtp_jax.generate import load_workdir
   params, config, tokenizer = load_workdir(_WORKDIR.value)
-  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-  data_cfg.max_train_bytes = 0
   try:
-    prompts = held_out_prompts(data.Corpus(data_cfg), tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
+    prompts = valid_split_prompts(config, tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
   except ValueError as e:
     _fail(str(e))
   half = _PROMPT_LEN.value // 2

@@ -14,7 +14,6 @@ import os
 import sys
 import time
 
-import ml_collections
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
@@ -22,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.prompts import held_out_prompts  # noqa: E402
+from common.decode_models import tiny_drafting_model, with_workdir_draft_vocab  # noqa: E402
+from common.prompts import valid_split_prompts  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
 from mtp_jax import decode, row_products  # noqa: E402
 from mtp_jax.cpu_flags import cpu_model  # noqa: E402
@@ -55,32 +55,23 @@ def load():
   """(params, args, prompts, where they came from)."""
   rng = np.random.default_rng(0)
   if _QUICK.value:
-    from mtp_jax.config import load as load_recipe
-    from mtp_jax.model import build_model, init_params
-    config = load_recipe("tiny")
-    config.model.update(dict(vocab_size=48, n_layers=5, n_future=4))
-    params = jax.jit(lambda k: init_params(build_model(config.model), k))(jax.random.key(0))
-    params = {**params, **{f"heads_{i}": params["heads_0"] for i in range(1, 4)}}   # drafts often right
+    params, config = tiny_drafting_model()
     prompts = [rng.integers(1, 48, 8).tolist() for _ in range(4)]
     return params, ModelArgs.from_config(config.model), prompts, "random init (heads copies of head 0)"
-  from mtp_jax import data, workdir as workdir_lib
   from mtp_jax.errors import UserError
   from mtp_jax.generate import load_workdir
   try:
     params, config, tokenizer = load_workdir(_WORKDIR.value)
   except UserError as e:
     _fail(f"--workdir={_WORKDIR.value}: {e}")
-  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-  data_cfg.max_train_bytes = 0
   try:
-    prompts = held_out_prompts(data.Corpus(data_cfg), tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
+    prompts = valid_split_prompts(config, tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
   except ValueError as e:
     _fail(str(e))
   args = ModelArgs.from_config(config.model)
   if _DRAFT_VOCAB.value:
     try:
-      params = decode.with_draft_vocab(params, workdir_lib.read_draft_vocab(_WORKDIR.value, _DRAFT_VOCAB.value),
-                                       args.vocab_size)
+      params = with_workdir_draft_vocab(params, args.vocab_size, _WORKDIR.value, _DRAFT_VOCAB.value)
     except UserError as e:
       _fail(str(e))
   return params, args, prompts, f"{_WORKDIR.value}, valid split"

@@ -20,7 +20,6 @@ import statistics
 import sys
 import time
 
-import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -30,7 +29,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.prompts import held_out_prompts  # noqa: E402
+from common.decode_models import with_workdir_draft_vocab  # noqa: E402
+from common.prompts import valid_split_prompts  # noqa: E402
 from common.results_io import write_results  # noqa: E402
 from common.step_timing import decode_step_program  # noqa: E402
 from mtp_jax import decode  # noqa: E402
@@ -83,16 +83,13 @@ def load_model():
     params = jax.jit(lambda k: init_params(build_model(config.model), k))(jax.random.key(0))
     prompts = rng.integers(0, config.model.vocab_size, (n_prompts, length)).tolist()
     return params, config, prompts, "random tokens"
-  from mtp_jax import data
   from mtp_jax.generate import load_workdir
   params, config, tokenizer = load_workdir(_WORKDIR.value)
   if _PROMPT_FILE.value:
     return params, config, file_prompts(tokenizer, n_prompts), os.path.basename(_PROMPT_FILE.value) + (
         " (chat template)" if _CHAT.value else "")
-  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-  data_cfg.max_train_bytes = 0       # prompts may come from the whole validation split, not the capped one
   try:
-    return params, config, held_out_prompts(data.Corpus(data_cfg), tokenizer, n_prompts, length, rng), "valid split"
+    return params, config, valid_split_prompts(config, tokenizer, n_prompts, length, rng), "valid split"
   except ValueError as e:
     _fail(str(e))
 
@@ -203,13 +200,11 @@ def with_draft_vocab(params, args: ModelArgs):
   """params drafting among the --draft_vocab most frequent tokens the workdir ranks (draft_vocab.npy)."""
   if not _DRAFT_VOCAB.value:
     return params
-  from mtp_jax import workdir as workdir_lib
   from mtp_jax.errors import UserError
   if _RANDOM.value:
     _fail("--draft_vocab reads the ranking a workdir holds; it does not go with --random_init")
   try:
-    ids = workdir_lib.read_draft_vocab(_WORKDIR.value, _DRAFT_VOCAB.value)
-    return decode.with_draft_vocab(params, ids, args.vocab_size)
+    return with_workdir_draft_vocab(params, args.vocab_size, _WORKDIR.value, _DRAFT_VOCAB.value)
   except UserError as e:
     _fail(str(e))
 
