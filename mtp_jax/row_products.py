@@ -36,7 +36,11 @@ def project(x, kernel, n_in: int = 1):
   if not split_rows(rows, kernel.size):
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     return jax.lax.dot_general(x, kernel, (contract, ((), ())))
-  flat = x.reshape((rows,) + x.shape[x.ndim - n_in:])
+  return one_product_per_row(x.reshape((rows,) + x.shape[x.ndim - n_in:]), kernel, n_in).reshape(
+      lead + kernel.shape[n_in:])
+
+
+def one_product_per_row(rows, kernel, n_in: int = 1):
+  """rows [M, *in] times kernel [*in, *out] as M matrix-vector products, stacked: [M, *out]."""
   per_row = (tuple(range(n_in)), tuple(range(n_in)))
-  out = jnp.stack([jax.lax.dot_general(flat[i], kernel, (per_row, ((), ()))) for i in range(rows)])
-  return out.reshape(lead + kernel.shape[n_in:])
+  return jnp.stack([jax.lax.dot_general(rows[i], kernel, (per_row, ((), ()))) for i in range(rows.shape[0])])

@@ -16,7 +16,7 @@ once per process):
 - eigen: YNNPACK takes no dots (--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE), so 2+ rows
   take the dot XLA emits itself (Eigen's GEMM).
 - rows: the default kernels, with every product over k rows written as k one-row products (one matrix-vector
-  product per row, stacked), each the product a greedy step runs: the weights are read k times, but the
+  product per row, stacked: mtp_jax.row_products.one_product_per_row), each the product a greedy step runs: the weights are read k times, but the
   reads after the first find the matrix in cache.
 - numpy: the same products in numpy (its BLAS), for a reference outside XLA.
 
@@ -88,12 +88,6 @@ def _step(x, mats, layers, silu, mm=lambda x, w: x @ w):
   return mm(x, mats[-1].T)
 
 
-def _one_row_products(x, w):
-  """x @ w as one matrix-vector product per row of x: the product a greedy step runs, k times."""
-  import jax.numpy as jnp
-  return jnp.stack([x[i] @ w for i in range(x.shape[0])])
-
-
 def _pin_to_one_core():
   """Run this process on one core (the last it may use), where the OS allows it."""
   if hasattr(os, "sched_setaffinity"):
@@ -128,7 +122,8 @@ def worker(kernel: str, shape_name: str, rows: list[int], repeats: int) -> dict:
     calls = {m: (lambda m=m: _step(xs[m], mats, layers, silu)) for m in rows}
   else:
     jmats = [jnp.asarray(w) for w in mats]
-    mm = _one_row_products if kernel == "rows" else (lambda x, w: x @ w)
+    from mtp_jax.row_products import one_product_per_row   # the model's own split, at every row count here
+    mm = one_product_per_row if kernel == "rows" else (lambda x, w: x @ w)
     step = jax.jit(lambda x, ms: jnp.argmax(_step(x, ms, layers, jax.nn.silu, mm), axis=-1))
     calls = {}
     for m in rows:
