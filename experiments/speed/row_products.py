@@ -63,7 +63,7 @@ def load():
   try:
     params, config, tokenizer = load_workdir(_WORKDIR.value)
   except UserError as e:
-    _fail(f"--workdir={_WORKDIR.value}: {e}")
+    _fail(str(e))
   try:
     prompts = valid_split_prompts(config, tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
   except ValueError as e:
