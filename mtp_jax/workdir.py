@@ -66,6 +66,11 @@ def read_draft_vocab(workdir, n: int, flag: str = "--draft_vocab"):
       ranking = np.load(f)
     except ValueError as e:
       raise UserError(f"{path} is not a numpy array of token ids ({e}); write it again")
+  if ranking.ndim != 1:
+    raise UserError(f"{path} holds an array of shape {ranking.shape}, not a list of token ids; write it again")
+  if n > len(ranking):
+    raise UserError(f"{flag}={n}: {path} ranks {len(ranking)} tokens; use {flag}<={len(ranking)}, or leave it "
+                    f"unset to draft over the whole vocabulary")
   return ranking[:n]
 
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from mtp_jax import decode
+from mtp_jax import decode, errors, workdir
 
 from helpers import MIXED, ROOT, bytes_workdir, chi2_pvalue, check_same, decode_run, exact_joint, tiny_decoder
 
@@ -50,6 +50,16 @@ def test_bad_draft_vocabularies_are_refused():
                      ([v], "distinct"), ([-1], "distinct")):
     with pytest.raises(decode.DecodeError, match=match):
       decode.with_draft_vocab(params, np.array(ids), v)
+
+
+def test_a_workdirs_ranking_is_read_within_its_length(tmp_path):
+  np.save(tmp_path / "draft_vocab.npy", np.arange(10, dtype=np.int32))
+  assert list(workdir.read_draft_vocab(tmp_path, 4)) == [0, 1, 2, 3]
+  with pytest.raises(errors.UserError, match=r"--draft_vocab=11: .* ranks 10 tokens; use --draft_vocab<=10"):
+    workdir.read_draft_vocab(tmp_path, 11)
+  np.save(tmp_path / "draft_vocab.npy", np.zeros((2, 5), np.int32))
+  with pytest.raises(errors.UserError, match=r"shape \(2, 5\)"):
+    workdir.read_draft_vocab(tmp_path, 4)
 
 
 def _generate(*args):
