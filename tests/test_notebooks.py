@@ -20,7 +20,7 @@ from helpers import ROOT
 NOTEBOOKS = os.path.join(ROOT, "experiments", "notebooks")
 
 TINY = {
-    "01_quickstart.ipynb": {"STEPS": 30, "MAX_NEW_TOKENS": 24},
+    "01_quickstart.ipynb": {"STEPS": 30, "MAX_NEW_TOKENS": 24, "MEMORY_VOCAB": 4096, "MEMORY_SEQ_LEN": 128},
     "02_pretrained_heads.ipynb": {"TRAIN_WINDOWS": 8, "VALID_WINDOWS": 4, "SEQ_LEN": 64, "STEPS": 4, "BATCH": 4,
                                   "CE_POSITIONS": 16, "DRAFT_VOCAB": 512, "MAX_NEW_TOKENS": 8},
     "03_sharding.ipynb": {"STEPS": 4, "SIZE_7B": ["n4"]},
