@@ -240,15 +240,18 @@ def test_poly_arithmetic_seeds_summary_pairs_runs_by_seed():
 
 
 def test_decode_profile_quick(tmp_path):
-  """Both probs x V paths are built, timed and profiled, and the profile shows which one each program ran."""
-  res = run_quick("speed/decode_profile.py", tmp_path)
-  assert [(r["batch"], r["mode"]) for r in res["rows"]] == [(2, "greedy"), (2, "speculative")]
+  """Both probs x V paths are built, timed and profiled, and the profile shows which one each program ran; a
+  best-first tree's step too, its tree work outside the layers."""
+  res = run_quick("speed/decode_profile.py", tmp_path, "--modes=greedy,bestfirst")
+  assert [(r["batch"], r["mode"]) for r in res["rows"]] == [(2, "greedy"), (2, "bestfirst")]
+  assert any(op.startswith("tree_verify/") for op in res["rows"][1]["ops_ms"]["stream"])
   for r in res["rows"]:
     einsum_ops, stream_ops = r["ops_ms"]["einsum"], r["ops_ms"]["stream"]
     assert any("bkgts,bksd->btkgd" in op for op in einsum_ops), einsum_ops
     assert stream_ops and not any("bkgts,bksd->btkgd" in op for op in stream_ops), stream_ops
     assert all(t > 0 for t in r["step_ms"].values())
-  assert "| batch | mode | einsum ms/step |" in (tmp_path / "decode_profile_quick.md").read_text()
+  text = (tmp_path / "decode_profile_quick.md").read_text()
+  assert "| batch | mode | einsum ms/step |" in text and "| 2 | bestfirst | " in text and "outside the layers |" in text
 
 
 def test_decode_attention_quick(tmp_path):

@@ -2,9 +2,11 @@
 
     python experiments/speed/decode_profile.py --workdir=workdirs/default       # ~2 min on 2 CPU cores
     python experiments/speed/decode_profile.py --quick --out_dir=/tmp/x         # toy model, seconds (a test runs it)
+    python experiments/speed/decode_profile.py --modes=greedy,speculative,tree,bestfirst16 --paths=stream \
+        --out_name=decode_profile_trees                                         # where a tree's verify step goes
 
-For batch sizes 1, 4 and 16 and both argmax modes (greedy: one token per step; speculative: a block of
-n tokens, verified), the decode loop's own step (`decode.step`, iterated `--iters` times in one
+For batch sizes 1, 4 and 16 and each of --modes (greedy: one token per step; speculative: a block of
+n tokens, verified; tree / bestfirst: a tree of the heads' top choices, verified), the decode loop's own step (`decode.step`, iterated `--iters` times in one
 compiled program from a prefilled state, with the cache sized as `decode.run` sizes it) is built twice:
 
     einsum    q @ K and probs @ V as dot_generals over the whole cache (attention.DECODE_MAX_QUERIES = 0,
@@ -19,6 +21,7 @@ they come from (HLO metadata op_name), which names the part of the model that sp
 Writes experiments/speed/results/<out_name>.md and .json.
 """
 import os
+import re
 import statistics
 import sys
 import time
@@ -33,9 +36,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import results_io  # noqa: E402
+from common.drafts import draft_options  # noqa: E402
 from common.profiling import profile, top  # noqa: E402
 from mtp_jax import attention, decode  # noqa: E402
+from mtp_jax.cpu_flags import cpu_model  # noqa: E402
 from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_params  # noqa: E402
+
+PATHS = {"einsum": (0, 0), "stream": (attention.DECODE_MAX_QUERIES, attention.CACHE_WINDOW)}   # (max queries, window)
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "A run whose model to profile (its weights are used; "
                                "a step's cost does not depend on their values).")
@@ -46,11 +53,14 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Sizes the cache as a gen
 _ITERS = flags.DEFINE_integer("iters", 50, "Steps per timed program.")
 _REPEATS = flags.DEFINE_integer("repeats", 9, "Timed runs of each program (interleaved).")
 _TOP = flags.DEFINE_integer("top", 6, "Operations listed per profile.")
+_MODES = flags.DEFINE_list("modes", ["greedy", "speculative"], "Steps to profile: greedy, speculative (a chain of "
+                           "n_future-1 drafts), or a tree (speculative with --draft=tree / bestfirst; names as in "
+                           "experiments/speed/speculative.py: tree, treeN, bestfirst, bestfirstN, bestfirstNxK).")
+_PATHS = flags.DEFINE_list("paths", list(PATHS), "Attention paths to build each step with (einsum, stream).")
 _QUICK = flags.DEFINE_bool("quick", False, "configs/tiny.py at random init, batch 2, a few steps: a smoke test.")
 _OUT_DIR = flags.DEFINE_string("out_dir", results_io.results_folder(__file__), "Where the results files go.")
 _OUT = flags.DEFINE_string("out_name", "decode_profile", "Results file stem (--quick appends _quick).")
 
-PATHS = {"einsum": (0, 0), "stream": (attention.DECODE_MAX_QUERIES, attention.CACHE_WINDOW)}   # (max queries, window)
 
 
 def load(quick: bool):
@@ -65,17 +75,32 @@ def load(quick: bool):
   return params, config, _WORKDIR.value
 
 
+def settings_of(name: str, args: ModelArgs) -> decode.Settings:
+  """A --modes entry as the decode loop's static settings."""
+  if name in ("greedy", "speculative"):
+    return decode.Settings(name, _MAX_NEW.value, args.n_future)
+  kw = draft_options(name)
+  if kw["draft"] not in ("tree", "bestfirst"):
+    raise app.UsageError(f"--modes={name}: use greedy, speculative, tree[N] or bestfirst[N[xK]]")
+  try:
+    decode.Request("speculative", **kw, flag="--").check_model(args)
+  except decode.DecodeError as e:
+    raise app.UsageError(f"--modes={name}: {e}")
+  return decode.Settings("speculative", _MAX_NEW.value, args.n_future, draft=kw["draft"],
+                         tree_nodes=kw.get("tree_nodes", 0), tree_top=kw.get("tree_top", 0))
+
+
 def step_program(params, args: ModelArgs, mode: str, batch: int, path: str, iters: int):
   """The compiled loop of `iters` decode steps from a prefilled state, and its arguments."""
   model, sp = MTPTransformer(args), decode.SamplingParams.of()
-  settings = decode.Settings(mode, _MAX_NEW.value, args.n_future)
+  settings = settings_of(mode, args)
   rng = np.random.default_rng(batch)
   tokens = jnp.asarray(rng.integers(0, args.vocab_size, (batch, _PROMPT_LEN.value)), jnp.int32)
   lengths = jnp.full((batch,), _PROMPT_LEN.value, jnp.int32)
   saved = attention.DECODE_MAX_QUERIES, attention.CACHE_WINDOW
   attention.DECODE_MAX_QUERIES, attention.CACHE_WINDOW = PATHS[path]
   try:   # read while tracing: each program keeps the path it was traced with
-    w = jax.jit(lambda p: decode.decode_weights(p, args, settings.heads_run))(params)
+    w = jax.jit(lambda p: decode.decode_weights(p, args, settings.heads_run, settings.per_head))(params)
     state = jax.jit(lambda w: decode.prefill(model, w, settings, sp, tokens, lengths, jax.random.key(0)))(w)
     loop = jax.jit(lambda w, s: jax.lax.fori_loop(0, iters, lambda i, s: decode.step(model, w, settings, sp, s), s))
     compiled = loop.lower(w, state).compile()
@@ -90,12 +115,17 @@ def main(_):
   args = ModelArgs.from_config(config.model)
   batches = [2] if quick else [int(b) for b in _BATCHES.value]
   iters, repeats = (4, 2) if quick else (_ITERS.value, _REPEATS.value)
+  paths = [p for p in PATHS if p in _PATHS.value]
+  if not paths or set(_PATHS.value) - set(PATHS):
+    raise app.UsageError(f"--paths={','.join(_PATHS.value)}: choose among {', '.join(PATHS)}")
+  for m in _MODES.value:
+    settings_of(m, args)          # a bad --modes entry fails before anything compiles
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   rows, t_start = [], time.time()
   for b in batches:
-    for mode in ("greedy", "speculative"):
-      programs = {p: step_program(params, args, mode, b, p, iters) for p in PATHS}
-      times = {p: [] for p in PATHS}
+    for mode in _MODES.value:
+      programs = {p: step_program(params, args, mode, b, p, iters) for p in paths}
+      times = {p: [] for p in paths}
       for fn, inputs in programs.values():
         jax.block_until_ready(fn(*inputs))       # warm up
       for _ in range(repeats):
@@ -105,34 +135,59 @@ def main(_):
           times[p].append((time.perf_counter() - t0) / iters * 1e3)
       ms = {p: statistics.median(t) for p, t in times.items()}
       ops = {p: profile(fn, inputs, iters) for p, (fn, inputs) in programs.items()}
-      rows.append({"batch": b, "mode": mode, "step_ms": ms, "ratio": ms["einsum"] / ms["stream"], "ops_ms": ops})
-      print(f"batch {b:3d} {mode:11s}: einsum {ms['einsum']:.3f} ms, stream {ms['stream']:.3f} ms per step "
-            f"({ms['einsum'] / ms['stream']:.2f}x)", flush=True)
+      rows.append({"batch": b, "mode": mode, "step_ms": ms, "ops_ms": ops,
+                   **({"ratio": ms["einsum"] / ms["stream"]} if len(paths) == 2 else {})})
+      print(f"batch {b:3d} {mode:11s}: " + ", ".join(f"{p} {ms[p]:.3f} ms" for p in paths) + " per step", flush=True)
+  report(rows, args, paths, device, origin, iters, repeats, t_start, quick)
 
+
+def parts(ops: dict) -> dict:
+  """ms per step by part of the step: the layers' matrix products, the rest of the layers (attention,
+  norms, cache writes), and what runs outside the layers (drafting, the tree, verification, the cache's
+  path commit)."""
+  out = {"layer products": 0.0, "rest of the layers": 0.0, "outside the layers": 0.0}
+  for op, v in ops.items():
+    in_layer = re.match(r"(vmap\()?(Block|MTPModule)\b", op) is not None   # vmap(Block): stacked heads
+    product = in_layer and "dot_general" in op and "->" not in op          # not attention's einsums over the cache
+    out["layer products" if product else "rest of the layers" if in_layer else "outside the layers"] += v
+  return out
+
+
+def report(rows, args, paths, device, origin, iters, repeats, t_start, quick):
   cache = _PROMPT_LEN.value + _MAX_NEW.value + args.n_future
   model_desc = (f"n_future={args.n_future}, head_type={args.head_type}, d_model={args.d_model}, "
                 f"n_layers={args.n_layers}, n_heads={args.n_heads}/{args.n_kv_heads} kv, vocab={args.vocab_size}")
   result = {"device": device, "model": model_desc, "weights": origin, "cache_slots": cache, "iters": iters,
-            "repeats": repeats, "wall_s": time.time() - t_start, "rows": rows}
+            "repeats": repeats, "paths": paths, "wall_s": time.time() - t_start, "rows": rows}
+  last = paths[-1]
   lines = ["# A decode step's time, by operation", "",
-           f"{device}; {model_desc}; weights: {origin}; a cache of {cache} slots ({_PROMPT_LEN.value}-token prompts, "
-           f"room for {_MAX_NEW.value} new tokens); the decode loop's own step, {iters} per program, medians of "
-           f"{repeats} interleaved runs. einsum: q @ K and probs @ V as dots over the whole cache; "
-           f"stream: probs x V as a fused multiply-reduce (q @ K a dot) over the window of {attention.CACHE_WINDOW}-slot multiples that "
-           f"holds the batch's furthest query (the default; the steps start at the prompts' end, where the "
-           f"window is small: decode_attention.md times whole generations).", "",
-           "| batch | mode | einsum ms/step | stream ms/step | einsum / stream | speculative / greedy step, stream |",
-           "|---:|---|---:|---:|---:|---:|"]
+           f"{device} ({cpu_model()}); {model_desc}; weights: {origin}; a cache of {cache} slots "
+           f"({_PROMPT_LEN.value}-token prompts, room for {_MAX_NEW.value} new tokens); the decode loop's own step, "
+           f"{iters} per program, medians of {repeats} interleaved runs. einsum: q @ K and probs @ V as dots over "
+           f"the whole cache; stream: probs x V as a fused multiply-reduce (q @ K a dot) over the window of "
+           f"{attention.CACHE_WINDOW}-slot multiples that holds the batch's furthest query (the default; the steps "
+           f"start at the prompts' end, where the window is small: decode_attention.md times whole generations). "
+           f"tree / bestfirst: a verify step over the tree's nodes (--draft=tree / bestfirst), its drafting and "
+           f"the accepted path's commit to the cache included.", "",
+           "| batch | mode | " + " | ".join(f"{p} ms/step" for p in paths)
+           + (" | einsum / stream" if len(paths) == 2 else "") + f" | step / greedy step, {last} |",
+           "|---:|---|" + "---:|" * (len(paths) + (len(paths) == 2) + 1)]
   step = {(r["batch"], r["mode"]): r["step_ms"] for r in rows}
   for r in rows:
-    c = step[(r["batch"], "speculative")]["stream"] / step[(r["batch"], "greedy")]["stream"]
-    c = f"{c:.2f}" if r["mode"] == "speculative" else ""
-    lines.append(f"| {r['batch']} | {r['mode']} | {r['step_ms']['einsum']:.3f} | {r['step_ms']['stream']:.3f} | "
-                 f"{r['ratio']:.2f} | {c} |")
+    greedy = step.get((r["batch"], "greedy"))
+    c = f"{r['step_ms'][last] / greedy[last]:.2f}" if greedy and r["mode"] != "greedy" else ""
+    lines.append(f"| {r['batch']} | {r['mode']} | " + " | ".join(f"{r['step_ms'][p]:.3f}" for p in paths)
+                 + (f" | {r['ratio']:.2f}" if "ratio" in r else "") + f" | {c} |")
+  lines += ["", f"By part of the step ({last}, profiled ms per step; layer products: the layers' q/k/v/o and MLP "
+            "matrix products; outside the layers: drafting, tree building, verification and the cache's commit):", "",
+            "| batch | mode | layer products | rest of the layers | outside the layers |", "|---:|---|---:|---:|---:|"]
+  for r in rows:
+    pp = parts(r["ops_ms"][last])
+    lines.append(f"| {r['batch']} | {r['mode']} | " + " | ".join(f"{v:.3f}" for v in pp.values()) + " |")
   lines += ["", f"Where the time goes (profiled, ms per step summed over the {args.n_layers} layers, top {_TOP.value} "
             "operations of each program; the rest is the other operations):", ""]
   for r in rows:
-    for p in PATHS:
+    for p in paths:
       total = sum(r["ops_ms"][p].values())
       lines.append(f"- batch {r['batch']} {r['mode']}, {p} ({total:.2f} ms profiled): "
                    + "; ".join(f"`{op}` {v:.2f}" for op, v in top(r["ops_ms"][p], _TOP.value)))

@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import drafts  # noqa: E402
 from common.decode_models import with_workdir_draft_vocab  # noqa: E402
 from common.prompts import valid_split_prompts  # noqa: E402
 from common.results_io import write_results  # noqa: E402
@@ -160,17 +161,8 @@ def grown(row: dict) -> str:
 
 
 def draft_options(kind: str) -> dict:
-  """decode.run's draft keywords for a --draft entry: chain, auto, tree, bestfirst (--draft_heads as the cap),
-  chainK (a chain of K-1 drafts, whatever --draft_heads says), treeN / bestfirstN (N nodes) or bestfirstNxK (N
-  nodes among each head's top K)."""
-  if kind.startswith("chain") and kind[5:].isdigit():
-    return {"draft": "chain", "draft_heads": int(kind[5:])}
-  for tree in ("bestfirst", "tree"):
-    size = kind[len(tree):].split("x") if kind.startswith(tree) and kind != tree else None
-    if size and all(part.isdigit() for part in size) and len(size) <= (2 if tree == "bestfirst" else 1):
-      return {"draft": tree, "draft_heads": _DRAFT.value, "tree_nodes": int(size[0]),
-              **({"tree_top": int(size[1])} if len(size) == 2 else {})}
-  return {"draft": kind, "draft_heads": _DRAFT.value}
+  """decode.run's draft keywords for a --draft entry (common/drafts.py), --draft_heads the cap."""
+  return drafts.draft_options(kind, _DRAFT.value)
 
 
 def verify_cost(params, args: ModelArgs, prompts, repeats: int) -> dict:

@@ -213,8 +213,7 @@ def compiled_decode(params, args: ModelArgs, settings: Settings, tokens, lengths
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0
   start = time.perf_counter()
-  per_head = settings.draft != "chain"
-  weights = jax.jit(lambda p: decode_weights(p, args, settings.heads_run, per_head)).lower(params).compile()
+  weights = jax.jit(lambda p: decode_weights(p, args, settings.heads_run, settings.per_head)).lower(params).compile()
   loop = jax.jit(lambda *xs: decode(*xs, model=MTPTransformer(args), settings=settings))
   loop = loop.lower(weights(params), tokens, lengths, key, sp, Budget.of(settings.depths)).compile()
   _COMPILED[cache_key] = lambda params, *rest: loop(weights(params), *rest)

@@ -112,7 +112,7 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
   k = settings.block
   budget = Budget.of(settings.depths) if budget is None else budget
   slots = p + settings.max_new_tokens + args.n_future + k
-  cache = init_decode_cache(args, b, slots, settings.heads_run, per_head=settings.draft != "chain")
+  cache = init_decode_cache(args, b, slots, settings.heads_run, per_head=settings.per_head)
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
   zero = jnp.zeros((b,), jnp.int32)
   auto = settings.draft == "auto"

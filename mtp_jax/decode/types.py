@@ -81,6 +81,10 @@ class Settings:
     return self.draft in ("tree", "bestfirst") and self.speculative
 
   @property
+  def per_head(self) -> bool:   # the heads' weights and caches as tuples, one per head (auto runs a prefix of
+    return self.draft != "chain"   # them, and taking the first j of a tuple copies nothing); a chain stacks them
+
+  @property
   def block(self) -> int:       # tokens fed per step: last token + k-1 drafts (a tree: + its nodes)
     return 1 + self.nodes if self.tree else self.depths + 1
 
