@@ -6,8 +6,9 @@
         --out_name=decode_profile_trees                                         # where a tree's verify step goes
 
 For batch sizes 1, 4 and 16 and each of --modes (greedy: one token per step; speculative: a block of
-n tokens, verified; tree / bestfirst: a tree of the heads' top choices, verified), the decode loop's own step (`decode.step`, iterated `--iters` times in one
-compiled program from a prefilled state, with the cache sized as `decode.run` sizes it) is built twice:
+n tokens, verified; tree / bestfirst: a tree of the heads' top choices, verified), the decode loop's own
+step (`decode.step`, iterated `--iters` times in one compiled program from a prefilled state, with the
+cache sized as `decode.run` sizes it) is built with each of --paths:
 
     einsum    q @ K and probs @ V as dot_generals over the whole cache (attention.DECODE_MAX_QUERIES = 0,
               CACHE_WINDOW = 0)
