@@ -251,7 +251,7 @@ def test_decode_profile_quick(tmp_path):
     assert stream_ops and not any("bkgts,bksd->btkgd" in op for op in stream_ops), stream_ops
     assert all(t > 0 for t in r["step_ms"].values())
   text = (tmp_path / "decode_profile_quick.md").read_text()
-  assert "| batch | mode | einsum ms/step |" in text and "| 2 | bestfirst | " in text and "outside the layers |" in text
+  assert "| batch | mode | einsum ms/step |" in text and "| 2 | bestfirst | " in text and "outside the layers |" in text and "layer dots" in text
 
 
 def test_decode_attention_quick(tmp_path):

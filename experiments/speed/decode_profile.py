@@ -146,11 +146,11 @@ def parts(ops: dict) -> dict:
   """ms per step by part of the step: the layers' matrix products, the rest of the layers (attention,
   norms, cache writes), and what runs outside the layers (drafting, the tree, verification, the cache's
   path commit)."""
-  out = {"layer products": 0.0, "rest of the layers": 0.0, "outside the layers": 0.0}
+  out = {"layer dots": 0.0, "rest of the layers": 0.0, "outside the layers": 0.0}
   for op, v in ops.items():
     in_layer = re.match(r"(vmap\()?(Block|MTPModule)\b", op) is not None   # vmap(Block): stacked heads
     product = in_layer and "dot_general" in op and "->" not in op          # not attention's einsums over the cache
-    out["layer products" if product else "rest of the layers" if in_layer else "outside the layers"] += v
+    out["layer dots" if product else "rest of the layers" if in_layer else "outside the layers"] += v
   return out
 
 
@@ -179,9 +179,12 @@ def report(rows, args, paths, device, origin, iters, repeats, t_start, quick):
     c = f"{r['step_ms'][last] / greedy[last]:.2f}" if greedy and r["mode"] != "greedy" else ""
     lines.append(f"| {r['batch']} | {r['mode']} | " + " | ".join(f"{r['step_ms'][p]:.3f}" for p in paths)
                  + (f" | {r['ratio']:.2f}" if "ratio" in r else "") + f" | {c} |")
-  lines += ["", f"By part of the step ({last}, profiled ms per step; layer products: the layers' q/k/v/o and MLP "
-            "matrix products; outside the layers: drafting, tree building, verification and the cache's commit):", "",
-            "| batch | mode | layer products | rest of the layers | outside the layers |", "|---:|---|---:|---:|---:|"]
+  lines += ["", f"By part of the step ({last}, profiled ms per step). Layer dots: the layers' q/k/v/o and MLP "
+            "products that run as dots (a one-row product is fused into the operation beside it, a norm or an "
+            "add, and counts in the rest of the layers); outside the layers: drafting, tree building, verification "
+            "and the cache's commit. Profiled times include the profiler's cost per operation, so they can sum to "
+            "more than the unprofiled step above.", "",
+            "| batch | mode | layer dots | rest of the layers | outside the layers |", "|---:|---|---:|---:|---:|"]
   for r in rows:
     pp = parts(r["ops_ms"][last])
     lines.append(f"| {r['batch']} | {r['mode']} | " + " | ".join(f"{v:.3f}" for v in pp.values()) + " |")
