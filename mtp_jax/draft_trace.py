@@ -19,7 +19,8 @@ def draft_trace(params, config, prompt_ids, new_tokens) -> dict:
   """Replay speculative greedy decoding of `new_tokens` after `prompt_ids`.
 
   Returns {"drafted": [bool per new token] (True: a draft head proposed it and it was accepted),
-  "forward_passes": the prefill plus one per verify step, "accepted": [per draft head count]}.
+  "forward_passes": the prefill plus one per verify step, "accepted": [per draft head count],
+  "steps": [(index of the step's first new token, tokens it emitted) per verify step]}.
   """
   model = build_model(config.model)
   n = config.model.n_future
@@ -30,6 +31,7 @@ def draft_trace(params, config, prompt_ids, new_tokens) -> dict:
   drafted = [False] * total
   accepted = [0] * (n - 1)
   anchor, emitted, forwards = start - 1, 1, 1   # the prefill emits head 1's token at `start`
+  steps = []
   while emitted < total:
     forwards += 1
     a = 0                                      # drafts made at `anchor` for positions anchor+2 ..
@@ -38,6 +40,19 @@ def draft_trace(params, config, prompt_ids, new_tokens) -> dict:
     for i in range(a):
       drafted[emitted + i] = True
       accepted[i] += 1
+    steps.append((emitted, min(a + 1, total - emitted)))
     emitted += a + 1                           # the accepted drafts, then head 1's token after them
     anchor += a + 1
-  return {"drafted": drafted, "forward_passes": forwards, "accepted": accepted}
+  return {"drafted": drafted, "forward_passes": forwards, "accepted": accepted, "steps": steps}
+
+
+def in_repeats(seq, start: int, n: int) -> np.ndarray:
+  """[len(seq) - start] bool: whether the n tokens ending at each position from `start` on occurred earlier in
+  seq (a small model's long greedy generation loops; its heads predict a loop well)."""
+  seen, out = set(), np.zeros(len(seq) - start, bool)
+  for q in range(n - 1, len(seq)):
+    gram = tuple(seq[q - n + 1:q + 1])
+    if q >= start:
+      out[q - start] = gram in seen
+    seen.add(gram)
+  return out

@@ -3,7 +3,7 @@ must match the decode loop's own, row by row."""
 import numpy as np
 import pytest
 
-from mtp_jax.draft_trace import draft_trace
+from mtp_jax.draft_trace import draft_trace, in_repeats
 
 from helpers import MIXED, decode_run, tiny_config, tiny_decoder
 
@@ -21,7 +21,17 @@ def test_trace_matches_the_decode_loop(head_type):
     trace = draft_trace(params, config, prompt, tokens)
     assert trace["forward_passes"] == int(out.forwards[r])
     assert sum(trace["drafted"]) == sum(trace["accepted"]) and not trace["drafted"][0]
+    steps = trace["steps"]   # consecutive, after the prefill's token, one per verify pass
+    assert len(steps) == trace["forward_passes"] - 1 and sum(n for _, n in steps) == len(tokens) - 1
+    assert [i for i, _ in steps] == [1 + sum(n for _, n in steps[:j]) for j in range(len(steps))]
+    assert all(1 <= n <= 4 for _, n in steps)
     # The loop also counts drafts accepted past max_new_tokens in its last step (at most one per head).
     dec = out.accepted[r].tolist()
     assert all(t <= d <= t + 1 for t, d in zip(trace["accepted"], dec)), (trace["accepted"], dec)
   assert out.accepted.sum() > 0
+
+
+def test_in_repeats_marks_ngrams_seen_before():
+  #                      prompt [1 2 3], then 1 2 3 (the prompt's 3-gram again, at its last token) and 4
+  assert in_repeats([1, 2, 3, 1, 2, 3, 4], 3, 3).tolist() == [False, False, True, False]
+  assert in_repeats([5, 5, 5, 5], 1, 2).tolist() == [False, True, True]

@@ -443,6 +443,14 @@ def test_row_cost_quick(tmp_path):
   assert "| rows |" in (tmp_path / "row_cost_quick.md").read_text()
 
 
+def test_acceptance_by_position_quick(tmp_path):
+  """Steps replayed from greedy's output, grouped by position and by repeats; the decode loop's forward passes
+  equal the replay's (the script fails otherwise)."""
+  res = run_quick("speed/acceptance_by_position.py", tmp_path)
+  assert sum(g["steps"] for g in res["by_position"]) == res["by_kind"]["all"]["steps"] > 0
+  assert res["by_kind"]["all"]["tokens_per_forward"] >= 1.0 and res["per_prompt"]["min"] >= 1.0
+
+
 def test_row_products_quick(tmp_path):
   """The split on and off, side by side: both settings' outputs equal greedy's, and the table says so."""
   res = run_quick("speed/row_products.py", tmp_path)
