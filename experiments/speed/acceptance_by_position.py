@@ -152,4 +152,8 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from mtp_jax.errors import UserError
+  try:
+    app.run(main)
+  except UserError as e:   # a missing workdir, one without a checkpoint, a tokenizer mismatch, ...
+    _fail(str(e))

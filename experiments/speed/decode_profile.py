@@ -64,6 +64,11 @@ _OUT = flags.DEFINE_string("out_name", "decode_profile", "Results file stem (--q
 
 
 
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def load(quick: bool):
   """(params, config, origin)."""
   if quick or _CONFIG.value is not None:
@@ -82,11 +87,11 @@ def settings_of(name: str, args: ModelArgs) -> decode.Settings:
     return decode.Settings(name, _MAX_NEW.value, args.n_future)
   kw = draft_options(name)
   if kw["draft"] not in ("tree", "bestfirst"):
-    raise app.UsageError(f"--modes={name}: use greedy, speculative, tree[N] or bestfirst[N[xK]]")
+    _fail(f"--modes={name}: use greedy, speculative, tree[N] or bestfirst[N[xK]]")
   try:
     decode.Request("speculative", **kw, flag="--").check_model(args)
   except decode.DecodeError as e:
-    raise app.UsageError(f"--modes={name}: {e}")
+    _fail(f"--modes={name}: {e}")
   return decode.Settings("speculative", _MAX_NEW.value, args.n_future, draft=kw["draft"],
                          tree_nodes=kw.get("tree_nodes", 0), tree_top=kw.get("tree_top", 0))
 
@@ -118,7 +123,7 @@ def main(_):
   iters, repeats = (4, 2) if quick else (_ITERS.value, _REPEATS.value)
   paths = [p for p in PATHS if p in _PATHS.value]
   if not paths or set(_PATHS.value) - set(PATHS):
-    raise app.UsageError(f"--paths={','.join(_PATHS.value)}: choose among {', '.join(PATHS)}")
+    _fail(f"--paths={','.join(_PATHS.value)}: choose among {', '.join(PATHS)}")
   for m in _MODES.value:
     settings_of(m, args)          # a bad --modes entry fails before anything compiles
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
@@ -202,4 +207,8 @@ def report(rows, args, paths, device, origin, iters, repeats, t_start, quick):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from mtp_jax.errors import UserError
+  try:
+    app.run(main)
+  except UserError as e:   # a missing workdir, one without a checkpoint, ...
+    _fail(str(e))
