@@ -80,6 +80,7 @@ def step_table(params, config, prompts, generations, ngram: int):
 
 
 def summarize(steps: np.ndarray, bucket: int, max_new: int) -> dict:
+  """Tokens per forward of the steps [S, 3] by position group and by whether a step starts in a repeat."""
   groups = []
   for lo in range(0, max_new, bucket):
     sel = (steps[:, 0] >= lo) & (steps[:, 0] < lo + bucket)
@@ -106,6 +107,8 @@ def main(_):
   bucket = 8 if _QUICK.value else _BUCKET.value
   if bucket < 1 or _NGRAM.value < 1:
     _fail(f"--bucket={bucket} and --ngram={_NGRAM.value} must be positive")
+  if max_new < 2:
+    _fail(f"--max_new_tokens={max_new}: the prefill emits the first token, so verify steps need 2 or more")
   t0 = time.time()
   tokens, lengths = decode.pad_prompts(prompts, max(map(len, prompts)))
   kw = dict(max_new_tokens=max_new, eos_id=-1)
