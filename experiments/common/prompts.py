@@ -4,7 +4,7 @@
 def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[int]]:
   """n distinct prompts of `length` tokens from the validation documents, each from a random line (code, not
   just headers): one per document in turn, and when the documents run out, another pass with new starts.
-  Raises ValueError where the split cannot give n of them."""
+  Raises UserError where the split cannot give n of them (the flags ask for more than it holds)."""
   texts = list(corpus.texts("valid"))
   prompts, seen = [], set()
   for _ in range(4 * n):                # passes; a pass that finds nothing new ends it
@@ -21,7 +21,8 @@ def held_out_prompts(corpus, tokenizer, n: int, length: int, rng) -> list[list[i
         return prompts
     if not found:
       break
-  raise ValueError(f"the validation split gave only {len(prompts)} distinct prompts of {length} tokens; "
+  from mtp_jax.errors import UserError
+  raise UserError(f"the validation split gave only {len(prompts)} distinct prompts of {length} tokens; "
                    f"lower --prompt_len or --prompts")
 
 

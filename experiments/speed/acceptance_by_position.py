@@ -20,16 +20,18 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import cli  # noqa: E402
 from common.decode_models import tiny_drafting_model  # noqa: E402
 from common.prompts import valid_split_prompts  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
+from mtp_jax.errors import exit_with  # noqa: E402
 from mtp_jax import decode  # noqa: E402
 from mtp_jax.cpu_flags import cpu_model  # noqa: E402
 from mtp_jax.draft_trace import draft_trace, in_repeats  # noqa: E402
@@ -47,11 +49,6 @@ _OUT_DIR = flags.DEFINE_string("out_dir", results_folder(__file__), "Results fol
 _OUT = flags.DEFINE_string("out_name", "", "Results stem (default: acceptance_by_position[_quick]).")
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def load(rng):
   """(params, config, prompts, where the weights and prompts came from)."""
   if _QUICK.value:
@@ -60,10 +57,7 @@ def load(rng):
     return params, config, prompts, "random init (heads copies of head 0), random tokens"
   from mtp_jax.generate import load_workdir
   params, config, tokenizer = load_workdir(_WORKDIR.value)
-  try:
-    prompts = valid_split_prompts(config, tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
-  except ValueError as e:
-    _fail(str(e))
+  prompts = valid_split_prompts(config, tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
   return params, config, prompts, f"{_WORKDIR.value}, valid split"
 
 
@@ -99,27 +93,27 @@ def main(_):
   params, config, prompts, source = load(rng)
   args = ModelArgs.from_config(config.model)
   if args.n_future < 2:
-    _fail(f"{_WORKDIR.value} has no draft heads (model.n_future={args.n_future}): nothing to accept")
+    exit_with(f"{_WORKDIR.value} has no draft heads (model.n_future={args.n_future}): nothing to accept")
   if args.heads.reads_ahead:
-    _fail(f"head_type={args.head_type}: draft_trace replays heads that draft from the verify pass; sequential "
+    exit_with(f"head_type={args.head_type}: draft_trace replays heads that draft from the verify pass; sequential "
           "modules draft after it")
   max_new = 24 if _QUICK.value else _MAX_NEW.value
   bucket = 8 if _QUICK.value else _BUCKET.value
   if bucket < 1 or _NGRAM.value < 1:
-    _fail(f"--bucket={bucket} and --ngram={_NGRAM.value} must be positive")
+    exit_with(f"--bucket={bucket} and --ngram={_NGRAM.value} must be positive")
   if max_new < 2:
-    _fail(f"--max_new_tokens={max_new}: the prefill emits the first token, so verify steps need 2 or more")
+    exit_with(f"--max_new_tokens={max_new}: the prefill emits the first token, so verify steps need 2 or more")
   t0 = time.time()
   tokens, lengths = decode.pad_prompts(prompts, max(map(len, prompts)))
   kw = dict(max_new_tokens=max_new, eos_id=-1)
   greedy, _ = decode.run(params, args, tokens, lengths, mode="greedy", **kw)
   spec, _ = decode.run(params, args, tokens, lengths, mode="speculative", draft="chain", **kw)
   if not np.array_equal(np.asarray(greedy.tokens), np.asarray(spec.tokens)):
-    _fail("speculative decoding differs from greedy: a bug; report it")
+    exit_with("speculative decoding differs from greedy: a bug; report it")
   generations = [np.asarray(greedy.tokens)[r, :max_new].tolist() for r in range(len(prompts))]
   steps, forwards = step_table(params, config, prompts, generations, _NGRAM.value)
   if forwards != np.asarray(spec.forwards).tolist():
-    _fail("the replay's forward passes differ from the decode loop's: a bug; report it")
+    exit_with("the replay's forward passes differ from the decode loop's: a bug; report it")
   summary = summarize(steps, bucket, max_new)
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   if jax.devices()[0].platform == "cpu":
@@ -155,8 +149,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  from mtp_jax.errors import UserError
-  try:
-    app.run(main)
-  except UserError as e:   # a missing workdir, one without a checkpoint, a tokenizer mismatch, ...
-    _fail(str(e))
+  cli.run(main)

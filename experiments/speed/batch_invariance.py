@@ -18,13 +18,14 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import cli  # noqa: E402
 from common.decode_models import tiny_drafting_model  # noqa: E402
 from common.prompts import valid_split_prompts  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
@@ -47,11 +48,6 @@ _OUT_DIR = flags.DEFINE_string("out_dir", results_folder(__file__), "Results fol
 _OUT = flags.DEFINE_string("out_name", "", "Results stem (default: batch_invariance[_quick]).")
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def load(rng):
   """(params, args, prompts, eos id, where the weights and prompts came from)."""
   if _QUICK.value:
@@ -60,10 +56,7 @@ def load(rng):
     return params, ModelArgs.from_config(config.model), prompts, 0, "random init (heads copies of head 0), random tokens"
   from mtp_jax.generate import load_workdir
   params, config, tokenizer = load_workdir(_WORKDIR.value)
-  try:
-    prompts = valid_split_prompts(config, tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
-  except ValueError as e:
-    _fail(str(e))
+  prompts = valid_split_prompts(config, tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
   half = _PROMPT_LEN.value // 2
   prompts = [p[:int(rng.integers(half, _PROMPT_LEN.value + 1))] for p in prompts]
   return params, ModelArgs.from_config(config.model), prompts, tokenizer.eos_id, f"{_WORKDIR.value}, valid split"
@@ -97,11 +90,8 @@ def main(_):
   params, args, prompts, eos, source = load(rng)
   batches = [1, 8] if _QUICK.value else [int(b) for b in _BATCHES.value]
   max_new = 16 if _QUICK.value else _MAX_NEW.value
-  try:
-    for d in _DRAFTS.value:
-      decode.Request("speculative", draft=d, flag="--").check_model(args)
-  except decode.DecodeError as e:
-    _fail(str(e))
+  for d in _DRAFTS.value:     # a bad --draft is one error line (cli.run) before anything compiles
+    decode.Request("speculative", draft=d, flag="--").check_model(args)
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   if jax.devices()[0].platform == "cpu":
     device += f" ({cpu_model()})"
@@ -139,8 +129,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  from mtp_jax.errors import UserError
-  try:
-    app.run(main)
-  except UserError as e:   # a workdir without a checkpoint, a tokenizer mismatch, ...
-    _fail(str(e))
+  cli.run(main)

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
@@ -36,9 +36,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import cli  # noqa: E402
 from common import results_io  # noqa: E402
 from common.drafts import draft_options  # noqa: E402
 from common.profiling import profile, top  # noqa: E402
+from mtp_jax.errors import exit_with  # noqa: E402
 from mtp_jax import attention, decode  # noqa: E402
 from mtp_jax.cpu_flags import cpu_model  # noqa: E402
 from mtp_jax.model import ModelArgs, MTPTransformer, build_model, init_params  # noqa: E402
@@ -63,12 +65,6 @@ _OUT_DIR = flags.DEFINE_string("out_dir", results_io.results_folder(__file__), "
 _OUT = flags.DEFINE_string("out_name", "decode_profile", "Results file stem (--quick appends _quick).")
 
 
-
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def load(quick: bool):
   """(params, config, origin)."""
   if quick or _CONFIG.value is not None:
@@ -87,11 +83,11 @@ def settings_of(name: str, args: ModelArgs) -> decode.Settings:
     return decode.Settings(name, _MAX_NEW.value, args.n_future)
   kw = draft_options(name)
   if kw["draft"] not in ("tree", "bestfirst"):
-    _fail(f"--modes={name}: use greedy, speculative, tree[N] or bestfirst[N[xK]]")
+    exit_with(f"--modes={name}: use greedy, speculative, tree[N] or bestfirst[N[xK]]")
   try:
     decode.Request("speculative", **kw, flag="--").check_model(args)
   except decode.DecodeError as e:
-    _fail(f"--modes={name}: {e}")
+    exit_with(f"--modes={name}: {e}")
   return decode.Settings("speculative", _MAX_NEW.value, args.n_future, draft=kw["draft"],
                          tree_nodes=kw.get("tree_nodes", 0), tree_top=kw.get("tree_top", 0))
 
@@ -123,7 +119,7 @@ def main(_):
   iters, repeats = (4, 2) if quick else (_ITERS.value, _REPEATS.value)
   paths = [p for p in PATHS if p in _PATHS.value]
   if not paths or set(_PATHS.value) - set(PATHS):
-    _fail(f"--paths={','.join(_PATHS.value)}: choose among {', '.join(PATHS)}")
+    exit_with(f"--paths={','.join(_PATHS.value)}: choose among {', '.join(PATHS)}")
   for m in _MODES.value:
     settings_of(m, args)          # a bad --modes entry fails before anything compiles
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
@@ -207,8 +203,4 @@ def report(rows, args, paths, device, origin, iters, repeats, t_start, quick):
 
 
 if __name__ == "__main__":
-  from mtp_jax.errors import UserError
-  try:
-    app.run(main)
-  except UserError as e:   # a missing workdir, one without a checkpoint, ...
-    _fail(str(e))
+  cli.run(main)

@@ -14,16 +14,18 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import cli  # noqa: E402
 from common.decode_models import tiny_drafting_model, with_workdir_draft_vocab  # noqa: E402
 from common.prompts import valid_split_prompts  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
+from mtp_jax.errors import exit_with  # noqa: E402
 from mtp_jax import decode, row_products  # noqa: E402
 from mtp_jax.cpu_flags import cpu_model  # noqa: E402
 from mtp_jax.model import ModelArgs  # noqa: E402
@@ -46,11 +48,6 @@ _OUT = flags.DEFINE_string("out_name", "", "Results stem (default: row_products[
 SETTINGS = {"off": 1, "on": row_products.ROWS_UP_TO}
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def load():
   """(params, args, prompts, where they came from)."""
   rng = np.random.default_rng(0)
@@ -58,22 +55,12 @@ def load():
     params, config = tiny_drafting_model()
     prompts = [rng.integers(1, 48, 8).tolist() for _ in range(4)]
     return params, ModelArgs.from_config(config.model), prompts, "random init (heads copies of head 0)"
-  from mtp_jax.errors import UserError
   from mtp_jax.generate import load_workdir
-  try:
-    params, config, tokenizer = load_workdir(_WORKDIR.value)
-  except UserError as e:
-    _fail(str(e))
-  try:
-    prompts = valid_split_prompts(config, tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
-  except ValueError as e:
-    _fail(str(e))
+  params, config, tokenizer = load_workdir(_WORKDIR.value)
+  prompts = valid_split_prompts(config, tokenizer, _N_PROMPTS.value, _PROMPT_LEN.value, rng)
   args = ModelArgs.from_config(config.model)
   if _DRAFT_VOCAB.value:
-    try:
-      params = with_workdir_draft_vocab(params, args.vocab_size, _WORKDIR.value, _DRAFT_VOCAB.value)
-    except UserError as e:
-      _fail(str(e))
+    params = with_workdir_draft_vocab(params, args.vocab_size, _WORKDIR.value, _DRAFT_VOCAB.value)
   return params, args, prompts, f"{_WORKDIR.value}, valid split"
 
 
@@ -84,7 +71,7 @@ def scheme_kwargs(scheme: str, n_future: int) -> dict:
     return {"mode": "speculative", "draft": "auto"}
   if scheme.startswith("chain") and scheme[5:].isdigit() and 2 <= int(scheme[5:]) <= n_future:
     return {"mode": "speculative", "draft": "chain", "draft_heads": int(scheme[5:])}
-  _fail(f"--schemes: {scheme!r} is not greedy, auto or chainK with K in 2..{n_future}")
+  exit_with(f"--schemes: {scheme!r} is not greedy, auto or chainK with K in 2..{n_future}")
 
 
 def main(_):
@@ -158,4 +145,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

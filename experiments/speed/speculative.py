@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/, for common/
@@ -29,11 +29,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import cli  # noqa: E402
 from common import drafts  # noqa: E402
 from common.decode_models import with_workdir_draft_vocab  # noqa: E402
 from common.prompts import valid_split_prompts  # noqa: E402
 from common.results_io import write_results  # noqa: E402
 from common.step_timing import decode_step_program  # noqa: E402
+from mtp_jax.errors import exit_with  # noqa: E402
 from mtp_jax import decode  # noqa: E402
 from mtp_jax.cpu_flags import cpu_model  # noqa: E402
 from mtp_jax.model import ModelArgs, build_model, init_params  # noqa: E402
@@ -68,11 +70,6 @@ _CARRY = flags.DEFINE_bool("carry_counts", True, "--draft=auto: each call starts
 _OUT = flags.DEFINE_string("out_name", "speculative", "Results file stem under experiments/results/.")
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def load_model():
   """(params, config, held-out prompt token lists)."""
   n_prompts, length = _N_PROMPTS.value, _PROMPT_LEN.value
@@ -80,7 +77,7 @@ def load_model():
   if _RANDOM.value:
     config = _CONFIG.value
     if config is None:
-      _fail("--random_init needs --config=configs/<recipe>.py")
+      exit_with("--random_init needs --config=configs/<recipe>.py")
     params = jax.jit(lambda k: init_params(build_model(config.model), k))(jax.random.key(0))
     prompts = rng.integers(0, config.model.vocab_size, (n_prompts, length)).tolist()
     return params, config, prompts, "random tokens"
@@ -89,10 +86,7 @@ def load_model():
   if _PROMPT_FILE.value:
     return params, config, file_prompts(tokenizer, n_prompts), os.path.basename(_PROMPT_FILE.value) + (
         " (chat template)" if _CHAT.value else "")
-  try:
-    return params, config, valid_split_prompts(config, tokenizer, n_prompts, length, rng), "valid split"
-  except ValueError as e:
-    _fail(str(e))
+  return params, config, valid_split_prompts(config, tokenizer, n_prompts, length, rng), "valid split"
 
 
 def file_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -100,7 +94,7 @@ def file_prompts(tokenizer, n: int) -> list[list[int]]:
   with open(_PROMPT_FILE.value, encoding="utf-8") as f:
     texts = [l.replace("\\n", "\n") for l in f.read().splitlines() if l.strip()]
   if len(texts) < n:
-    _fail(f"--prompt_file={_PROMPT_FILE.value} holds {len(texts)} prompts; --prompts={n} needs that many")
+    exit_with(f"--prompt_file={_PROMPT_FILE.value} holds {len(texts)} prompts; --prompts={n} needs that many")
   if _CHAT.value:
     from mtp_jax import chat
     texts = [chat.render(tokenizer, t) for t in texts]
@@ -192,29 +186,22 @@ def with_draft_vocab(params, args: ModelArgs):
   """params drafting among the --draft_vocab most frequent tokens the workdir ranks (draft_vocab.npy)."""
   if not _DRAFT_VOCAB.value:
     return params
-  from mtp_jax.errors import UserError
   if _RANDOM.value:
-    _fail("--draft_vocab reads the ranking a workdir holds; it does not go with --random_init")
-  try:
-    return with_workdir_draft_vocab(params, args.vocab_size, _WORKDIR.value, _DRAFT_VOCAB.value)
-  except UserError as e:
-    _fail(str(e))
+    exit_with("--draft_vocab reads the ranking a workdir holds; it does not go with --random_init")
+  return with_workdir_draft_vocab(params, args.vocab_size, _WORKDIR.value, _DRAFT_VOCAB.value)
 
 
 def main(_):
   params, config, prompts, source = load_model()
   args = ModelArgs.from_config(config.model)
   params = with_draft_vocab(params, args)
-  try:
-    decode.Request("speculative", draft_heads=_DRAFT.value, flag="--").check_model(args)
-    for kind in _KINDS.value:
-      decode.Request("speculative", **draft_options(kind), flag="--").check_model(args)
-  except decode.DecodeError as e:
-    _fail(str(e))
+  decode.Request("speculative", draft_heads=_DRAFT.value, flag="--").check_model(args)   # bad flags: one error line
+  for kind in _KINDS.value:                                                                 # (cli.run)
+    decode.Request("speculative", **draft_options(kind), flag="--").check_model(args)
   if args.n_future < 2:
-    _fail(f"model.n_future={args.n_future}: speculative decoding needs draft heads (n >= 2)")
+    exit_with(f"model.n_future={args.n_future}: speculative decoding needs draft heads (n >= 2)")
   if _FWD_ITERS.value * args.n_future >= _MAX_NEW.value:   # C's steps must not finish the generation
-    _fail(f"--forward_iters={_FWD_ITERS.value}: {_FWD_ITERS.value} speculative steps could finish the "
+    exit_with(f"--forward_iters={_FWD_ITERS.value}: {_FWD_ITERS.value} speculative steps could finish the "
           f"{_MAX_NEW.value} tokens; keep forward_iters * n_future < --max_new_tokens")
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   if jax.devices()[0].platform == "cpu":
@@ -285,8 +272,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  from mtp_jax.errors import UserError
-  try:
-    app.run(main)
-  except UserError as e:   # a workdir without a checkpoint, a tokenizer mismatch, ...
-    _fail(str(e))
+  cli.run(main)
