@@ -96,7 +96,7 @@ def test_added_heads_copy_and_random():
 
 def test_added_sequential_modules_wrap_head_1():
   """--head_type=sequential: each added head is a DeepSeek-V3 module around a copy of head 1 whose eh_proj
-  passes the normed hidden state through; head 1's logits stay the checkpoint's; a checkpoint's own
+  passes the hidden state through; head 1's logits stay the checkpoint's; a checkpoint's own
   (parallel) extra heads and an unknown topology are refused by name."""
   _, p1, _ = interop.read_checkpoint(fixture("hf_gqa_untied"))
   config, ps, _ = interop.read_checkpoint(fixture("hf_gqa_untied"), n_future=3, head_type="sequential")
@@ -113,6 +113,24 @@ def test_added_sequential_modules_wrap_head_1():
                             p1["heads_0"]["attn"]["q"]["kernel"])
   with pytest.raises(ConvertError, match="extra heads.*--head_type=parallel"):
     interop.read_checkpoint(fixture("meta_mtp"), n_future=3, head_type="sequential")
+
+
+def test_added_sequential_modules_carry_the_hidden_state_at_its_scale():
+  """A copied module's norms put head 1's hidden state at the scale the copied layer reads (the median RMS
+  over a probe of token ids), not at RMS 1: checked against head 1's hidden states on the fixture's text."""
+  from mtp_jax.model import MTPTransformer, default_positions
+  config, ps, _ = interop.read_checkpoint(fixture("hf_gqa_untied"), n_future=3, head_type="sequential")
+  model = build_model(config.model)
+  tokens = jnp.asarray(np.load(os.path.join(fixture("hf_gqa_untied"), "reference.npz"))["tokens"], jnp.int32)
+  pos, seg = default_positions(tokens)
+  z, _ = model.apply({"params": ps}, tokens, pos, seg, method=MTPTransformer.run_trunk)
+  h, _ = model.apply({"params": ps}, 0, z, None, pos, seg, method=MTPTransformer.run_head)
+  rms = float(np.median(np.sqrt(np.mean(np.square(np.asarray(h)), axis=-1))))
+  assert abs(np.log(rms)) > np.log(1.5)     # this fixture's hidden state is far from RMS 1
+  for k in (1, 2):
+    for norm in ("hnorm", "enorm"):
+      scale = ps[f"heads_{k}"][norm]["scale"]
+      assert np.all(scale == scale[0]) and abs(np.log(scale[0] / rms)) < np.log(1.25), (k, norm, scale[0], rms)
   with pytest.raises(ConvertError, match="--head_type='linear'"):
     interop.read_checkpoint(fixture("hf_gqa_untied"), n_future=3, head_type="linear")
 

@@ -183,12 +183,36 @@ def build_params(arch: Arch, config, sources, meta: bool, head_init: str = "copy
           get_path(params[dest[0]], path) if dest else get_path(params, path))
       target[...] = leaf
       del w, leaf
+  scale = (_hidden_rms(model, params, n_ckpt_heads)
+           if model.args.heads.reads_ahead and head_init == "copy" and config.model.n_future > n_ckpt_heads else 1.0)
   for j in range(n_ckpt_heads, config.model.n_future):
     key = jax.random.fold_in(jax.random.key(seed), j)
     layer = _new_layer(model, params["heads_0"], head_init, key, dtype)
-    params[f"heads_{j}"] = (_new_module(model, layer, params["final_norm"], head_init, key, dtype)
+    params[f"heads_{j}"] = (_new_module(model, layer, params["final_norm"], head_init, key, dtype, scale)
                             if model.args.heads.reads_ahead else layer)
   return params
+
+
+# Token ids spread evenly over the vocabulary: a probe of the residual stream's scale that needs no text.
+_PROBE_TOKENS = 64
+
+
+def _hidden_rms(model, params: dict, n_ready: int) -> float:
+  """The median RMS of head 1's hidden state (what module 1 reads) over a probe of token ids.
+
+  A pretrained residual stream is far from RMS 1 (SmolLM2-135M's: about 40). A module's norms put
+  their input at RMS `scale`, so a copied layer reads the scale it was trained on; at scale 1 its own
+  attention and MLP outputs swamp the carried state, and Adam moves a norm's scale by about the learning
+  rate per step, far too slowly to recover it."""
+  from mtp_jax.model import MTPTransformer, default_positions
+  v = model.args.vocab_size
+  tokens = jnp.asarray(np.linspace(0, v - 1, min(_PROBE_TOKENS, v)).astype(np.int32))[None]
+  pos, seg = default_positions(tokens)
+  ready = {k: v for k, v in params.items() if not k.startswith("heads_") or int(k[6:]) < n_ready}
+  variables = {"params": jax.tree.map(jnp.asarray, ready)}
+  z, _ = model.apply(variables, tokens, pos, seg, method=MTPTransformer.run_trunk)
+  h, _ = model.apply(variables, 0, z, None, pos, seg, method=MTPTransformer.run_head)
+  return float(np.median(np.sqrt(np.mean(np.square(np.asarray(h, np.float32)), axis=-1))))
 
 
 def _new_layer(model, head_1: dict, head_init: str, key, dtype) -> dict:
@@ -202,20 +226,22 @@ def _new_layer(model, head_1: dict, head_init: str, key, dtype) -> dict:
   return jax.tree.map(lambda a: np.asarray(a).astype(dtype), fresh)
 
 
-def _new_module(model, layer: dict, final_norm: dict, head_init: str, key, dtype) -> dict:
-  """A sequential (DeepSeek-V3) MTP module around `layer`. copy: eh_proj passes the normed hidden state
-  through and reads nothing of the embedding yet (its half starts at zero; training opens it), and the
-  module's output norm is the model's; random: eh_proj drawn as the model draws it, norms at one."""
+def _new_module(model, layer: dict, final_norm: dict, head_init: str, key, dtype, scale: float = 1.0) -> dict:
+  """A sequential (DeepSeek-V3) MTP module around `layer`. copy: eh_proj passes the hidden state through
+  at its own scale (both norms' scales are `scale`, head 1's typical RMS) and reads nothing of the
+  embedding yet (its half starts at zero; training opens it), and the module's output norm is the
+  model's; random: eh_proj drawn as the model draws it, norms at one."""
   d = model.args.d_model
   ones = np.ones((d,), dtype)
   if head_init == "copy":
     eh = np.concatenate([np.zeros((d, d)), np.eye(d)]).astype(dtype)
     out_norm = np.asarray(final_norm["scale"]).astype(dtype).copy()
+    in_norm = np.full((d,), scale, dtype)
   else:
     eh = np.asarray(jax.nn.initializers.lecun_normal()(key, (2 * d, d), jnp.float32)).astype(dtype)
-    out_norm = ones
-  return {"enorm": {"scale": ones}, "hnorm": {"scale": ones.copy()}, "eh_proj": {"kernel": eh}, "layer": layer,
-          "shared_head": {"norm": {"scale": out_norm}}}
+    out_norm, in_norm = ones, ones
+  return {"enorm": {"scale": in_norm}, "hnorm": {"scale": in_norm.copy()}, "eh_proj": {"kernel": eh},
+          "layer": layer, "shared_head": {"norm": {"scale": out_norm}}}
 
 
 def check_vocab(tok, arch: Arch, where: str) -> None:
