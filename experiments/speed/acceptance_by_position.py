@@ -36,6 +36,7 @@ from mtp_jax import decode  # noqa: E402
 from mtp_jax.cpu_flags import cpu_model  # noqa: E402
 from mtp_jax.draft_trace import draft_trace, in_repeats  # noqa: E402
 from mtp_jax.model import ModelArgs  # noqa: E402
+from mtp_jax.workdir import read_draft_vocab  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Trained run to decode with.")
 _N_PROMPTS = flags.DEFINE_integer("prompts", 64, "Held-out prompts.")
@@ -44,6 +45,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens generated per pro
 _BUCKET = flags.DEFINE_integer("bucket", 32, "New tokens per group of positions.")
 _NGRAM = flags.DEFINE_integer("ngram", 8, "A token is in a repeat when the n tokens ending at it occurred before.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt selection seed.")
+_DRAFT_VOCAB = flags.DEFINE_integer("draft_vocab", 0, "Drafts choose among the N most frequent tokens of "
+                                    "<workdir>/draft_vocab.npy, in the decode loop and the replay; 0: the whole vocabulary.")
 _QUICK = flags.DEFINE_bool("quick", False, "A random tiny model (heads copies of head 0) and 8 random prompts.")
 _OUT_DIR = flags.DEFINE_string("out_dir", results_folder(__file__), "Results folder.")
 _OUT = flags.DEFINE_string("out_name", "", "Results stem (default: acceptance_by_position[_quick]).")
@@ -61,12 +64,12 @@ def load(rng):
   return params, config, prompts, f"{_WORKDIR.value}, valid split"
 
 
-def step_table(params, config, prompts, generations, ngram: int):
+def step_table(params, config, prompts, generations, ngram: int, draft_vocab=None):
   """Every verify step of every generation: (start index in the generation, tokens emitted, starts in a repeat),
   and the replay's forward passes per generation."""
   steps, forwards = [], []
   for prompt, new in zip(prompts, generations):
-    trace = draft_trace(params, config, prompt, new)
+    trace = draft_trace(params, config, prompt, new, draft_vocab)
     forwards.append(trace["forward_passes"])
     rep = in_repeats(list(prompt) + list(new), len(prompt), ngram)
     steps += [(i, n, bool(rep[i])) for i, n in trace["steps"]]
@@ -94,9 +97,12 @@ def main(_):
   args = ModelArgs.from_config(config.model)
   if args.n_future < 2:
     exit_with(f"{_WORKDIR.value} has no draft heads (model.n_future={args.n_future}): nothing to accept")
-  if args.heads.reads_ahead:
-    exit_with(f"head_type={args.head_type}: draft_trace replays heads that draft from the verify pass; sequential "
-          "modules draft after it")
+  vocab = None
+  if _DRAFT_VOCAB.value:
+    if _QUICK.value:
+      exit_with("--draft_vocab reads the ranking a workdir holds; it does not go with --quick")
+    vocab = read_draft_vocab(_WORKDIR.value, _DRAFT_VOCAB.value)
+    params = decode.with_draft_vocab(params, vocab, args.vocab_size)
   max_new = 24 if _QUICK.value else _MAX_NEW.value
   bucket = 8 if _QUICK.value else _BUCKET.value
   if bucket < 1 or _NGRAM.value < 1:
@@ -111,7 +117,7 @@ def main(_):
   if not np.array_equal(np.asarray(greedy.tokens), np.asarray(spec.tokens)):
     exit_with("speculative decoding differs from greedy: a bug; report it")
   generations = [np.asarray(greedy.tokens)[r, :max_new].tolist() for r in range(len(prompts))]
-  steps, forwards = step_table(params, config, prompts, generations, _NGRAM.value)
+  steps, forwards = step_table(params, config, prompts, generations, _NGRAM.value, vocab)
   if forwards != np.asarray(spec.forwards).tolist():
     exit_with("the replay's forward passes differ from the decode loop's: a bug; report it")
   summary = summarize(steps, bucket, max_new)
@@ -125,12 +131,13 @@ def main(_):
             "max": float(per_prompt.max()), "mean": float(per_prompt.mean()),
             "sem": float(per_prompt.std(ddof=1) / np.sqrt(len(per_prompt))) if len(per_prompt) > 1 else 0.0}
   result = {"device": device, "weights": source, "n_prompts": len(prompts), "prompt_len": len(prompts[0]),
-            "max_new_tokens": max_new, "bucket": bucket, "ngram": _NGRAM.value, "n_future": args.n_future,
+            "max_new_tokens": max_new, "bucket": bucket, "draft_vocab": _DRAFT_VOCAB.value, "head_type": args.head_type, "ngram": _NGRAM.value, "n_future": args.n_future,
             "tokens_per_forward_with_prefill": whole,
             "per_prompt": spread, "per_prompt_values": per_prompt.tolist(), **summary, "wall_s": time.time() - t0}
   lines = [f"Tokens per forward by position in the generation; {device}; weights: {source}; {len(prompts)} prompts of "
            f"{len(prompts[0])} tokens, {max_new} new tokens each (EOS off), a chain of {args.n_future - 1} drafts "
-           f"(every draft head). A step starts in a repeat when the {_NGRAM.value} tokens ending at its first token "
+           f"(every draft head, head_type={args.head_type}"
+           + (f", drafts among the {len(vocab):,} most frequent tokens" if vocab is not None else "") + "). A step starts in a repeat when the {_NGRAM.value} tokens ending at its first token "
            "occurred earlier in the prompt or the generation. The decode loop's forward passes equal the replay's "
            f"for every prompt; over whole generations, prefill included: {whole:.2f} tokens per forward.", "",
            "| new tokens | steps | tokens/forward | steps starting in a repeat |", "|---|---:|---:|---:|"]
