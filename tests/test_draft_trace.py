@@ -9,7 +9,7 @@ from mtp_jax.draft_trace import draft_trace, in_repeats
 from helpers import MIXED, decode_run, tiny_config, tiny_decoder
 
 
-@pytest.mark.parametrize("head_type,draft_vocab", [("parallel", None), ("linear", None), ("sequential", None),
+@pytest.mark.parametrize("head_type,draft_vocab", [("parallel", None), ("linear", None),
                                                     ("sequential", [6, 1, 3, 4, 0])])
 def test_trace_matches_the_decode_loop(head_type, draft_vocab):
   """For sequential modules this is what says the loop feeds each module what training does (head 1's
