@@ -137,7 +137,8 @@ def main(_):
   lines = [f"Tokens per forward by position in the generation; {device}; weights: {source}; {len(prompts)} prompts of "
            f"{len(prompts[0])} tokens, {max_new} new tokens each (EOS off), a chain of {args.n_future - 1} drafts "
            f"(every draft head, head_type={args.head_type}"
-           + (f", drafts among the {len(vocab):,} most frequent tokens" if vocab is not None else "") + "). A step starts in a repeat when the {_NGRAM.value} tokens ending at its first token "
+           + (f", drafts among the {len(vocab):,} most frequent tokens" if vocab is not None else "")
+           + f"). A step starts in a repeat when the {_NGRAM.value} tokens ending at its first token "
            "occurred earlier in the prompt or the generation. The decode loop's forward passes equal the replay's "
            f"for every prompt; over whole generations, prefill included: {whole:.2f} tokens per forward.", "",
            "| new tokens | steps | tokens/forward | steps starting in a repeat |", "|---|---:|---:|---:|"]
