@@ -16,10 +16,10 @@ from mtp_jax.decode.forward import DRAFT_VOCAB
 from mtp_jax.model import build_model
 
 
-def draft_trace(params, config, prompt_ids, new_tokens, draft_vocab=None) -> dict:
+def draft_trace(params, config, prompt_ids, new_tokens) -> dict:
   """Replay speculative greedy decoding of `new_tokens` after `prompt_ids`.
 
-  draft_vocab: token ids the draft heads choose among (decode.with_draft_vocab's); None: the whole vocabulary.
+  Params from decode.with_draft_vocab replay drafts among its tokens, as the decode loop drafts them.
   Sequential modules replay too: module i at q reads x_{q+i}, which is the token decoding fed it whenever
   the drafts before it were accepted, the only case that counts.
 
@@ -30,11 +30,12 @@ def draft_trace(params, config, prompt_ids, new_tokens, draft_vocab=None) -> dic
   model = build_model(config.model)
   n = config.model.n_future
   seq = np.asarray(list(prompt_ids) + list(new_tokens), np.int32)[None]
+  ids = params.get(DRAFT_VOCAB)
   params = {k: v for k, v in params.items() if k != DRAFT_VOCAB}
   logits, _ = model.apply({"params": params}, jnp.asarray(seq))           # [n, 1, T, V]
   guess = np.array(jnp.argmax(logits[:, 0], axis=-1))                      # guess[i, q]: head i at q -> q+1+i
-  if draft_vocab is not None:
-    ids = np.asarray(draft_vocab)
+  if ids is not None:
+    ids = np.asarray(ids)
     guess[1:] = ids[np.asarray(jnp.argmax(logits[1:, 0][..., ids], axis=-1))]
   total, start = len(new_tokens), len(prompt_ids)
   drafted = [False] * total

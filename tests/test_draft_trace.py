@@ -15,7 +15,7 @@ def test_trace_matches_the_decode_loop(head_type, draft_vocab):
   """For sequential modules this is what says the loop feeds each module what training does (head 1's
   hidden state and the next token's embedding at every position, its cache over the accepted tokens):
   a module fed anything else drafts other tokens, and verification would hide that behind exact output.
-  With a draft vocabulary the drafts choose among its tokens in both."""
+  With a draft vocabulary (in params) the drafts choose among its tokens in both."""
   n = 4
   vocab = 8 if head_type == "sequential" else 48    # random modules: drafts right by chance, often enough to count
   model, params = tiny_decoder(n=n, head_type=head_type, vocab=vocab, shared=head_type != "sequential")
@@ -28,7 +28,7 @@ def test_trace_matches_the_decode_loop(head_type, draft_vocab):
   np.testing.assert_array_equal(out.tokens, greedy.tokens)
   for r, prompt in enumerate(prompts):
     tokens = out.tokens[r, :int(out.lengths[r])].tolist()
-    trace = draft_trace(params, config, prompt, tokens, draft_vocab)
+    trace = draft_trace(params, config, prompt, tokens)
     assert trace["forward_passes"] == int(out.forwards[r])
     assert sum(trace["drafted"]) == sum(trace["accepted"]) and not trace["drafted"][0]
     steps = trace["steps"]   # consecutive, after the prefill's token, one per verify pass

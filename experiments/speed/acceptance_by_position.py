@@ -64,12 +64,12 @@ def load(rng):
   return params, config, prompts, f"{_WORKDIR.value}, valid split"
 
 
-def step_table(params, config, prompts, generations, ngram: int, draft_vocab=None):
+def step_table(params, config, prompts, generations, ngram: int):
   """Every verify step of every generation: (start index in the generation, tokens emitted, starts in a repeat),
   and the replay's forward passes per generation."""
   steps, forwards = [], []
   for prompt, new in zip(prompts, generations):
-    trace = draft_trace(params, config, prompt, new, draft_vocab)
+    trace = draft_trace(params, config, prompt, new)
     forwards.append(trace["forward_passes"])
     rep = in_repeats(list(prompt) + list(new), len(prompt), ngram)
     steps += [(i, n, bool(rep[i])) for i, n in trace["steps"]]
@@ -117,7 +117,7 @@ def main(_):
   if not np.array_equal(np.asarray(greedy.tokens), np.asarray(spec.tokens)):
     exit_with("speculative decoding differs from greedy: a bug; report it")
   generations = [np.asarray(greedy.tokens)[r, :max_new].tolist() for r in range(len(prompts))]
-  steps, forwards = step_table(params, config, prompts, generations, _NGRAM.value, vocab)
+  steps, forwards = step_table(params, config, prompts, generations, _NGRAM.value)
   if forwards != np.asarray(spec.forwards).tolist():
     exit_with("the replay's forward passes differ from the decode loop's: a bug; report it")
   summary = summarize(steps, bucket, max_new)
@@ -131,7 +131,8 @@ def main(_):
             "max": float(per_prompt.max()), "mean": float(per_prompt.mean()),
             "sem": float(per_prompt.std(ddof=1) / np.sqrt(len(per_prompt))) if len(per_prompt) > 1 else 0.0}
   result = {"device": device, "weights": source, "n_prompts": len(prompts), "prompt_len": len(prompts[0]),
-            "max_new_tokens": max_new, "bucket": bucket, "draft_vocab": _DRAFT_VOCAB.value, "head_type": args.head_type, "ngram": _NGRAM.value, "n_future": args.n_future,
+            "max_new_tokens": max_new, "bucket": bucket, "ngram": _NGRAM.value, "n_future": args.n_future,
+            "head_type": args.head_type, "draft_vocab": _DRAFT_VOCAB.value,
             "tokens_per_forward_with_prefill": whole,
             "per_prompt": spread, "per_prompt_values": per_prompt.tolist(), **summary, "wall_s": time.time() - t0}
   lines = [f"Tokens per forward by position in the generation; {device}; weights: {source}; {len(prompts)} prompts of "

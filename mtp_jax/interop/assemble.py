@@ -183,7 +183,7 @@ def build_params(arch: Arch, config, sources, meta: bool, head_init: str = "copy
           get_path(params[dest[0]], path) if dest else get_path(params, path))
       target[...] = leaf
       del w, leaf
-  scale = (_hidden_rms(model, params, n_ckpt_heads)
+  scale = (_hidden_rms(model, params, range(n_ckpt_heads, config.model.n_future))
            if model.args.heads.reads_ahead and head_init == "copy" and config.model.n_future > n_ckpt_heads else 1.0)
   for j in range(n_ckpt_heads, config.model.n_future):
     key = jax.random.fold_in(jax.random.key(seed), j)
@@ -197,18 +197,20 @@ def build_params(arch: Arch, config, sources, meta: bool, head_init: str = "copy
 _PROBE_TOKENS = 64
 
 
-def _hidden_rms(model, params: dict, n_ready: int) -> float:
-  """The median RMS of head 1's hidden state (what module 1 reads) over a probe of token ids.
+def _hidden_rms(model, params: dict, unbuilt) -> float:
+  """The median RMS of head 1's hidden state (what module 1 reads) over a probe of token ids; `unbuilt`: the
+  indices of the heads not filled in yet.
 
   A pretrained residual stream is far from RMS 1 (SmolLM2-135M's: about 40). A module's norms put
   their input at RMS `scale`, so a copied layer reads the scale it was trained on; at scale 1 its own
   attention and MLP outputs swamp the carried state, and Adam moves a norm's scale by about the learning
   rate per step, far too slowly to recover it."""
   from mtp_jax.model import MTPTransformer, default_positions
-  v = model.args.vocab_size
-  tokens = jnp.asarray(np.linspace(0, v - 1, min(_PROBE_TOKENS, v)).astype(np.int32))[None]
+  vocab = model.args.vocab_size
+  tokens = jnp.asarray(np.linspace(0, vocab - 1, min(_PROBE_TOKENS, vocab)).astype(np.int32))[None]
   pos, seg = default_positions(tokens)
-  ready = {k: v for k, v in params.items() if not k.startswith("heads_") or int(k[6:]) < n_ready}
+  skip = {f"heads_{j}" for j in unbuilt}            # the added heads' leaves are still uninitialised
+  ready = {k: p for k, p in params.items() if k not in skip}
   variables = {"params": jax.tree.map(jnp.asarray, ready)}
   z, _ = model.apply(variables, tokens, pos, seg, method=MTPTransformer.run_trunk)
   h, _ = model.apply(variables, 0, z, None, pos, seg, method=MTPTransformer.run_head)
