@@ -311,7 +311,9 @@ def _define_flags():
                       "verified in one forward pass) or bestfirst (a tree of as many nodes, each row's most probable "
                       "under the heads at every step).")
   flags.DEFINE_integer("tree_nodes", None, "--draft=tree / bestfirst: the tree's nodes, so a verify step feeds "
-                       "1 + tree_nodes tokens (default: the static tree's count, 9 with 4 heads; tree: at most that).")
+                       "1 + tree_nodes tokens (default: the static tree's count, 9 with 4 heads; tree: at most that). "
+                       "--draft=auto (mode=speculative): the static tree of that many nodes is one more budget auto "
+                       "may choose per step (0: chains only; default: the whole tree on an accelerator, none on a CPU).")
   flags.DEFINE_integer("tree_top", None, "--draft=bestfirst: each head's top choices the trees choose among "
                        "(default 4).")
   flags.DEFINE_integer("draft_vocab", None, "Speculative modes: drafts choose among the N most frequent tokens "

@@ -75,6 +75,69 @@ def test_auto_grows_back_and_stays_exact(head_type):
           s.budget_steps[1:].sum() > 0, s.budget_steps
 
 
+def test_choose_budget_with_a_tree():
+  """Auto's tree (static, depth 2: three choices, then two children of the argmax and one of the second) is one
+  more budget, scored by its expected tokens: the argmax path at the chain's rates, the other nodes at their own
+  counts (or the prior)."""
+  tree = decode.Tree.of(2)
+  chain = jnp.array([[10.0, 10.0], [8.0, 5.0]])                            # q = 0.8, 0.5
+  none = jnp.zeros((2, 2))
+  alts = jnp.zeros((2, 6)).at[:, 1].set(jnp.array([10.0, 5.0]))           # the second choice at depth 1: 5 of 10
+  second = (5 + 0.1) / (10 + 1)                                             # over the prior's 0.1 of 1
+  # the argmax path 0.8 + 0.8 * 0.5; the second choice (and its child, at the prior's 0.1); the third choice and
+  # the argmax's second child at the prior
+  want = 1 + 0.8 + 0.8 * 0.5 + second + second * 0.1 + 0.1 + 0.8 * 0.1
+  np.testing.assert_allclose(float(decode.types.tree_gain(chain[1] / chain[0], tree, alts)), want, rtol=1e-5)
+  pick = lambda costs, stats=alts: int(decode.choose_budget(jnp.array(costs), chain, none, 2, tree, stats))
+  assert pick([1, 1, 1, 1]) == 3                 # as cheap as a chain: the tree, which holds the chain
+  assert pick([1, 1.1, 1.2, 1.4]) == 3           # 2.89 / 1.4 beats 2.2 / 1.2
+  assert pick([1, 1.1, 1.2, 1.6]) == 2           # 2.89 / 1.6 does not
+  assert pick([1, 1.1, 1.2, 1.4], jnp.zeros((2, 6)).at[:, 1].set(jnp.array([10.0, 0.0]))) == 2   # a useless second
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "linear", "causal"])
+def test_auto_with_a_tree_equals_greedy(head_type):
+  """--draft=auto with a tree of 9 nodes among its budgets, counts that fade fast and forget in 3 steps, and
+  costs under which tree, chains and greedy steps all win in turn: the loop moves between tree steps, chains
+  of every length and catch-ups, and every output is greedy's (batch 1, a batch, continuous batching; causal
+  and linear heads, the continuous-batching case only, which compacts and refills their caches)."""
+  model, params = tiny_decoder(n=4, head_type=head_type)
+  cases = (([MIXED[1]], None), (MIXED, None), (MIXED * 2, 2))
+  for prompts, slots in cases if head_type == "parallel" else cases[2:]:
+    g = decode_run(model, params, prompts, "greedy", slots=slots, max_new_tokens=40)
+    s = decode_run(model, params, prompts, "speculative", slots=slots, max_new_tokens=40, draft="auto", tree_nodes=9,
+                   draft_costs=[1.0, 1.05, 1.1, 1.15, 1.25], draft_decay=0.5, draft_explore=3)
+    check_same(g, s, 40)
+    assert s.budget_steps.shape == (5,) and int(s.budget_steps.sum()) == int(s.steps)
+    assert s.budget_steps[4] > 0 and s.budget_steps[1:4].sum() > 0 and int(s.grows) >= 1, s.budget_steps
+  # where a tree step costs what a chain's does, auto verifies the tree: greedy's tokens in fewer forward passes
+  model, params = tiny_decoder(n=4, shared=True)
+  g = decode_run(model, params, MIXED, "greedy")
+  tree = decode_run(model, params, MIXED, "speculative", draft="auto", tree_nodes=9, draft_costs=[1.0] * 5)
+  chain = decode_run(model, params, MIXED, "speculative", draft="chain")
+  check_same(g, tree, 24)
+  assert int(tree.budget_steps[4]) == int(tree.steps) - 1 and tree.forwards.sum() < chain.forwards.sum()
+
+
+def test_auto_tree_defaults_and_refusals(monkeypatch):
+  """Unset, auto has a tree on an accelerator (the whole static tree) and none on a CPU; a tree for auto must fit
+  the static tree, suits mode=speculative only, and its cost table needs one more entry."""
+  model, params = tiny_decoder(n=4)
+  args, request = model.args, decode.Request("speculative", 24)
+  assert request.settings(args).auto_tree == 0
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert request.settings(args).auto_tree == 9 and request.settings(args).options == 5
+  assert decode.Request("speculative", 24, draft="auto", tree_nodes=0).settings(args).auto_tree == 0
+  assert decode.Request("speculative_sample", 24).settings(args).auto_tree == 0
+  monkeypatch.undo()
+  for kw, match in ((dict(tree_nodes=10), "tree_nodes=10: the static tree has 9 nodes at 3 draft depths"),
+                    (dict(tree_nodes=-1), "tree_nodes=-1: must be an integer >= 0"),
+                    (dict(tree_nodes=4, mode="speculative_sample"), "mode=speculative_sample samples its drafts"),
+                    (dict(tree_nodes=4, draft_costs=[1.0] * 4), r"draft_costs has shape \(4,\).*takes 5 costs")):
+    with pytest.raises(decode.DecodeError, match=match):
+      decode_run(model, params, MIXED, **{"mode": "speculative", "draft": "auto", **kw})
+
+
 def test_auto_probes_where_the_prior_would_never_draft():
   """Verify steps that cost 10 greedy steps: auto drafts nothing but probes, at the first step and every
   `explore` steps without a draft (a catch-up and a step of every draft), so heads better than the prior are

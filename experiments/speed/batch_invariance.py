@@ -1,4 +1,4 @@
-"""Bit-exact regardless of batch: greedy, chain, tree, bestfirst and auto decoding of the same held-out prompts at batch
+"""Bit-exact regardless of batch: greedy, chain, tree, bestfirst and auto (autotreeN: with a tree) decoding of the same held-out prompts at batch
 1, 8 and 64, token for token against greedy at batch 1.
 
     python experiments/speed/batch_invariance.py --workdir=workdirs/default --prompts=512
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import cli  # noqa: E402
+from common import cli, drafts  # noqa: E402
 from common.decode_models import tiny_drafting_model  # noqa: E402
 from common.prompts import valid_split_prompts  # noqa: E402
 from common.results_io import results_folder, write_results  # noqa: E402
@@ -41,6 +41,9 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prom
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Rows decoded at once.")
 _DRAFTS = flags.DEFINE_list("draft", ["chain", "tree", "bestfirst", "auto"], "Speculative drafting schemes beside "
                             "greedy.")
+_AUTO_COSTS = flags.DEFINE_list("auto_costs", [], "auto / autotreeN: this cost table (C per budget: chains of "
+                                 "0..k-1 drafts, then the tree) instead of the timed one, so that the tree or a "
+                                 "budget that this CPU's costs never choose is decoded too.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt selection seed.")
 _QUICK = flags.DEFINE_bool("quick", False, "A random tiny model and 24 random prompts at batch 1 and 8; auto with "
                            "a fixed cost table and counts that fade fast (its budget falls and grows back often).")
@@ -65,9 +68,12 @@ def load(rng):
 def decode_all(params, args, prompts, mode: str, draft, batch: int, max_new: int, eos: int):
   """Every prompt in one call, `batch` rows at once: (tokens [N, max_new] PAD past each end, stats)."""
   tokens, lengths = decode.pad_prompts(prompts, max(map(len, prompts)))
-  kw = {} if draft is None else {"draft": draft}
-  if draft == "auto" and _QUICK.value:
-    kw.update(draft_costs=[1.0, 1.05, 1.1, 1.15], draft_decay=0.5, draft_explore=3)
+  kw = {} if draft is None else drafts.draft_options(draft)
+  tree = 1 if kw.get("tree_nodes") else 0   # autotreeN: one more budget, the tree
+  if kw.get("draft") == "auto" and _QUICK.value:
+    kw.update(draft_costs=[1.0, 1.05, 1.1, 1.15, 1.25][:4 + tree], draft_decay=0.5, draft_explore=3)
+  elif kw.get("draft") == "auto" and _AUTO_COSTS.value:
+    kw.update(draft_costs=[float(c) for c in _AUTO_COSTS.value])
   decode.run(params, args, tokens, lengths, mode=mode, max_new_tokens=max_new, eos_id=eos, slots=batch, **kw)
   out, timing = decode.run(params, args, tokens, lengths, mode=mode, max_new_tokens=max_new, eos_id=eos, slots=batch,
                            **kw)
@@ -91,7 +97,7 @@ def main(_):
   batches = [1, 8] if _QUICK.value else [int(b) for b in _BATCHES.value]
   max_new = 16 if _QUICK.value else _MAX_NEW.value
   for d in _DRAFTS.value:     # a bad --draft is one error line (cli.run) before anything compiles
-    decode.Request("speculative", draft=d, flag="--").check_model(args)
+    decode.Request("speculative", **drafts.draft_options(d), flag="--").check_model(args)
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   if jax.devices()[0].platform == "cpu":
     device += f" ({cpu_model()})"

@@ -63,7 +63,7 @@ _DRAFT_VOCAB = flags.DEFINE_integer("draft_vocab", 0, "Drafts choose among the N
 _KINDS = flags.DEFINE_list("draft", ["chain", "auto"], "Speculative drafting schemes timed side by side per batch "
                            "size: chain (--draft_heads-1 drafts every step), chainK (K-1 drafts every step), auto (chosen per step, "
                            "at most --draft_heads-1; docs/decoding.md), tree, bestfirst; treeN / bestfirstN: a tree of N nodes, "
-                           "bestfirstNxK: N nodes among each head's top K.")
+                           "bestfirstNxK: N nodes among each head's top K; autotreeN: auto, with the static tree of N nodes as one more budget.")
 _CARRY = flags.DEFINE_bool("carry_counts", True, "--draft=auto: each call starts from the acceptance counts the "
                            "call before it ended with (decode.run's draft_counts), as a server keeps them across "
                            "requests: no start probe once counts exist. --nocarry_counts: every call starts afresh.")
@@ -266,7 +266,8 @@ def main(_):
             "draft: chain (every step drafts with every head), chainK (K-1 drafts every step) or auto (the drafts "
             "per step chosen from the measured step costs and the acceptance so far; docs/decoding.md); steps with "
             "0..k drafts: the speculative calls' forward passes by budget (grows: times auto's budget grew back, "
-            "its heads catching up). C is the chain's.",
+            "its heads catching up); autotreeN: auto with the static tree of N nodes as one more budget, whose steps "
+            "come last. C is the chain's.",
             "", f"Command: `python experiments/speed/speculative.py {' '.join(sys.argv[1:])}`"]
   write_results(_OUT.value, result, lines)
 

@@ -20,7 +20,7 @@ from mtp_jax import row_products
 from mtp_jax.decode.costs import clear_costs, step_costs
 from mtp_jax.decode.forward import decode_weights
 from mtp_jax.decode.loop import decode
-from mtp_jax.decode.types import BEST_FIRST_TOP, MODES, Budget, DecodeError, SamplingParams, Settings, Tree
+from mtp_jax.decode.types import BEST_FIRST_TOP, MODES, DecodeError, SamplingParams, Settings, Tree
 from mtp_jax.model import MTPTransformer, ModelArgs
 
 MIN_TEMPERATURE = 1e-5   # as vLLM's sampling epsilon: sampling below it is argmax in effect, and far below
@@ -49,7 +49,9 @@ class Request:
   top_p: float = 1.0
   draft_heads: Optional[int] = None   # speculative modes: the block k, 2..n_future (None: n_future)
   draft: Optional[str] = None   # speculative modes: chain, auto or tree (None: auto where the heads allow, `draft_kind`)
-  tree_nodes: Optional[int] = None   # draft=tree / bestfirst: the tree's nodes (None: the static tree's count)
+  tree_nodes: Optional[int] = None   # draft=tree / bestfirst: the tree's nodes (None: the static tree's count);
+  # draft=auto (mode=speculative): the static tree of that many nodes is one more budget (0: chains only; None: the
+  # whole static tree on an accelerator, chains only on a CPU, where no tree has paid: docs/decoding.md)
   tree_top: Optional[int] = None     # draft=bestfirst: each head's top choices a tree chooses among (None: 4)
   flag: str = dataclasses.field(default="", compare=False)
 
@@ -78,15 +80,22 @@ class Request:
       raise DecodeError(f"{f}draft={self.draft} chooses how speculative modes draft, but {f}mode={self.mode} drafts "
                         f"nothing; use {f}mode=speculative or speculative_sample, or leave {f}draft unset")
 
-    for name, value, drafts in (("tree_nodes", self.tree_nodes, ("tree", "bestfirst")),
+    for name, value, drafts in (("tree_nodes", self.tree_nodes, ("tree", "bestfirst", "auto")),
                                 ("tree_top", self.tree_top, ("bestfirst",))):
       if value is None:
         continue
       if self.draft not in drafts:
         raise DecodeError(f"{f}{name}={value} sizes a tree, but {f}draft={self.draft}: use "
                           f"{' or '.join(f'{f}draft={d}' for d in drafts)}, or leave {f}{name} unset")
-      if not _is_int(value) or value < 1:
+      if self.draft == "auto" and (not _is_int(value) or value < 0):
+        raise DecodeError(f"{f}{name}={value!r}: must be an integer >= 0 (the nodes of the tree {f}draft=auto may "
+                          f"choose; 0: chains only)")
+      if self.draft != "auto" and (not _is_int(value) or value < 1):
         raise DecodeError(f"{f}{name}={value!r}: must be a positive integer")
+    if self.draft == "auto" and self.tree_nodes and self.mode != "speculative":
+      raise DecodeError(f"{f}tree_nodes={self.tree_nodes} with {f}draft=auto gives auto a tree to verify greedily, "
+                        f"but {f}mode={self.mode} samples its drafts: auto chooses chains there; use "
+                        f"{f}draft=tree for a sampled tree, or leave {f}tree_nodes unset")
 
   @property
   def sampling(self) -> bool:
@@ -115,7 +124,7 @@ class Request:
                         f"(the vocabulary has {args.vocab_size} tokens)")
     if self.tree_nodes is None:
       return
-    if self.draft == "tree":
+    if self.draft in ("tree", "auto"):
       most = len(Tree.of(depths).depth) - 1
       if self.tree_nodes > most:
         raise DecodeError(f"{f}tree_nodes={self.tree_nodes}: the static tree has {most} nodes at {depths} draft "
@@ -135,10 +144,20 @@ class Request:
     auto = self.mode in SPECULATIVE_MODES and args.n_future > 1 and not args.heads.reads_ahead
     return "auto" if auto else "chain"
 
+  def tree_nodes_for(self, args: ModelArgs) -> int:
+    """Settings.tree_nodes: as given; unset with draft=auto (mode=speculative), the whole static tree on an
+    accelerator, where a tree's verify step costs about a chain's, and none on a CPU, whose verify step grows
+    with the tokens fed so that no tree has paid there (experiments/speed/results/decode_profile_trees.md)."""
+    if self.tree_nodes is not None:
+      return int(self.tree_nodes)
+    if self.draft_kind(args) == "auto" and self.mode == "speculative" and jax.default_backend() != "cpu":
+      return len(Tree.of((self.draft_heads or args.n_future) - 1).depth) - 1
+    return 0
+
   def settings(self, args: ModelArgs, batch_shards: int = 1, slots: int = 0) -> Settings:
     return Settings(self.mode, int(self.max_new_tokens), self.draft_heads or args.n_future,
                     batch_shards=batch_shards, slots=slots, draft=self.draft_kind(args),
-                    tree_nodes=self.tree_nodes or 0, tree_top=self.tree_top or 0)
+                    tree_nodes=self.tree_nodes_for(args), tree_top=self.tree_top or 0)
 
   def sampling_params(self, eos_id: Optional[int] = None) -> SamplingParams:
     return SamplingParams.of(self.temperature, self.top_k, self.top_p, eos_id)
@@ -215,7 +234,7 @@ def compiled_decode(params, args: ModelArgs, settings: Settings, tokens, lengths
   start = time.perf_counter()
   weights = jax.jit(lambda p: decode_weights(p, args, settings.heads_run, settings.per_head)).lower(params).compile()
   loop = jax.jit(lambda *xs: decode(*xs, model=MTPTransformer(args), settings=settings))
-  loop = loop.lower(weights(params), tokens, lengths, key, sp, Budget.of(settings.depths)).compile()
+  loop = loop.lower(weights(params), tokens, lengths, key, sp, settings.budget()).compile()
   _COMPILED[cache_key] = lambda params, *rest: loop(weights(params), *rest)
   return _COMPILED[cache_key], time.perf_counter() - start
 
@@ -270,6 +289,10 @@ def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=
   if draft_counts is not None and settings.draft != "auto":
     raise DecodeError(f"draft_counts carries --draft=auto's acceptance counts; this call drafts with "
                       f"draft={settings.draft!r}: leave draft_counts out or use draft='auto'")
+  if draft_costs is not None and np.shape(draft_costs) != (settings.options,):
+    tree = f" and one for its tree of {settings.auto_tree} nodes" if settings.auto_tree else ""
+    raise DecodeError(f"draft_costs has shape {np.shape(draft_costs)}: this program's budgets are chains of 0..{cap} "
+                      f"drafts{tree}, so it takes {settings.options} costs (a greedy step's first, 1.0)")
   if draft_counts is not None and np.shape(draft_counts) != (2, cap):
     raise DecodeError(f"draft_counts has shape {np.shape(draft_counts)}, this program drafts up to {cap} tokens: pass "
                       f"`out.draft_counts` of a call with the same model and draft_heads (shape (2, {cap}))")
@@ -284,7 +307,7 @@ def execute(params, args: ModelArgs, tokens, lengths, request: Request, *, seed=
     if draft_costs is None:
       draft_costs, costs_s = step_costs(fn, params, tokens, lengths, key, sp, settings)
     timing = {"costs_s": costs_s, "draft_costs": [round(float(c), 3) for c in np.asarray(draft_costs)]}
-  budget = Budget.of(cap, draft_costs, draft_prior, **({} if draft_decay is None else {"decay": draft_decay}),
+  budget = settings.budget(draft_costs, draft_prior, **({} if draft_decay is None else {"decay": draft_decay}),
                      **({} if draft_explore is None else {"explore": draft_explore}), counts=draft_counts)
   start = time.perf_counter()
   out = jax.device_get(fn(params, tokens, lengths, key, sp, budget))

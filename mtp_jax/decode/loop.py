@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from mtp_jax.decode.draft import draft_heads_at, drafter_for, verify
 from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, run_heads, take_at, unembed
-from mtp_jax.decode.tree import RowTrees, best_first_drafts, keep_path, tree_drafts, tree_verify
+from mtp_jax.decode.tree import (RowTrees, best_first_drafts, chain_and_tree, keep_path, path_counts, tree_drafts,
+                                 tree_verify)
 from mtp_jax.decode.types import (CATCH_UP, PAD, STALE_NEVER, Array, Budget, DecodeOutput, DecodeState,
                                   SamplingParams, Settings, choose_budget)
 from mtp_jax.model import MTPTransformer, default_positions
@@ -36,12 +37,13 @@ def _pad_drafts(x, cap: int):
 
 
 def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts, draft_logq, key, active,
-          budget: Budget = None, verified=None):
+          budget: Budget = None, verified=None, seen=None):
   """Verify a block, append the accepted tokens (up to EOS / max_new_tokens), draft the next block.
 
   The block's index 0 sits at state.position; rows that are not `active` keep their state. The block
   verifies j = drafts.shape[1] drafts; --draft=auto then updates the running counts and picks the next
-  budget from them (`_auto_budget`). verified: (a, token) already known (a tree's path, as a chain in `drafts`).
+  budget from them (`_auto_budget`). verified: (a, token) already known (a tree's path, as a chain in `drafts`);
+  seen: --draft=auto's tree step, what its nodes and argmax path saw (`tree.path_counts`).
   """
   k_verify, k_draft = jax.random.split(key) if settings.sampling else (key, key)   # argmax modes draw nothing
   a, token = verify(p_logits, drafts, draft_logq, k_verify, sp, settings.sampling)[:2] if verified is None else verified
@@ -52,6 +54,8 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
   new_drafts, new_logq = _pad_drafts(new_drafts, settings.block - 1), _pad_drafts(new_logq, settings.block - 1)
   if updates is not None and "tree_sel" in updates:   # --draft=bestfirst: the trees the drafts make up
     state = state.replace(tree_sel=jnp.where(active[:, None], updates["tree_sel"], state.tree_sel))
+  elif updates is not None and "tree_tokens" in updates:   # --draft=auto's tree, drafted beside the chain
+    state = state.replace(tree_tokens=jnp.where(active[:, None], updates["tree_tokens"], state.tree_tokens))
   elif updates is not None:   # sequential modules: their cache, and the positions before the next block
     state = state.replace(cache={**state.cache, "drafter": updates["cache"]}, recent=updates["recent"])
 
@@ -73,8 +77,12 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
   depth = jnp.arange(cap)[None, :]
   proposed = active[:, None] & (depth < drafts.shape[1])
   accepted = active[:, None] & (a[:, None] > depth)
-  if settings.draft == "auto":
-    state = _auto_budget(state, budget, proposed & (a[:, None] >= depth), accepted, drafts.shape[1], made)
+  if settings.draft == "auto" and seen is None:
+    state = _auto_budget(settings, state, budget, proposed & (a[:, None] >= depth), accepted, drafts.shape[1], made)
+  elif settings.draft == "auto":   # a tree step: the argmax path's nodes are the chain's drafts
+    nodes, chain = (x * active[None, :, None] for x in seen)
+    state = _auto_budget(settings, state, budget, chain[0] > 0, chain[1] > 0, int(settings.static_tree().argmax.sum()) - 1,
+                         made, nodes)
   return state.replace(
       tokens=keep(written, state.tokens),
       count=keep(state.count + m, state.count),
@@ -86,22 +94,33 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
       accepted=state.accepted + accepted, proposed=state.proposed + proposed)
 
 
-def _auto_budget(state: DecodeState, budget: Budget, reached, accepted, verified: int, made: int) -> DecodeState:
+def _auto_budget(settings: Settings, state: DecodeState, budget: Budget, reached, accepted, verified: int, made: int,
+                 tree_seen=None) -> DecodeState:
   """--draft=auto: fold this step's counts per depth (rows that reached it, rows that accepted its draft) into
   the fading running counts, let depths not drafted for Budget.explore steps forget theirs (the first depth
-  then gets one probing draft), and choose the next budget over every length; past the `made` drafts the rows
-  hold, the loop grows it (`_grow`)."""
+  then gets one probing draft), and choose the next budget over every length (and the tree, whose nodes'
+  counts tree_seen [2, B, nodes] a tree step adds); past the `made` drafts the rows hold, the loop grows it
+  (`_grow`)."""
   cap = state.stats.shape[1]
   seen = jnp.arange(cap) < verified
   stats = state.stats * budget.decay + jnp.stack([jnp.sum(reached, 0), jnp.sum(accepted, 0)]).astype(jnp.float32)
   unseen = jnp.where(seen, 0, state.unseen + 1)
   forget = (budget.explore > 0) & (unseen >= budget.explore)
   stats, unseen = jnp.where(forget[None], 0.0, stats), jnp.where(forget, 0, unseen)
+  tree_stats = state.tree_stats
+  if settings.auto_tree:
+    tree_stats = tree_stats * budget.decay + (0.0 if tree_seen is None else jnp.sum(tree_seen, axis=1))
   # A first depth left undrafted that long gets one step of every draft (a probe) even where the prior alone
   # would not pay: heads better than the prior, behind a step cost above its tokens, are found again.
-  chosen = choose_budget(budget.costs, stats, budget.prior, cap)
-  return state.replace(stats=stats, unseen=unseen, drafted=jnp.int32(made),
+  chosen = _choose(settings, budget, stats, tree_stats)
+  return state.replace(stats=stats, unseen=unseen, drafted=jnp.int32(made), tree_stats=tree_stats,
                        budget=jnp.where(forget[0], cap, chosen))
+
+
+def _choose(settings: Settings, budget: Budget, stats, tree_stats):
+  """`choose_budget` over this program's budgets: chains of 0..depths drafts, and auto's tree where it has one."""
+  tree = settings.static_tree() if settings.auto_tree else None
+  return choose_budget(budget.costs, stats, budget.prior, settings.depths, tree, tree_stats)
 
 
 def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, budget: Budget = None,
@@ -110,8 +129,8 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
   batch's budget when a prompt refills a row (--draft=auto: no drafting head runs where it is 0)."""
   args, (b, p) = model.args, tokens.shape
   k = settings.block
-  budget = Budget.of(settings.depths) if budget is None else budget
-  slots = p + settings.max_new_tokens + args.n_future + k
+  budget = settings.budget() if budget is None else budget
+  slots = p + settings.max_new_tokens + args.n_future + settings.span
   cache = init_decode_cache(args, b, slots, settings.heads_run, per_head=settings.per_head)
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
   zero = jnp.zeros((b,), jnp.int32)
@@ -121,7 +140,8 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
   if auto and current is not None:   # a refilled row drafts where the batch does
     heads_on = current > 0
   elif auto:                         # carried counts choose the first budget; else the start probe drafts all
-    first = jnp.where(budget.carried, choose_budget(budget.costs, budget.counts, budget.prior, cap), cap)
+    no_tree_counts = jnp.zeros((2, settings.auto_tree), jnp.float32)
+    first = jnp.where(budget.carried, _choose(settings, budget, budget.counts, no_tree_counts), cap)
     heads_on = first > 0
   hidden, cache, src = _prefill_forward(model, w, settings, heads_on, tokens, positions, cache, zero)
   last = lengths - 1
@@ -136,17 +156,19 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
       done=jnp.zeros((b,), bool), key=key, steps=jnp.zeros((), jnp.int32),
       forwards=jnp.zeros((b,), jnp.int32), accepted=per_head, proposed=per_head,
       budget=jnp.int32(cap), stats=budget.counts if auto else jnp.zeros((2, cap), jnp.float32),
-      budget_steps=jnp.zeros((cap + 1,), jnp.int32), drafted=jnp.int32(cap), unseen=jnp.zeros((cap,), jnp.int32),
+      budget_steps=jnp.zeros((settings.options if auto else cap + 1,), jnp.int32), drafted=jnp.int32(cap), unseen=jnp.zeros((cap,), jnp.int32),
       grows=jnp.zeros((), jnp.int32),
       stale=jnp.where(heads_on, STALE_NEVER, 0) * jnp.ones((b, cap), jnp.int32) if auto else None,
       src=jnp.pad(src, ((0, 0), (0, slots - p), (0, 0))) if auto else None,
       tree_sel=jnp.zeros((b, k - 1), jnp.int32) if settings.draft == "bestfirst" and settings.speculative else None,
+      tree_tokens=jnp.zeros((b, settings.auto_tree), jnp.int32) if settings.auto_tree else None,
+      tree_stats=jnp.zeros((2, settings.auto_tree), jnp.float32) if settings.auto_tree else None,
       recent=None if w.drafter is None else (jnp.zeros((b, k - 2, args.d_model), hidden.dtype),
                                              jnp.zeros((b, k - 2), jnp.int32)))
   no_drafts = jnp.zeros((b, 0), jnp.int32)
   no_logq = jnp.zeros((b, 0, args.vocab_size), jnp.float32) if settings.sampling else None
   drafter = drafter_for(model, w, settings, sp, state, hidden, tokens, zero, last, True)
-  if settings.tree:
+  if settings.tree or settings.auto_tree:
     h = jax.vmap(lambda hh: take_at(hh, last)[:, None])(hidden[1:])
     drafter = _tree_drafter(model, w, settings, h)
   state = _emit(settings, sp, state, unembed(model, w.params, h_last), drafter, no_drafts, no_logq, sub,
@@ -187,7 +209,7 @@ def step(model, w: Weights, settings: Settings, sp, state: DecodeState, budget: 
   rows hold; only the taken branch runs), branch j feeding [last token, j drafts] through the trunk and heads
   0..j, so a shorter block costs less and j = 0 is a greedy step. (The decode loop itself runs one loop per
   length and grows the budget back with `_grow`; this single step is for tools that time one step.)"""
-  budget = Budget.of(settings.depths) if budget is None else budget
+  budget = settings.budget() if budget is None else budget
   if settings.tree:
     return _tree_step(model, w, settings, sp, state)
   if settings.draft != "auto":
@@ -199,16 +221,22 @@ def step(model, w: Weights, settings: Settings, sp, state: DecodeState, budget: 
 def _steps_while(model, w: Weights, settings: Settings, sp, budget: Budget, cond, state: DecodeState) -> DecodeState:
   """Steps while cond(state). --draft=auto: one loop per draft length, longest first, each running while the
   budget is its length (static blocks and no conditional around the state: a `lax.switch` over the branches
-  copied the caches in and out of it every step), inside a loop that, where the budget has grown past the
+  copied the caches in and out of it every step), after a loop of tree steps where auto has a tree (budget
+  depths + 1, which needs every head's drafts), inside a loop that, where the budget has grown past the
   drafts the rows hold, lets the heads it needs catch up (`_grow`) and goes round again."""
   if settings.draft != "auto":
     return jax.lax.while_loop(cond, lambda s: step(model, w, settings, sp, s, budget), state)
+  cap = settings.depths
 
   def lengths(s):
-    for j in reversed(range(settings.depths + 1)):
+    if settings.auto_tree:
+      s = jax.lax.while_loop(lambda s: cond(s) & (s.budget > cap) & (s.drafted >= cap),
+                             lambda s: _tree_step(model, w, settings, sp, s, budget), s)
+    for j in reversed(range(cap + 1)):
       s = jax.lax.while_loop(lambda s, j=j: cond(s) & (s.budget == j) & (s.drafted >= j),
                              lambda s, j=j: _block_step(model, w, settings, sp, s, j, budget), s)
-    return jax.lax.cond(cond(s) & (s.budget > s.drafted), lambda s: _grow(model, w, settings, sp, s), lambda s: s, s)
+    grow = cond(s) & (jnp.minimum(s.budget, cap) > s.drafted)
+    return jax.lax.cond(grow, lambda s: _grow(model, w, settings, sp, s), lambda s: s, s)
   return jax.lax.while_loop(cond, lengths, state)
 
 
@@ -237,16 +265,24 @@ def _grow(model, w: Weights, settings: Settings, sp, state: DecodeState) -> Deco
   init = (caches, jnp.zeros((len(heads), pos.shape[0], size, args.d_model), state.src.dtype), jnp.zeros_like(pos))
   caches, hidden, start = jax.lax.fori_loop(0, chunks, chunk, init)
   key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
-  drafts, logq, _ = draft_heads_at(model, w.params, w.draft_vocab, hidden, pos - 1 - start, sub, sp, settings.sampling)
+  if settings.auto_tree:
+    drafts, tree_tokens = chain_and_tree(model, w, hidden, pos - 1 - start, settings.static_tree())
+    state = state.replace(tree_tokens=tree_tokens)
+  else:
+    drafts, logq, _ = draft_heads_at(model, w.params, w.draft_vocab, hidden, pos - 1 - start, sub, sp,
+                                     settings.sampling)
   return state.replace(cache={**state.cache, "heads": None if held is None else held[:1] + caches}, key=key, drafts=drafts,
                        draft_logq=logq if settings.sampling else state.draft_logq,
                        stale=jnp.full_like(state.stale, STALE_NEVER), drafted=jnp.int32(settings.depths),
                        grows=state.grows + 1)
 
 
-def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState) -> DecodeState:
-  """One forward pass over every row's tree block [last token, the tree's nodes] (decode/tree.py)."""
-  block = jnp.concatenate([take_at(state.tokens, state.count - 1)[:, None], state.drafts], axis=1)
+def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState, budget: Budget = None) -> DecodeState:
+  """One forward pass over every row's tree block [last token, the tree's nodes] (decode/tree.py). --draft=auto's
+  tree budget too: its nodes are the tree tokens drafted beside the chain, and what they saw feeds the counts."""
+  auto = settings.draft == "auto"
+  nodes = state.tree_tokens if auto else state.drafts
+  block = jnp.concatenate([take_at(state.tokens, state.count - 1)[:, None], nodes], axis=1)
   b = block.shape[0]
   if settings.draft == "bestfirst":
     trees = RowTrees.best_first(state.tree_sel, settings.candidates())
@@ -261,14 +297,22 @@ def _tree_step(model, w: Weights, settings: Settings, sp, state: DecodeState) ->
   key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
   best, a, token, chain, slots = tree_verify(p_logits, block, trees, sub, sp, settings.sampling)
   state = state.replace(cache=keep_path(cache, state.position, slots), steps=state.steps + 1, key=key,
-                        budget_steps=state.budget_steps.at[settings.depths].add(1))
+                        budget_steps=state.budget_steps.at[-1].add(1))   # the tree's budget is the last
   drafter = _tree_drafter(model, w, settings, hidden[1:], best)
-  return _emit(settings, sp, state, p_logits, drafter, chain, None, state.key, ~state.done, None, (a, token))
+  seen = path_counts(trees, best, tree, settings.depths) if auto else None
+  return _emit(settings, sp, state, p_logits, drafter, chain, None, state.key, ~state.done, budget if auto else None,
+               (a, token), seen)
 
 
 def _tree_drafter(model, w: Weights, settings: Settings, hidden, at=None):
   """The drafter of a tree step: the next tree's tokens from the draft heads' states hidden [D, B, k, d] at
-  block index `at` (the accepted path's end; the prefill's: the drafter's own argument)."""
+  block index `at` (the accepted path's end; the prefill's: the drafter's own argument). --draft=auto: the chain
+  and the static tree's tokens beside it (`DecodeState.tree_tokens`), so the next step may verify either."""
+  if settings.draft == "auto":
+    def draft(a, token, key):
+      chain, nodes = chain_and_tree(model, w, hidden, a if at is None else at, settings.static_tree())
+      return chain, None, {"tree_tokens": nodes}
+    return draft
   if settings.draft == "bestfirst":
     def draft(a, token, key):
       tokens, sel = best_first_drafts(model, w, hidden, a if at is None else at, settings.candidates(),
@@ -304,6 +348,8 @@ def _block_step(model, w: Weights, settings: Settings, sp, state: DecodeState, j
   key, sub = jax.random.split(state.key) if settings.sampling else (state.key, state.key)
   state = state.replace(cache=cache, key=key, steps=state.steps + 1, budget_steps=state.budget_steps.at[j].add(1))
   drafter = drafter_for(model, w_k, settings, sp, state, hidden, block, state.position, None, False)
+  if settings.auto_tree and j == settings.depths:   # every head ran: draft the tree beside the chain
+    drafter = _tree_drafter(model, w_k, settings, hidden[1:])
   logq = None if state.draft_logq is None else state.draft_logq[:, :j]
   return _emit(settings, sp, state, unembed(model, w.params, hidden[0]), drafter, state.drafts[:, :j], logq,
                sub, ~state.done, budget)
@@ -319,7 +365,7 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, budget: Budget 
   costs and prior, and a step limit (default: none)."""
   _TRACES[0] += 1   # runs only while tracing: the tests count compilations with it
   n_prompts, b = tokens.shape[0], settings.batch(tokens.shape[0])
-  budget = Budget.of(settings.depths) if budget is None else budget
+  budget = settings.budget() if budget is None else budget
   state = prefill(model, w, settings, sp, tokens[:b], lengths[:b], key, budget)
   # `slots` maps the loop's rows to the caller's prompts; `done_rows` collects every prompt's results
   # as its row finishes (refill) or its stage ends (compaction).
@@ -401,7 +447,7 @@ class _Results(NamedTuple):
 # per-row state fields; the step count and the key belong to the whole batch.
 _CACHE_BATCH_AXIS = {"trunk": 0, "heads": 1, "drafter": 1}
 _ROW_FIELDS = ("tokens", "count", "position", "drafts", "draft_logq", "done", "forwards", "accepted", "proposed",
-               "recent", "stale", "src", "tree_sel")
+               "recent", "stale", "src", "tree_sel", "tree_tokens")
 
 
 def _map_rows(fn, state: DecodeState, *others: DecodeState) -> DecodeState:

@@ -89,6 +89,24 @@ def tree_drafts(model, w: Weights, hidden, idx, tree: Tree):
   return top[tree.depth[1:] - 1, :, tree.choice[1:]].T                         # [B, T-1]
 
 
+def chain_and_tree(model, w: Weights, hidden, idx, tree: Tree):
+  """--draft=auto with a tree: (the chain's drafts [B, D], each head's argmax; the static tree's node tokens
+  [B, T-1]) from one top-k of the draft heads' logits at block index idx (hidden [D, B, k, d]), so that the next
+  step may verify either."""
+  top = _ids(w, jax.lax.top_k(_head_logits(model, w, hidden, idx), TREE_TOP)[1].astype(jnp.int32))   # [D, B, K]
+  return top[:, :, 0].T, top[tree.depth[1:] - 1, :, tree.choice[1:]].T
+
+
+def path_counts(trees: RowTrees, best, tree: Tree, depths: int):
+  """What a greedy tree step saw, for --draft=auto's running counts: (per node [2, B, T-1]: its parent was on the
+  accepted path (reached), it is on it (accepted); per chain depth [2, B, depths]: the same for the argmax path's
+  node at that depth, the chain's draft there (0 where the tree has none))."""
+  on_path = take_at(trees.ancestors, best)                                     # [B, T]: ancestors of best, itself
+  nodes = jnp.stack([jnp.take_along_axis(on_path, trees.parents(), axis=1), on_path])[:, :, 1:].astype(jnp.float32)
+  chain = (tree.argmax[1:, None] & (tree.depth[1:, None] == jnp.arange(1, depths + 1)[None, :])).astype(jnp.float32)
+  return nodes, nodes @ chain                                                  # [2, B, T-1], [2, B, depths]
+
+
 def best_first_drafts(model, w: Weights, hidden, idx, cands: Candidates, n: int):
   """(the node tokens [B, n], the candidates chosen [B, n], ascending): each row's n most probable candidate
   paths under the heads' log-probabilities at block index idx."""

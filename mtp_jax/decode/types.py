@@ -23,6 +23,10 @@ PAD = -1          # marks output slots past a row's end
 PRIOR_REACHED, PRIOR_ACCEPTED = 1.0, 0.5
 DECAY = 63.0 / 64.0
 EXPLORE = 128
+# --draft=auto's tree (`Settings.auto_tree`): a node off the argmax path (a head's second or third choice) is
+# accepted, given its parent was, at a prior rate of PRIOR_ALT_ACCEPTED per PRIOR_ALT_REACHED: a second choice is
+# right far less often than a first, so the tree is tried where it would pay on its argmax path nearly alone.
+PRIOR_ALT_REACHED, PRIOR_ALT_ACCEPTED = 1.0, 0.1
 CATCH_UP = 32     # positions per chunk when heads that stopped drafting catch their caches up (loop._grow)
 STALE_NEVER = 2 ** 30   # `DecodeState.stale` of a head whose cache is current
 
@@ -47,7 +51,8 @@ class Settings:
                           # "tree" verifies a static tree of the heads' top choices (tree.py); "bestfirst" a tree
                           # of as many nodes built per row and step from the heads' probabilities
   tree_nodes: int = 0     # tree and bestfirst: the tree's nodes, its verify step feeds 1 + tree_nodes tokens
-                          # (0: the static tree's count at this depth, `Tree.of`)
+                          # (0: the static tree's count at this depth, `Tree.of`); auto (mode=speculative): the
+                          # static tree of that many nodes is one more budget auto may choose (0: chains only)
   tree_top: int = 0       # bestfirst: each head's top choices its trees choose among (0: BEST_FIRST_TOP)
 
   def stages(self, batch: int) -> tuple:
@@ -89,6 +94,23 @@ class Settings:
     return 1 + self.nodes if self.tree else self.depths + 1
 
   @property
+  def auto_tree(self) -> int:   # --draft=auto: the nodes of the static tree it may verify instead of a chain (0: none)
+    auto = self.draft == "auto" and self.speculative and not self.sampling
+    return self.tree_nodes if auto else 0
+
+  @property
+  def options(self) -> int:     # --draft=auto's budgets: chains of 0..depths drafts, then the tree where it has one
+    return self.depths + 1 + (1 if self.auto_tree else 0)
+
+  @property
+  def span(self) -> int:        # the most tokens a step feeds (the cache's room past the generation)
+    return max(self.block, 1 + self.auto_tree)
+
+  def budget(self, costs=None, prior=None, **kw) -> "Budget":
+    """`Budget.of` for this program's draft depths and budgets."""
+    return Budget.of(self.depths, costs, prior, options=self.options, **kw)
+
+  @property
   def nodes(self) -> int:       # a tree's nodes: tree_nodes, or the static tree's count at this depth
     return self.tree_nodes or len(Tree.of(self.depths).depth) - 1
 
@@ -120,6 +142,7 @@ class Tree(NamedTuple):
   choice: np.ndarray     # [T] which of head depth's top choices it drafts (root: 0)
   ancestors: np.ndarray  # [T, T] bool: slot j is slot i or one of its ancestors
   path: np.ndarray       # [T, D+1] the slots on the path to slot i, by depth (past its depth: i again)
+  argmax: np.ndarray     # [T] the slot is on the argmax path (every choice on its way 0): a chain's draft
 
   @classmethod
   def of(cls, depths: int, nodes: int = 0) -> "Tree":
@@ -137,7 +160,7 @@ class Tree(NamedTuple):
         if d <= len(p):
           anc[i, index[p[:d]]] = True
     return cls(np.array([len(p) for p in paths], np.int32), np.array([p[-1] if p else 0 for p in paths], np.int32),
-               anc, path)
+               anc, path, np.array([not any(p) for p in paths]))
 
 
 class Candidates(NamedTuple):
@@ -171,7 +194,8 @@ class Candidates(NamedTuple):
 class Budget(NamedTuple):
   """Traced inputs of --draft=auto (`choose_budget`): new values never recompile.
 
-  costs [cap+1]: C(j), the time of a step verifying j drafts over a greedy step's (C(0) = 1);
+  costs [options]: C(j), the time of a step verifying j drafts over a greedy step's (C(0) = 1), j = 0..cap, then
+  where auto has a tree (`Settings.auto_tree`) the tree's step, C(cap+1);
   prior [2, cap]: pseudo-counts (reached, accepted) per draft depth, added to the observed counts;
   limit []: stop after this many steps (the host's timing runs; otherwise max int);
   decay []: the observed counts' factor per step (1: never forget);
@@ -195,10 +219,11 @@ class Budget(NamedTuple):
 
   @classmethod
   def of(cls, cap: int, costs=None, prior=None, limit: Optional[int] = None, decay: float = DECAY,
-         explore: int = EXPLORE, timing: bool = False, counts=None) -> "Budget":
-    """Defaults: every length costs as much as greedy, the weak prior PRIOR_REACHED / PRIOR_ACCEPTED, and no
-    counts carried in (the first step is a probe)."""
-    costs = jnp.ones((cap + 1,), jnp.float32) if costs is None else jnp.asarray(costs, jnp.float32)
+         explore: int = EXPLORE, timing: bool = False, counts=None, options: Optional[int] = None) -> "Budget":
+    """Defaults: every budget costs as much as greedy, the weak prior PRIOR_REACHED / PRIOR_ACCEPTED, and no
+    counts carried in (the first step is a probe). options: the budgets (default cap + 1, chains only)."""
+    options = cap + 1 if options is None else options
+    costs = jnp.ones((options,), jnp.float32) if costs is None else jnp.asarray(costs, jnp.float32)
     if prior is None:
       prior = jnp.stack([jnp.full((cap,), PRIOR_REACHED), jnp.full((cap,), PRIOR_ACCEPTED)])
     prior = jnp.asarray(prior, jnp.float32)
@@ -208,17 +233,36 @@ class Budget(NamedTuple):
                jnp.int32(explore), jnp.bool_(timing), counts, jnp.bool_(carried))
 
 
-def choose_budget(costs, stats, prior, most):
+def choose_budget(costs, stats, prior, most, tree: Optional["Tree"] = None, tree_stats=None):
   """The draft length j in 0..most (most: an int or a traced scalar) maximising expected tokens per step over
   its cost, E[tokens | j] / C(j). Depth d's draft is accepted, given the drafts before it were, with
   probability q_d = accepted / reached (stats + prior [2, cap]: steps that reached depth d, and accepted its
   draft), so E[tokens | j] = 1 + sum over d < j of q_1 ... q_d. An unobserved depth counts at the prior's
-  rate; ties go to the shorter length, so j = 0 (a greedy step) wherever drafting does not pay."""
+  rate; ties go to the shorter length, so j = 0 (a greedy step) wherever drafting does not pay.
+
+  tree (--draft=auto's static tree, with tree_stats [2, nodes]: the running counts per node): one more budget,
+  cap + 1, scored by `tree_gain` over its cost C(cap + 1); a chain wins a tie."""
   counts = stats + prior
   q = counts[1] / jnp.maximum(counts[0], 1e-6)
   gain = 1.0 + jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(jnp.cumprod(q))])
-  score = jnp.where(jnp.arange(gain.shape[0]) <= most, gain / costs, -jnp.inf)
+  if tree is not None:
+    gain = jnp.concatenate([gain, tree_gain(q, tree, tree_stats)[None]])
+  lengths = jnp.arange(gain.shape[0])
+  score = jnp.where((lengths <= most) | (lengths > q.shape[0]), gain / costs, -jnp.inf)
   return jnp.argmax(score).astype(jnp.int32)
+
+
+def tree_gain(q, tree: "Tree", tree_stats):
+  """E[tokens] of a step verifying the static tree: 1 + the sum over its nodes of P(node accepted). Siblings
+  draft distinct tokens, so at most one node per depth is accepted and the accepted nodes form one path: the
+  expected accepted depth is that sum. P(node) is the product, along its path, of each node's acceptance given
+  its parent's: q_d (the chain's counts) for a node on the argmax path, which is the chain's draft at depth d,
+  else its own running counts tree_stats [2, nodes] over the prior PRIOR_ALT_*."""
+  depth, argmax = tree.depth[1:], tree.argmax[1:]
+  own = (tree_stats[1] + PRIOR_ALT_ACCEPTED) / (tree_stats[0] + PRIOR_ALT_REACHED)
+  q_node = jnp.where(argmax, q[np.maximum(depth - 1, 0)], own)                    # [nodes]
+  p = jnp.prod(jnp.where(tree.ancestors[1:, 1:], q_node[None, :], 1.0), axis=1)   # [nodes]
+  return 1.0 + jnp.sum(p)
 
 
 class SamplingParams(NamedTuple):
@@ -252,7 +296,7 @@ class DecodeState:
                      # budget >= i)
   budget: Array      # [] drafts the next step verifies (chain: k-1; auto: `choose_budget`)
   stats: Array       # [2, k-1] the batch's (reached, accepted) per depth, fading by Budget.decay per step
-  budget_steps: Array  # [k] steps run with each budget 0..k-1
+  budget_steps: Array  # [options] steps run with each budget 0..k-1 (and auto's tree, last)
   drafted: Array = None   # [] --draft=auto: drafts every row holds (the heads that ran last); a budget past it grows
   unseen: Array = None    # [k-1] --draft=auto: steps since each depth was last drafted (Budget.explore)
   stale: Array = None     # [B, k-1] --draft=auto: position from which head d+1's cache missed steps (STALE_NEVER:
@@ -261,6 +305,9 @@ class DecodeState:
                           # or head 0's for chained heads), kept so that a head that stopped can catch up
   grows: Array = None     # [] --draft=auto: times the budget grew back (each a catch-up of the heads it needs)
   tree_sel: Array = None  # [B, N] --draft=bestfirst: the candidates (`Candidates`) the drafted tree holds, ascending
+  tree_tokens: Array = None   # [B, N] --draft=auto with a tree: the static tree's node tokens, drafted where every
+                              # head ran (drafted == depths; the chain's drafts are its argmax path)
+  tree_stats: Array = None    # [2, N] --draft=auto with a tree: the batch's (reached, accepted) per node, fading
   recent: Any = None  # sequential modules: head 0's hidden states [B, D-1, d] and the tokens [B, D-1] at the
                       # D-1 positions before `position`, where the modules' caches are rewritten next step
 
@@ -275,7 +322,7 @@ class DecodeOutput:
   row_steps: Array   # [] rows x forward passes the batch ran, the prefills' included: less than
                      # batch x (steps + 1) where compaction dropped finished rows
   proposed: Array    # [B, k-1] drafts proposed per draft head
-  budget_steps: Array  # [k] the batch's steps with 0..k-1 drafts
+  budget_steps: Array  # [k] the batch's steps with 0..k-1 drafts (--draft=auto with a tree: [k+1], the tree's last)
   grows: Array = None  # [] --draft=auto: times the budget grew back (a catch-up of the heads it needed)
   draft_counts: Array = None  # [2, k-1] --draft=auto: the running (reached, accepted) counts per depth at the
                               # end; `run(draft_counts=...)` starts the next call from them
