@@ -83,16 +83,16 @@ def test_choose_budget_with_a_tree():
   chain = jnp.array([[10.0, 10.0], [8.0, 5.0]])                            # q = 0.8, 0.5
   none = jnp.zeros((2, 2))
   alts = jnp.zeros((2, 6)).at[:, 1].set(jnp.array([10.0, 5.0]))           # the second choice at depth 1: 5 of 10
-  second = (5 + 0.1) / (10 + 1)                                             # over the prior's 0.1 of 1
-  # the argmax path 0.8 + 0.8 * 0.5; the second choice (and its child, at the prior's 0.1); the third choice and
-  # the argmax's second child at the prior
-  want = 1 + 0.8 + 0.8 * 0.5 + second + second * 0.1 + 0.1 + 0.8 * 0.1
+  second = (5 + 0.5) / (10 + 1)                                             # over the prior's 0.5 of 1
+  # the argmax path 0.8 + 0.8 * 0.5; the second choice, and its child at the prior's 0.5; the third choice and the
+  # argmax's second child at the prior
+  want = 1 + 0.8 + 0.8 * 0.5 + second + second * 0.5 + 0.5 + 0.8 * 0.5
   np.testing.assert_allclose(float(decode.types.tree_gain(chain[1] / chain[0], tree, alts)), want, rtol=1e-5)
   pick = lambda costs, stats=alts: int(decode.choose_budget(jnp.array(costs), chain, none, 2, tree, stats))
   assert pick([1, 1, 1, 1]) == 3                 # as cheap as a chain: the tree, which holds the chain
-  assert pick([1, 1.1, 1.2, 1.4]) == 3           # 2.89 / 1.4 beats 2.2 / 1.2
-  assert pick([1, 1.1, 1.2, 1.6]) == 2           # 2.89 / 1.6 does not
-  assert pick([1, 1.1, 1.2, 1.4], jnp.zeros((2, 6)).at[:, 1].set(jnp.array([10.0, 0.0]))) == 2   # a useless second
+  assert pick([1, 1.1, 1.2, 1.9]) == 3           # 3.85 / 1.9 beats 2.2 / 1.2
+  assert pick([1, 1.1, 1.2, 2.2]) == 2           # 3.85 / 2.2 does not
+  assert pick([1, 1.1, 1.2, 1.9], jnp.zeros((2, 6)).at[:, 1].set(jnp.array([10.0, 0.0]))) == 2   # a useless second
 
 
 @pytest.mark.parametrize("head_type", ["parallel", "linear", "causal"])
@@ -106,7 +106,7 @@ def test_auto_with_a_tree_equals_greedy(head_type):
   for prompts, slots in cases if head_type == "parallel" else cases[2:]:
     g = decode_run(model, params, prompts, "greedy", slots=slots, max_new_tokens=40)
     s = decode_run(model, params, prompts, "speculative", slots=slots, max_new_tokens=40, draft="auto", tree_nodes=9,
-                   draft_costs=[1.0, 1.05, 1.1, 1.15, 1.25], draft_decay=0.5, draft_explore=3)
+                   draft_costs=[1.0, 1.05, 1.1, 1.15, 2.0], draft_decay=0.5, draft_explore=3)
     check_same(g, s, 40)
     assert s.budget_steps.shape == (5,) and int(s.budget_steps.sum()) == int(s.steps)
     assert s.budget_steps[4] > 0 and s.budget_steps[1:4].sum() > 0 and int(s.grows) >= 1, s.budget_steps

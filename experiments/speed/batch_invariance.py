@@ -42,8 +42,8 @@ _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Rows decoded at o
 _DRAFTS = flags.DEFINE_list("draft", ["chain", "tree", "bestfirst", "auto"], "Speculative drafting schemes beside "
                             "greedy.")
 _AUTO_COSTS = flags.DEFINE_list("auto_costs", [], "auto / autotreeN: this cost table (C per budget: chains of "
-                                 "0..k-1 drafts, then the tree) instead of the timed one, so that the tree or a "
-                                 "budget that this CPU's costs never choose is decoded too.")
+                                 "0..n_future-1 drafts, then the tree, which auto without a tree leaves out) instead "
+                                 "of the timed one, so that budgets this CPU's costs never choose are decoded too.")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt selection seed.")
 _QUICK = flags.DEFINE_bool("quick", False, "A random tiny model and 24 random prompts at batch 1 and 8; auto with "
                            "a fixed cost table and counts that fade fast (its budget falls and grows back often).")
@@ -71,14 +71,15 @@ def decode_all(params, args, prompts, mode: str, draft, batch: int, max_new: int
   kw = {} if draft is None else drafts.draft_options(draft)
   tree = 1 if kw.get("tree_nodes") else 0   # autotreeN: one more budget, the tree
   if kw.get("draft") == "auto" and _QUICK.value:
-    kw.update(draft_costs=[1.0, 1.05, 1.1, 1.15, 1.25][:4 + tree], draft_decay=0.5, draft_explore=3)
-  elif kw.get("draft") == "auto" and _AUTO_COSTS.value:
-    kw.update(draft_costs=[float(c) for c in _AUTO_COSTS.value])
+    kw.update(draft_costs=[1.0, 1.05, 1.1, 1.15, 2.0][:4 + tree], draft_decay=0.5, draft_explore=3)
+  elif kw.get("draft") == "auto" and _AUTO_COSTS.value:   # the chains' costs, then the tree's where it has one
+    kw.update(draft_costs=[float(c) for c in _AUTO_COSTS.value][:args.n_future + tree])
   decode.run(params, args, tokens, lengths, mode=mode, max_new_tokens=max_new, eos_id=eos, slots=batch, **kw)
   out, timing = decode.run(params, args, tokens, lengths, mode=mode, max_new_tokens=max_new, eos_id=eos, slots=batch,
                            **kw)
   return np.asarray(out.tokens), {"wall_s": timing["wall_s"], "tokens": int(np.sum(out.lengths)),
-                                  "tokens_per_forward": float(np.sum(out.lengths) / np.sum(out.forwards))}
+                                  "tokens_per_forward": float(np.sum(out.lengths) / np.sum(out.forwards)),
+                                  "budget_steps": np.asarray(out.budget_steps).tolist()}
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -112,7 +113,8 @@ def main(_):
       row = {"scheme": draft or mode, "batch": b, **stats, **compare(ref, toks)}
       rows.append(row)
       print(f"{row['scheme']:6s} batch {b:3d}: {row['identical']}/{len(prompts)} identical to greedy at batch "
-            f"{batches[0]}, {stats['tokens_per_forward']:.2f} tokens/forward ({time.time() - t0:.0f}s)", flush=True)
+            f"{batches[0]}, {stats['tokens_per_forward']:.2f} tokens/forward, steps per budget "
+            f"{stats['budget_steps']} ({time.time() - t0:.0f}s)", flush=True)
   lens = sorted(map(len, prompts))
   result = {"device": device, "weights": source, "n_prompts": len(prompts), "prompt_lengths": [lens[0], lens[-1]],
             "max_new_tokens": max_new, "eos_id": eos, "rows": rows,

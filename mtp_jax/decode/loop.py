@@ -81,8 +81,8 @@ def _emit(settings: Settings, sp, state: DecodeState, p_logits, drafter, drafts,
     state = _auto_budget(settings, state, budget, proposed & (a[:, None] >= depth), accepted, drafts.shape[1], made)
   elif settings.draft == "auto":   # a tree step: the argmax path's nodes are the chain's drafts
     nodes, chain = (x * active[None, :, None] for x in seen)
-    state = _auto_budget(settings, state, budget, chain[0] > 0, chain[1] > 0, int(settings.static_tree().argmax.sum()) - 1,
-                         made, nodes)
+    depths = int(settings.static_tree().argmax.sum()) - 1   # the chain depths the tree holds
+    state = _auto_budget(settings, state, budget, chain[0] > 0, chain[1] > 0, depths, made, nodes)
   return state.replace(
       tokens=keep(written, state.tokens),
       count=keep(state.count + m, state.count),
@@ -156,7 +156,8 @@ def prefill(model, w: Weights, settings: Settings, sp, tokens, lengths, key, bud
       done=jnp.zeros((b,), bool), key=key, steps=jnp.zeros((), jnp.int32),
       forwards=jnp.zeros((b,), jnp.int32), accepted=per_head, proposed=per_head,
       budget=jnp.int32(cap), stats=budget.counts if auto else jnp.zeros((2, cap), jnp.float32),
-      budget_steps=jnp.zeros((settings.options if auto else cap + 1,), jnp.int32), drafted=jnp.int32(cap), unseen=jnp.zeros((cap,), jnp.int32),
+      budget_steps=jnp.zeros((settings.options if auto else cap + 1,), jnp.int32), drafted=jnp.int32(cap),
+      unseen=jnp.zeros((cap,), jnp.int32),
       grows=jnp.zeros((), jnp.int32),
       stale=jnp.where(heads_on, STALE_NEVER, 0) * jnp.ones((b, cap), jnp.int32) if auto else None,
       src=jnp.pad(src, ((0, 0), (0, slots - p), (0, 0))) if auto else None,

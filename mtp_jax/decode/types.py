@@ -23,10 +23,6 @@ PAD = -1          # marks output slots past a row's end
 PRIOR_REACHED, PRIOR_ACCEPTED = 1.0, 0.5
 DECAY = 63.0 / 64.0
 EXPLORE = 128
-# --draft=auto's tree (`Settings.auto_tree`): a node off the argmax path (a head's second or third choice) is
-# accepted, given its parent was, at a prior rate of PRIOR_ALT_ACCEPTED per PRIOR_ALT_REACHED: a second choice is
-# right far less often than a first, so the tree is tried where it would pay on its argmax path nearly alone.
-PRIOR_ALT_REACHED, PRIOR_ALT_ACCEPTED = 1.0, 0.1
 CATCH_UP = 32     # positions per chunk when heads that stopped drafting catch their caches up (loop._grow)
 STALE_NEVER = 2 ** 30   # `DecodeState.stale` of a head whose cache is current
 
@@ -257,9 +253,11 @@ def tree_gain(q, tree: "Tree", tree_stats):
   draft distinct tokens, so at most one node per depth is accepted and the accepted nodes form one path: the
   expected accepted depth is that sum. P(node) is the product, along its path, of each node's acceptance given
   its parent's: q_d (the chain's counts) for a node on the argmax path, which is the chain's draft at depth d,
-  else its own running counts tree_stats [2, nodes] over the prior PRIOR_ALT_*."""
+  else its own running counts tree_stats [2, nodes] over the chain's weak prior (PRIOR_REACHED, PRIOR_ACCEPTED).
+  That prior is optimistic for a head's second choice: the tree is tried where it might pay, its own counts then
+  decide, and as they fade (Budget.decay) a tree that stopped paying is tried again where the prior says it could."""
   depth, argmax = tree.depth[1:], tree.argmax[1:]
-  own = (tree_stats[1] + PRIOR_ALT_ACCEPTED) / (tree_stats[0] + PRIOR_ALT_REACHED)
+  own = (tree_stats[1] + PRIOR_ACCEPTED) / (tree_stats[0] + PRIOR_REACHED)
   q_node = jnp.where(argmax, q[np.maximum(depth - 1, 0)], own)                    # [nodes]
   p = jnp.prod(jnp.where(tree.ancestors[1:, 1:], q_node[None, :], 1.0), axis=1)   # [nodes]
   return 1.0 + jnp.sum(p)
