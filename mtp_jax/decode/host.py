@@ -85,7 +85,8 @@ class Request:
       if value is None:
         continue
       if self.draft not in drafts:
-        raise DecodeError(f"{f}{name}={value} sizes a tree, but {f}draft={self.draft}: use "
+        given = f"{f}draft is unset" if self.draft is None else f"{f}draft={self.draft}"
+        raise DecodeError(f"{f}{name}={value} sizes a tree, but {given}: use "
                           f"{' or '.join(f'{f}draft={d}' for d in drafts)}, or leave {f}{name} unset")
       if self.draft == "auto" and (not _is_int(value) or value < 0):
         raise DecodeError(f"{f}{name}={value!r}: must be an integer >= 0 (the nodes of the tree {f}draft=auto may "
