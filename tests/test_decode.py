@@ -176,7 +176,8 @@ def test_compaction_stages():
 
 @pytest.mark.parametrize("attention,unroll_blocks", [("xla", 16), ("blockwise", 0), ("blockwise", 16)])
 def test_speculative_equals_greedy_with_each_attention(monkeypatch, attention, unroll_blocks):
-  """Every CPU attention implementation in the prefill and the cached verify steps: blocks of 8, so the
+  """Every CPU attention implementation in the prefill and the cached verify steps (chain, auto, the static tree
+  and auto with the tree among its budgets): blocks of 8, so the
   16-token prefill and the decode steps over the 56-slot cache really run several blocks (in XLA loops,
   or unrolled), and steps read the cache in windows of 8 slots."""
   from mtp_jax import attention as attention_lib
@@ -189,9 +190,13 @@ def test_speculative_equals_greedy_with_each_attention(monkeypatch, attention, u
   g = decode_run(model, params, MIXED, "greedy")
   s = decode_run(model, params, MIXED, "speculative", draft="chain")
   auto = decode_run(model, params, MIXED, "speculative", draft="auto", draft_costs=[1.0, 1.2, 1.5])   # a falling budget
+  tree = decode_run(model, params, MIXED, "speculative", draft="tree")
+  auto_tree = decode_run(model, params, MIXED, "speculative", draft="auto", tree_nodes=6,   # tree steps and chains
+                         draft_costs=[1.0, 1.2, 1.5, 1.9])
   decode.clear_compiled()
-  check_same(g, s, 24)
-  check_same(g, auto, 24)
+  for out in (s, auto, tree, auto_tree):
+    check_same(g, out, 24)
+  assert auto_tree.budget_steps[3] > 0, auto_tree.budget_steps
   ref = decode_run(*tiny_decoder(n=3, shared=True, attention="xla"), MIXED, "greedy")
   np.testing.assert_array_equal(g.tokens, ref.tokens)
   assert s.accepted.sum() > 0
