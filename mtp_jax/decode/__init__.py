@@ -8,10 +8,11 @@ The package by concern:
     draft.py    drafting and verification: the drafters behind one interface, exact speculative acceptance
     loop.py     the compiled program: prefill, then one `jax.lax.while_loop` over blocks, with continuous
                 batching and compaction of finished rows
+    rows.py     the loop's rows: each prompt's results as its row ends, rows moved between batches
     host.py     the host side: a caller's options checked once (Request), prompts padded, programs cached
     costs.py    --draft=auto's cost table: a step of j drafts over a greedy step, timed once per program
     tree.py     --draft=tree / bestfirst: a static or per-row best-first tree of the heads' top choices, verified
-                in one pass (greedy or by multi-draft rejection sampling), its path kept
+                in one pass (greedy or by multi-draft rejection sampling), its path kept; auto's tree too
 
 Everything a caller uses is importable from here: `from mtp_jax import decode; decode.run(...)`.
 """

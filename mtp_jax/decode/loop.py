@@ -17,16 +17,15 @@ the last batch.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 from mtp_jax.decode.draft import draft_heads_at, drafter_for, verify
 from mtp_jax.decode.forward import Weights, forward_hidden, init_decode_cache, run_heads, take_at, unembed
+from mtp_jax.decode.rows import Results, put_row, select_rows
 from mtp_jax.decode.tree import (RowTrees, best_first_drafts, chain_and_tree, keep_path, path_counts, tree_drafts,
                                  tree_verify)
-from mtp_jax.decode.types import (CATCH_UP, PAD, STALE_NEVER, Array, Budget, DecodeOutput, DecodeState,
+from mtp_jax.decode.types import (CATCH_UP, PAD, STALE_NEVER, Budget, DecodeOutput, DecodeState,
                                   SamplingParams, Settings, choose_budget)
 from mtp_jax.model import MTPTransformer, default_positions
 
@@ -371,8 +370,8 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, budget: Budget 
   # `slots` maps the loop's rows to the caller's prompts; `done_rows` collects every prompt's results
   # as its row finishes (refill) or its stage ends (compaction).
   slots = jnp.arange(b)
-  done_rows = _Results(*(jnp.zeros((n_prompts,) + getattr(state, f).shape[1:], getattr(state, f).dtype)
-                         for f in _Results._fields))
+  done_rows = Results(*(jnp.zeros((n_prompts,) + getattr(state, f).shape[1:], getattr(state, f).dtype)
+                        for f in Results._fields))
   row_steps = jnp.int32(b)
   if b < n_prompts:
     state, slots, done_rows, row_steps = _serve_queue(model, w, settings, sp, budget, tokens, lengths, state,
@@ -392,7 +391,7 @@ def decode(w: Weights, tokens, lengths, key, sp: SamplingParams, budget: Budget 
     done_rows = done_rows.record(slots, state)
     if next_size:
       keep = jnp.argsort(state.done, stable=True)[:next_size]   # the active rows first
-      state, slots = _select_rows(state, keep), slots[keep]
+      state, slots = select_rows(state, keep), slots[keep]
   n = settings.max_new_tokens
   out = jnp.where(jnp.arange(n)[None, :] < done_rows.count[:, None], done_rows.tokens[:, :n], PAD)
   return DecodeOutput(tokens=out, lengths=done_rows.count, forwards=done_rows.forwards, accepted=done_rows.accepted,
@@ -419,57 +418,17 @@ def _serve_queue(model, w, settings: Settings, sp, budget: Budget, tokens, lengt
     until_one_done = lambda s: ~jnp.any(s.done) & (s.steps - began < settings.max_new_tokens) & (s.steps < budget.limit)
     state = _steps_while(model, w, settings, sp, budget, until_one_done, state)
     r = jnp.argmax(state.done)                                           # a finished row
-    finished = _Results(*(getattr(state, f)[r][None] for f in _Results._fields))
+    finished = Results(*(getattr(state, f)[r][None] for f in Results._fields))
     done_rows = done_rows.record(slots[r][None], finished)
     fresh = prefill(model, w, settings, sp, jax.lax.dynamic_slice_in_dim(tokens, nxt, 1),
                     jax.lax.dynamic_slice_in_dim(lengths, nxt, 1), state.key, budget, state.budget)
-    return (_put_row(state, r, fresh), slots.at[r].set(nxt), done_rows, row_steps + b * (state.steps - began) + 1,
+    return (put_row(state, r, fresh), slots.at[r].set(nxt), done_rows, row_steps + b * (state.steps - began) + 1,
             nxt + 1)
 
   carry = (state, jnp.arange(b), done_rows, row_steps, jnp.int32(b))
   more = lambda c: (c[4] < n_prompts) & (c[0].steps < budget.limit)   # a limit: the host's timing runs
   state, slots, done_rows, row_steps, _ = jax.lax.while_loop(more, serve_one, carry)
   return state, slots, done_rows, row_steps
-
-
-class _Results(NamedTuple):
-  """Every caller row's output fields, written as the stage holding the row ends."""
-  tokens: Array
-  count: Array
-  forwards: Array
-  accepted: Array
-  proposed: Array
-
-  def record(self, slots, state: DecodeState) -> "_Results":
-    return _Results(*(full.at[slots].set(getattr(state, f)) for full, f in zip(self, self._fields)))
-
-
-# The batch axis of each cache (stacked head and drafter caches have their stack first) and the
-# per-row state fields; the step count and the key belong to the whole batch.
-_CACHE_BATCH_AXIS = {"trunk": 0, "heads": 1, "drafter": 1}
-_ROW_FIELDS = ("tokens", "count", "position", "drafts", "draft_logq", "done", "forwards", "accepted", "proposed",
-               "recent", "stale", "src", "tree_sel", "tree_tokens")
-
-
-def _map_rows(fn, state: DecodeState, *others: DecodeState) -> DecodeState:
-  """state with fn(x, *ys, axis=batch axis) applied to every per-row leaf (ys: the same leaf of `others`)."""
-  each = lambda axis, x, *ys: jax.tree.map(lambda a, *bs: fn(a, *bs, axis=axis), x, *ys)
-  per_head = isinstance(state.cache["heads"], tuple) and isinstance(state.cache["heads"][0], tuple)   # --draft=auto
-  axes = {**_CACHE_BATCH_AXIS, "heads": 0} if per_head else _CACHE_BATCH_AXIS
-  cache = {k: each(axis, state.cache[k], *(o.cache[k] for o in others)) for k, axis in axes.items()}
-  return state.replace(cache=cache, **{f: each(0, getattr(state, f), *(getattr(o, f) for o in others))
-                                       for f in _ROW_FIELDS})
-
-
-def _select_rows(state: DecodeState, keep) -> DecodeState:
-  """The decode state of rows `keep` only: a smaller batch (caches keep their slots)."""
-  return _map_rows(lambda x, axis: jnp.take(x, keep, axis=axis), state)
-
-
-def _put_row(state: DecodeState, r, fresh: DecodeState) -> DecodeState:
-  """state with row r replaced by the one-row state `fresh` (its cache included)."""
-  return _map_rows(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), r, axis),
-                   state, fresh)
 
 
 def trace_count() -> int:

@@ -85,14 +85,13 @@ def _ids(w: Weights, top):
 
 def tree_drafts(model, w: Weights, hidden, idx, tree: Tree):
   """The static tree's node tokens [B, T-1] from the draft heads' states hidden [D, B, k, d] at block index idx."""
-  top = _ids(w, jax.lax.top_k(_head_logits(model, w, hidden, idx), TREE_TOP)[1].astype(jnp.int32))   # [D, B, K]
-  return top[tree.depth[1:] - 1, :, tree.choice[1:]].T                         # [B, T-1]
+  return chain_and_tree(model, w, hidden, idx, tree)[1]
 
 
 def chain_and_tree(model, w: Weights, hidden, idx, tree: Tree):
-  """--draft=auto with a tree: (the chain's drafts [B, D], each head's argmax; the static tree's node tokens
-  [B, T-1]) from one top-k of the draft heads' logits at block index idx (hidden [D, B, k, d]), so that the next
-  step may verify either."""
+  """(the chain's drafts [B, D], each head's argmax; the static tree's node tokens [B, T-1]) from one top-k of
+  the draft heads' logits at block index idx (hidden [D, B, k, d]): --draft=auto with a tree drafts both, so
+  that the next step may verify either."""
   top = _ids(w, jax.lax.top_k(_head_logits(model, w, hidden, idx), TREE_TOP)[1].astype(jnp.int32))   # [D, B, K]
   return top[:, :, 0].T, top[tree.depth[1:] - 1, :, tree.choice[1:]].T
 
